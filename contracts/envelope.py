@@ -1,0 +1,119 @@
+"""The CloudEvents 1.0 envelope (structured JSON mode) every message travels in.
+
+The envelope carries what the bus needs to route, trace and de-duplicate a message
+without knowing its business schema: `type` routes, `correlationid` ties a chain of
+messages together in logs, `idempotencykey` lets every consumer apply an effect once
+under at-least-once delivery. `data` stays a plain dict so the forwarder, the DLQ and
+replay can move messages whose types they do not know; `payload()` types it on demand.
+"""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from ulid import ULID
+
+from contracts import registry
+from contracts.errors import ContractError
+
+# Crockford base32, 26 characters, first one <= 7 so the value fits 128 bits.
+_ULID_PATTERN = r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$"
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+
+
+def _new_id() -> str:
+    return str(ULID())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CloudEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: Annotated[str, StringConstraints(pattern=_ULID_PATTERN)] = Field(default_factory=_new_id)
+    source: NonEmpty
+    type: Annotated[str, StringConstraints(pattern=registry.TYPE_NAME_PATTERN)]
+    time: AwareDatetime = Field(default_factory=_now)
+    subject: str | None = None
+    datacontenttype: str = "application/json"
+    data: dict[str, Any]
+    correlationid: NonEmpty = None  # type: ignore[assignment]  # filled by _correlate_to_own_id
+    idempotencykey: NonEmpty
+
+    @model_validator(mode="before")
+    @classmethod
+    def _correlate_to_own_id(cls, values: Any) -> Any:
+        """An event without a correlation id starts a new chain, named after itself."""
+        if isinstance(values, dict) and values.get("correlationid") is None:
+            event_id = values["id"] if "id" in values else _new_id()
+            values = {**values, "id": event_id, "correlationid": event_id}
+        return values
+
+    @classmethod
+    def new(
+        cls,
+        type: str,
+        source: str,
+        data: BaseModel | dict,
+        *,
+        subject: str | None = None,
+        correlationid: str | None = None,
+        idempotencykey: str,
+        id: str | None = None,
+    ) -> CloudEvent:
+        """Build an outgoing event; registered payloads are validated before they leave."""
+        if isinstance(data, BaseModel):
+            expected = registry.REGISTRY.get(type)
+            if expected is not None and not isinstance(data, expected):
+                raise ContractError(
+                    f"data is a {data.__class__.__name__}, {type} needs a {expected.__name__}",
+                    [("data", f"expected {expected.__name__}")],
+                )
+            body = data.model_dump(mode="json")
+        elif type in registry.REGISTRY:
+            body = registry.parse(type, data).model_dump(mode="json")
+        else:
+            body = data
+        fields: dict[str, Any] = {
+            "type": type,
+            "source": source,
+            "data": body,
+            "subject": subject,
+            "correlationid": correlationid,
+            "idempotencykey": idempotencykey,
+        }
+        if id is not None:
+            fields["id"] = id
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ContractError.from_validation(exc, "event") from None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> CloudEvent:
+        """Parse the envelope only: `data` is checked by `payload()`, so unknown types pass."""
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ContractError.from_validation(exc, "event") from None
+
+    def to_json(self) -> bytes:
+        # CloudEvents omits an absent optional attribute rather than sending null.
+        exclude = {"subject"} if self.subject is None else None
+        return self.model_dump_json(exclude=exclude).encode()
+
+    def payload(self) -> BaseModel:
+        return registry.parse(self.type, self.data)

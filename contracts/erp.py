@@ -1,0 +1,68 @@
+"""What the ERP says back once it has booked a store transaction or moved stock.
+
+Posted documents echo the store's `pos_txn_id` so consumers (loyalty, CRM, the store
+agent's parity check) can join them to the POS message without asking the ERP.
+"""
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, ClassVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from contracts.money import Currency, MinorUnits
+from contracts.pos import PosTxnId, Sku, StoreId
+
+DocNo = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"\S")]
+
+
+class PostedLine(BaseModel):
+    """A line as the ERP booked it; pricing detail stays with the POS message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sku: Sku
+    quantity: StrictInt
+    line_total_minor: MinorUnits
+
+
+class _PostedDocument(BaseModel):
+    """Fields shared by posted sales and posted returns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store_id: StoreId
+    pos_txn_id: PosTxnId
+    doc_no: DocNo
+    business_day: date
+    posted_at: AwareDatetime
+    currency: Currency
+    total_minor: MinorUnits
+    loyalty_card: str | None = None
+    lines: list[PostedLine] = Field(min_length=1)
+
+
+class ErpSalePostedV1(_PostedDocument):
+    TYPE: ClassVar[str] = "erp.sale_posted.v1"
+
+
+class ErpReturnPostedV1(_PostedDocument):
+    """The original document number is optional: a receipt-less return has none."""
+
+    TYPE: ClassVar[str] = "erp.return_posted.v1"
+
+    original_pos_txn_id: PosTxnId
+    original_doc_no: DocNo | None = None
+
+
+class ErpStockChangedV1(BaseModel):
+    """The new on-hand level (not a delta), so a replayed or reordered event cannot drift."""
+
+    TYPE: ClassVar[str] = "erp.stock_changed.v1"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store_id: StoreId
+    sku: Sku
+    on_hand: StrictInt
+    changed_at: AwareDatetime
+    deleted: bool = False

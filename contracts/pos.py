@@ -1,0 +1,164 @@
+"""What a till sends: sales, returns and stock look-ups.
+
+Sale and return share one transaction shape and one set of arithmetic rules, so a
+receipt that does not add up is refused at the edge instead of surfacing as a ledger
+difference in the ERP days later.
+
+Cross-field rules are field validators reading earlier fields (`info.data`) rather than
+model validators, because only a field validator reports the failing field's path
+(`lines.0.line_total_minor`, `total_minor`, `tenders`). That is why, in a transaction,
+`total_minor` is declared between `lines` and `tenders`: each rule checks against fields
+declared before it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+
+from contracts.money import Currency, MinorUnits, NonNegativeMinor
+
+# Retail identifiers shared by every message that refers to a store transaction.
+StoreId = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,8}$")]
+TerminalId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,4}$")]
+PosTxnId = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"\S")]
+Sku = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+
+
+class SaleLine(BaseModel):
+    """One receipt line; a negative quantity corrects an earlier line of the same sale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    line_no: int = Field(ge=1)
+    sku: Sku
+    quantity: StrictInt
+    unit_price_minor: NonNegativeMinor
+    discount_minor: NonNegativeMinor = 0
+    line_total_minor: MinorUnits
+
+    @field_validator("quantity")
+    @classmethod
+    def _non_zero(cls, quantity: int) -> int:
+        if quantity == 0:
+            raise ValueError("quantity must not be zero")
+        return quantity
+
+    @field_validator("line_total_minor")
+    @classmethod
+    def _adds_up(cls, total: int, info: ValidationInfo) -> int:
+        parts = info.data
+        if {"quantity", "unit_price_minor", "discount_minor"} <= parts.keys():
+            expected = parts["quantity"] * parts["unit_price_minor"] - parts["discount_minor"]
+            if total != expected:
+                raise ValueError(
+                    f"line_total_minor {total} != quantity*unit_price_minor"
+                    f" - discount_minor = {expected}"
+                )
+        return total
+
+
+class ReturnLine(SaleLine):
+    """Units handed back: always a positive count, the refund direction is the message type."""
+
+    quantity: StrictInt = Field(gt=0)
+
+
+class Tender(BaseModel):
+    """A means of payment (or of refund, on a return), net of any change given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["cash", "card", "voucher", "loyalty", "other"]
+    amount_minor: MinorUnits
+    reference: str | None = None
+
+
+class _PosTransaction(BaseModel):
+    """Header, lines, total and tenders common to a sale and a return."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store_id: StoreId
+    terminal_id: TerminalId
+    pos_txn_id: PosTxnId
+    business_day: date
+    occurred_at: AwareDatetime
+    currency: Currency
+    lines: list[SaleLine] = Field(min_length=1)
+    total_minor: MinorUnits
+    tenders: list[Tender] = Field(min_length=1)
+    loyalty_card: str | None = None
+    customer_id: str | None = None
+
+    @field_validator("lines")
+    @classmethod
+    def _unique_line_numbers(cls, lines: list[SaleLine]) -> list[SaleLine]:
+        counts = Counter(line.line_no for line in lines)
+        duplicates = sorted(line_no for line_no, n in counts.items() if n > 1)
+        if duplicates:
+            raise ValueError(f"duplicate line_no {duplicates}")
+        return lines
+
+    @field_validator("total_minor")
+    @classmethod
+    def _total_is_sum_of_lines(cls, total: int, info: ValidationInfo) -> int:
+        if "lines" in info.data:
+            expected = sum(line.line_total_minor for line in info.data["lines"])
+            if total != expected:
+                raise ValueError(f"total_minor {total} != sum of line totals {expected}")
+        return total
+
+    @field_validator("tenders")
+    @classmethod
+    def _tenders_cover_total(cls, tenders: list[Tender], info: ValidationInfo) -> list[Tender]:
+        if "total_minor" in info.data:
+            paid = sum(tender.amount_minor for tender in tenders)
+            if paid != info.data["total_minor"]:
+                raise ValueError(f"sum of tenders {paid} != total_minor {info.data['total_minor']}")
+        return tenders
+
+
+class PosSaleV1(_PosTransaction):
+    TYPE: ClassVar[str] = "pos.sale.v1"
+
+
+class OriginalSaleRef(BaseModel):
+    """The sale being returned; the day is optional because receipt-less returns lack it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store_id: StoreId
+    pos_txn_id: PosTxnId
+    business_day: date | None = None
+
+
+class PosReturnV1(_PosTransaction):
+    """A refund: positive quantities and amounts, tenders are what was paid back."""
+
+    TYPE: ClassVar[str] = "pos.return.v1"
+
+    lines: list[ReturnLine] = Field(min_length=1)
+    original: OriginalSaleRef
+    reason: str | None = None
+
+
+class PosStockQueryV1(BaseModel):
+    """A till asking for on-hand quantities; bounded so one query stays one cheap RPC."""
+
+    TYPE: ClassVar[str] = "pos.stock_query.v1"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store_id: StoreId
+    skus: list[Sku] = Field(min_length=1, max_length=100)

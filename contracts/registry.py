@@ -1,0 +1,73 @@
+"""Type name -> model: the one place a message type is bound to its schema.
+
+Each message model declares its own `TYPE`; this module only collects them, so adding a
+version means writing the model and listing it here. It imports no envelope code, which
+lets the envelope import it without a cycle.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from contracts.customer import CustomerUpdatedV1
+from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
+from contracts.errors import ContractError
+from contracts.loyalty import LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1
+from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
+
+# Dotted lower-case name whose last segment is the version: `pos.sale.v1`.
+TYPE_NAME_PATTERN = r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*\.v[1-9][0-9]*$"
+
+_MODELS: tuple[type[BaseModel], ...] = (
+    PosSaleV1,
+    PosReturnV1,
+    PosStockQueryV1,
+    ErpSalePostedV1,
+    ErpReturnPostedV1,
+    ErpStockChangedV1,
+    CustomerUpdatedV1,
+    LoyaltyPointsAccruedV1,
+    LoyaltyPointsReversedV1,
+)
+
+REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}
+
+
+def types() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def model_for(type_name: str) -> type[BaseModel]:
+    try:
+        return REGISTRY[type_name]
+    except KeyError:
+        raise ContractError(
+            f"unknown message type {type_name!r}; known: {', '.join(types())}",
+            [("type", f"unknown message type {type_name!r}")],
+        ) from None
+
+
+def parse(type_name: str, data: Any) -> BaseModel:
+    """Validate `data` as `type_name`; error paths start with `data.` as in the envelope."""
+    model = model_for(type_name)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ContractError.from_validation(exc, type_name, prefix="data") from None
+
+
+def json_schema(type_name: str) -> dict[str, Any]:
+    return model_for(type_name).model_json_schema()
+
+
+def base_and_version(type_name: str) -> tuple[str, int]:
+    """Split `pos.sale.v1` into (`pos.sale`, 1) so consumers can serve several versions."""
+    if not re.fullmatch(TYPE_NAME_PATTERN, type_name):
+        raise ContractError(
+            f"bad message type name {type_name!r}: expected e.g. 'pos.sale.v1'",
+            [("type", "not a dotted lower-case name ending in .v<N>")],
+        )
+    base, _, version = type_name.rpartition(".v")
+    return base, int(version)

@@ -1,0 +1,266 @@
+"""`reliable_handler`: the event entrypoint for business messages.
+
+nameko's own `event_handler` acks a message whose handler raised, which loses
+it. Here a message is acked only after its handler succeeded; a failure is
+republished (confirmed) to a delay queue that dead-letters it back, with
+growing delays, and after the last attempt parked in `<queue>.dlq` with the
+error, the attempt count and the original routing in its headers. Invalid
+messages are parked at once: retrying cannot fix them.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+import amqp
+import eventlet
+from eventlet.event import Event
+from eventlet.semaphore import Semaphore
+from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
+
+from contracts.envelope import CloudEvent
+from contracts.errors import ContractError
+from services.bus import metrics, topology
+from services.bus.extensions import BusConnection, container_settings
+from services.bus.publisher import OutgoingMessage, PublishError, connection_params
+
+log = logging.getLogger(__name__)
+
+H_ATTEMPTS = "x-retailbus-attempts"
+H_ERROR = "x-retailbus-error"
+H_ERROR_TYPE = "x-retailbus-error-type"
+H_FIRST_FAILURE = "x-retailbus-first-failure"
+H_LAST_FAILURE = "x-retailbus-last-failure"
+H_EXCHANGE = "x-retailbus-original-exchange"
+H_ROUTING_KEY = "x-retailbus-original-routing-key"
+H_QUEUE = "x-retailbus-queue"
+H_USER = "x-retailbus-original-user-id"
+
+
+class Permanent(Exception):
+    """Raised by a handler when retrying cannot help: the message is parked at once."""
+
+
+class Duplicate:
+    """Returned by a handler (via the inbox) when the effect was applied before."""
+
+
+DUPLICATE = Duplicate()
+
+
+class ReliableConsumer(SharedExtension, ProviderCollector):
+    """One connection and channel per container, consuming every handler queue.
+
+    One greenthread owns reading (and reconnecting); acks come from worker
+    greenthreads and are serialised by a lock. After a reconnect the broker
+    redelivers what was unacked, so acks for the old channel are dropped.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._channel = None
+        self._write_lock = Semaphore(1)
+        self._running = False
+        self.ready = Event()
+        self._tags: dict = {}
+
+    def setup(self):
+        self.uri, self.settings = container_settings(self.container.config)
+
+    def start(self):
+        self._running = True
+        self.container.spawn_managed_thread(self._run, identifier="reliable_consumer")
+
+    def stop(self):
+        self._running = False
+        self.wait_for_providers()
+        self._close()
+
+    def kill(self):
+        self._running = False
+        self._close()
+
+    def _prefetch(self) -> int:
+        handlers = max(1, len(self._providers))
+        return max(1, min(self.settings.retry.prefetch, self.container.max_workers // handlers))
+
+    def _run(self):
+        backoff = 0.2
+        while self._running:
+            conn = None
+            try:
+                conn = self._connect()
+                backoff = 0.2
+                while self._running:
+                    try:
+                        conn.drain_events(timeout=1)
+                    except TimeoutError:
+                        pass
+                    if self._write_lock.acquire(blocking=False):
+                        try:
+                            conn.heartbeat_tick()
+                        finally:
+                            self._write_lock.release()
+            except Exception as exc:
+                if not self._running:
+                    break
+                metrics.BROKER_CONNECTED.labels("consumer").set(0)
+                log.warning("consumer connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                self._channel = None
+                if conn is not None:
+                    conn.collect()
+                eventlet.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 10.0)
+
+    def _connect(self) -> amqp.Connection:
+        conn = amqp.Connection(**connection_params(self.uri, self.settings.publisher.connect_timeout))
+        conn.connect()
+        channel = conn.channel()
+        channel.basic_qos(0, self._prefetch(), False)
+        for provider in list(self._providers):
+            topology.declare_handler_queues(
+                channel, provider.exchange, provider.event_type, provider.queue,
+                self.settings.retry.delays)
+            self._tags[provider] = channel.basic_consume(
+                provider.queue, callback=partial(self._deliver, provider))
+        self._conn, self._channel = conn, channel
+        metrics.BROKER_CONNECTED.labels("consumer").set(1)
+        if not self.ready.ready():
+            self.ready.send(True)
+        return conn
+
+    def unregister_provider(self, provider):
+        """Stop deliveries for a stopping handler; what it already holds finishes."""
+        tag, channel = self._tags.pop(provider, None), self._channel
+        if tag is not None and channel is not None:
+            with self._write_lock:
+                try:
+                    channel.basic_cancel(tag, nowait=True)
+                except Exception as exc:
+                    log.warning("could not cancel consumer %s: %s", tag, exc)
+        super().unregister_provider(provider)
+
+    def _deliver(self, provider: "ReliableHandler", message: amqp.Message):
+        if provider in self._tags:  # deliveries racing a cancel stay unacked: requeued
+            provider.handle_message(message)
+
+    def settle(self, message: amqp.Message, ack: bool = True):
+        """Ack (or requeue) on the channel that delivered it, if that is still ours."""
+        channel = message.channel
+        if channel is not self._channel:
+            return
+        with self._write_lock:
+            try:
+                if ack:
+                    channel.basic_ack(message.delivery_tag)
+                else:
+                    channel.basic_reject(message.delivery_tag, requeue=True)
+            except Exception as exc:  # the reader notices the dead connection
+                log.warning("could not settle message: %s", exc)
+
+    def _close(self):
+        channel, self._channel = self._channel, None
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            try:
+                with self._write_lock:
+                    conn.close()
+            except Exception:
+                conn.collect()
+
+
+class ReliableHandler(Entrypoint):
+    """Handle `event_type` events from `source_service`: ack after success, retry, park."""
+
+    consumer = ReliableConsumer()
+    bus = BusConnection()
+
+    def __init__(self, source_service: str, event_type: str, **kwargs):
+        self.source_service = source_service
+        self.event_type = event_type
+        super().__init__(**kwargs)
+
+    def setup(self):
+        self.exchange = topology.events_exchange(self.source_service)
+        self.queue = topology.handler_queue(
+            self.source_service, self.event_type, self.container.service_name, self.method_name)
+        self.delays = container_settings(self.container.config)[1].retry.delays
+        self.consumer.register_provider(self)
+
+    def stop(self):
+        self.consumer.unregister_provider(self)
+
+    def handle_message(self, message: amqp.Message):
+        try:
+            event = CloudEvent.from_json(message.body)
+            payload = event.payload()
+        except ContractError as exc:
+            self.container.spawn_managed_thread(
+                partial(self._fail, message, exc, retry=False), identifier="park_invalid")
+            return
+        context = {"correlation_id": event.correlationid, "event_id": event.id}
+        self.container.spawn_worker(
+            self, (payload, event), {}, context_data=context,
+            handle_result=partial(self._handle_result, message, time.monotonic()))
+
+    def _handle_result(self, message, started, worker_ctx, result, exc_info):
+        metrics.HANDLER_SECONDS.labels(self.queue).observe(time.monotonic() - started)
+        event = worker_ctx.args[1]
+        if exc_info is None:
+            outcome = "duplicate" if result is DUPLICATE else "ok"
+            metrics.CONSUMED.labels(self.queue, outcome).inc()
+            log.info("handled %s", event.type, extra={
+                "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
+            self.consumer.settle(message)
+        else:
+            exc = exc_info[1]
+            self._fail(message, exc, retry=not isinstance(exc, (Permanent, ContractError)))
+        return result, exc_info
+
+    def _fail(self, message: amqp.Message, exc: Exception, retry: bool):
+        headers = dict(message.properties.get("application_headers") or {})
+        attempts = int(headers.get(H_ATTEMPTS, 0)) + 1
+        now = datetime.now(timezone.utc).isoformat()
+        headers.update({
+            H_ATTEMPTS: attempts,
+            H_ERROR: f"{exc}"[:2000],
+            H_ERROR_TYPE: type(exc).__name__,
+            H_LAST_FAILURE: now,
+            H_QUEUE: self.queue,
+        })
+        headers.setdefault(H_FIRST_FAILURE, now)
+        headers.setdefault(H_EXCHANGE, message.delivery_info.get("exchange", ""))
+        headers.setdefault(H_ROUTING_KEY, message.delivery_info.get("routing_key", ""))
+        if message.properties.get("user_id"):
+            headers.setdefault(H_USER, message.properties["user_id"])
+        if retry and attempts <= len(self.delays):
+            target, outcome = topology.retry_queue(self.queue, attempts), "retried"
+        else:
+            target, outcome = topology.dead_letter_queue(self.queue), "dead_lettered"
+        props = message.properties
+        copy = OutgoingMessage(
+            exchange="", routing_key=target, body=message.body,
+            message_id=props.get("message_id") or f"unidentified-{message.delivery_tag}",
+            correlation_id=props.get("correlation_id"),
+            content_type=props.get("content_type") or "application/octet-stream",
+            type=props.get("type"), headers=headers,
+        )
+        try:
+            self.bus.publisher.publish(copy)
+        except PublishError as err:
+            log.error("could not move failed message to %s (%s); requeueing", target, err,
+                      extra={"id": copy.message_id, "correlationid": copy.correlation_id})
+            eventlet.sleep(1)
+            self.consumer.settle(message, ack=False)
+            return
+        metrics.CONSUMED.labels(self.queue, outcome).inc()
+        log.warning("%s to %s after attempt %d: %s", outcome, target, attempts, exc,
+                    extra={"id": copy.message_id, "correlationid": copy.correlation_id,
+                           "outcome": outcome})
+        self.consumer.settle(message)
+
+
+reliable_handler = ReliableHandler.decorator

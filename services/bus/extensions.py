@@ -1,0 +1,103 @@
+"""nameko glue for the messaging core: one publisher per container, and the
+`EventPublisher` dependency that services use to emit CloudEvents."""
+from __future__ import annotations
+
+import logging
+
+import amqp
+from nameko.extensions import DependencyProvider, SharedExtension
+
+from contracts.envelope import CloudEvent
+from services.bus import topology
+from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
+from services.settings import RetailbusSettings, retailbus_settings
+
+log = logging.getLogger(__name__)
+
+
+def container_settings(config: dict) -> tuple[str, RetailbusSettings]:
+    """The broker URI and the RETAILBUS settings a service container runs with."""
+    from services.broker import resolve_amqp_uri
+
+    settings = retailbus_settings(config)
+    return resolve_amqp_uri(config, settings), settings
+
+
+class BusConnection(SharedExtension):
+    """The container's confirming publisher; declares the exchanges it publishes to."""
+
+    def __init__(self):
+        self.exchanges: set[str] = set()
+        self.publisher: ConfirmingPublisher | None = None
+
+    def setup(self):
+        self.uri, self.settings = container_settings(self.container.config)
+        pub = self.settings.publisher
+        self.publisher = ConfirmingPublisher(
+            self.uri, window=pub.window, confirm_timeout=pub.confirm_timeout,
+            connect_timeout=pub.connect_timeout, on_connect=self._declare_exchanges,
+        )
+
+    def register_exchange(self, name: str):
+        self.exchanges.add(name)
+
+    def _declare_exchanges(self, channel: amqp.Channel):
+        for name in sorted(self.exchanges):
+            topology.declare_exchange(channel, name)
+
+    def open_channel(self) -> amqp.Connection:
+        """A separate short-lived connection for blocking calls (declarations)."""
+        conn = amqp.Connection(**connection_params(self.uri, self.settings.publisher.connect_timeout))
+        conn.connect()
+        return conn
+
+    def stop(self):
+        self.publisher.close()
+
+    def kill(self):
+        self.publisher.close()
+
+
+def event_message(event: CloudEvent, exchange: str, routing_key: str | None = None,
+                  user_id: str | None = None) -> OutgoingMessage:
+    return OutgoingMessage(
+        exchange=exchange,
+        routing_key=routing_key or event.type,
+        body=event.to_json(),
+        message_id=event.id,
+        correlation_id=event.correlationid,
+        type=event.type,
+        user_id=user_id,
+    )
+
+
+class EventPublisher(DependencyProvider):
+    """`self.events.publish(event)` returns once the broker has confirmed the event.
+
+    Events go to `<service>.events` with the event type as routing key, like
+    nameko's EventDispatcher, but persistent, mandatory and confirmed.
+    """
+
+    bus = BusConnection()
+
+    def __init__(self, exchange: str | None = None):
+        self._exchange = exchange
+
+    def setup(self):
+        self.exchange = self._exchange or topology.events_exchange(self.container.service_name)
+        self.bus.register_exchange(self.exchange)
+
+    def get_dependency(self, worker_ctx):
+        return _Publish(self.bus.publisher, self.exchange)
+
+
+class _Publish:
+    def __init__(self, publisher: ConfirmingPublisher, exchange: str):
+        self._publisher = publisher
+        self.exchange = exchange
+
+    def publish(self, event: CloudEvent, routing_key: str | None = None) -> None:
+        self._publisher.publish(event_message(event, self.exchange, routing_key))
+
+    def publish_many(self, events: list[CloudEvent]) -> list[Exception | None]:
+        return self._publisher.publish_many([event_message(e, self.exchange) for e in events])

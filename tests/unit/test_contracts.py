@@ -1,0 +1,399 @@
+"""Contracts: every message refuses bad input at the right field path, and the envelope
+carries money through JSON without losing a cent."""
+from __future__ import annotations
+
+import copy
+import json
+from datetime import date, datetime, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from contracts import registry
+from contracts.envelope import CloudEvent
+from contracts.errors import ContractError
+from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
+
+pytestmark = pytest.mark.unit
+
+BIG = 99_999_999_999  # beyond float32 and typical 32-bit columns; must survive exactly
+
+
+def valid_sale(**overrides) -> dict:
+    """A sale that satisfies every rule: 2 x 1250 - 100 + 1 x 500 = 2900, paid 2000 card + 900 cash."""
+    sale = {
+        "store_id": "S001", "terminal_id": "07", "pos_txn_id": "S001-07-000123",
+        "business_day": "2024-03-01", "occurred_at": "2024-03-01T10:15:00+01:00",
+        "currency": "EUR",
+        "lines": [
+            {"line_no": 1, "sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250,
+             "discount_minor": 100, "line_total_minor": 2400},
+            {"line_no": 2, "sku": "SKU-2", "quantity": 1, "unit_price_minor": 500,
+             "line_total_minor": 500},
+        ],
+        "total_minor": 2900,
+        "tenders": [{"kind": "card", "amount_minor": 2000, "reference": "AUTH42"},
+                    {"kind": "cash", "amount_minor": 900}],
+        "loyalty_card": "LC-1", "customer_id": None,
+    }
+    sale.update(overrides)
+    return sale
+
+
+def valid_return(**overrides) -> dict:
+    ret = valid_sale(pos_txn_id="S001-07-000200")
+    ret["lines"] = ret["lines"][1:]
+    original = {"store_id": "S001", "pos_txn_id": "S001-07-000123", "business_day": "2024-03-01"}
+    ret.update(total_minor=500, tenders=[{"kind": "cash", "amount_minor": 500}],
+               original=original, reason="damaged", **overrides)
+    return ret
+
+
+def valid_payloads() -> dict[str, dict]:
+    posted = {"store_id": "S001", "pos_txn_id": "S001-07-000123", "doc_no": "INV-9",
+              "business_day": "2024-03-01", "posted_at": "2024-03-01T10:16:00Z",
+              "currency": "EUR", "total_minor": 2900, "loyalty_card": "LC-1",
+              "lines": [{"sku": "SKU-1", "quantity": 2, "line_total_minor": 2400},
+                        {"sku": "SKU-2", "quantity": 1, "line_total_minor": 500}]}
+    points = {"card": "LC-1", "store_id": "S001", "pos_txn_id": "S001-07-000123",
+              "business_day": "2024-03-01", "points": 29, "basis_minor": 2900,
+              "currency": "EUR"}
+    return {
+        "pos.sale.v1": valid_sale(),
+        "pos.return.v1": valid_return(),
+        "pos.stock_query.v1": {"store_id": "S001", "skus": ["SKU-1", "SKU-2"]},
+        "erp.sale_posted.v1": posted,
+        "erp.return_posted.v1": {**posted, "original_pos_txn_id": "S001-07-000100",
+                                 "original_doc_no": None},
+        "erp.stock_changed.v1": {"store_id": "S001", "sku": "SKU-1", "on_hand": -3,
+                                 "changed_at": "2024-03-01T10:16:00Z"},
+        "customer.updated.v1": {"customer_id": "C1", "name": "Ada", "email": "ada@example.org",
+                                "phone": "+33 1 23", "loyalty_card": "LC-1",
+                                "updated_at": "2024-03-01T02:00:00Z"},
+        "loyalty.points_accrued.v1": points,
+        "loyalty.points_reversed.v1": {**points, "original_pos_txn_id": "S001-07-000100"},
+    }
+
+
+def paths_of(type_name: str, data: dict) -> list[str]:
+    with pytest.raises(ContractError) as info:
+        registry.parse(type_name, data)
+    return info.value.paths
+
+
+def test_every_registered_type_has_a_valid_example_and_a_json_schema():
+    examples = valid_payloads()
+    assert sorted(examples) == registry.types()
+    for type_name, data in examples.items():
+        model = registry.parse(type_name, data)
+        assert type(model) is registry.model_for(type_name)
+        assert type(model).TYPE == type_name
+        schema = registry.json_schema(type_name)
+        assert schema["type"] == "object" and schema["additionalProperties"] is False
+        assert set(schema["required"]) <= set(schema["properties"])
+        event = CloudEvent.new(type_name, "test/contracts", data, idempotencykey=type_name)
+        assert CloudEvent.from_json(event.to_json()).payload() == model
+
+
+def test_sale_parses_to_typed_model():
+    sale = registry.parse("pos.sale.v1", valid_sale())
+    assert isinstance(sale, PosSaleV1)
+    assert sale.business_day == date(2024, 3, 1)
+    assert sale.occurred_at.utcoffset().total_seconds() == 3600
+    assert [line.line_total_minor for line in sale.lines] == [2400, 500]
+    assert sale.lines[1].discount_minor == 0
+    with pytest.raises(ValidationError):
+        sale.total_minor = 1  # frozen: a message is a fact, not a working copy
+
+
+def _mutate(data: dict, path: str, value) -> dict:
+    """Copy of `data` with the value at dotted `path` (list indexes as digits) replaced."""
+    data = copy.deepcopy(data)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    target = data
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    return data
+
+
+SALE_CASES = [
+    # (mutated path, value, expected error path)
+    ("lines", [], "data.lines"), ("tenders", [], "data.tenders"),
+    ("lines.0.quantity", 0, "data.lines.0.quantity"), ("lines.0.quantity", 2.0, "data.lines.0.quantity"),
+    ("lines.0.unit_price_minor", -1, "data.lines.0.unit_price_minor"),
+    ("lines.0.unit_price_minor", 12.5, "data.lines.0.unit_price_minor"),
+    ("lines.0.unit_price_minor", "1250", "data.lines.0.unit_price_minor"),
+    ("lines.0.discount_minor", -5, "data.lines.0.discount_minor"),
+    ("lines.0.line_total_minor", 2401, "data.lines.0.line_total_minor"),
+    ("lines.1.line_no", 1, "data.lines"),
+    ("lines.0.line_no", 0, "data.lines.0.line_no"),
+    ("lines.0.sku", "", "data.lines.0.sku"),
+    ("total_minor", 3000, "data.total_minor"),
+    ("tenders.1.amount_minor", 800, "data.tenders"),
+    ("tenders.0.kind", "bitcoin", "data.tenders.0.kind"),
+    ("currency", "eur", "data.currency"), ("currency", "EURO", "data.currency"),
+    ("occurred_at", "2024-03-01T10:15:00", "data.occurred_at"),
+    ("business_day", "2024-02-30", "data.business_day"),
+    ("store_id", "s001", "data.store_id"), ("store_id", "S0010000X", "data.store_id"),
+    ("terminal_id", "07-A", "data.terminal_id"),
+    ("pos_txn_id", "", "data.pos_txn_id"), ("pos_txn_id", "x" * 41, "data.pos_txn_id"),
+    ("cashier", "bob", "data.cashier"), ("lines.0.colour", "red", "data.lines.0.colour"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), SALE_CASES)
+def test_sale_rejects_bad_input_at_field_path(path, value, expected):
+    assert paths_of("pos.sale.v1", _mutate(valid_sale(), path, value)) == [expected]
+
+
+def test_sale_line_correction_with_negative_quantity_is_accepted():
+    sale = valid_sale()
+    sale["lines"].append({"line_no": 3, "sku": "SKU-2", "quantity": -1,
+                          "unit_price_minor": 500, "line_total_minor": -500})
+    sale["total_minor"] = 2400
+    sale["tenders"] = [{"kind": "card", "amount_minor": 2400}]
+    assert registry.parse("pos.sale.v1", sale).total_minor == 2400
+
+
+@pytest.mark.parametrize(("type_name", "field"), [
+    ("pos.sale.v1", "business_day"),
+    ("pos.return.v1", "original"),
+    ("erp.return_posted.v1", "original_pos_txn_id"),
+    ("customer.updated.v1", "updated_at"),
+])
+def test_missing_required_field_is_named(type_name, field):
+    data = valid_payloads()[type_name]
+    del data[field]
+    assert paths_of(type_name, data) == [f"data.{field}"]
+
+
+RETURN_CASES = [
+    ("lines.0.quantity", -1, "data.lines.0.quantity"), ("lines.0.quantity", 0, "data.lines.0.quantity"),
+    ("lines.0.line_total_minor", 499, "data.lines.0.line_total_minor"),
+    ("total_minor", 400, "data.total_minor"),
+    ("tenders.0.amount_minor", 400, "data.tenders"),
+    ("original.store_id", "bad id", "data.original.store_id"),
+    ("original.pos_txn_id", "", "data.original.pos_txn_id"),
+    ("original.till", "07", "data.original.till"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), RETURN_CASES)
+def test_return_rejects_bad_input_at_field_path(path, value, expected):
+    assert paths_of("pos.return.v1", _mutate(valid_return(), path, value)) == [expected]
+
+
+def test_return_allows_receiptless_original_day():
+    parsed = registry.parse("pos.return.v1", _mutate(valid_return(), "original.business_day", None))
+    assert isinstance(parsed, PosReturnV1) and parsed.original.business_day is None
+
+
+@pytest.mark.parametrize(("skus", "expected"), [
+    ([], "data.skus"), (["SKU"] * 101, "data.skus"),
+    (["SKU-1", ""], "data.skus.1"), (["SKU-1", "  "], "data.skus.1"),
+])
+def test_stock_query_bounds(skus, expected):
+    assert paths_of("pos.stock_query.v1", {"store_id": "S001", "skus": skus}) == [expected]
+    assert isinstance(registry.parse("pos.stock_query.v1", {"store_id": "S001", "skus": ["A"] * 100}),
+                      PosStockQueryV1)
+
+
+OTHER_CASES = [
+    ("erp.sale_posted.v1", "doc_no", "", "data.doc_no"),
+    ("erp.sale_posted.v1", "posted_at", "2024-03-01T10:16:00", "data.posted_at"),
+    ("erp.sale_posted.v1", "lines", [], "data.lines"),
+    ("erp.sale_posted.v1", "lines.0.line_total_minor", 24.0, "data.lines.0.line_total_minor"),
+    ("erp.sale_posted.v1", "currency", "E1R", "data.currency"),
+    ("erp.return_posted.v1", "original_pos_txn_id", "", "data.original_pos_txn_id"),
+    ("erp.stock_changed.v1", "changed_at", "2024-03-01T10:16:00", "data.changed_at"),
+    ("erp.stock_changed.v1", "on_hand", 1.5, "data.on_hand"),
+    ("erp.stock_changed.v1", "warehouse", "W1", "data.warehouse"),
+    ("customer.updated.v1", "name", "", "data.name"),
+    ("customer.updated.v1", "email", "not-an-email", "data.email"),
+    ("customer.updated.v1", "email", "", "data.email"),
+    ("customer.updated.v1", "updated_at", "2024-03-01T02:00:00", "data.updated_at"),
+    ("loyalty.points_accrued.v1", "points", 0, "data.points"),
+    ("loyalty.points_accrued.v1", "basis_minor", 29.0, "data.basis_minor"),
+    ("loyalty.points_accrued.v1", "store_id", "", "data.store_id"),
+    ("loyalty.points_reversed.v1", "points", -29, "data.points"),
+    ("loyalty.points_reversed.v1", "original_pos_txn_id", "", "data.original_pos_txn_id"),
+]
+
+
+@pytest.mark.parametrize(("type_name", "path", "value", "expected"), OTHER_CASES)
+def test_other_messages_reject_bad_input_at_field_path(type_name, path, value, expected):
+    data = _mutate(valid_payloads()[type_name], path, value)
+    assert paths_of(type_name, data) == [expected]
+
+
+def test_money_beyond_int64_is_refused():
+    huge = 2**63
+    sale = valid_sale(lines=[{"line_no": 1, "sku": "X", "quantity": 1,
+                              "unit_price_minor": huge, "line_total_minor": huge}],
+                      total_minor=huge, tenders=[{"kind": "card", "amount_minor": huge}])
+    assert "data.lines.0.unit_price_minor" in paths_of("pos.sale.v1", sale)
+
+
+# --- registry ---------------------------------------------------------------------------
+
+def test_unknown_type_lists_known_types_and_non_object_data_is_named():
+    with pytest.raises(ContractError) as info:
+        registry.model_for("pos.sale.v9")
+    assert "pos.sale.v9" in str(info.value) and "pos.sale.v1" in str(info.value)
+    assert info.value.paths == ["type"]
+    assert paths_of("pos.sale.v1", ["not", "an", "object"]) == ["data"]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("pos.sale.v1", ("pos.sale", 1)), ("erp.sale_posted.v12", ("erp.sale_posted", 12)),
+    ("loyalty.points_reversed.v2", ("loyalty.points_reversed", 2)),
+])
+def test_base_and_version(name, expected):
+    assert registry.base_and_version(name) == expected
+
+
+@pytest.mark.parametrize("name", ["pos.sale", "Pos.Sale.v1", "pos.sale.v0", "pos.sale.v", "v1", "pos..v1"])
+def test_base_and_version_rejects_bad_names(name):
+    with pytest.raises(ContractError):
+        registry.base_and_version(name)
+
+
+# --- envelope ---------------------------------------------------------------------------
+
+def big_sale() -> PosSaleV1:
+    line_total = 3 * BIG - 7
+    return PosSaleV1.model_validate(valid_sale(
+        lines=[{"line_no": 1, "sku": "GOLD", "quantity": 3, "unit_price_minor": BIG,
+                "discount_minor": 7, "line_total_minor": line_total}],
+        total_minor=line_total, tenders=[{"kind": "card", "amount_minor": line_total - 1},
+                                         {"kind": "cash", "amount_minor": 1}]))
+
+
+def new_event(**overrides) -> CloudEvent:
+    args = {"type": "pos.sale.v1", "source": "store/S001/pos/07", "data": big_sale(),
+            "idempotencykey": "S001:S001-07-000123"}
+    args.update(overrides)
+    return CloudEvent.new(**args)
+
+
+def test_new_fills_defaults_and_omits_absent_subject_on_the_wire():
+    event = new_event()
+    assert (event.specversion, event.datacontenttype) == ("1.0", "application/json")
+    assert len(event.id) == 26 and event.correlationid == event.id
+    assert event.data["lines"][0]["unit_price_minor"] == BIG
+    assert event.data["business_day"] == "2024-03-01"
+    wire = json.loads(event.to_json())
+    assert "subject" not in wire and wire["time"].endswith("Z")
+    assert wire["idempotencykey"] == "S001:S001-07-000123" and wire["correlationid"] == wire["id"]
+
+
+def test_new_keeps_given_ids():
+    given = {"id": "01HQ0000000000000000000000", "correlationid": "chain-1", "subject": "T-1"}
+    event = new_event(**given)
+    assert (event.id, event.correlationid, event.subject) == tuple(given.values())
+
+
+def test_envelope_round_trips_through_json_with_exact_money():
+    event = new_event(subject="S001-07-000123")
+    raw = event.to_json()
+    assert isinstance(raw, bytes) and b"\n" not in raw and b": " not in raw
+    back = CloudEvent.from_json(raw)
+    assert back == event
+    assert CloudEvent.from_json(raw.decode()) == event
+    sale = back.payload()
+    assert isinstance(sale, PosSaleV1)
+    assert sale == big_sale()
+    assert sale.lines[0].unit_price_minor == BIG
+    assert sale.total_minor == 3 * BIG - 7 == 299_999_999_990
+    assert json.loads(raw)["data"]["total_minor"] == 299_999_999_990
+
+
+def test_new_validates_registered_dict_payload():
+    event = new_event(data=valid_sale())
+    assert isinstance(event.payload(), PosSaleV1)
+    assert event.data["occurred_at"] == "2024-03-01T10:15:00+01:00"
+    with pytest.raises(ContractError) as info:
+        new_event(data=valid_sale(total_minor=1))
+    assert info.value.paths == ["data.total_minor"]
+
+
+def test_new_rejects_model_of_the_wrong_type():
+    with pytest.raises(ContractError) as info:
+        new_event(type="pos.return.v1")
+    assert info.value.paths == ["data"]
+
+
+def test_unregistered_type_carries_any_dict_but_has_no_payload():
+    event = new_event(type="ops.routes_applied.v4", data={"version": 4})
+    assert CloudEvent.from_json(event.to_json()) == event
+    with pytest.raises(ContractError, match="ops.routes_applied.v4"):
+        event.payload()
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"type": "pos.sale"}, "type"), ({"type": "POS.SALE.V1"}, "type"),
+    ({"source": ""}, "source"), ({"idempotencykey": ""}, "idempotencykey"),
+    ({"id": "not-a-ulid"}, "id"),
+    ({"correlationid": ""}, "correlationid"),
+])
+def test_new_rejects_bad_envelope_fields(overrides, expected):
+    with pytest.raises(ContractError) as info:
+        new_event(**overrides)
+    assert info.value.paths == [expected]
+
+
+def test_new_requires_idempotencykey():
+    with pytest.raises(TypeError):
+        CloudEvent.new("pos.sale.v1", "store/S001/pos/07", big_sale())  # type: ignore[call-arg]
+
+
+def _wire(**changes) -> str:
+    """A valid event's JSON with attributes changed; None removes the attribute."""
+    wire = json.loads(new_event().to_json())
+    wire.update(changes)
+    return json.dumps({k: v for k, v in wire.items() if v is not None})
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"specversion": "0.3"}, ["specversion"]),
+    ({"time": "2024-03-01T10:15:00"}, ["time"]),
+    ({"type": "pos.sale.v1.extra"}, ["type"]),
+    ({"data": "a string"}, ["data"]),
+    ({"traceparent": "00-abc"}, ["traceparent"]),
+    ({"idempotencykey": None}, ["idempotencykey"]),
+    ({"source": None, "data": None}, ["source", "data"]),
+])
+def test_from_json_names_bad_attributes(changes, expected):
+    with pytest.raises(ContractError) as info:
+        CloudEvent.from_json(_wire(**changes))
+    assert info.value.paths == expected
+
+
+def test_from_json_without_correlationid_correlates_to_own_id():
+    event = CloudEvent.from_json(_wire(correlationid=None, id="01HQ0000000000000000000000"))
+    assert event.correlationid == event.id == "01HQ0000000000000000000000"
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b"null"])
+def test_invalid_json_is_a_contract_error(raw):
+    with pytest.raises(ContractError) as info:
+        CloudEvent.from_json(raw)
+    assert info.value.errors
+
+
+def test_payload_reports_nested_path():
+    wire = json.loads(new_event().to_json())
+    wire["data"]["lines"][0]["quantity"] = 0
+    event = CloudEvent.from_json(json.dumps(wire))  # envelope alone is fine
+    with pytest.raises(ContractError) as info:
+        event.payload()
+    assert info.value.paths == ["data.lines.0.quantity"]
+    assert "data.lines.0.quantity" in str(info.value)
+
+
+def test_naive_time_is_rejected_in_python_too():
+    attrs = {"type": "pos.sale.v1", "source": "s", "data": {}, "idempotencykey": "k"}
+    with pytest.raises(ValidationError):
+        CloudEvent(**attrs, time=datetime(2024, 3, 1, 10, 0))
+    assert CloudEvent(**attrs, time=datetime(2024, 3, 1, 10, tzinfo=timezone.utc)).time.hour == 10
