@@ -8,15 +8,10 @@ and must not wait on a lock held by a sibling that cannot run.
 """
 from __future__ import annotations
 
-import os
-
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider
 from sqlalchemy import MetaData, Table, create_engine, event
 from sqlalchemy.engine import Engine
-
-DSN_ENV = "RETAILBUS_LEGACY_DB"
-
 
 def engine_for(dsn: str, **kwargs) -> Engine:
     if not dsn.startswith("sqlite"):
@@ -50,23 +45,21 @@ class LegacyDb:
 class LegacyDatabase(DependencyProvider):
     """The legacy database, with the tables named in `reflect` read from its catalogue.
 
-    The DSN comes from the environment (`RETAILBUS_LEGACY_DB`) or from the
-    RETAILBUS section of the service config. Reflection waits for the first
-    worker: the legacy system may create its schema after we start.
+    The DSN (an SQLAlchemy URL) is the service config's `config_key`.
+    Reflection waits for the first worker: the legacy system may create its
+    schema after we start.
     """
 
-    def __init__(self, reflect: tuple[str, ...] = ()):
+    def __init__(self, config_key: str = "LEGACY_DB_URI", reflect: tuple[str, ...] = ()):
+        self.config_key = config_key
         self.reflect = reflect
         self._tables: dict[str, Table] | None = None
         self._lock = Semaphore(1)
 
     def setup(self):
-        from services.settings import retailbus_settings
-
-        dsn = os.environ.get(DSN_ENV) or retailbus_settings(self.container.config).legacy_erp.db
-        if dsn.startswith("sqlite:///") and not dsn.startswith("sqlite:////"):
-            root = retailbus_settings(self.container.config).root
-            dsn = f"sqlite:///{(root / dsn[len('sqlite:///'):]).resolve()}"
+        dsn = self.container.config.get(self.config_key)
+        if not dsn:
+            raise ValueError(f"{self.config_key} is not set in the service config")
         self.engine = engine_for(dsn)
 
     def get_dependency(self, worker_ctx):

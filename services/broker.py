@@ -211,7 +211,7 @@ class ManagedBroker:
         last = ""
         while True:
             if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerError(self._failure(f"exited with code {self._proc.returncode} while starting"))
+                raise BrokerError(self._failure(f"exited while starting (exit status {self._proc.returncode})"))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(self._failure(f"did not start within {self.start_timeout:g}s ({last})"))

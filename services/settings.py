@@ -53,8 +53,9 @@ class StoreSettings(Strict):
 
 
 class LegacyErpSettings(Strict):
+    """The demo legacy ERP that `retailbus up` runs; its database is LEGACY_DB_URI."""
+
     http: str = "127.0.0.1:8081"
-    db: str = "sqlite:///var/legacy_erp.db"
 
 
 class ServiceSettings(Strict):
@@ -75,6 +76,13 @@ class RetailbusSettings(Strict):
         """Relative paths in bus.yaml are relative to the project root."""
         p = Path(p)
         return p if p.is_absolute() else (self.root / p)
+
+    def absolute_dsn(self, dsn: str) -> str:
+        """A relative SQLite path is taken from the project root."""
+        prefix = "sqlite:///"
+        if dsn.startswith(prefix) and not dsn.startswith(prefix + "/"):
+            return prefix + str(self.path(dsn[len(prefix):]).resolve())
+        return dsn
 
     def outbox_path(self, store: StoreSettings) -> Path:
         return self.path(store.outbox or Path("var/stores") / store.id / "outbox.db")

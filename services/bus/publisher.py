@@ -59,7 +59,7 @@ class OutgoingMessage:
             delivery_mode=2,
             content_type=self.content_type,
             message_id=self.message_id,
-            headers=self.headers,
+            application_headers=self.headers,
         )
         if self.correlation_id:
             props["correlation_id"] = self.correlation_id

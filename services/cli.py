@@ -1,0 +1,61 @@
+"""`retailbus`: one command line for ops and developers."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from contracts import registry
+from contracts.errors import ContractError
+from services.cli_broker import broker
+from services.settings import ConfigError
+
+
+@click.group()
+def main():
+    """retailbus: a lightweight message bus that strangles a legacy retail ESB."""
+
+
+@main.group()
+def contracts():
+    """The canonical business messages."""
+
+
+@contracts.command("list")
+def contracts_list():
+    """Every message type with the model that validates it."""
+    for name in registry.types():
+        model = registry.model_for(name)
+        doc = (model.__doc__ or "").strip().splitlines()
+        click.echo(f"{name:<28} {model.__name__:<26} {doc[0] if doc else ''}")
+
+
+@contracts.command("schema")
+@click.argument("type_name")
+def contracts_schema(type_name):
+    """The JSON Schema of TYPE_NAME (e.g. pos.sale.v1)."""
+    try:
+        click.echo(json.dumps(registry.json_schema(type_name), indent=2))
+    except ContractError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--config", "config_path", default="config/bus.yaml", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--keep-broker", is_flag=True, help="leave the managed broker running on exit")
+def up(config_path, keep_broker):
+    """Run the broker (if needed), the demo legacy ERP, every service and store agent."""
+    from services.up import Supervisor
+
+    try:
+        sys.exit(Supervisor.from_config(config_path, keep_broker=keep_broker).run())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+main.add_command(broker)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""`retailbus broker start|stop|status|uri`: the managed local RabbitMQ node.
+
+The main CLI (services/cli.py) mounts this group with `main.add_command(broker)`.
+`--config` may be given to the group or to each command (default config/bus.yaml);
+if the main CLI put a `config` into `ctx.obj`, that is used when neither is given.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from services.broker import AMQP_URI_ENV, BrokerError, ManagedBroker, mask_uri
+from services.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help=f"bus.yaml to read the RETAILBUS.broker section from (default {DEFAULT_CONFIG})")
+
+
+def _config_path(ctx: click.Context, given: Path | None) -> tuple[Path, bool]:
+    """(path, explicit)."""
+    if given is not None:
+        return given, True
+    obj = ctx.find_object(dict) or {}
+    if obj.get("config"):
+        return Path(obj["config"]), True
+    return DEFAULT_CONFIG, False
+
+
+def _managed(ctx: click.Context, given: Path | None) -> ManagedBroker:
+    path, explicit = _config_path(ctx, given)
+    try:
+        if not explicit and not path.exists():
+            settings = retailbus_settings({})  # no bus.yaml yet: defaults, root = cwd
+        else:
+            settings = retailbus_settings(load_config(path), path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return ManagedBroker.from_settings(settings)
+
+
+def _external() -> str | None:
+    return os.environ.get(AMQP_URI_ENV, "").strip() or None
+
+
+@click.group()
+@config_option
+@click.pass_context
+def broker(ctx: click.Context, config_path: Path | None) -> None:
+    """Run the local RabbitMQ node (state in RETAILBUS.broker.home, e.g. var/broker/)."""
+    obj = ctx.ensure_object(dict)
+    if config_path is not None:
+        obj["config"] = str(config_path)
+
+
+@broker.command()
+@config_option
+@click.pass_context
+def start(ctx: click.Context, config_path: Path | None) -> None:
+    """Start the node (a no-op when it runs); first start creates its user."""
+    ext = _external()
+    if ext:
+        click.echo(f"{AMQP_URI_ENV} is set: using the external broker {mask_uri(ext)}; "
+                   "retailbus does not manage it, nothing started.")
+        return
+    b = _managed(ctx, config_path)
+    was_running = b.is_running()
+    if not was_running:
+        click.echo(f"starting RabbitMQ node {b.node} in {b.home} ...")
+    try:
+        b.start()
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+    state = "already running" if was_running else "started"
+    click.echo(f"broker {state} (pid {b.pid()}): {b.uri(show_password=False)}")
+
+
+@broker.command()
+@config_option
+@click.pass_context
+def stop(ctx: click.Context, config_path: Path | None) -> None:
+    """Stop the node and wait for it to exit (a no-op when it is stopped)."""
+    ext = _external()
+    if ext:
+        click.echo(f"{AMQP_URI_ENV} is set: the external broker {mask_uri(ext)} is not "
+                   "managed by retailbus, nothing stopped.")
+        return
+    b = _managed(ctx, config_path)
+    if not b.is_running():
+        click.echo(f"broker {b.node} is not running")
+        return
+    try:
+        b.stop()
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"broker {b.node} stopped")
+
+
+@broker.command()
+@config_option
+@click.option("--show-password", is_flag=True, help="print the password instead of ***")
+@click.pass_context
+def uri(ctx: click.Context, config_path: Path | None, show_password: bool) -> None:
+    """Print the AMQP URI of the bus (password masked unless --show-password)."""
+    ext = _external()
+    if ext:
+        click.echo(ext if show_password else mask_uri(ext))
+        return
+    try:
+        click.echo(_managed(ctx, config_path).uri(show_password=show_password))
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _table(rows: list[dict]) -> list[str]:
+    headers = ("queue", "messages", "consumers")
+    cells = [(r["name"], str(r["messages"]), str(r["consumers"])) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    fmt = f"  {{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:>{widths[2]}}}"
+    return [fmt.format(*headers)] + [fmt.format(*c) for c in cells]
+
+
+@broker.command()
+@config_option
+@click.pass_context
+def status(ctx: click.Context, config_path: Path | None) -> None:
+    """URI (masked), health and every queue with depth and consumers; exit 1 when down."""
+    ext = _external()
+    if ext:
+        _external_status(ext)
+        return
+    b = _managed(ctx, config_path)
+    try:
+        click.echo(f"uri:     {b.uri(show_password=False)}")
+    except BrokerError:
+        click.echo("uri:     (not provisioned yet: run `retailbus broker start`)")
+    click.echo(f"node:    {b.node}")
+    click.echo(f"home:    {b.home}")
+    pid = b.pid()
+    if pid is None:
+        click.echo("health:  not running")
+        ctx.exit(1)
+    try:
+        version = b.version()
+        queues = b.queues()
+    except BrokerError as exc:
+        click.echo(f"health:  process {pid} alive but not answering: {exc}")
+        ctx.exit(1)
+    click.echo(f"health:  running, pid {pid}, RabbitMQ {version}")
+    click.echo(f"management: http://127.0.0.1:{b.management_port}/")
+    click.echo(f"queues in vhost {b.vhost!r}: {len(queues)}")
+    for line in _table(queues):
+        click.echo(line)
+
+
+def _external_status(uri_: str) -> None:
+    from kombu import Connection
+
+    click.echo(f"uri:     {mask_uri(uri_)}")
+    click.echo(f"external broker in use ({AMQP_URI_ENV}); retailbus does not manage it")
+    try:
+        with Connection(uri_, connect_timeout=5) as conn:
+            conn.connect()
+            props = conn.connection.server_properties or {}
+            product = props.get("product", "AMQP broker")
+            version = props.get("version", "?")
+            if isinstance(product, bytes):
+                product = product.decode()
+            if isinstance(version, bytes):
+                version = version.decode()
+    except Exception as exc:  # any connection failure means: not healthy
+        click.echo(f"health:  unreachable: {exc.__class__.__name__}: {exc}")
+        raise click.exceptions.Exit(1) from None
+    click.echo(f"health:  reachable, {product} {version}")
+    click.echo("queues:  not listed for an external broker (use its management UI or rabbitmqctl)")

@@ -1,0 +1,150 @@
+"""`retailbus up`: the whole bus on one machine, as child processes.
+
+Each service runs under `nameko run` exactly as ops would run it alone, so
+what works here works scaled out. A child that dies is restarted with
+backoff; SIGTERM or Ctrl-C stops the children with SIGTERM (nameko finishes
+the workers in flight, so nothing accepted is dropped) and waits for them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.broker import ManagedBroker
+from services.settings import RetailbusSettings, load_config, retailbus_settings
+
+log = logging.getLogger("retailbus.up")
+
+STOP_GRACE_SECONDS = 30
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health_url: str | None = None
+    process: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self, cwd: Path):
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=cwd, start_new_session=True)
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, config: dict, settings: RetailbusSettings, keep_broker: bool):
+        self.config_path = config_path.resolve()
+        self.config = config
+        self.settings = settings
+        self.keep_broker = keep_broker
+        self.children: list[Child] = []
+        self._stopping = False
+
+    @classmethod
+    def from_config(cls, config_path: str, keep_broker: bool = False) -> "Supervisor":
+        path = Path(config_path)
+        config = load_config(path)
+        return cls(path, config, retailbus_settings(config, path), keep_broker)
+
+    def run(self) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s retailbus up: %(message)s")
+        broker, uri = self._broker()
+        self.children = self._children(uri)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            for child in self.children:
+                child.start(self.settings.root)
+            self._announce()
+            while not self._stopping:
+                self._restart_dead()
+                time.sleep(0.5)
+        finally:
+            self._stop_children()
+            if broker is not None and not self.keep_broker:
+                broker.stop()
+        log.info("stopped cleanly")
+        return 0
+
+    def _on_signal(self, signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _broker(self) -> tuple[ManagedBroker | None, str]:
+        external = os.environ.get("RETAILBUS_AMQP_URI") or self.config.get("AMQP_URI")
+        if external:
+            log.info("using the broker at RETAILBUS_AMQP_URI / AMQP_URI")
+            return None, external
+        broker = ManagedBroker.from_settings(self.settings)
+        already = broker.is_running()
+        broker.start()
+        log.info("broker %s at %s", "already running" if already else "started", broker.uri(show_password=False))
+        return (None if already else broker), broker.uri()
+
+    def _children(self, uri: str) -> list[Child]:
+        s = self.settings
+        (s.root / "var").mkdir(exist_ok=True)
+        dsn = s.absolute_dsn(self.config.get("LEGACY_DB_URI") or "sqlite:///var/legacy_erp.db")
+        env = {**os.environ, "RETAILBUS_AMQP_URI": uri, "RETAILBUS_LEGACY_DB": dsn}
+        host, port = s.legacy_erp.http.rsplit(":", 1)
+        children = [Child(
+            "legacy-erp",
+            [sys.executable, "-m", "demo.legacy_erp", "serve", "--init", "--db", dsn,
+             "--host", host, "--port", port],
+            env, health_url=f"http://{s.legacy_erp.http}/erp/health")]
+        nameko = [sys.executable, "-m", "nameko", "run", "--config", str(self.config_path)]
+        for name, service in s.services.items():
+            children.append(Child(name, nameko + [service.module], env))
+        for store in s.stores:
+            children.append(Child(
+                f"store-agent-{store.id}", nameko + ["routing.store_agent"],
+                {**env, "RETAILBUS_STORE": store.id, "WEB_SERVER_ADDRESS": store.http},
+                health_url=f"http://{store.http}/healthz"))
+        return children
+
+    def _announce(self, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            while child.health_url and not self._stopping and time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(child.health_url, timeout=1).read()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        stores = ", ".join(f"{s.id} http://{s.http}" for s in self.settings.stores)
+        log.info("retailbus is up: store agents %s; legacy ERP http://%s", stores, self.settings.legacy_erp.http)
+
+    def _restart_dead(self):
+        now = time.monotonic()
+        for child in self.children:
+            code = child.process.poll()
+            if code is None:
+                continue
+            child.restarts = [t for t in child.restarts if now - t < 60]
+            delay = min(30, 2 ** len(child.restarts))
+            log.warning("%s exited with %s; restarting in %ds", child.name, code, delay)
+            child.restarts.append(now)
+            time.sleep(delay)
+            if not self._stopping:
+                child.start(self.settings.root)
+
+    def _stop_children(self):
+        running = [c for c in self.children if c.process and c.process.poll() is None]
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for child in running:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %ds; killing it", child.name, STOP_GRACE_SECONDS)
+                child.process.kill()
+                child.process.wait()
