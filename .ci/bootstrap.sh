@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install what retailbus needs on a fresh Debian machine, then run it.
+#   bash .ci/bootstrap.sh up     the bus with its embedded defaults (retailbus up)
+#   bash .ci/bootstrap.sh test   the whole test suite (pytest), extra args passed on
+# Idempotent: installs only what is missing. Needs root (or sudo) for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-}"; shift || true
+case "$mode" in up|test) ;; *) echo "usage: $0 up|test [pytest args]" >&2; exit 2 ;; esac
+
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+packages=()
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || packages+=(rabbitmq-server)
+if [ "$mode" = test ]; then
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
+  command -v curl >/dev/null || packages+=(curl)
+fi
+command -v python3 >/dev/null || packages+=(python3 python3-venv)
+
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${packages[*]}" >&2
+  # We run our own broker and database nodes in project folders: keep the
+  # packages' system services from starting (and listening with defaults).
+  policy=/usr/sbin/policy-rc.d; own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null; $SUDO chmod +x "$policy"; own_policy=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  [ "$own_policy" = 1 ] && $SUDO rm -f "$policy"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.retailbus-installed
+if [ ! -e "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+
+if [ "$mode" = up ]; then
+  exec .venv/bin/retailbus up "$@"
+else
+  exec .venv/bin/python -m pytest "$@"
+fi

@@ -1,0 +1,143 @@
+"""Helpers shared by the benchmarks in bench/.
+
+A benchmark needs a broker it may load freely (a throw-away node unless the
+caller names one), realistic messages, honest statistics (every run and the
+median, never a single lucky run) and one machine-readable line at the end so
+results can be compared over time. These live here so every benchmark measures
+the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import platform
+import resource
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import amqp
+from ulid import ULID
+
+from contracts.envelope import CloudEvent
+from services.bus.publisher import connection_params
+
+SAMPLE_TYPE = "pos.stock_query.v1"
+PORT_CLASH = ("already in use", "already_used", "eaddrinuse")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now (held open together, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def start_broker(home: Path, attempts: int = 3):
+    """A started ManagedBroker in `home`; retries on new ports when one was taken
+    between our check and the node's bind (ephemeral ports can race)."""
+    from services.broker import BrokerError, ManagedBroker
+
+    for attempt in range(attempts):
+        port, dist_port, management_port = free_ports(3)
+        broker = ManagedBroker(home, port=port, dist_port=dist_port, management_port=management_port)
+        try:
+            broker.start()
+            return broker
+        except BrokerError as exc:
+            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in PORT_CLASH):
+                raise
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def bench_broker(uri: str | None):
+    """Yield (amqp_uri, broker): the given URI with broker None, or a throw-away node
+    in a temporary folder that is stopped (killed if stop fails) whatever happens."""
+    if uri:
+        yield uri, None
+        return
+    with tempfile.TemporaryDirectory(prefix="retailbus-bench-") as home:
+        print("starting a throw-away RabbitMQ node ...", flush=True)
+        started = time.monotonic()
+        broker = start_broker(Path(home))
+        print(f"broker up in {time.monotonic() - started:.1f}s (pid {broker.pid()})", flush=True)
+        try:
+            yield broker.uri(), broker
+        finally:
+            try:
+                broker.stop()
+            finally:
+                if broker.is_running():
+                    broker.kill()
+
+
+def connect(uri: str) -> amqp.Connection:
+    conn = amqp.Connection(**connection_params(uri, 10))
+    conn.connect()
+    return conn
+
+
+def rabbitmq_version(uri: str) -> str:
+    conn = connect(uri)
+    try:
+        return str(conn.server_properties.get("version", "?"))
+    finally:
+        conn.close()
+
+
+def sample_event() -> CloudEvent:
+    """A realistic ~300-byte CloudEvent: a POS stock query."""
+    return CloudEvent.new(SAMPLE_TYPE, "store/S001/pos/01",
+                          {"store_id": "S001", "skus": ["100001"]}, idempotencykey="k")
+
+
+def sample_events(n: int) -> list[CloudEvent]:
+    """n copies of the sample with distinct ids (built outside any timed section)."""
+    base = sample_event()
+    return [base.model_copy(update={"id": str(ULID())}) for _ in range(n)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_kib() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def process_hwm_kib(pid: int | None) -> int | None:
+    """Peak resident set size (VmHWM) of another process, if /proc lets us read it."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def environment(uri: str) -> dict:
+    return {
+        "python": platform.python_version(),
+        "rabbitmq": rabbitmq_version(uri),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def emit_json(record: dict) -> None:
+    """The one machine-readable line, always last on stdout."""
+    print(json.dumps(record, sort_keys=True), flush=True)
