@@ -72,22 +72,27 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
 
     def start(self):
         self._running = True
-        self.container.spawn_managed_thread(self._run, identifier="reliable_consumer")
+        self._loop = self.container.spawn_managed_thread(self._run, identifier="reliable_consumer")
 
     def stop(self):
         self._running = False
         self.wait_for_providers()
-        self._close()
+        self._loop.wait()  # the read loop closes its connection within a second
 
     def kill(self):
         self._running = False
-        self._close()
+        self._loop.kill()
 
     def _prefetch(self) -> int:
         handlers = max(1, len(self._providers))
         return max(1, min(self.settings.retry.prefetch, self.container.max_workers // handlers))
 
     def _run(self):
+        """Read deliveries until stopped; reconnect with backoff when the link drops.
+
+        Only this greenthread reads the socket, and it also closes the
+        connection on the way out, so no one else ever waits for a reply.
+        """
         backoff = 0.2
         while self._running:
             conn = None
@@ -104,14 +109,17 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
                             conn.heartbeat_tick()
                         finally:
                             self._write_lock.release()
+                self._channel = None
+                with self._write_lock:
+                    conn.close()
             except Exception as exc:
-                if not self._running:
-                    break
-                metrics.BROKER_CONNECTED.labels("consumer").set(0)
-                log.warning("consumer connection lost (%s); reconnecting in %.1fs", exc, backoff)
                 self._channel = None
                 if conn is not None:
                     conn.collect()
+                if not self._running:
+                    return
+                metrics.BROKER_CONNECTED.labels("consumer").set(0)
+                log.warning("consumer connection lost (%s); reconnecting in %.1fs", exc, backoff)
                 eventlet.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 
@@ -160,16 +168,6 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
                     channel.basic_reject(message.delivery_tag, requeue=True)
             except Exception as exc:  # the reader notices the dead connection
                 log.warning("could not settle message: %s", exc)
-
-    def _close(self):
-        channel, self._channel = self._channel, None
-        conn = getattr(self, "_conn", None)
-        if conn is not None:
-            try:
-                with self._write_lock:
-                    conn.close()
-            except Exception:
-                conn.collect()
 
 
 class ReliableHandler(Entrypoint):

@@ -216,4 +216,32 @@ def test_bad_orig_store_is_named_orig_store():
 def test_return_without_receipt_is_accepted_like_the_legacy_erp():
     payload = legacy_return()
     del payload["ORIG_TXN_ID"], payload["ORIG_STORE"]
-    return_from_legacy(payload)
+    assert return_from_legacy(payload).pos_txn_id == "S001-07-R00001"
+
+
+def _sku(value):
+    def mutate(p):
+        p["LINES"][0]["SKU"] = value
+    return mutate
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: routing/legacy_payload.py accepts payloads the legacy ERP refuses with 400 "
+    "(demo/legacy_erp/postings.py parse_document): lower-case tender TYPE (line 64 lower()s it), "
+    "a numeric TXN_DATE (line 39 str()s it), LOYALTY_CARD/SKU longer than the legacy columns "
+    "(20); the bus path then diverges in shadow mode, and on PostgreSQL the too-long values "
+    "fail the ERP insert and end in the DLQ instead of a 400 to the POS"))
+@pytest.mark.parametrize("mutate", [
+    _tender(0, "TYPE", "card"),
+    _set("TXN_DATE", 20261127),
+    _set("LOYALTY_CARD", "X" * 21),
+    _sku("9" * 21),
+], ids=["lower-case-tender", "numeric-date", "long-loyalty-card", "long-sku"])
+def test_refuses_what_the_legacy_erp_refuses(mutate):
+    from demo.legacy_erp.postings import ValidationError, parse_document
+
+    payload = legacy_sale()
+    mutate(payload)
+    with pytest.raises(ValidationError):  # the legacy ERP answers 400 today
+        parse_document(copy.deepcopy(payload), "S")
+    refusal(sale_from_legacy, payload)
