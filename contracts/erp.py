@@ -47,11 +47,11 @@ class ErpSalePostedV1(_PostedDocument):
 
 
 class ErpReturnPostedV1(_PostedDocument):
-    """The original document number is optional: a receipt-less return has none."""
+    """The original sale is optional: a receipt-less return has none."""
 
     TYPE: ClassVar[str] = "erp.return_posted.v1"
 
-    original_pos_txn_id: PosTxnId
+    original_pos_txn_id: PosTxnId | None = None
     original_doc_no: DocNo | None = None
 
 

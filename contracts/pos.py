@@ -135,7 +135,7 @@ class PosSaleV1(_PosTransaction):
 
 
 class OriginalSaleRef(BaseModel):
-    """The sale being returned; the day is optional because receipt-less returns lack it."""
+    """The sale being returned, when the customer brought the receipt."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -150,7 +150,7 @@ class PosReturnV1(_PosTransaction):
     TYPE: ClassVar[str] = "pos.return.v1"
 
     lines: list[ReturnLine] = Field(min_length=1)
-    original: OriginalSaleRef
+    original: OriginalSaleRef | None = None  # None: a return without a receipt
     reason: str | None = None
 
 

@@ -82,6 +82,8 @@ class StoreAgent:
             txn = parse(payload)
         except json.JSONDecodeError as exc:
             return _error(400, f"body: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+        except UnicodeDecodeError:
+            return _error(400, "body: not valid UTF-8")
         except ContractError as exc:
             return _error(400, str(exc))
         if txn.store_id != self.store.store_id:

@@ -1,11 +1,12 @@
 """The legacy ERP's POS payload (UPPER-CASE keys, cents) <-> our contracts.
 
 POS systems keep sending exactly what they sent to the ERP; only the base
-URL changes. Errors are reported in the POS's own field names.
+URL changes. The agent refuses what the legacy ERP refuses (its column
+widths, its tender codes), so the bus path never accepts a sale that the
+ERP could not hold; errors use the POS's own field names, lines from 1.
 """
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,14 +19,25 @@ _FIELDS = {
     "store_id": "STORE", "terminal_id": "TERMINAL", "pos_txn_id": "TXN_ID",
     "business_day": "TXN_DATE", "occurred_at": "TXN_TIME", "currency": "CURRENCY",
     "lines": "LINES", "tenders": "TENDERS", "total_minor": "TOTAL",
-    "loyalty_card": "LOYALTY_CARD", "customer_id": "CUST_NO", "original": "ORIG_TXN_ID",
-    "reason": "REASON", "sku": "SKU", "quantity": "QTY", "unit_price_minor": "PRICE",
+    "loyalty_card": "LOYALTY_CARD", "customer_id": "CUST_NO", "reason": "REASON",
+    "sku": "SKU", "quantity": "QTY", "unit_price_minor": "PRICE",
     "discount_minor": "DISC", "line_total_minor": "LINE", "kind": "TYPE", "amount_minor": "AMOUNT",
+    "original.store_id": "ORIG_STORE", "original.pos_txn_id": "ORIG_TXN_ID", "original": "ORIG_TXN_ID",
 }
+TENDER_TYPES = {"CASH": "cash", "CARD": "card", "VOUCHER": "voucher", "LOYALTY": "loyalty", "OTHER": "other"}
+# The legacy ERP's column widths (demo/legacy_erp schema): longer values cannot be stored.
+_WIDTHS = {"SKU": 20, "LOYALTY_CARD": 20, "CUST_NO": 12}
+
+
+def _refuse(path: str, reason: str):
+    raise ContractError(f"{path}: {reason}", [(path, reason)])
 
 
 def _legacy_path(path: str) -> str:
-    """`lines.0.quantity` -> `LINES[1].QTY` (the legacy ERP counts lines from 1)"""
+    """`lines.0.quantity` -> `LINES[1].QTY`; `original.store_id` -> `ORIG_STORE`."""
+    for prefix in ("original.store_id", "original.pos_txn_id"):
+        if path.startswith(prefix):
+            return _FIELDS[prefix]
     out = ""
     for part in path.split("."):
         if part.isdigit():
@@ -35,34 +47,70 @@ def _legacy_path(path: str) -> str:
     return out
 
 
-def _when(payload: dict) -> tuple[Any, Any]:
-    day, clock = str(payload.get("TXN_DATE", "")), str(payload.get("TXN_TIME") or "000000")
-    if not re.fullmatch(r"\d{8}", day):
-        raise ContractError(f"TXN_DATE: expected YYYYMMDD, got {day!r}", [("TXN_DATE", "expected YYYYMMDD")])
+def _when(payload: dict) -> datetime:
+    day, clock = payload.get("TXN_DATE"), payload.get("TXN_TIME") or "000000"
     try:
-        at = datetime.strptime(day + clock, "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+        date = datetime.strptime(day, "%Y%m%d") if isinstance(day, str) and len(day) == 8 else None
     except ValueError:
-        raise ContractError(f"TXN_TIME: expected HHMMSS, got {clock!r}",
-                            [("TXN_TIME", "expected HHMMSS")]) from None
-    return at.date(), at
+        date = None
+    if date is None:
+        _refuse("TXN_DATE", f"expected a date as YYYYMMDD, got {day!r}")
+    try:
+        at = datetime.strptime(clock, "%H%M%S") if isinstance(clock, str) and len(clock) == 6 else None
+    except ValueError:
+        at = None
+    if at is None:
+        _refuse("TXN_TIME", f"expected a time as HHMMSS, got {clock!r}")
+    return datetime.combine(date.date(), at.time(), tzinfo=timezone.utc)
 
 
-def _common(payload: dict) -> dict:
+def _optional(payload: dict, key: str) -> Any:
+    value = payload.get(key)
+    if value == "":  # the legacy ERP stores an empty optional field as NULL
+        return None
+    if isinstance(value, str) and key in _WIDTHS and len(value) > _WIDTHS[key]:
+        _refuse(key, f"at most {_WIDTHS[key]} characters")
+    return value
+
+
+def _list(payload: dict, key: str) -> list:
+    value = payload.get(key)
+    if not isinstance(value, list):
+        _refuse(key, "expected a list")
+    return value
+
+
+def _line(i: int, line: Any) -> Any:
+    if not isinstance(line, dict):
+        return line
+    sku = line.get("SKU")
+    if isinstance(sku, str) and len(sku) > _WIDTHS["SKU"]:
+        _refuse(f"LINES[{i}].SKU", f"at most {_WIDTHS['SKU']} characters")
+    return dict(line_no=i, sku=sku, quantity=line.get("QTY"), unit_price_minor=line.get("PRICE"),
+                discount_minor=line.get("DISC", 0), line_total_minor=line.get("LINE"))
+
+
+def _tender(i: int, tender: Any) -> Any:
+    if not isinstance(tender, dict):
+        return tender
+    kind = TENDER_TYPES.get(tender.get("TYPE"))
+    if kind is None:
+        _refuse(f"TENDERS[{i}].TYPE", f"unknown tender type {tender.get('TYPE')!r} "
+                                      f"(one of {', '.join(TENDER_TYPES)})")
+    return dict(kind=kind, amount_minor=tender.get("AMOUNT"))
+
+
+def _common(payload: Any) -> dict:
     if not isinstance(payload, dict):
-        raise ContractError("body: expected a JSON object", [("body", "expected a JSON object")])
-    day, at = _when(payload)
+        _refuse("body", "expected a JSON object")
+    at = _when(payload)
     return dict(
         store_id=payload.get("STORE"), terminal_id=payload.get("TERMINAL"),
-        pos_txn_id=payload.get("TXN_ID"), business_day=day, occurred_at=at,
+        pos_txn_id=payload.get("TXN_ID"), business_day=at.date(), occurred_at=at,
         currency=payload.get("CURRENCY"), total_minor=payload.get("TOTAL"),
-        loyalty_card=payload.get("LOYALTY_CARD"), customer_id=payload.get("CUST_NO"),
-        lines=[dict(line_no=i, sku=line.get("SKU"), quantity=line.get("QTY"),
-                    unit_price_minor=line.get("PRICE"), discount_minor=line.get("DISC", 0),
-                    line_total_minor=line.get("LINE"))
-               if isinstance(line, dict) else line
-               for i, line in enumerate(payload.get("LINES") or [], start=1)],
-        tenders=[dict(kind=str(t.get("TYPE", "")).lower(), amount_minor=t.get("AMOUNT"))
-                 if isinstance(t, dict) else t for t in payload.get("TENDERS") or []],
+        loyalty_card=_optional(payload, "LOYALTY_CARD"), customer_id=_optional(payload, "CUST_NO"),
+        lines=[_line(i, line) for i, line in enumerate(_list(payload, "LINES"), start=1)],
+        tenders=[_tender(i, t) for i, t in enumerate(_list(payload, "TENDERS"), start=1)],
     )
 
 
@@ -74,13 +122,14 @@ def _validate(model, fields: dict):
         raise ContractError("; ".join(f"{p}: {m}" for p, m in errors), errors) from None
 
 
-def sale_from_legacy(payload: dict) -> PosSaleV1:
+def sale_from_legacy(payload: Any) -> PosSaleV1:
     return _validate(PosSaleV1, _common(payload))
 
 
-def return_from_legacy(payload: dict) -> PosReturnV1:
+def return_from_legacy(payload: Any) -> PosReturnV1:
     fields = _common(payload)
-    fields["original"] = dict(store_id=payload.get("ORIG_STORE") or payload.get("STORE"),
-                              pos_txn_id=payload.get("ORIG_TXN_ID"))
-    fields["reason"] = payload.get("REASON")
+    if _optional(payload, "ORIG_TXN_ID") is not None:  # a return without a receipt has none
+        fields["original"] = dict(store_id=payload.get("ORIG_STORE") or payload.get("STORE"),
+                                  pos_txn_id=payload.get("ORIG_TXN_ID"))
+    fields["reason"] = _optional(payload, "REASON")
     return _validate(PosReturnV1, fields)

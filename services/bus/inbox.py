@@ -5,6 +5,7 @@ legacy database) because only one transaction can make both durable at once.
 """
 from __future__ import annotations
 
+import weakref
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
@@ -32,13 +33,13 @@ class _AlreadyApplied(Exception):
     pass
 
 
-_ready: set[int] = set()
+_ready: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def ensure_inbox(engine: Engine) -> None:
-    if id(engine) not in _ready:
+    if engine not in _ready:
         metadata.create_all(engine)
-        _ready.add(id(engine))
+        _ready.add(engine)
 
 
 def apply_once(engine: Engine, consumer: str, event: CloudEvent,

@@ -98,5 +98,5 @@ def post_sale(conn: Connection, t: LegacyTables, sale: PosSaleV1) -> str:
 
 
 def post_return(conn: Connection, t: LegacyTables, ret: PosReturnV1) -> str:
-    original = find_document(conn, t, ret.original.store_id, "S", ret.original.pos_txn_id)
+    original = ret.original and find_document(conn, t, ret.original.store_id, "S", ret.original.pos_txn_id)
     return _write(conn, t, ret, "R", original)

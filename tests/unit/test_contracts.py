@@ -158,8 +158,8 @@ def test_sale_line_correction_with_negative_quantity_is_accepted():
 
 @pytest.mark.parametrize(("type_name", "field"), [
     ("pos.sale.v1", "business_day"),
-    ("pos.return.v1", "original"),
-    ("erp.return_posted.v1", "original_pos_txn_id"),
+    ("pos.return.v1", "lines"),
+    ("erp.return_posted.v1", "doc_no"),
     ("customer.updated.v1", "updated_at"),
 ])
 def test_missing_required_field_is_named(type_name, field):

@@ -171,10 +171,6 @@ def test_inbox_is_created_for_a_fresh_database(tmp_path, monkeypatch):
         db.engine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: services/bus/inbox.py:35-41 remembers prepared engines by id(engine) and never forgets "
-    "them; once an engine is garbage-collected its id can be reused by a new engine on another "
-    "database, whose RB_INBOX is then never created -> 'no such table: RB_INBOX' on every message"))
 def test_inbox_is_created_for_a_new_engine_with_a_recycled_id(tmp_path, monkeypatch):
     monkeypatch.setattr(inbox, "_ready", set(), raising=False)
     first = engine_for(f"sqlite:///{tmp_path / 'first.db'}")

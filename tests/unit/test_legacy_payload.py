@@ -184,35 +184,22 @@ def test_return_refuses_negative_quantity():
     assert "LINES[1].QTY" in refusal(return_from_legacy, payload).paths
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: routing/legacy_payload.py:42-46 parses TXN_DATE and TXN_TIME together and reports "
-    "any strptime failure as TXN_TIME, so an impossible date (20260230) is blamed on TXN_TIME"))
 def test_impossible_date_is_blamed_on_txn_date():
     err = refusal(sale_from_legacy, legacy_sale(TXN_DATE="20260230"))
     assert err.paths == ["TXN_DATE"]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: routing/legacy_payload.py:63/65 iterate LINES/TENDERS without checking they are lists; "
-    "a number raises TypeError (a 500 in the agent) instead of ContractError"))
 @pytest.mark.parametrize("key", ["LINES", "TENDERS"])
 def test_lines_or_tenders_not_a_list(key):
     err = refusal(sale_from_legacy, legacy_sale(**{key: 5}))
     assert key in err.paths
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: routing/legacy_payload.py:21+83 map `original` to ORIG_TXN_ID, so a bad ORIG_STORE is "
-    "reported as 'ORIG_TXN_ID.STORE' (and a missing ORIG_TXN_ID as 'ORIG_TXN_ID.TXN_ID')"))
 def test_bad_orig_store_is_named_orig_store():
     err = refusal(return_from_legacy, legacy_return(ORIG_STORE="s-1"))
     assert err.paths == ["ORIG_STORE"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the legacy ERP accepts a receipt-less return (ORIG_TXN_ID optional, "
-    "demo/legacy_erp/postings.py parse_document) but return_from_legacy refuses it "
-    "(OriginalSaleRef.pos_txn_id is required), so POS traffic valid today is refused by the agent"))
 def test_return_without_receipt_is_accepted_like_the_legacy_erp():
     payload = legacy_return()
     del payload["ORIG_TXN_ID"], payload["ORIG_STORE"]
@@ -225,12 +212,6 @@ def _sku(value):
     return mutate
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: routing/legacy_payload.py accepts payloads the legacy ERP refuses with 400 "
-    "(demo/legacy_erp/postings.py parse_document): lower-case tender TYPE (line 64 lower()s it), "
-    "a numeric TXN_DATE (line 39 str()s it), LOYALTY_CARD/SKU longer than the legacy columns "
-    "(20); the bus path then diverges in shadow mode, and on PostgreSQL the too-long values "
-    "fail the ERP insert and end in the DLQ instead of a 400 to the POS"))
 @pytest.mark.parametrize("mutate", [
     _tender(0, "TYPE", "card"),
     _set("TXN_DATE", 20261127),
