@@ -40,6 +40,12 @@ H_QUEUE = "x-retailbus-queue"
 H_USER = "x-retailbus-original-user-id"
 
 
+# A dependency that makes a worker's effect durable in `worker_result` (a
+# database commit) and fails appends the error to this list on the worker
+# context; the message is then retried instead of acked.
+EFFECT_ERRORS = "effect_errors"
+
+
 class Permanent(Exception):
     """Raised by a handler when retrying cannot help: the message is parked at once."""
 
@@ -205,18 +211,25 @@ class ReliableHandler(Entrypoint):
             handle_result=partial(self._handle_result, message, time.monotonic()))
 
     def _handle_result(self, message, started, worker_ctx, result, exc_info):
-        metrics.HANDLER_SECONDS.labels(self.queue).observe(time.monotonic() - started)
-        event = worker_ctx.args[1]
-        if exc_info is None:
-            outcome = "duplicate" if result is DUPLICATE else "ok"
-            metrics.CONSUMED.labels(self.queue, outcome).inc()
-            log.info("handled %s", event.type, extra={
-                "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
-            self.consumer.settle(message)
-        else:
-            exc = exc_info[1]
-            self._fail(message, exc, retry=not isinstance(exc, (Permanent, ContractError)))
+        """Settle only once the worker has fully ended: dependencies commit their
+        effects in `worker_result`, which nameko runs after this hook."""
+        worker_ctx.reliable_outcome = (result, exc_info[1] if exc_info else None)
+        eventlet.getcurrent().link(self._settle, message, worker_ctx, started)
         return result, exc_info
+
+    def _settle(self, _thread, message, worker_ctx, started):
+        metrics.HANDLER_SECONDS.labels(self.queue).observe(time.monotonic() - started)
+        result, error = worker_ctx.reliable_outcome
+        error = error or next(iter(getattr(worker_ctx, EFFECT_ERRORS, [])), None)
+        if error is not None:
+            self._fail(message, error, retry=not isinstance(error, (Permanent, ContractError)))
+            return
+        event = worker_ctx.args[1]
+        outcome = "duplicate" if result is DUPLICATE else "ok"
+        metrics.CONSUMED.labels(self.queue, outcome).inc()
+        log.info("handled %s", event.type, extra={
+            "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
+        self.consumer.settle(message)
 
     def _fail(self, message: amqp.Message, exc: Exception, retry: bool):
         headers = dict(message.properties.get("application_headers") or {})
