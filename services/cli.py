@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
-import click
+# nameko 2.14 runs on eventlet; its deprecation notice is not news to an operator.
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
-from contracts import registry
+import click  # noqa: E402
+
+from contracts import registry  # noqa: E402
 from contracts.errors import ContractError
 from services.cli_broker import broker
+from services.cli_routes import routes
 from services.settings import ConfigError
 
 
@@ -56,6 +61,7 @@ def up(config_path, keep_broker):
 
 
 main.add_command(broker)
+main.add_command(routes)
 
 if __name__ == "__main__":
     main()

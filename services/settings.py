@@ -52,6 +52,17 @@ class StoreSettings(Strict):
     outbox: Path | None = None
 
 
+class AgentSettings(Strict):
+    """What every store agent runs with (routing/agent.py); per-terminal keys live
+    beside the outbox in `terminal_keys.json` (`retailbus agent keys add`)."""
+
+    auth_required: bool = Field(True, description="POS calls must carry a terminal HMAC signature")
+    signature_window: float = Field(300.0, gt=0, description="seconds a signed request stays valid")
+    max_body: int = Field(256 * 1024, ge=1024, description="largest POS request body in bytes")
+    retention_days: float = Field(30.0, ge=0, description="days sent outbox rows are kept")
+    stock_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for the ERP's stock answer")
+
+
 class LegacyErpSettings(Strict):
     """The demo legacy ERP that `retailbus up` runs; its database is LEGACY_DB_URI."""
 
@@ -71,6 +82,9 @@ class RetailbusSettings(Strict):
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     stores: list[StoreSettings] = Field(default_factory=list)
     legacy_erp: LegacyErpSettings = LegacyErpSettings()
+    agent: AgentSettings = AgentSettings()
+    routes_file: Path = Path("config/routes.yaml")
+    routes_state: Path = Path("var/routes")
 
     def path(self, p: Path | str) -> Path:
         """Relative paths in bus.yaml are relative to the project root."""

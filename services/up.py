@@ -93,7 +93,9 @@ class Supervisor:
         s = self.settings
         (s.root / "var").mkdir(exist_ok=True)
         dsn = s.absolute_dsn(self.config.get("LEGACY_DB_URI") or "sqlite:///var/legacy_erp.db")
-        env = {**os.environ, "RETAILBUS_AMQP_URI": uri, "RETAILBUS_LEGACY_DB": dsn}
+        env = {**os.environ, "RETAILBUS_AMQP_URI": uri, "RETAILBUS_LEGACY_DB": dsn,
+               # nameko 2.14 runs on eventlet; its deprecation notice is noise in our logs
+               "PYTHONWARNINGS": "ignore::Warning:nameko.cli.commands"}
         host, port = s.legacy_erp.http.rsplit(":", 1)
         children = [Child(
             "legacy-erp",

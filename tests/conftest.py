@@ -6,7 +6,11 @@ stopped by its own stop() at the end of the session, never by process name.
 """
 from __future__ import annotations
 
-import eventlet
+import warnings
+
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # nameko 2.14 needs it
+
+import eventlet  # noqa: E402
 
 eventlet.monkey_patch()  # nameko runs services on eventlet; tests host containers in-process
 
