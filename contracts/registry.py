@@ -11,10 +11,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from contracts.batch import EventBatchV1
 from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
 from contracts.errors import ContractError
 from contracts.loyalty import LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1
+from contracts.ops import RouteTableAppliedV1
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
 
 # Dotted lower-case name whose last segment is the version: `pos.sale.v1`.
@@ -30,6 +32,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     CustomerUpdatedV1,
     LoyaltyPointsAccruedV1,
     LoyaltyPointsReversedV1,
+    RouteTableAppliedV1,
+    EventBatchV1,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}

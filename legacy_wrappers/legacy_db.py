@@ -1,17 +1,36 @@
-"""`LegacyDatabase`: a legacy database behind SQLAlchemy Core, one engine per container.
+"""`LegacyDatabase`: a legacy database behind SQLAlchemy Core, one transaction per worker.
 
 SQLite is the embedded default: WAL so readers never block the writer,
 `BEGIN IMMEDIATE` so a transaction takes the write lock up front (two
 writers then queue instead of failing on a stale snapshot), and one pooled
 connection per process because eventlet greenthreads share one OS thread
-and must not wait on a lock held by a sibling that cannot run.
+and must not wait on a lock held by a sibling that cannot run. For the same
+reason every extension of a container that talks to one database shares one
+engine (`LegacyEngines`): a second SQLite connection in the process would
+block the OS thread in sqlite's busy wait while our own worker holds the lock.
+
+A worker's effects are all-or-nothing: the first use of `db.conn` begins a
+transaction; it is committed when the worker succeeded and rolled back when
+it failed. A failed commit cannot be raised (an exception escaping
+`worker_result` kills the container), so it is appended to the worker
+context's EFFECT_ERRORS list, which `reliable_handler` reads to retry the
+message instead of acking it.
 """
 from __future__ import annotations
 
+import logging
+
 from eventlet.semaphore import Semaphore
-from nameko.extensions import DependencyProvider
-from sqlalchemy import MetaData, Table, create_engine, event
-from sqlalchemy.engine import Engine
+from nameko.extensions import DependencyProvider, SharedExtension
+from sqlalchemy import MetaData, String, Table, create_engine, event
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+# The worker-context attribute named by services.bus.consumer.EFFECT_ERRORS; spelled
+# out here because legacy_wrappers must not import the bus (layering, see DESIGN.md).
+EFFECT_ERRORS = "effect_errors"
+
 
 def engine_for(dsn: str, **kwargs) -> Engine:
     if not dsn.startswith("sqlite"):
@@ -34,44 +53,143 @@ def engine_for(dsn: str, **kwargs) -> Engine:
     return engine
 
 
+class LegacyValueError(ValueError):
+    """A value the legacy column cannot hold as given: refused, never truncated."""
+
+
+def check_row(table: Table, row: dict) -> None:
+    """Refuse a value that would not be stored verbatim: NUL characters (PostgreSQL
+    cannot store them, C programs reading the table stop at them) and strings longer
+    than the legacy column (PostgreSQL refuses them, SQLite would keep them and break
+    the legacy programs that read fixed-width fields)."""
+    for name, value in row.items():
+        if not isinstance(value, str):
+            continue
+        column = table.c[name]
+        if "\x00" in value:
+            raise LegacyValueError(f"{table.name}.{name}: NUL characters cannot be stored")
+        length = getattr(column.type, "length", None) if isinstance(column.type, String) else None
+        if length is not None and len(value) > length:
+            raise LegacyValueError(
+                f"{table.name}.{name}: {len(value)} characters, the legacy column holds {length}")
+
+
 class LegacyDb:
-    """What a worker gets: the engine, and the legacy tables as they really are."""
+    """What a worker gets: the engine, the legacy tables as they really are, and
+    `conn`, the worker's connection in its one transaction (begun on first use)."""
 
     def __init__(self, engine: Engine, tables: dict[str, Table]):
         self.engine = engine
         self.tables = tables
+        self._conn: Connection | None = None
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            conn = self.engine.connect()
+            try:
+                conn.begin()
+            except Exception:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def end(self, success: bool) -> None:
+        """Commit (success) or roll back, and give the connection back. Raises a failed commit."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if success:
+                conn.commit()
+            else:
+                conn.rollback()
+        finally:
+            conn.close()
+
+
+class LegacyEngines(SharedExtension):
+    """One engine per DSN per container, shared by every extension using that database."""
+
+    def __init__(self):
+        self._engines: dict[str, Engine] = {}
+
+    def engine(self, config_key: str) -> Engine:
+        dsn = self.container.config.get(config_key)
+        if not dsn:
+            raise ValueError(f"{config_key} is not set in the service config")
+        if dsn not in self._engines:
+            self._engines[dsn] = engine_for(dsn)
+        return self._engines[dsn]
+
+    def stop(self):
+        for engine in self._engines.values():
+            engine.dispose()
+
+    kill = stop
 
 
 class LegacyDatabase(DependencyProvider):
     """The legacy database, with the tables named in `reflect` read from its catalogue.
 
-    The DSN (an SQLAlchemy URL) is the service config's `config_key`.
-    Reflection waits for the first worker: the legacy system may create its
-    schema after we start.
+    The DSN (an SQLAlchemy URL) is the service config's `config_key` (bus.yaml
+    reads it from the environment). Reflection waits for the first worker: the
+    legacy system may create its schema after we start. `create` names our own
+    tables (metadata of RB_* tables) that live beside the legacy ones; they are
+    created then too, never the legacy ones.
     """
 
-    def __init__(self, config_key: str = "LEGACY_DB_URI", reflect: tuple[str, ...] = ()):
+    engines = LegacyEngines()
+
+    def __init__(self, config_key: str = "LEGACY_DB_URI", reflect: tuple[str, ...] = (),
+                 create: tuple[MetaData, ...] = ()):
         self.config_key = config_key
         self.reflect = reflect
+        self.create = create
         self._tables: dict[str, Table] | None = None
         self._lock = Semaphore(1)
+        self._workers: dict = {}
 
     def setup(self):
-        dsn = self.container.config.get(self.config_key)
-        if not dsn:
-            raise ValueError(f"{self.config_key} is not set in the service config")
-        self.engine = engine_for(dsn)
+        self.engine = self.engines.engine(self.config_key)
 
-    def get_dependency(self, worker_ctx):
+    def tables(self) -> dict[str, Table]:
         if self._tables is None:
             with self._lock:
                 if self._tables is None:
+                    for metadata in self.create:
+                        metadata.create_all(self.engine)
                     md = MetaData()
                     md.reflect(self.engine, only=self.reflect)
                     self._tables = dict(md.tables)
-        return LegacyDb(self.engine, self._tables)
+        return self._tables
 
-    def stop(self):
-        self.engine.dispose()
+    def get_dependency(self, worker_ctx):
+        db = LegacyDb(self.engine, self.tables())
+        self._workers[worker_ctx] = db
+        return db
 
-    kill = stop
+    def worker_result(self, worker_ctx, result=None, exc_info=None):
+        db = self._workers.get(worker_ctx)
+        if db is None:
+            return
+        try:
+            db.end(success=exc_info is None)
+        except Exception as exc:
+            log.error("commit failed: %s", exc, extra={
+                "id": worker_ctx.data.get("event_id"),
+                "correlationid": worker_ctx.data.get("correlation_id")})
+            errors = getattr(worker_ctx, EFFECT_ERRORS, None)
+            if errors is None:
+                errors = []
+                setattr(worker_ctx, EFFECT_ERRORS, errors)
+            errors.append(exc)
+
+    def worker_teardown(self, worker_ctx):
+        db = self._workers.pop(worker_ctx, None)
+        if db is not None and db._conn is not None:  # worker_result never ran (killed)
+            try:
+                db.end(success=False)
+            except Exception as exc:  # raising here would kill the container
+                log.warning("rollback failed: %s", exc)

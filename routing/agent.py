@@ -3,7 +3,9 @@
 Same paths, same payloads as the legacy ERP API; only the base URL changes.
 In bus mode a sale is answered as soon as it is committed to the store's
 outbox; the forwarder delivers it to the broker later, so the till keeps
-selling through any outage of the WAN, the broker or the ERP.
+selling through any outage of the WAN, the broker or the ERP. POS calls are
+signed per terminal (routing/edge_auth.py documents the headers); `/healthz`
+and `/metrics` are for ops and open.
 """
 from __future__ import annotations
 
@@ -11,48 +13,90 @@ import json
 import logging
 import os
 import time
+from datetime import datetime, timezone
 
 from nameko.extensions import DependencyProvider
 from nameko.web.handlers import http
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
 from werkzeug.wrappers import Response
 
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from routing import legacy_payload
+from routing.broker_user import credentials_path, store_uri
+from routing.edge_auth import AuthError, TerminalKeys, Verifier
 from routing.forwarder import OutboxForwarder
-from routing.outbox import Outbox, OutboxUnavailable
-from services.settings import retailbus_settings
+from routing.outbox import Outbox, OutboxConflict, OutboxUnavailable
+from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
+from services.bus.extensions import container_settings
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 256 * 1024
+MAX_BODY = 256 * 1024  # the default of RETAILBUS.agent.max_body
 
 ACCEPT_SECONDS = Histogram(
     "retailbus_agent_accept_seconds", "Time to commit a POS call to the outbox and answer",
     ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+OUTBOX_DEPTH = Gauge("retailbus_outbox_depth", "Unsent events in the store outbox", ["store"])
+OUTBOX_OLDEST = Gauge("retailbus_outbox_oldest_unsent_seconds", "Age of the oldest unsent event", ["store"])
+
+
+def configured_store(container):
+    """(store settings, RETAILBUS settings, broker URI) of the store this process serves."""
+    uri, settings = container_settings(container.config)
+    store_id = os.environ.get("RETAILBUS_STORE") or container.config.get("STORE_ID")
+    store = next((s for s in settings.stores if s.id == store_id), None)
+    if store is None:
+        known = ", ".join(s.id for s in settings.stores) or "none"
+        raise ValueError(f"store {store_id!r} is not in RETAILBUS.stores (known: {known})")
+    return store, settings, uri
 
 
 class StoreOutbox(DependencyProvider):
-    """The store's outbox, opened at setup and handed to the forwarder."""
+    """The store's outbox, its forwarder and the terminal verifier."""
 
     forwarder = OutboxForwarder()
 
     def setup(self):
-        settings = retailbus_settings(self.container.config)
-        store_id = os.environ.get("RETAILBUS_STORE") or self.container.config.get("STORE_ID")
-        store = next((s for s in settings.stores if s.id == store_id), None)
-        if store is None:
-            known = ", ".join(s.id for s in settings.stores) or "none"
-            raise ValueError(f"store {store_id!r} is not in RETAILBUS.stores (known: {known})")
+        store, settings, uri = configured_store(self.container)
         self.store_id = store.id
-        self.outbox = Outbox(settings.outbox_path(store))
-        self.forwarder.attach(self.outbox)
+        self.config = settings.agent
+        path = settings.outbox_path(store)
+        self.outbox = Outbox(path, retention_days=settings.agent.retention_days)
+        self.verifier = Verifier(TerminalKeys(path.parent / "terminal_keys.json"),
+                                 window=settings.agent.signature_window)
+        self.forwarder.attach(self.outbox, store.id, store_uri(uri, credentials_path(path)), settings.publisher)
 
     def stop(self):
         self.outbox.close()
 
     kill = stop
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+
+class StoreStock(DependencyProvider):
+    """The stock cache, its feed, and the ERP stock RPC with a timeout."""
+
+    def setup(self):
+        store, settings, self.uri = configured_store(self.container)
+        self.store_id = store.id
+        self.timeout = settings.agent.stock_rpc_timeout
+        self.cache = StockCache(settings.outbox_path(store).parent / "stock_cache.db")
+        self.feed = StockFeed(self.uri, store.id, self.cache)
+
+    def start(self):
+        self.container.spawn_managed_thread(self.feed.run, identifier="stock_feed")
+
+    def stop(self):
+        self.feed.stop()
+        self.cache.close()
+
+    kill = stop
+
+    def ask_erp(self, sku: str) -> dict | None:
+        return ask_erp(self.uri, self.store_id, sku, self.timeout)
 
     def get_dependency(self, worker_ctx):
         return self
@@ -70,16 +114,35 @@ class StoreAgent:
     name = "store_agent"
 
     store = StoreOutbox()
+    stock = StoreStock()
+
+    def _authenticate(self, request, body: bytes) -> tuple[str | None, Response | None]:
+        """(terminal, None) when the request may proceed, else (None, the 401)."""
+        if not self.store.config.auth_required:
+            return None, None
+        path = request.path + (f"?{request.query_string.decode()}" if request.query_string else "")
+        try:
+            return self.store.verifier.verify(request.headers, request.method, path, body), None
+        except AuthError as exc:
+            log.warning("refused %s %s: %s", request.method, request.path, exc,
+                        extra={"id": request.headers.get("X-Retailbus-Nonce"), "correlationid": None})
+            return None, _error(401, str(exc))
 
     def _accept(self, request, route: str, message_type: str, parse) -> Response:
         started = time.monotonic()
+        limit = self.store.config.max_body
+        if (request.content_length or 0) > limit:
+            return _error(413, f"body larger than {limit} bytes")
         if request.mimetype != "application/json":
             return _error(415, f"Content-Type must be application/json, got {request.mimetype!r}")
-        if (request.content_length or 0) > MAX_BODY:
-            return _error(413, f"body larger than {MAX_BODY} bytes")
+        body = request.get_data(cache=False)
+        if len(body) > limit:  # a chunked body has no Content-Length
+            return _error(413, f"body larger than {limit} bytes")
+        terminal, refused = self._authenticate(request, body)
+        if refused:
+            return refused
         try:
-            payload = json.loads(request.get_data(cache=False) or b"null")
-            txn = parse(payload)
+            txn = parse(json.loads(body or b"null"))
         except json.JSONDecodeError as exc:
             return _error(400, f"body: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
         except UnicodeDecodeError:
@@ -88,12 +151,18 @@ class StoreAgent:
             return _error(400, str(exc))
         if txn.store_id != self.store.store_id:
             return _error(400, f"STORE: this agent serves store {self.store.store_id}, not {txn.store_id}")
+        if terminal is not None and txn.terminal_id != terminal:
+            return _error(403, f"TERMINAL: signed by terminal {terminal}, payload says {txn.terminal_id}")
         event = CloudEvent.new(
             message_type, f"store/{txn.store_id}/pos/{txn.terminal_id}", txn,
             subject=txn.pos_txn_id,
             idempotencykey=f"{message_type}:{txn.store_id}:{txn.pos_txn_id}")
         try:
             accepted = self.store.outbox.accept(event)
+        except OutboxConflict as exc:
+            log.warning("conflicting retry: %s", exc, extra={"id": exc.first_event_id, "correlationid": None})
+            return _error(409, f"TXN_ID: {txn.pos_txn_id} was already accepted with different content "
+                               f"(REF {exc.first_event_id}); a new transaction needs a new TXN_ID")
         except OutboxUnavailable as exc:
             log.error("outbox write failed: %s", exc, extra={"id": event.id, "correlationid": event.correlationid})
             return _error(503, "store outbox unavailable; the sale was NOT recorded, retry")
@@ -113,12 +182,49 @@ class StoreAgent:
     def post_return(self, request):
         return self._accept(request, "returns", "pos.return.v1", legacy_payload.return_from_legacy)
 
+    @http("GET", "/erp/stock")
+    def get_stock(self, request):
+        _, refused = self._authenticate(request, b"")
+        if refused:
+            return refused
+        store, sku = request.args.get("STORE", ""), request.args.get("SKU", "")
+        for key, value in (("STORE", store), ("SKU", sku)):
+            if not value:
+                return _error(400, f"{key}: required")
+        if store != self.store.store_id:
+            return _error(400, f"STORE: this agent serves store {self.store.store_id}, not {store}")
+        try:
+            fresh = self.stock.ask_erp(sku)
+            if fresh is None:
+                return _error(404, f"STORE/SKU: no stock record for {store}/{sku}")
+        except Exception as exc:  # timeout, bus down, ERP down: answer from the cache
+            log.warning("stock RPC failed (%s: %s); answering from the cache", type(exc).__name__, exc,
+                        extra={"id": f"{store}/{sku}", "correlationid": None})
+            fresh = None
+        status, body = stock_answer(store, sku, fresh, self.stock.cache.get(sku), datetime.now(timezone.utc))
+        return _json(status, body)
+
+    def _stats(self) -> dict:
+        stats = self.store.outbox.stats()
+        OUTBOX_DEPTH.labels(self.store.store_id).set(stats["outbox_depth"])
+        OUTBOX_OLDEST.labels(self.store.store_id).set(stats["oldest_unsent_seconds"])
+        return stats
+
     @http("GET", "/healthz")
     def healthz(self, request):
-        publisher = self.store.forwarder.bus.publisher
-        return _json(200, {"status": "ok", "store": self.store.store_id,
-                           "broker_connected": publisher.connected, **self.store.outbox.stats()})
+        forwarder = self.store.forwarder
+        last = forwarder.last_confirm
+        return _json(200, {
+            "status": "ok", "store": self.store.store_id, **self._stats(),
+            "breaker_state": forwarder.breaker_state,
+            "broker_connected": forwarder.publisher.connected,
+            "stock_feed_connected": self.stock.feed.connected,
+            "route_table_version": getattr(self.store, "route_table_version", None),
+            "last_confirm_time": datetime.fromtimestamp(last, timezone.utc).isoformat() if last else None,
+            "auth_required": self.store.config.auth_required,
+        })
 
     @http("GET", "/metrics")
     def metrics(self, request):
+        self._stats()
         return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)

@@ -1,47 +1,85 @@
 """`OutboxForwarder`: drains the store's outbox to the broker, in store order.
 
-Each round publishes up to a window of the oldest unsent events with
-pipelined confirms and marks sent only the confirmed prefix, so a failure
-mid-batch resends from the first unconfirmed event (consumers are
-idempotent; order is kept). While the broker is unreachable it backs off
-with jitter; a restart resumes from the outbox, where confirmations stopped.
+Each round publishes up to BATCH of the oldest unsent events with pipelined
+confirms (`mandatory`, persistent) and marks sent only the confirmed prefix,
+so a failure mid-batch resends from the first unconfirmed event (consumers
+are idempotent) and a restart resumes exactly where confirmations stopped.
+The first event of a round goes alone: it (re)opens the connection, so the
+rest never race to reconnect and a dead uplink costs one attempt, not BATCH.
+
+A pybreaker breaker guards the uplink: after `FAIL_MAX` failed rounds it
+opens and rounds are skipped until `RESET_SECONDS` pass, then one trial
+round decides. Between failed rounds the forwarder sleeps with exponential
+backoff and full jitter, so stores coming back after a WAN outage do not
+reconnect in step.
+
+The forwarder has its own publisher (one attempt per publish: a retried
+publish could overtake a later one) that sets AMQP `user_id` to the user of
+its connection, so a consumer can trust which store sent a message when the
+store has its own broker user (`retailbus agent broker-user`). Every message
+carries `x-retailbus-store` and `x-retailbus-store-seq` (its position among
+the store's messages of its type) for ordering checks downstream.
 """
 from __future__ import annotations
 
 import logging
 import random
+import time
+from urllib.parse import unquote, urlparse
 
-import eventlet
+import pybreaker
 from eventlet.event import Event
 from nameko.extensions import Extension
+from prometheus_client import Counter
 
-from routing.outbox import Outbox
-from services.bus.extensions import BusConnection
-from services.bus.publisher import OutgoingMessage
+from routing.outbox import Entry, Outbox, OutboxUnavailable
 from services.bus import topology
+from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
+from services.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
+FAIL_MAX = 3
+RESET_SECONDS = 5.0
+BACKOFF_BASE, BACKOFF_CAP = 0.2, 15.0
+COMPACT_EVERY = 3600.0
+CHECKPOINT_EVERY = 1.0
+H_STORE = "x-retailbus-store"
+H_STORE_SEQ = "x-retailbus-store-seq"
+
+FORWARDED = Counter("retailbus_outbox_forwarded_total", "Outbox events published to the broker", ["store"])
+CONFIRMED = Counter("retailbus_outbox_confirmed_total", "Outbox events confirmed by the broker", ["store"])
+
+
+def backoff_delay(failures: int) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^failures)]."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** failures))
 
 
 class OutboxForwarder(Extension):
     """Owns the forwarding loop of an outbox that the service opens in `setup`."""
 
-    bus = BusConnection()
-
     def __init__(self, source_service: str = "store_agent"):
         self.exchange = topology.events_exchange(source_service)
         self.outbox: Outbox | None = None
+        self.store_id: str | None = None
+        self.publisher: ConfirmingPublisher | None = None
+        self.breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS)
+        self.last_confirm: float | None = None
         self._wake = Event()
+        self._stopped = Event()
         self._running = False
 
-    def setup(self):
-        self.bus.register_exchange(self.exchange)
-
-    def attach(self, outbox: Outbox, user_id: str | None = None):
+    def attach(self, outbox: Outbox, store_id: str, uri: str, pub: PublisherSettings):
+        """Called by the service's `setup` with the store's outbox and broker URI."""
         self.outbox = outbox
-        self.user_id = user_id
+        self.store_id = store_id
+        self.user_id = unquote(urlparse(uri).username or "") or None
+        self.publisher = ConfirmingPublisher(
+            uri, window=pub.window, confirm_timeout=pub.confirm_timeout,
+            connect_timeout=pub.connect_timeout, attempts=1,
+            on_connect=lambda channel: topology.declare_exchange(channel, self.exchange))
 
     def start(self):
         self._running = True
@@ -50,6 +88,10 @@ class OutboxForwarder(Extension):
     def stop(self):
         self._running = False
         self.wake()
+        if not self._stopped.ready():
+            self._stopped.send(True)
+        if self.publisher is not None:
+            self.publisher.close()
 
     kill = stop
 
@@ -57,33 +99,69 @@ class OutboxForwarder(Extension):
         if not self._wake.ready():
             self._wake.send(True)
 
+    @property
+    def breaker_state(self) -> str:
+        return self.breaker.current_state
+
+    def _idle(self, timeout: float):
+        self._wake.wait(timeout=timeout)
+        if self._wake.ready():
+            self._wake = Event()
+
     def _run(self):
-        backoff = 0.1
+        failures, next_compaction, next_checkpoint = 0, 0.0, 0.0
         while self._running:
             if self.outbox is None:
-                eventlet.sleep(0.1)
+                self._idle(0.1)
                 continue
-            entries = self.outbox.unsent(BATCH)
-            if not entries:
-                self._wake.wait(timeout=0.5)
-                if self._wake.ready():
-                    self._wake.reset()
-                continue
-            messages = [OutgoingMessage(self.exchange, e.type, e.body, message_id=e.event_id,
-                                        type=e.type, user_id=self.user_id) for e in entries]
-            results = self.bus.publisher.publish_many(messages)
-            confirmed = []
-            for entry, error in zip(entries, results):
-                if error is not None:
-                    break
-                confirmed.append(entry.seq)
+            try:
+                if time.monotonic() >= next_checkpoint:
+                    self.outbox.checkpoint()
+                    next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+                if time.monotonic() >= next_compaction:
+                    removed = self.outbox.compact()
+                    next_compaction = time.monotonic() + COMPACT_EVERY
+                    if removed:
+                        log.info("compacted %d sent outbox rows", removed)
+                entries = self.outbox.unsent(BATCH)
+                if not entries:
+                    self._idle(CHECKPOINT_EVERY)
+                    continue
+                self.breaker.call(self._forward, entries)
+                failures = 0
+            except (pybreaker.CircuitBreakerError, PublishError, OutboxUnavailable) as exc:
+                delay = backoff_delay(failures)
+                failures += 1
+                log.warning("forwarding paused (%s, breaker %s); next try in %.2fs",
+                            exc, self.breaker.current_state, delay)
+                # new sales must not cut the backoff short: they would each cost a retry
+                self._stopped.wait(timeout=delay)
+
+    def _message(self, entry: Entry) -> OutgoingMessage:
+        headers = {H_STORE: self.store_id}
+        if entry.stream_seq is not None:
+            headers[H_STORE_SEQ] = entry.stream_seq
+        return OutgoingMessage(self.exchange, entry.type, entry.body, message_id=entry.event_id,
+                               type=entry.type, user_id=self.user_id, headers=headers)
+
+    def _forward(self, entries: list[Entry]):
+        """Publish, mark the confirmed prefix sent; raise the first failure (a breaker failure)."""
+        messages = [self._message(e) for e in entries]
+        FORWARDED.labels(self.store_id).inc(len(messages))
+        try:
+            self.publisher.publish(messages[0])
+            results = [None] + (self.publisher.publish_many(messages[1:]) if len(messages) > 1 else [])
+        except PublishError as exc:
+            results = [exc]
+        confirmed = []
+        for entry, error in zip(entries, results):
+            if error is not None:
+                break
+            confirmed.append(entry.seq)
+        if confirmed:
             self.outbox.mark_sent(confirmed)
-            failed = len(entries) - len(confirmed)
-            if failed:
-                error = next(e for e in results if e is not None)
-                log.warning("forwarded %d, %d unconfirmed (%s); retrying in %.1fs",
-                            len(confirmed), failed, error, backoff)
-                eventlet.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 15.0)
-            else:
-                backoff = 0.1
+            self.last_confirm = time.time()
+            CONFIRMED.labels(self.store_id).inc(len(confirmed))
+        error = next((e for e in results if e is not None), None)
+        if error is not None:
+            raise error

@@ -3,18 +3,31 @@ is committed here, so the store keeps selling while the WAN or the broker is
 down and nothing accepted is lost.
 
 SQLite in WAL mode with `synchronous=FULL`: a commit survives a kill -9 and a
-power cut. Rows are kept after sending (for reconciliation and replay) and
-forwarded strictly in `seq` order.
+power cut. One fsync costs milliseconds, so writes are grouped: callers queue
+their work and wait on their own event; one committer greenthread takes
+everything queued, runs it as ONE transaction in a real OS thread (eventlet
+tpool, so the hub keeps accepting POS calls during the fsync) and wakes them
+all. Under load many accepts share one fsync; alone, one accept is one commit.
+
+Every row gets `stream_seq`, its position among the store's messages of its
+type (1, 2, 3 ... without gaps), stamped by the single committer: downstream
+it travels as the AMQP header `x-retailbus-store-seq`. Sent rows are kept
+`retention_days` for reconciliation and replay, then compacted; unsent rows
+are never deleted.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from eventlet.semaphore import Semaphore
+import eventlet
+from eventlet import tpool
+from eventlet.event import Event
 
 from contracts.envelope import CloudEvent
 
@@ -30,10 +43,22 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
 """
+# Columns added after the first release: existing outboxes are migrated on open.
+COLUMNS = {"payload_hash": "TEXT", "stream_seq": "INTEGER"}
+MAX_GROUP = 512
 
 
 class OutboxUnavailable(Exception):
     """The outbox could not commit (disk full, read-only, locked): the POS must retry."""
+
+
+class OutboxConflict(Exception):
+    """The idempotency key was accepted before with a different payload."""
+
+    def __init__(self, idem_key: str, first_event_id: str):
+        super().__init__(f"{idem_key} was already accepted with different content (REF {first_event_id})")
+        self.idem_key = idem_key
+        self.first_event_id = first_event_id
 
 
 @dataclass(frozen=True)
@@ -48,68 +73,179 @@ class Entry:
     event_id: str
     type: str
     body: bytes
+    stream_seq: int | None = None
+
+
+def payload_hash(event: CloudEvent) -> str:
+    """What makes a retry identical: the business payload, canonically serialised."""
+    return hashlib.sha256(json.dumps(event.data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+class _Work:
+    """One queued write; `apply(db)` runs inside the group's transaction."""
+
+    __slots__ = ("apply", "done", "result", "error")
+
+    def __init__(self, apply):
+        self.apply = apply
+        self.done = Event()
+        self.result = None
+        self.error = None
 
 
 class Outbox:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, retention_days: float = 30.0):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self.retention_days = retention_days
+        self._db = _connect(path)  # the writer: used by the committer only
         self._db.executescript(SCHEMA)
-        self._lock = Semaphore(1)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        for column, kind in COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_stream ON outbox (type, stream_seq)")
+        self._reader = _connect(path)  # readers never block the writer in WAL
+        # Checkpoints (copying the WAL into the database, with their own fsyncs) run
+        # beside the writer, from `checkpoint()`, never inside a POS call's commit.
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = _connect(path)
+        self._queue: deque[_Work] = deque()
+        self._wake = Event()
+        self._committer = None
+        self._closed = False
+        self.group_sizes: deque[int] = deque(maxlen=1000)  # recent transactions, for the benchmark
+
+    # -- writes: queued, grouped, one transaction per fsync ----------------
 
     def accept(self, event: CloudEvent) -> Accepted:
-        """Commit the event; a repeat of the same idempotency key returns the first one."""
-        with self._lock:
-            try:
-                cur = self._db.execute(
-                    "INSERT INTO outbox (event_id, idem_key, type, body, accepted_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (idem_key) DO NOTHING",
-                    (event.id, event.idempotencykey, event.type, event.to_json(), time.time()))
-                if cur.rowcount == 1:
-                    return Accepted(event.id, duplicate=False)
-                row = self._db.execute(
-                    "SELECT event_id FROM outbox WHERE idem_key = ?", (event.idempotencykey,)).fetchone()
-                return Accepted(row[0], duplicate=True)
-            except sqlite3.Error as exc:
-                raise OutboxUnavailable(f"outbox {self.path} cannot commit: {exc}") from exc
-
-    def unsent(self, limit: int) -> list[Entry]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, event_id, type, body FROM outbox WHERE sent_at IS NULL "
-                "ORDER BY seq LIMIT ?", (limit,)).fetchall()
-        return [Entry(*row) for row in rows]
+        """Commit the event. A repeat of the same idempotency key with the same
+        payload returns the first one; with another payload raises OutboxConflict."""
+        return self._submit(lambda db, batch: self._insert(db, batch, event, payload_hash(event)))
 
     def mark_sent(self, seqs: list[int]) -> None:
-        if not seqs:
-            return
-        with self._lock:
+        if seqs:
+            now = time.time()
+            self._submit(lambda db, batch: db.executemany(
+                "UPDATE outbox SET sent_at = ? WHERE seq = ? AND sent_at IS NULL",
+                [(now, s) for s in seqs]))
+
+    def compact(self, now: float | None = None) -> int:
+        """Delete rows sent more than `retention_days` ago; unsent rows always stay."""
+        cutoff = (now or time.time()) - self.retention_days * 86400
+        return self._submit(lambda db, batch: db.execute(
+            "DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (cutoff,)).rowcount)
+
+    def _submit(self, apply):
+        if self._closed:
+            raise OutboxUnavailable(f"outbox {self.path} is closed")
+        work = _Work(apply)
+        self._queue.append(work)
+        if self._committer is None or self._committer.dead:
+            self._committer = eventlet.spawn(self._commit_loop)
+        elif not self._wake.ready():
+            self._wake.send(True)
+        work.done.wait()
+        if work.error is not None:
+            raise work.error
+        return work.result
+
+    def _commit_loop(self):
+        while self._queue or not self._closed:
+            if not self._queue:
+                self._wake.wait()
+                self._wake = Event()
+                continue
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_GROUP))]
+            error = tpool.execute(self._commit, batch)
+            self.group_sizes.append(len(batch))
+            for work in batch:
+                if error is not None:
+                    work.error, work.result = error, None
+                work.done.send(True)
+
+    def _commit(self, batch: list[_Work]) -> Exception | None:
+        """Run in an OS thread. All or nothing: a failure rolls back the whole group."""
+        try:
             self._db.execute("BEGIN IMMEDIATE")
+            claimed: dict[str, tuple[str, str]] = {}
+            for work in batch:
+                try:
+                    work.result = work.apply(self._db, claimed)
+                except OutboxConflict as exc:
+                    work.error = exc
+            self._db.execute("COMMIT")
+            return None
+        except sqlite3.Error as exc:
             try:
-                self._db.executemany("UPDATE outbox SET sent_at = ? WHERE seq = ?",
-                                     [(time.time(), s) for s in seqs])
-                self._db.execute("COMMIT")
-            except sqlite3.Error:
                 self._db.execute("ROLLBACK")
-                raise
+            except sqlite3.Error:
+                pass
+            return OutboxUnavailable(f"outbox {self.path} cannot commit: {exc}")
+
+    def _insert(self, db, claimed, event: CloudEvent, digest: str) -> Accepted:
+        key = event.idempotencykey
+        first = claimed.get(key) or db.execute(
+            "SELECT event_id, payload_hash FROM outbox WHERE idem_key = ?", (key,)).fetchone()
+        if first is not None:
+            if first[1] is not None and first[1] != digest:
+                raise OutboxConflict(key, first[0])
+            return Accepted(first[0], duplicate=True)
+        stream_seq = db.execute(
+            "SELECT coalesce(max(stream_seq), 0) + 1 FROM outbox WHERE type = ?", (event.type,)).fetchone()[0]
+        db.execute(
+            "INSERT INTO outbox (event_id, idem_key, type, body, accepted_at, payload_hash, stream_seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event.id, key, event.type, event.to_json(), time.time(), digest, stream_seq))
+        claimed[key] = (event.id, digest)
+        return Accepted(event.id, duplicate=False)
+
+    def checkpoint(self) -> None:
+        """A passive checkpoint in an OS thread: it never blocks the writer."""
+        try:
+            tpool.execute(self._checkpointer.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise OutboxUnavailable(f"outbox {self.path} cannot checkpoint: {exc}") from exc
+
+    # -- reads ---------------------------------------------------------------
+
+    def unsent(self, limit: int, after: int = 0) -> list[Entry]:
+        """The oldest unsent rows in store order (those with seq > `after`)."""
+        rows = self._read("SELECT seq, event_id, type, body, stream_seq FROM outbox "
+                          "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?", (after, limit))
+        return [Entry(*row) for row in rows]
 
     def stats(self) -> dict:
-        with self._lock:
-            depth, oldest = self._db.execute(
-                "SELECT count(*), min(accepted_at) FROM outbox WHERE sent_at IS NULL").fetchone()
+        [(depth, oldest)] = self._read(
+            "SELECT count(*), min(accepted_at) FROM outbox WHERE sent_at IS NULL", ())
         return {
             "outbox_depth": depth,
             "oldest_unsent_seconds": round(time.time() - oldest, 3) if oldest else 0.0,
         }
 
+    def _read(self, sql: str, params: tuple) -> list:
+        try:
+            return self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise OutboxUnavailable(f"outbox {self.path} cannot be read: {exc}") from exc
+
     def close(self):
-        with self._lock:
-            self._db.close()
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+        """Commit what is queued, then close both connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None and not self._committer.dead:
+            if not self._wake.ready():
+                self._wake.send(True)
+            self._committer.wait()
+        self._db.close()
+        self._reader.close()
+        self._checkpointer.close()

@@ -271,6 +271,19 @@ class ManagedBroker:
         if "guest" in users and creds.user != "guest":
             self.rabbitmqctl("delete_user", "guest")
 
+    def ensure_user(self, user: str, password: str, configure: str, write: str, read: str,
+                    topic_exchange: str | None = None, topic_write: str | None = None) -> None:
+        """A least-privilege user on our vhost (e.g. a store agent's): created, or given
+        this password, with exactly these permissions. `topic_write` limits the routing
+        keys it may publish to `topic_exchange`. The password goes on stdin."""
+        if user in self.users():
+            self.rabbitmqctl("change_password", user, input=password + "\n")
+        else:
+            self.rabbitmqctl("add_user", user, input=password + "\n")
+        self.rabbitmqctl("set_permissions", "-p", self.vhost, user, configure, write, read)
+        if topic_exchange and topic_write:
+            self.rabbitmqctl("set_topic_permissions", "-p", self.vhost, user, topic_exchange, topic_write, "^$")
+
     def stop(self, timeout: float = 60.0) -> None:
         """Stop this node only and wait for its process to exit; no-op when stopped."""
         pid = self.pid()

@@ -12,6 +12,7 @@ import click  # noqa: E402
 
 from contracts import registry  # noqa: E402
 from contracts.errors import ContractError
+from services.cli_agent import agent
 from services.cli_broker import broker
 from services.cli_routes import routes
 from services.settings import ConfigError
@@ -61,6 +62,7 @@ def up(config_path, keep_broker):
 
 
 main.add_command(broker)
+main.add_command(agent)
 main.add_command(routes)
 
 if __name__ == "__main__":

@@ -83,3 +83,33 @@ def broker(tmp_path_factory):
 @pytest.fixture(scope="session")
 def amqp_uri(broker) -> str:
     return broker.uri()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (tests/postgres.py); yields its SQLAlchemy DSN."""
+    from tests.postgres import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    try:
+        yield cluster.dsn()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def legacy_dsn(request, tmp_path):
+    """An empty legacy database of each kind: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'legacy_erp.db'}"
+    from sqlalchemy import create_engine, text
+
+    base = request.getfixturevalue("postgres")
+    name = f"legacy_{len(request.node.name)}_{abs(hash(request.node.nodeid)) % 10**9}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))  # our own generated name
+    finally:
+        engine.dispose()
+    return base.rsplit("/", 1)[0] + "/" + name

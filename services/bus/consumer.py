@@ -18,7 +18,6 @@ from functools import partial
 import amqp
 import eventlet
 from eventlet.event import Event
-from eventlet.semaphore import Semaphore
 from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 
 from contracts.envelope import CloudEvent
@@ -26,6 +25,7 @@ from contracts.errors import ContractError
 from services.bus import metrics, topology
 from services.bus.extensions import BusConnection, container_settings
 from services.bus.publisher import OutgoingMessage, PublishError, connection_params
+from services.bus.wire import CoalescingWriter
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
     def __init__(self):
         super().__init__()
         self._channel = None
-        self._write_lock = Semaphore(1)
+        self._writer: CoalescingWriter | None = None
         self._running = False
         self.ready = Event()
         self._tags: dict = {}
@@ -110,16 +110,14 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
                         conn.drain_events(timeout=1)
                     except TimeoutError:
                         pass
-                    if self._write_lock.acquire(blocking=False):
-                        try:
-                            conn.heartbeat_tick()
-                        finally:
-                            self._write_lock.release()
+                    conn.heartbeat_tick()  # only queues a frame: the writer sends it
                 self._channel = None
-                with self._write_lock:
-                    conn.close()
+                conn.close()
+                self._writer.close()
             except Exception as exc:
                 self._channel = None
+                if self._writer is not None:
+                    self._writer.close()
                 if conn is not None:
                     conn.collect()
                 if not self._running:
@@ -133,13 +131,16 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         conn = amqp.Connection(**connection_params(self.uri, self.settings.publisher.connect_timeout))
         conn.connect()
         channel = conn.channel()
-        channel.basic_qos(0, self._prefetch(), False)
         for provider in list(self._providers):
+            # per-consumer prefetch (global=False): an ordered handler holds one message at a time
+            channel.basic_qos(0, 1 if provider.ordered else self._prefetch(), False)
             topology.declare_handler_queues(
                 channel, provider.exchange, provider.event_type, provider.queue,
-                self.settings.retry.delays)
+                self.settings.retry.delays, provider.exchange_type)
             self._tags[provider] = channel.basic_consume(
                 provider.queue, callback=partial(self._deliver, provider))
+        # From here on frames (acks, heartbeats) leave through one writer greenthread.
+        self._writer = CoalescingWriter(conn, lambda exc: conn.collect())
         self._conn, self._channel = conn, channel
         metrics.BROKER_CONNECTED.labels("consumer").set(1)
         if not self.ready.ready():
@@ -150,11 +151,10 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         """Stop deliveries for a stopping handler; what it already holds finishes."""
         tag, channel = self._tags.pop(provider, None), self._channel
         if tag is not None and channel is not None:
-            with self._write_lock:
-                try:
-                    channel.basic_cancel(tag, nowait=True)
-                except Exception as exc:
-                    log.warning("could not cancel consumer %s: %s", tag, exc)
+            try:
+                channel.basic_cancel(tag, nowait=True)
+            except Exception as exc:
+                log.warning("could not cancel consumer %s: %s", tag, exc)
         super().unregister_provider(provider)
 
     def _deliver(self, provider: "ReliableHandler", message: amqp.Message):
@@ -166,14 +166,13 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         channel = message.channel
         if channel is not self._channel:
             return
-        with self._write_lock:
-            try:
-                if ack:
-                    channel.basic_ack(message.delivery_tag)
-                else:
-                    channel.basic_reject(message.delivery_tag, requeue=True)
-            except Exception as exc:  # the reader notices the dead connection
-                log.warning("could not settle message: %s", exc)
+        try:  # no I/O here: the coalescing writer sends the frame
+            if ack:
+                channel.basic_ack(message.delivery_tag)
+            else:
+                channel.basic_reject(message.delivery_tag, requeue=True)
+        except Exception as exc:  # the reader notices the dead connection
+            log.warning("could not settle message: %s", exc)
 
 
 class ReliableHandler(Entrypoint):
@@ -182,14 +181,24 @@ class ReliableHandler(Entrypoint):
     consumer = ReliableConsumer()
     bus = BusConnection()
 
-    def __init__(self, source_service: str, event_type: str, **kwargs):
+    def __init__(self, source_service: str, event_type: str, *, exchange: str | None = None,
+                 exchange_type: str = topology.EVENTS_EXCHANGE_TYPE, queue: str | None = None,
+                 ordered: bool = False, **kwargs):
+        """`exchange`/`exchange_type` override nameko's `<source>.events` topic exchange;
+        `queue` overrides the queue name and may name config keys, e.g. `routes.{STORE_ID}`
+        for a queue of its own per store agent. `ordered`: one message at a time, in queue
+        order (prefetch 1), e.g. a store's sales, published in store order by the agent."""
         self.source_service = source_service
+        self.ordered = ordered
         self.event_type = event_type
+        self._exchange = exchange
+        self.exchange_type = exchange_type
+        self._queue = queue
         super().__init__(**kwargs)
 
     def setup(self):
-        self.exchange = topology.events_exchange(self.source_service)
-        self.queue = topology.handler_queue(
+        self.exchange = self._exchange or topology.events_exchange(self.source_service)
+        self.queue = self._queue.format(**self.container.config) if self._queue else topology.handler_queue(
             self.source_service, self.event_type, self.container.service_name, self.method_name)
         self.delays = container_settings(self.container.config)[1].retry.delays
         self.consumer.register_provider(self)

@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
 from sqlalchemy import Column, MetaData, String, Table
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
 
 from contracts.envelope import CloudEvent
 from services.bus import metrics
@@ -28,38 +28,47 @@ INBOX = Table(
     Column("RECEIVED_TS", String(32), nullable=False),
 )
 
-
-class _AlreadyApplied(Exception):
-    pass
-
-
 _ready: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def ensure_inbox(engine: Engine) -> None:
+    """Create RB_INBOX once per engine (never while this greenthread holds a connection
+    of a one-connection SQLite pool: create_all needs one of its own)."""
     if engine not in _ready:
         metadata.create_all(engine)
         _ready.add(engine)
 
 
-def apply_once(engine: Engine, consumer: str, event: CloudEvent,
-               effect: Callable[[Connection], T]) -> T:
-    """Run `effect(conn)` unless `event.idempotencykey` was applied by `consumer` before.
+_INSERT_OR_SKIP = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
-    The key is claimed first: a concurrent duplicate blocks on it and then
-    sees it taken, so two workers racing on one sale make one posting.
-    Returns DUPLICATE for a repeat.
+
+def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
+    """Record `key` for `consumer` in the caller's transaction; False if it was taken.
+
+    Run it first in the transaction that applies the effect: a concurrent
+    duplicate then blocks on the key (the row lock in PostgreSQL, the write
+    lock in SQLite) until the first commits, and sees it taken, so two
+    workers racing on one sale make one posting. `ON CONFLICT DO NOTHING`
+    keeps the transaction usable after a conflict (PostgreSQL would abort it
+    on an IntegrityError).
+    """
+    insert = _INSERT_OR_SKIP[conn.dialect.name](INBOX).values(
+        CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id,
+        RECEIVED_TS=datetime.now(timezone.utc).isoformat()).on_conflict_do_nothing()
+    if conn.execute(insert).rowcount == 1:
+        return True
+    metrics.DUPLICATES.labels(consumer).inc()
+    return False
+
+
+def apply_once(engine: Engine, consumer: str, event: CloudEvent, effect: Callable[[Connection], T]) -> T:
+    """`effect(conn)` in its own transaction, once per `event.idempotencykey`; DUPLICATE for a repeat.
+
+    For handlers without a per-worker transaction; with `LegacyDatabase` use
+    `claim(self.db.conn, ...)` so the key commits with the worker's effects.
     """
     ensure_inbox(engine)
-    try:
-        with engine.begin() as conn:
-            try:
-                conn.execute(INBOX.insert().values(
-                    CONSUMER=consumer, IDEM_KEY=event.idempotencykey, MESSAGE_ID=event.id,
-                    RECEIVED_TS=datetime.now(timezone.utc).isoformat()))
-            except IntegrityError:
-                raise _AlreadyApplied from None
-            return effect(conn)
-    except _AlreadyApplied:
-        metrics.DUPLICATES.labels(consumer).inc()
-        return DUPLICATE
+    with engine.begin() as conn:
+        if not claim(conn, consumer, event.idempotencykey, event.id):
+            return DUPLICATE
+        return effect(conn)

@@ -22,6 +22,7 @@ from eventlet.event import Event
 from eventlet.semaphore import Semaphore
 
 from services.bus import metrics
+from services.bus.wire import CoalescingWriter
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,13 @@ class OutgoingMessage:
 
 
 class _Pending:
-    __slots__ = ("event", "error", "message_id")
+    __slots__ = ("event", "error", "message_id", "deadline")
 
-    def __init__(self, message_id):
+    def __init__(self, message_id, deadline):
         self.event = Event()
         self.error = None
         self.message_id = message_id
+        self.deadline = deadline
 
 
 def connection_params(uri: str, connect_timeout: float, heartbeat: int = 30) -> dict:
@@ -106,12 +108,13 @@ class ConfirmingPublisher:
         self.connect_timeout = connect_timeout
         self.attempts = attempts
         self._window = Semaphore(window)
-        self._write_lock = Semaphore(1)
         self._connect_lock = Semaphore(1)
         self._conn = None
         self._channel = None
-        self._reader = None
+        self._writer: CoalescingWriter | None = None
         self._tags = None
+        self._counters: dict[tuple[str, str], object] = {}
+        self._next_expiry_check = 0.0
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._by_message_id: dict[str, _Pending] = {}
         self._closed = False
@@ -129,10 +132,10 @@ class ConfirmingPublisher:
         for attempt in range(self.attempts):
             try:
                 self._publish_once(message, deadline)
-                metrics.PUBLISHED.labels(message.exchange, "confirmed").inc()
+                self._count(message.exchange, "confirmed")
                 return
             except Unroutable:
-                metrics.PUBLISHED.labels(message.exchange, "unroutable").inc()
+                self._count(message.exchange, "unroutable")
                 raise
             except PublishError as exc:
                 last_error = exc
@@ -140,7 +143,7 @@ class ConfirmingPublisher:
                 if remaining <= 0:
                     break
                 eventlet.sleep(min(remaining, 0.05 * 2 ** attempt * (1 + random.random())))
-        metrics.PUBLISHED.labels(message.exchange, "failed").inc()
+        self._count(message.exchange, "failed")
         raise last_error or PublishError("publish failed")
 
     def publish_many(self, messages: list[OutgoingMessage], timeout: float | None = None) -> list[Exception | None]:
@@ -158,6 +161,12 @@ class ConfirmingPublisher:
 
     # -- internals ----------------------------------------------------------
 
+    def _count(self, exchange: str, outcome: str):
+        counter = self._counters.get((exchange, outcome))
+        if counter is None:
+            counter = self._counters[(exchange, outcome)] = metrics.PUBLISHED.labels(exchange, outcome)
+        counter.inc()
+
     def _settle(self, message, timeout):
         try:
             self.publish(message, timeout)
@@ -170,26 +179,22 @@ class ConfirmingPublisher:
             raise PublishError("publish window full until the deadline")
         try:
             channel = self._ensure_connected(deadline)
-            pending = _Pending(message.message_id)
-            with self._write_lock:
-                if self._channel is not channel:
-                    raise BrokerUnavailable("connection lost before publishing")
-                tag = next(self._tags)
-                self._pending[tag] = pending
-                self._by_message_id[message.message_id] = pending
-                try:
-                    channel.basic_publish(message.to_amqp(), message.exchange,
-                                          message.routing_key, mandatory=True)
-                except Exception as exc:  # socket gone: everyone in flight is lost
-                    self._pending.pop(tag, None)
-                    self._teardown(BrokerUnavailable(f"publish failed: {exc}"))
-                    raise BrokerUnavailable(f"publish failed: {exc}") from exc
+            pending = _Pending(message.message_id, deadline)
+            # No I/O happens here (the frames go to the coalescing writer), so
+            # delivery tags are handed out in exactly the order frames are sent.
+            tag = next(self._tags)
+            self._pending[tag] = pending
+            self._by_message_id[message.message_id] = pending
+            try:
+                channel.basic_publish(message.to_amqp(), message.exchange,
+                                      message.routing_key, mandatory=True)
+            except Exception as exc:
+                self._pending.pop(tag, None)
+                self._teardown(BrokerUnavailable(f"publish failed: {exc}"))
+                raise BrokerUnavailable(f"publish failed: {exc}") from exc
             started = time.monotonic()
-            ok = pending.event.wait(timeout=max(0.0, deadline - started))
-            if ok is None:  # eventlet's Event.wait returns the timeout default
-                self._teardown(BrokerUnavailable("confirm timed out"))
-                raise BrokerUnavailable(
-                    f"no confirm from the broker within {self.confirm_timeout:.1f}s")
+            # No timer per publish: the read loop fails overdue confirms (_expire).
+            pending.event.wait()
             metrics.CONFIRM_SECONDS.observe(time.monotonic() - started)
             if pending.error is not None:
                 raise pending.error
@@ -222,8 +227,10 @@ class ConfirmingPublisher:
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
             self._conn, self._tags = conn, itertools.count(1)
+            self._writer = CoalescingWriter(conn, lambda exc: self._teardown(
+                BrokerUnavailable(f"connection lost: {exc}"), conn))
             self._channel = channel
-            self._reader = eventlet.spawn(self._read_loop, conn)
+            eventlet.spawn(self._read_loop, conn)
             metrics.BROKER_CONNECTED.labels("publisher").set(1)
             return channel
 
@@ -231,20 +238,26 @@ class ConfirmingPublisher:
         try:
             while self._conn is conn:
                 try:
-                    conn.drain_events(timeout=1)
+                    conn.drain_events(timeout=0.5)
                 except TimeoutError:
                     pass
-                # Never wait for a writer here: a writer blocked on a full
-                # socket needs this loop to keep reading confirms.
-                if self._write_lock.acquire(blocking=False):
-                    try:
-                        conn.heartbeat_tick()
-                    finally:
-                        self._write_lock.release()
+                conn.heartbeat_tick()  # only queues a frame: the writer sends it
+                self._expire(conn)
         except Exception as exc:
             if self._conn is conn:
                 log.warning("publisher connection lost: %s", exc)
                 self._teardown(BrokerUnavailable(f"connection lost: {exc}"), conn)
+
+    def _expire(self, conn):
+        """A confirm overdue means a dead or stuck connection: everyone in flight
+        fails (and retries on a new one). Checked about twice a second."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + 0.5
+        if any(entry.deadline <= now for entry in self._pending.values()):
+            self._teardown(BrokerUnavailable(
+                f"no confirm from the broker within {self.confirm_timeout:.1f}s"), conn)
 
     def _resolve(self, delivery_tag: int, multiple: bool, error_factory=None):
         pending = self._pending
@@ -281,6 +294,9 @@ class ConfirmingPublisher:
         if conn is not None and conn is not self._conn:
             return
         conn, self._conn, self._channel = self._conn, None, None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         pending, self._pending = self._pending, OrderedDict()
         self._by_message_id = {}
         for entry in pending.values():

@@ -27,14 +27,14 @@ def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dlq"
 
 
-def declare_exchange(channel, name: str) -> None:
-    channel.exchange_declare(name, EVENTS_EXCHANGE_TYPE, durable=True, auto_delete=False)
+def declare_exchange(channel, name: str, kind: str = EVENTS_EXCHANGE_TYPE) -> None:
+    channel.exchange_declare(name, kind, durable=True, auto_delete=False)
 
 
 def declare_handler_queues(channel, exchange: str, routing_key: str, queue: str,
-                           delays: list[float]) -> None:
+                           delays: list[float], exchange_type: str = EVENTS_EXCHANGE_TYPE) -> None:
     """The handler queue bound to its exchange, its retry ladder and its DLQ."""
-    declare_exchange(channel, exchange)
+    declare_exchange(channel, exchange, exchange_type)
     channel.queue_declare(queue, durable=True, auto_delete=False)
     channel.queue_bind(queue, exchange, routing_key)
     for attempt, delay in enumerate(delays, start=1):

@@ -14,6 +14,7 @@ from sqlalchemy import Table, select, update
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
+from legacy_wrappers.legacy_db import check_row
 
 CHANNEL = "RBUS"
 REVENUE_ACCOUNT = "4000"
@@ -67,16 +68,20 @@ def _write(conn: Connection, t: LegacyTables, txn: PosSaleV1 | PosReturnV1, doc_
     doc_no = next_doc_no(conn, t, "SLS" if doc_type == "S" else "RTN", doc_type)
     now = _stamp()
     post_date = txn.business_day.strftime("%Y%m%d")
-    conn.execute(t.header.insert().values(
+    header = dict(
         DOC_NO=doc_no, DOC_TYPE=doc_type, STORE_NO=txn.store_id, TERM_NO=txn.terminal_id,
         POS_TXN_ID=txn.pos_txn_id, TXN_DATE=post_date,
         TXN_TIME=txn.occurred_at.strftime("%H%M%S"), TOTAL_CENTS=txn.total_minor,
         CURRENCY=txn.currency, LOYALTY_CARD=txn.loyalty_card, CUST_NO=txn.customer_id,
-        ORIG_DOC_NO=orig_doc_no, CHANNEL=CHANNEL, CREATED_TS=now))
-    conn.execute(t.lines.insert(), [
-        dict(DOC_NO=doc_no, LINE_NO=line.line_no, SKU=line.sku, QTY=line.quantity,
-             UNIT_PRICE_CENTS=line.unit_price_minor, DISC_CENTS=line.discount_minor,
-             LINE_CENTS=line.line_total_minor) for line in txn.lines])
+        ORIG_DOC_NO=orig_doc_no, CHANNEL=CHANNEL, CREATED_TS=now)
+    lines = [dict(DOC_NO=doc_no, LINE_NO=line.line_no, SKU=line.sku, QTY=line.quantity,
+                  UNIT_PRICE_CENTS=line.unit_price_minor, DISC_CENTS=line.discount_minor,
+                  LINE_CENTS=line.line_total_minor) for line in txn.lines]
+    check_row(t.header, header)  # refused whole, before anything is written
+    for line in lines:
+        check_row(t.lines, line)
+    conn.execute(t.header.insert().values(**header))
+    conn.execute(t.lines.insert(), lines)
     conn.execute(t.tenders.insert(), [
         dict(DOC_NO=doc_no, SEQ=seq, TND_TYPE=tender.kind.upper(), AMOUNT_CENTS=tender.amount_minor)
         for seq, tender in enumerate(txn.tenders, start=1)])
@@ -100,3 +105,20 @@ def post_sale(conn: Connection, t: LegacyTables, sale: PosSaleV1) -> str:
 def post_return(conn: Connection, t: LegacyTables, ret: PosReturnV1) -> str:
     original = ret.original and find_document(conn, t, ret.original.store_id, "S", ret.original.pos_txn_id)
     return _write(conn, t, ret, "R", original)
+
+
+def sale_status(conn: Connection, t: LegacyTables, store: str, pos_txn_id: str) -> dict | None:
+    """The posted sale of a store transaction, as the ERP holds it; None if not posted."""
+    check_row(t.header, {"STORE_NO": store, "POS_TXN_ID": pos_txn_id})
+    c = t.header.c
+    row = conn.execute(
+        select(c.DOC_NO, c.TXN_DATE, c.TOTAL_CENTS, c.CURRENCY, c.CHANNEL, c.CREATED_TS)
+        .where(c.STORE_NO == store, c.DOC_TYPE == "S", c.POS_TXN_ID == pos_txn_id)
+        .order_by(c.DOC_NO).limit(1)).first()
+    if row is None:
+        return None
+    day = row.TXN_DATE
+    return {"store_id": store, "pos_txn_id": pos_txn_id, "doc_no": row.DOC_NO,
+            "business_day": f"{day[:4]}-{day[4:6]}-{day[6:]}", "total_minor": row.TOTAL_CENTS,
+            "currency": row.CURRENCY, "channel": row.CHANNEL,
+            "posted_at": datetime.fromisoformat(row.CREATED_TS).replace(tzinfo=timezone.utc).isoformat()}

@@ -5,27 +5,96 @@ to the ledger inside the idempotent inbox, so a redelivered sale posts once.
 """
 from __future__ import annotations
 
+from nameko.rpc import rpc
+from pydantic import ValidationError
+from ulid import ULID
+
 from contracts.envelope import CloudEvent
+from contracts.errors import ContractError
 from contracts.pos import PosReturnV1, PosSaleV1
-from legacy_wrappers.legacy_db import LegacyDatabase
-from services.bus.consumer import reliable_handler
-from services.bus.inbox import apply_once
-from services.erp import ledger
+from legacy_wrappers.legacy_db import LegacyDatabase, LegacyValueError
+from legacy_wrappers.table_changes import table_changes
+from services.bus import inbox
+from services.bus.consumer import DUPLICATE, Permanent, reliable_handler
+from services.bus.extensions import EventPublisher
+from services.erp import customer_master, events, ledger, posting, stock
+from services.erp.outbox import Outbox
+from services.erp.outbox import metadata as outbox_tables
 
 
 class ErpService:
     name = "erp"
 
-    db = LegacyDatabase(reflect=ledger.LEGACY_TABLES)
+    db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE),
+                        create=(inbox.metadata, outbox_tables))
+    outbox = Outbox()
+    events = EventPublisher()
 
     @reliable_handler("store_agent", "pos.sale.v1")
     def on_pos_sale(self, sale: PosSaleV1, event: CloudEvent):
-        tables = ledger.LegacyTables.of(self.db.tables)
-        return apply_once(self.db.engine, "erp.on_pos_sale", event,
-                          lambda conn: ledger.post_sale(conn, tables, sale))
+        return self._post_event(sale, event)
 
     @reliable_handler("store_agent", "pos.return.v1")
     def on_pos_return(self, ret: PosReturnV1, event: CloudEvent):
-        tables = ledger.LegacyTables.of(self.db.tables)
-        return apply_once(self.db.engine, "erp.on_pos_return", event,
-                          lambda conn: ledger.post_return(conn, tables, ret))
+        return self._post_event(ret, event)
+
+    def _post_event(self, txn, event: CloudEvent):
+        """Committed by LegacyDatabase when the worker ends; a value the legacy
+        columns cannot hold is parked at once (retrying cannot fix it)."""
+        try:
+            doc_no, duplicate = posting.post(
+                self.db.conn, ledger.LegacyTables.of(self.db.tables), txn, self.outbox,
+                key=event.idempotencykey, message_id=event.id, correlationid=event.correlationid)
+        except LegacyValueError as exc:
+            raise Permanent(str(exc)) from exc
+        return DUPLICATE if duplicate else doc_no
+
+    @rpc
+    def post_sale(self, sale: dict) -> dict:
+        return self._post_rpc(PosSaleV1, sale)
+
+    @rpc
+    def post_return(self, ret: dict) -> dict:
+        return self._post_rpc(PosReturnV1, ret)
+
+    def _post_rpc(self, model, data: dict) -> dict:
+        """Committed before the answer: the caller is told only what is durable."""
+        try:
+            txn = model.model_validate(data)
+        except ValidationError as exc:
+            raise ContractError.from_validation(exc, model.TYPE) from None
+        doc_no, duplicate = posting.post(
+            self.db.conn, ledger.LegacyTables.of(self.db.tables), txn, self.outbox,
+            key=posting.idempotency_key(txn), message_id=str(ULID()), correlationid=None)
+        self.db.end(success=True)
+        return {"doc_no": doc_no, "duplicate": duplicate}
+
+    @rpc
+    def stock_level(self, store_id: str, sku: str) -> dict | None:
+        return stock.stock_level(self.db.conn, self.db.tables[stock.TABLE], store_id, sku)
+
+    @rpc
+    def customer_account(self, customer_id: str) -> dict | None:
+        return customer_master.customer_account(
+            self.db.conn, self.db.tables[customer_master.TABLE], customer_id)
+
+    @rpc
+    def sale_status(self, store_id: str, pos_txn_id: str) -> dict | None:
+        return ledger.sale_status(self.db.conn, ledger.LegacyTables.of(self.db.tables), store_id, pos_txn_id)
+
+    @table_changes(stock.TABLE, key=stock.KEY)
+    def on_stock_changes(self, changes):
+        """STK_LVL rows changed by anyone (us or legacy programs) -> erp.stock_changed.v1."""
+        events.publish_changes(self.events, changes, stock.stock_changed, stock.TABLE)
+
+    @table_changes(customer_master.TABLE, key=customer_master.KEY)
+    def on_customer_changes(self, changes):
+        """CUST_MST rows changed by anyone -> customer.updated.v1."""
+        events.publish_changes(self.events, changes, customer_master.customer_updated,
+                               customer_master.TABLE)
+
+    @reliable_handler("files", "event.batch.v1")
+    def on_file_rows(self, batch, event: CloudEvent):
+        """Rows of legacy batch files (services/files); customer rows go to CUST_MST."""
+        from services.erp import customers
+        return customers.on_file_rows(self.db.engine, batch, event)

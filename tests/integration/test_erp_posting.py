@@ -35,8 +35,8 @@ def queue_state(uri: str, queue: str) -> tuple[int, int]:
 
 
 @pytest.fixture
-def legacy_db(tmp_path):
-    dsn = f"sqlite:///{tmp_path / 'legacy_erp.db'}"
+def legacy_db(legacy_dsn):
+    dsn = legacy_dsn  # SQLite and PostgreSQL
     engine = engine_for(dsn)
     create_schema(engine)
     with engine.begin() as conn:
@@ -73,16 +73,19 @@ def test_duplicates_racing_on_two_erp_workers_post_once(amqp_uri, legacy_db, tmp
 
         def all_in():
             with engine.connect() as conn:
-                return conn.execute(text("SELECT count(*) FROM RB_INBOX")).scalar() == 300
+                return conn.execute(text('SELECT count(*) FROM "RB_INBOX"')).scalar() == 300
         assert wait_for(all_in, timeout=60)
         assert wait_for(lambda: queue_state(amqp_uri, SALES_QUEUE)[0] == 0, timeout=30)
 
     with engine.connect() as conn:
         headers = conn.execute(text(
-            "SELECT POS_TXN_ID, count(*) FROM SLS_HDR GROUP BY POS_TXN_ID")).all()
+            'SELECT "POS_TXN_ID", count(*) FROM "SLS_HDR" GROUP BY "POS_TXN_ID"')).all()
         stock = conn.execute(text(
-            "SELECT ON_HAND FROM STK_LVL WHERE STORE_NO='S001' AND SKU='100001'")).scalar()
+            'SELECT "ON_HAND" FROM "STK_LVL" WHERE "STORE_NO"=\'S001\' AND "SKU"=\'100001\'')).scalar()
+        posted_events = conn.execute(text(
+            'SELECT "TYPE", count(*) FROM "RB_OUTBOX" GROUP BY "TYPE"')).all()
     assert len(headers) == 300 and all(n == 1 for _, n in headers)
+    assert posted_events == [("erp.sale_posted.v1", 300)]  # one event per posting, none per duplicate
     assert stock == 1000 - 300 * 2  # each sale moved stock exactly once
 
     outcomes = []

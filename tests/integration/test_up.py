@@ -55,6 +55,7 @@ def test_up_brings_the_bus_up_and_a_sale_reaches_the_legacy_erp(tmp_path):
         retry={"delays": [0.5, 1]},
         services={"erp": {"module": "services.erp"}},
         stores=[{"id": "S001", "http": f"127.0.0.1:{agent_port}"}],
+        agent={"auth_required": False},  # the till here is curl-like: unsigned
         legacy_erp={"http": f"127.0.0.1:{erp_port}"},
     )
     env = {k: v for k, v in os.environ.items() if k != "RETAILBUS_AMQP_URI"}

@@ -72,6 +72,10 @@ def valid_payloads() -> dict[str, dict]:
                                 "updated_at": "2024-03-01T02:00:00Z"},
         "loyalty.points_accrued.v1": points,
         "loyalty.points_reversed.v1": {**points, "original_pos_txn_id": "S001-07-000100"},
+        "routing.table_applied.v1": {"version": 4, "table": "version: 4\n", "reason": "test"},
+        "event.batch.v1": {"item_type": "customer.updated.v1", "file": "customers_1.csv",
+                           "sha256": "a" * 64, "items": [{"row": 2, "idempotencykey": "a:2",
+                                                          "data": {"customer_id": "C1"}}]},
     }
 
 

@@ -1,5 +1,5 @@
 """services/erp/service.py: the erp service posts a sale or return once per idempotency key,
-the posting and the inbox key in one transaction (worker_factory, real SQLite file)."""
+the posting, the inbox key and the outbox event in one transaction (worker_factory, real SQLite file)."""
 from __future__ import annotations
 
 import gc
@@ -11,10 +11,10 @@ from nameko.testing.services import worker_factory
 from contracts.envelope import CloudEvent
 from contracts.pos import PosReturnV1, PosSaleV1
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, seed_demo_data
-from legacy_wrappers.legacy_db import LegacyDb, engine_for
+from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, engine_for
 from services.bus import inbox
 from services.bus.consumer import DUPLICATE
-from services.erp import ledger
+from services.erp import ledger, outbox
 from services.erp.service import ErpService
 
 pytestmark = pytest.mark.unit
@@ -61,13 +61,47 @@ def db(tmp_path):
     # ensure_inbox remembers engines by id(); create the table here so a recycled id from an
     # earlier test cannot skip it (see test_inbox_is_created_for_a_new_engine_with_a_recycled_id)
     inbox.metadata.create_all(db.engine)
+    outbox.metadata.create_all(db.engine)
     yield db
     db.engine.dispose()
 
 
+class OutboxWriter:
+    """The worker side of the Outbox dependency, without its relay."""
+
+    def add(self, conn, *events):
+        outbox.add(conn, list(events))
+
+
+class Worker:
+    """Calls a worker_factory service as nameko would run a worker: LegacyDatabase
+    commits the worker's transaction when the method returns, rolls it back when it raises."""
+
+    def __init__(self, service, db):
+        self._service, self._db = service, db
+
+    def __getattr__(self, name):
+        method = getattr(self._service, name)
+
+        def call(*args, **kwargs):
+            try:
+                result = method(*args, **kwargs)
+            except BaseException:
+                self._db.end(success=False)
+                raise
+            self._db.end(success=True)
+            return result
+        return call
+
+
 @pytest.fixture
 def service(db):
-    return worker_factory(ErpService, db=db)
+    return Worker(worker_factory(ErpService, db=db, outbox=OutboxWriter()), db)
+
+
+def outbox_types(db):
+    with db.engine.connect() as conn:
+        return [r.TYPE for r in conn.execute(sa.select(outbox.OUTBOX.c.TYPE).order_by(outbox.OUTBOX.c.ID))]
 
 
 def scalar(db, query):
@@ -107,6 +141,7 @@ def test_sale_posts_once_per_idempotency_key(service, db):
     assert inbox_keys(db) == [("erp.on_pos_sale", "pos.sale.v1:S001:S001-07-000001")]
     gl = db.tables["GL_PST"]
     assert scalar(db, sa.select(sa.func.count()).select_from(gl)) == 2
+    assert outbox_types(db) == ["erp.sale_posted.v1"]  # one event, for the one posting
 
 
 def test_a_new_event_id_with_the_same_key_is_still_a_duplicate(service, db):
@@ -148,6 +183,7 @@ def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, m
         service.on_pos_sale(txn, ev)
     assert headers(db) == []
     assert inbox_keys(db) == []
+    assert outbox_types(db) == []  # no event without its effect
     assert on_hand(db, "100001") == DEMO_ON_HAND
     seq = db.tables["DOC_SEQ"]
     assert scalar(db, sa.select(seq.c.NEXT_NO).where(seq.c.SEQ_NAME == "SLS")) == 1
@@ -159,16 +195,19 @@ def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, m
     assert len(headers(db)) == 1
 
 
-def test_inbox_is_created_for_a_fresh_database(tmp_path, monkeypatch):
-    monkeypatch.setattr(inbox, "_ready", set())
+def test_inbox_and_outbox_are_created_for_a_fresh_database(tmp_path, container_factory):
     db = legacy_db(tmp_path / "fresh.db")
+    dsn = str(db.engine.url)
+    db.engine.dispose()
+    container = container_factory(ErpService, {"LEGACY_DB_URI": dsn, "AMQP_URI": "amqp://unused"})
+    provider = next(d for d in container.dependencies if isinstance(d, LegacyDatabase))
+    provider.setup()
     try:
-        assert "RB_INBOX" not in sa.inspect(db.engine).get_table_names()
-        service = worker_factory(ErpService, db=db)
-        assert service.on_pos_sale(sale(), envelope(sale())) == "S00000001"
-        assert inbox_keys(db) == [("erp.on_pos_sale", "pos.sale.v1:S001:S001-07-000001")]
+        assert not {"RB_INBOX", "RB_OUTBOX"} & set(sa.inspect(provider.engine).get_table_names())
+        assert set(provider.tables()) >= {"SLS_HDR", "STK_LVL", "CUST_MST"}  # reflected, first worker
+        assert {"RB_INBOX", "RB_OUTBOX"} <= set(sa.inspect(provider.engine).get_table_names())
     finally:
-        db.engine.dispose()
+        provider.engine.dispose()
 
 
 def test_inbox_is_created_for_a_new_engine_with_a_recycled_id(tmp_path, monkeypatch):
@@ -192,9 +231,6 @@ def test_inbox_is_created_for_a_new_engine_with_a_recycled_id(tmp_path, monkeypa
         return
     try:
         create_schema(engine)
-        md = sa.MetaData()
-        md.reflect(engine, only=ledger.LEGACY_TABLES)
-        service = worker_factory(ErpService, db=LegacyDb(engine, dict(md.tables)))
-        assert service.on_pos_sale(sale(), envelope(sale())) == "S00000001"
+        assert inbox.apply_once(engine, "erp.test", envelope(sale()), lambda conn: "applied") == "applied"
     finally:
         engine.dispose()

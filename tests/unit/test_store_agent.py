@@ -3,6 +3,7 @@ every accepted sale to the outbox first (worker_factory, a real outbox file, no 
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,10 @@ from werkzeug.test import EnvironBuilder
 from contracts.envelope import CloudEvent
 from routing import agent as agent_module
 from routing.agent import MAX_BODY, StoreAgent
+from routing.edge_auth import TerminalKeys, Verifier, signed_headers
 from routing.outbox import Outbox
+from routing.stock_cache import StockCache
+from services.settings import AgentSettings
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +32,9 @@ def legacy_sale(txn_id="S001-07-000001", store="S001", lines=None) -> dict:
 class FakeForwarder:
     def __init__(self):
         self.wakes = 0
-        self.bus = SimpleNamespace(publisher=SimpleNamespace(connected=False))
+        self.publisher = SimpleNamespace(connected=False)
+        self.breaker_state = "closed"
+        self.last_confirm = None
 
     def wake(self):
         self.wakes += 1
@@ -42,19 +48,53 @@ def outbox(tmp_path):
 
 
 @pytest.fixture
-def store(outbox):
-    return SimpleNamespace(store_id="S001", outbox=outbox, forwarder=FakeForwarder())
+def keys(tmp_path):
+    keys = TerminalKeys(tmp_path / "terminal_keys.json")
+    return {"07": bytes.fromhex(keys.add("07")), "08": bytes.fromhex(keys.add("08")), "file": keys}
 
 
 @pytest.fixture
-def service(store):
-    return worker_factory(StoreAgent, store=store)
+def auth_required():
+    return False  # most tests are about the payload; the auth tests turn it on
 
 
-def request(path="/erp/sales", body=None, data=None, content_type="application/json", method="POST"):
+@pytest.fixture
+def store(outbox, keys, auth_required):
+    return SimpleNamespace(store_id="S001", outbox=outbox, forwarder=FakeForwarder(),
+                           config=AgentSettings(auth_required=auth_required),
+                           verifier=Verifier(keys["file"]))
+
+
+class FakeStock:
+    def __init__(self, tmp_path):
+        self.cache = StockCache(tmp_path / "stock.db")
+        self.feed = SimpleNamespace(connected=False)
+        self.erp = None  # what the ERP answers; an exception means it cannot
+
+    def ask_erp(self, sku):
+        if isinstance(self.erp, Exception):
+            raise self.erp
+        return self.erp
+
+
+@pytest.fixture
+def stock(tmp_path):
+    fake = FakeStock(tmp_path)
+    yield fake
+    fake.cache.close()
+
+
+@pytest.fixture
+def service(store, stock):
+    return worker_factory(StoreAgent, store=store, stock=stock)
+
+
+def request(path="/erp/sales", body=None, data=None, content_type="application/json", method="POST",
+            headers=None):
     if data is None and body is not None:
         data = json.dumps(body)
-    return EnvironBuilder(method=method, path=path, data=data, content_type=content_type).get_request()
+    return EnvironBuilder(method=method, path=path, data=data, content_type=content_type,
+                          headers=headers).get_request()
 
 
 def answer(response) -> tuple[int, dict]:
@@ -200,3 +240,132 @@ def test_body_that_is_not_utf8_is_400(service, outbox):
 def test_lines_not_a_list_is_400(service, outbox):
     status, body = answer(service.post_sale(request(body={**legacy_sale(), "LINES": 5})))
     assert status == 400 and "LINES" in body["MESSAGE"]
+
+
+def test_same_txn_id_with_other_content_is_409_and_no_row(service, outbox):
+    _, first = answer(service.post_sale(request(body=legacy_sale())))
+    other = legacy_sale(lines=[{"SKU": "100002", "QTY": 1, "PRICE": 500, "LINE": 500}])
+    status, body = answer(service.post_sale(request(body=other)))
+    assert status == 409 and "TXN_ID" in body["MESSAGE"] and first["REF"] in body["MESSAGE"]
+    assert len(outbox.unsent(10)) == 1
+
+
+def signed(keys, body, terminal="07", path="/erp/sales", method="POST", **kw):
+    data = json.dumps(body).encode() if body is not None else b""
+    return request(path, data=data if method == "POST" else None, method=method,
+                   headers=signed_headers(terminal, keys[terminal], method, path, data, **kw))
+
+
+@pytest.mark.parametrize("auth_required", [True])
+class TestTerminalAuth:
+    def test_signed_sale_is_accepted(self, service, outbox, keys):
+        status, _ = answer(service.post_sale(signed(keys, legacy_sale())))
+        assert status == 200 and len(outbox.unsent(10)) == 1
+
+    def test_unsigned_is_401(self, service, outbox):
+        status, body = answer(service.post_sale(request(body=legacy_sale())))
+        assert status == 401 and "missing X-Retailbus-Terminal" in body["MESSAGE"]
+        assert outbox.unsent(10) == []
+
+    def test_forged_signature_is_401(self, service, outbox, keys):
+        req = signed(keys, legacy_sale())
+        body = legacy_sale()
+        body["TOTAL"] += 1  # tampered after signing
+        forged = request(data=json.dumps(body), headers=dict(req.headers))
+        status, answer_ = answer(service.post_sale(forged))
+        assert status == 401 and "Signature" in answer_["MESSAGE"]
+        wrong_key = {"07": b"k" * 32}
+        status, _ = answer(service.post_sale(signed(wrong_key, legacy_sale())))
+        assert status == 401
+        assert outbox.unsent(10) == []
+
+    def test_stale_and_future_timestamps_are_401(self, service, outbox, keys):
+        for skew in (-301, 301):
+            req = signed(keys, legacy_sale(), timestamp=time.time() + skew)
+            status, body = answer(service.post_sale(req))
+            assert status == 401 and "window" in body["MESSAGE"]
+        assert outbox.unsent(10) == []
+
+    def test_replayed_nonce_is_401(self, service, outbox, keys):
+        req = signed(keys, legacy_sale())
+        assert service.post_sale(req).status_code == 200
+        replay = request(data=json.dumps(legacy_sale("S001-07-000002")), headers=dict(req.headers))
+        again = request(data=json.dumps(legacy_sale()), headers=dict(req.headers))
+        assert answer(service.post_sale(again)) [0] == 401
+        assert answer(service.post_sale(replay))[0] == 401
+        assert len(outbox.unsent(10)) == 1
+
+    def test_unknown_terminal_is_401_and_other_terminals_payload_403(self, service, outbox, keys):
+        status, body = answer(service.post_sale(signed({"99": b"x" * 32}, legacy_sale(), terminal="99")))
+        assert status == 401 and "unknown terminal" in body["MESSAGE"]
+        status, body = answer(service.post_sale(signed(keys, legacy_sale(), terminal="08")))
+        assert status == 403 and "TERMINAL" in body["MESSAGE"]
+        assert outbox.unsent(10) == []
+
+    def test_signature_for_a_stock_query_cannot_post_a_sale(self, service, outbox, keys):
+        q = signed(keys, None, path="/erp/stock?STORE=S001&SKU=100001", method="GET")
+        status, _ = answer(service.post_sale(request(data=json.dumps(legacy_sale()), headers=dict(q.headers))))
+        assert status == 401 and outbox.unsent(10) == []
+
+    def test_oversized_is_413_before_auth(self, service, outbox):
+        data = json.dumps({**legacy_sale(), "PAD": "x" * MAX_BODY})
+        assert answer(service.post_sale(request(data=data)))[0] == 413
+        assert outbox.unsent(10) == []
+
+    def test_signed_stock_query_and_unsigned_one(self, service, stock, keys):
+        stock.erp = {"store_id": "S001", "sku": "100001", "on_hand": 7, "as_of": "2026-11-27T10:00:00+00:00"}
+        status, body = answer(service.get_stock(
+            signed(keys, None, path="/erp/stock?STORE=S001&SKU=100001", method="GET")))
+        assert status == 200 and body["ON_HAND"] == 7
+        unsigned = request("/erp/stock?STORE=S001&SKU=100001", method="GET")
+        assert answer(service.get_stock(unsigned))[0] == 401
+
+
+def stock_change(sku, on_hand, at):
+    from contracts.erp import ErpStockChangedV1
+    return ErpStockChangedV1(store_id="S001", sku=sku, on_hand=on_hand, changed_at=at)
+
+
+def test_stock_from_the_erp_when_it_answers(service, stock):
+    stock.erp = {"store_id": "S001", "sku": "100001", "on_hand": 12, "as_of": "2026-11-27T10:00:00+00:00"}
+    status, body = answer(service.get_stock(request("/erp/stock?STORE=S001&SKU=100001", method="GET")))
+    assert status == 200
+    assert body["STORE"] == "S001" and body["SKU"] == "100001" and body["ON_HAND"] == 12
+    assert body["STALE"] is False
+
+
+def test_stock_from_the_cache_with_its_age_when_the_erp_cannot_answer(service, stock):
+    from datetime import datetime, timedelta, timezone
+    at = datetime.now(timezone.utc) - timedelta(seconds=90)
+    stock.cache.put(stock_change("100001", 40, at))
+    stock.cache.put(stock_change("100001", 99, at - timedelta(seconds=10)))  # older: ignored
+    stock.erp = TimeoutError("no answer")
+    status, body = answer(service.get_stock(request("/erp/stock?STORE=S001&SKU=100001", method="GET")))
+    assert status == 200 and body["ON_HAND"] == 40 and body["STALE"] is True
+    assert 89 <= body["AGE_SECONDS"] < 120 and body["AS_OF"].startswith(at.isoformat()[:19])
+    status, body = answer(service.get_stock(request("/erp/stock?STORE=S001&SKU=999", method="GET")))
+    assert status == 503 and "S001/999" in body["MESSAGE"]
+
+
+def test_stock_query_errors_name_the_field(service, stock):
+    stock.erp = None
+    assert answer(service.get_stock(request("/erp/stock?STORE=S001&SKU=1", method="GET")))[0] == 404
+    status, body = answer(service.get_stock(request("/erp/stock?STORE=S001", method="GET")))
+    assert status == 400 and body["MESSAGE"].startswith("SKU")
+    status, body = answer(service.get_stock(request("/erp/stock?STORE=S002&SKU=1", method="GET")))
+    assert status == 400 and body["MESSAGE"].startswith("STORE")
+
+
+def test_healthz_reports_breaker_and_confirm_time(service, store):
+    store.forwarder.last_confirm = 1_800_000_000.0
+    _, body = answer(service.healthz(request("/healthz", method="GET")))
+    assert body["breaker_state"] == "closed" and body["route_table_version"] is None
+    assert body["last_confirm_time"].startswith("2027-01-15T08:00:00")
+    assert body["oldest_unsent_seconds"] == 0.0
+
+
+def test_metrics_exposes_outbox_gauges(service):
+    service.post_sale(request(body=legacy_sale()))
+    text = service.metrics(request("/metrics", method="GET")).get_data()
+    assert b'retailbus_outbox_depth{store="S001"} 1.0' in text
+    assert b'retailbus_outbox_oldest_unsent_seconds{store="S001"}' in text

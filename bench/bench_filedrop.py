@@ -1,0 +1,171 @@
+"""File drop in: rows/s from a dropped CSV to confirmed chunk publishes, and peak RSS.
+
+Ours: the `files` service's customer drop in its own process (completion
+marker, sha256 + validation pass, contract mapping, chunks of 500 rows in
+`event.batch.v1` envelopes, confirmed, checkpointed). Baseline, same run, own
+process: csv.reader + the same 500-row chunks as JSON + raw py-amqp with a
+window of 1000 confirms. Each child reports its own peak RSS (ru_maxrss).
+
+    python bench/bench_filedrop.py [--uri AMQP_URI] [--runs 3] [--sizes 100000,1000000]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GOALS = {"rows_per_s": 100_000, "ours_over_raw": 0.5, "rss_mib_1m": 64, "rss_growth": 0.2}
+SINK = "bench.filedrop.sink"
+
+
+def child_raw(uri: str, path: str):
+    import amqp
+    from bench.common import connect
+    started = time.monotonic()
+    conn = connect(uri)
+    ch = conn.channel()
+    ch.confirm_select()
+    conn.client_properties.get("capabilities", {})["connection.blocked"] = False
+    acked = [0]
+    ch.events["basic_ack"].add(lambda tag, multiple: acked.__setitem__(0, tag if multiple else acked[0] + 1))
+    sent, rows = 0, 0
+
+    def publish(chunk):
+        nonlocal sent
+        while sent - acked[0] >= 1000:
+            conn.drain_events(timeout=10)
+        body = json.dumps({"rows": chunk}).encode()
+        ch.basic_publish(amqp.Message(body, delivery_mode=2), "", SINK)
+        sent += 1
+
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        chunk = []
+        for rec in reader:
+            if rec[0] == "TRL":
+                continue
+            rows += 1
+            chunk.append(rec)
+            if len(chunk) == 500:
+                publish(chunk)
+                chunk = []
+        if chunk:
+            publish(chunk)
+    while acked[0] < sent:
+        conn.drain_events(timeout=10)
+    conn.close()
+    return rows, time.monotonic() - started
+
+
+def child_ours(uri: str, path: str):
+    import eventlet
+    eventlet.monkey_patch()
+    import shutil
+    import yaml
+    from nameko.containers import ServiceContainer
+    from services.files.service import FilesService
+
+    root = Path(tempfile.mkdtemp(prefix="bench-filedrop-"))
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "filedrops.yaml").read_text())
+    cfg["ledger"] = str(root / "ledger.db")
+    for name, drop in cfg["inbound"].items():
+        drop["folder"] = str(root / name)
+        drop["poll_seconds"] = 0.05
+    for drop in cfg["outbound"].values():
+        drop["folder"] = str(root / "out")
+    (root / "config").mkdir()
+    (root / "config" / "filedrops.yaml").write_text(yaml.safe_dump(cfg))
+    container = ServiceContainer(FilesService, {"AMQP_URI": uri, "max_workers": 32,
+                                                "RETAILBUS": {"root": str(root)}})
+    container.start()
+    (root / "customers").mkdir(exist_ok=True)
+    target = root / "customers" / Path(path).name
+    shutil.copy(path, target)
+    started = time.monotonic()
+    Path(str(target) + ".done").touch()
+    while not list((root / "customers" / "archive").rglob(target.name)):
+        eventlet.sleep(0.01)
+    elapsed = time.monotonic() - started
+    container.stop()
+    shutil.rmtree(root)
+    rows = sum(1 for _ in open(path)) - 2
+    return rows, elapsed
+
+
+def run_child(kind: str, uri: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--uri", uri, "--file", str(path)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def purge(uri: str, declare: bool = False):
+    from bench.common import connect
+    from services.bus import topology
+    conn = connect(uri)
+    ch = conn.channel()
+    ch.queue_declare(SINK, durable=True, auto_delete=False)
+    topology.declare_exchange(ch, "files.events")
+    ch.queue_bind(SINK, "files.events", "event.batch.v1")
+    ch.queue_purge(SINK)
+    conn.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--uri")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--child")
+    ap.add_argument("--file")
+    args = ap.parse_args()
+    if args.child:
+        rows, elapsed = (child_raw if args.child == "raw" else child_ours)(args.uri, args.file)
+        print(json.dumps({"rows": rows, "seconds": elapsed,
+                          "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+    from bench.common import bench_broker, median
+    from demo.batch.jobs import customer_rows, write_customer_export
+
+    figures = {}
+    with bench_broker(args.uri) as (uri, _), tempfile.TemporaryDirectory() as tmp:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            path = Path(tmp) / f"customers_{size}.csv"
+            write_customer_export(path, customer_rows(size), marker=False)
+            result = {}
+            for kind in ("raw", "ours"):
+                runs = []
+                for _ in range(args.runs):
+                    purge(uri)
+                    runs.append(run_child(kind, uri, path))
+                rates = [r["rows"] / r["seconds"] for r in runs]
+                result[kind] = {"rows_per_s": median(rates), "runs": [round(x) for x in rates],
+                                "rss_mib": max(r["rss_mib"] for r in runs)}
+                print(f"{size:>9} rows {kind:>4}: median {median(rates):>9,.0f} rows/s "
+                      f"runs {[round(x) for x in rates]}  peak RSS {result[kind]['rss_mib']:.1f} MiB", flush=True)
+            result["ours_over_raw"] = result["ours"]["rows_per_s"] / result["raw"]["rows_per_s"]
+            print(f"{size:>9} rows ratio ours/raw {result['ours_over_raw']:.2f}", flush=True)
+            figures[str(size)] = result
+            path.unlink()
+        purge(uri)
+    sizes = sorted(figures, key=int)
+    small, big = figures[sizes[0]]["ours"], figures[sizes[-1]]["ours"]
+    figures["goals"] = {
+        "rows_per_s": min(f["ours"]["rows_per_s"] for f in figures.values() if "ours" in f) >= GOALS["rows_per_s"],
+        "ours_over_raw": min(f["ours_over_raw"] for f in figures.values() if "ours" in f) >= GOALS["ours_over_raw"],
+        "rss_mib_1m": big["rss_mib"] < GOALS["rss_mib_1m"],
+        "rss_growth": big["rss_mib"] <= small["rss_mib"] * (1 + GOALS["rss_growth"]),
+    }
+    print(json.dumps({"bench": "filedrop", **figures}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""`file_drop`: the entrypoint that turns complete legacy batch files into row chunks.
+
+Per drop (config/filedrops.yaml) one greenthread watches the folder and takes
+a file only once its completion rule holds. Pass 1 streams it once: sha256,
+every row validated, header/trailer checked, a reject report written. A file
+seen before (same sha256) publishes nothing. Pass 2 streams it again and hands
+rows to the service method in chunks of up to `chunk_rows` (row key
+`<sha256>:<row>`), several chunks in flight; the ledger checkpoints the
+contiguous chunks confirmed, so a killed wrapper resumes after the last one
+(chunks in flight at the kill are sent again; consumers drop them by row key).
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import logging
+import os
+import time
+
+import eventlet
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from eventlet.event import Event
+from nameko.extensions import Entrypoint, SharedExtension
+
+from legacy_wrappers.filedrop import config as fd_config
+from legacy_wrappers.filedrop import metrics
+from legacy_wrappers.filedrop.files import Refused, archive_folder, move_unique, open_regular
+from legacy_wrappers.filedrop.layout import FileProblem, Layout
+from legacy_wrappers.filedrop.ledger import Ledger, identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    row: int
+    idempotencykey: str
+    values: dict
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """What the service method receives: rows of one file, in file order."""
+
+    drop: str
+    file: str
+    sha256: str
+    index: int
+    rows: list[Row]
+
+
+class ChunkFailed(Exception):
+    pass
+
+
+class FileLedger(SharedExtension):
+    """The container's drops config and ledger, shared by every drop and writer."""
+
+    _drops = _ledger = None
+
+    @property
+    def drops(self) -> fd_config.FileDrops:
+        """Loaded on first use: nameko sets extensions up in no fixed order."""
+        if self._drops is None:
+            self._drops = fd_config.for_container(self.container.config)
+        return self._drops
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(self.drops.ledger)
+        return self._ledger
+
+    def stop(self):
+        if self._ledger is not None:
+            self._ledger.close()
+
+    kill = stop
+
+
+class FileDrop(Entrypoint):
+    shared = FileLedger()
+
+    def __init__(self, drop: str, **kwargs):
+        self.drop = drop
+        super().__init__(**kwargs)
+
+    def setup(self):
+        try:
+            self.cfg = self.shared.drops.inbound[self.drop]
+        except KeyError:
+            raise fd_config.FileDropConfigError(
+                f"no inbound drop {self.drop!r} in filedrops.yaml "
+                f"(have: {', '.join(self.shared.drops.inbound) or 'none'})") from None
+        self.folder = self.cfg.folder
+        self.work = self.folder / ".work"
+        self.error = self.folder / "error"
+        for folder in (self.folder, self.work, self.error):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.layout = Layout(self.cfg)
+        self._stable: dict[str, tuple[str, float]] = {}
+        self._retry_at: dict[str, float] = {}
+        self._running = False
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.shared.ledger
+
+    def start(self):
+        self._running = True
+        self._thread = self.container.spawn_managed_thread(self._watch, identifier=f"file_drop:{self.drop}")
+
+    def stop(self):
+        self._running = False
+        self._thread.wait()
+
+    def kill(self):
+        self._running = False
+        self._thread.kill()
+
+    # -- watching ---------------------------------------------------------------
+
+    def _watch(self):
+        while self._running:
+            try:
+                for name in self.complete_files():
+                    if not self._running:
+                        return
+                    self.take(name)
+            except Exception:  # one bad poll must not end the watcher
+                log.exception("file drop %s: poll failed", self.drop)
+            eventlet.sleep(self.cfg.poll_seconds)
+
+    def complete_files(self) -> list[str]:
+        """Names in the folder whose completion rule holds, oldest first; refuses the rest."""
+        c = self.cfg.completion
+        found = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or not fnmatch.fnmatch(name, self.cfg.pattern) \
+                        or name.endswith((c.marker_suffix, c.temp_suffix)):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if not entry.is_file(follow_symlinks=False):  # symlinks, fifos, folders
+                    self._refuse(name, identity(st), f"{name} is not a regular file"
+                                 + (" (symlink)" if entry.is_symlink() else ""))
+                    continue
+                if self.ledger.seen(self.drop, name, identity(st)) \
+                        or self._retry_at.get(name, 0) > time.monotonic():
+                    continue
+                if self._is_complete(name, st):
+                    found.append((st.st_mtime_ns, name))
+        return [name for _, name in sorted(found)]
+
+    def _is_complete(self, name: str, st) -> bool:
+        c = self.cfg.completion
+        if c.rule == "marker":
+            return (self.folder / (name + c.marker_suffix)).is_file()
+        if c.rule == "rename":
+            return True
+        ident, now = identity(st), time.monotonic()
+        seen = self._stable.get(name)
+        if seen is None or seen[0] != ident:
+            self._stable[name] = (ident, now)
+            return False
+        return now - seen[1] >= c.stable_seconds
+
+    def _refuse(self, name: str, ident: str, reason: str, outcome: str = "refused"):
+        if self.ledger.seen(self.drop, name, ident):
+            return
+        log.warning("file drop %s: refused %s", self.drop, reason, extra={"outcome": outcome})
+        metrics.FILES.labels(self.drop, outcome).inc()
+        self.ledger.remember(self.drop, name, ident, outcome)
+
+    # -- taking a file ----------------------------------------------------------
+
+    def take(self, name: str):
+        """Validate, de-duplicate, publish and archive one complete file."""
+        self._stable.pop(name, None)
+        try:
+            f, st = open_regular(self.folder, name)
+        except Refused as exc:
+            return self._refuse(name, identity(os.lstat(self.folder / name)), str(exc))
+        except OSError as exc:
+            st = os.lstat(self.folder / name)
+            log.error("file drop %s: cannot read %s: %s", self.drop, name, exc.strerror)
+            return self._refuse(name, identity(st), f"{name} cannot be read: {exc.strerror}", "unreadable")
+        rejects = self.work / f"{name}.rejects.csv"
+        try:
+            with f, open(rejects, "w", newline="", encoding="utf-8") as report:
+                writer = csv.writer(report)
+                writer.writerow(["row", "column", "value", "reason"])
+                outcome = self.layout.scan(
+                    f, lambda n, v: None,
+                    lambda n, problems: writer.writerows((n, c, v, r) for c, v, r in problems))
+        except FileProblem as exc:
+            return self._reject(name, st, None, str(exc), rejects)
+        metrics.BYTES.labels(self.drop).inc(outcome.bytes)
+        before = self.ledger.file(self.drop, outcome.sha256)
+        if before and before["STATE"] == "done":
+            log.info("file drop %s: %s has the content of %s (sha256 %s), done before: no events",
+                     self.drop, name, before["NAME"], outcome.sha256, extra={"outcome": "duplicate"})
+            metrics.FILES.labels(self.drop, "duplicate").inc()
+            rejects.unlink(missing_ok=True)
+            return self._archive(name, st)
+        if outcome.problems:
+            return self._reject(name, st, outcome, "; ".join(outcome.problems), rejects)
+        if outcome.bad_rows and self.cfg.on_bad_rows == "reject_file":
+            return self._reject(name, st, outcome, f"{outcome.bad_rows} bad rows", rejects)
+        if outcome.bad_rows:
+            move_unique(rejects, self.error)
+            metrics.ROWS.labels(self.drop, "skipped").inc(outcome.bad_rows)
+        else:
+            rejects.unlink(missing_ok=True)
+        record = self.ledger.begin(self.drop, outcome.sha256, name, outcome.rows, outcome.bad_rows)
+        try:
+            self._publish(name, outcome, record["CHUNKS_DONE"])
+        except (ChunkFailed, OSError, FileProblem) as exc:
+            return self._failed(name, st, outcome, record["ATTEMPTS"], str(exc))
+        self.ledger.finish(self.drop, outcome.sha256, name, "done")
+        metrics.ROWS.labels(self.drop, "published").inc(outcome.rows)
+        metrics.FILES.labels(self.drop, "done").inc()
+        metrics.LAG.labels(self.drop).set(max(0.0, time.time() - st.st_mtime))
+        log.info("file drop %s: %s done, %d rows, %d skipped", self.drop, name, outcome.rows,
+                 outcome.bad_rows, extra={"id": outcome.sha256, "outcome": "done"})
+        self._archive(name, st)
+
+    def _publish(self, name: str, outcome, chunks_done: int):
+        """Pass 2: chunks to the service method, `inflight_chunks` at a time, checkpointed in order."""
+        inflight: deque[tuple[int, Event]] = deque()
+        state = {"rows": [], "index": 0}
+
+        def settle_oldest():
+            index, done = inflight.popleft()
+            error = done.wait()
+            if error is not None:
+                raise ChunkFailed(f"chunk {index} failed: {error}")
+            self.ledger.checkpoint(self.drop, outcome.sha256, index + 1)
+
+        def submit():
+            index, rows = state["index"], state["rows"]
+            state["index"], state["rows"] = index + 1, []
+            if index < chunks_done:
+                return  # confirmed before a restart
+            while len(inflight) >= self.cfg.inflight_chunks:
+                settle_oldest()
+            done = Event()
+            chunk = RowChunk(self.drop, name, outcome.sha256, index, rows)
+            self.container.spawn_worker(
+                self, (chunk,), {}, context_data={"correlation_id": outcome.sha256},
+                handle_result=lambda ctx, result, exc_info: (
+                    done.send(exc_info[1] if exc_info else None), (result, exc_info))[1])
+            inflight.append((index, done))
+
+        def on_row(n, values):
+            state["rows"].append(Row(n, f"{outcome.sha256}:{n}", values))
+            if len(state["rows"]) >= self.cfg.chunk_rows:
+                submit()
+
+        f, _ = open_regular(self.folder, name)
+        with f:
+            again = self.layout.scan(f, on_row, lambda n, problems: None)
+        if again.sha256 != outcome.sha256:
+            raise FileProblem("the file changed while it was being read")
+        if state["rows"]:
+            submit()
+        while inflight:
+            settle_oldest()
+
+    # -- endings ----------------------------------------------------------------
+
+    def _archive(self, name: str, st):
+        self._move(name, st, archive_folder(self.folder))
+
+    def _move(self, name: str, st, folder: Path):
+        try:
+            move_unique(self.folder / name, folder)
+            marker = self.folder / (name + self.cfg.completion.marker_suffix)
+            marker.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("file drop %s: cannot move %s to %s: %s; it will not be read again",
+                      self.drop, name, folder, exc, extra={"outcome": "unmovable"})
+            metrics.FILES.labels(self.drop, "unmovable").inc()
+            self.ledger.remember(self.drop, name, identity(st), "unmovable")
+
+    def _reject(self, name: str, st, outcome, reason: str, rejects: Path):
+        sha = outcome.sha256 if outcome else f"unreadable:{identity(st)}"
+        self.ledger.finish(self.drop, sha, name, "rejected", reason,
+                           outcome.rows if outcome else 0, outcome.bad_rows if outcome else 0)
+        if outcome and outcome.bad_rows:
+            move_unique(rejects, self.error)
+        else:
+            with open(rejects, "a", newline="", encoding="utf-8") as report:
+                csv.writer(report).writerow(["", "<file>", "", reason])
+            move_unique(rejects, self.error)
+        if outcome:
+            metrics.ROWS.labels(self.drop, "rejected").inc(outcome.rows + outcome.bad_rows)
+        metrics.FILES.labels(self.drop, "rejected").inc()
+        log.warning("file drop %s: rejected %s: %s", self.drop, name, reason, extra={"outcome": "rejected"})
+        self._move(name, st, self.error)
+
+    def _failed(self, name: str, st, outcome, attempts: int, reason: str):
+        if attempts < self.cfg.max_attempts:
+            delay = 2.0 ** attempts
+            log.warning("file drop %s: %s failed (%s); attempt %d again in %.0fs",
+                        self.drop, name, reason, attempts + 1, delay, extra={"outcome": "retry"})
+            self._retry_at[name] = time.monotonic() + delay
+            return
+        self.ledger.finish(self.drop, outcome.sha256, name, "failed", reason)
+        metrics.FILES.labels(self.drop, "failed").inc()
+        log.error("file drop %s: %s failed %d times (%s); moved to error/", self.drop, name,
+                  attempts, reason, extra={"outcome": "failed"})
+        self._move(name, st, self.error)
+
+
+file_drop = FileDrop.decorator

@@ -1,0 +1,58 @@
+"""Each store agent publishes as its own broker user, allowed nothing but
+publishing `pos.*` messages to `store_agent.events`; with AMQP `user_id`
+set to that user (the broker checks it), a consumer can trust which store
+sent a message (`x-retailbus-original-user-id` keeps it on parked ones).
+
+`retailbus agent broker-user --store S001` creates the user `store-S001`
+on the managed broker with a generated password kept in
+`var/stores/S001/broker_user.json` (mode 0600, never in git); the agent's
+forwarder then connects with it. Without that file it uses the bus URI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+EXCHANGE = "store_agent.events"
+TOPIC_WRITE = r"^pos\..+"
+
+
+def store_user(store_id: str) -> str:
+    return f"store-{store_id}"
+
+
+def permissions() -> dict:
+    """configure (to declare the exchange it publishes to), write, read; topic write."""
+    only = f"^{re.escape(EXCHANGE)}$"
+    return dict(configure=only, write=only, read="^$", topic_exchange=EXCHANGE, topic_write=TOPIC_WRITE)
+
+
+def credentials_path(outbox_path: Path) -> Path:
+    return outbox_path.parent / "broker_user.json"
+
+
+def provision(broker, store_id: str, path: Path) -> str:
+    """Create (or re-key) the store's user on `broker`; returns its user name."""
+    user, password = store_user(store_id), secrets.token_urlsafe(24)
+    broker.ensure_user(user, password, **permissions())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"user": user, "password": password}, f)
+    return user
+
+
+def store_uri(bus_uri: str, path: Path) -> str:
+    """The bus URI with the store's own user, when it has been provisioned."""
+    try:
+        creds = json.loads(path.read_text())
+    except FileNotFoundError:
+        return bus_uri
+    parts = urlsplit(bus_uri)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    netloc = f"{quote(creds['user'], safe='')}:{quote(creds['password'], safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))

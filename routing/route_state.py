@@ -1,0 +1,119 @@
+"""What a store agent knows about routing: the table it runs and how each route fares.
+
+The table is swapped atomically (one attribute assignment): a request reads
+`holder.table` once and finishes on that table even if a new one arrives
+meanwhile. Every accepted table is written to disk first, so an agent that
+restarts while the broker is down serves the last table it saved.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+from nameko.extensions import DependencyProvider
+from prometheus_client import Counter, Gauge, Histogram
+
+from routing.route_table import RouteTable, RouteTableError, load_route_table, parse_route_table
+from services.settings import retailbus_settings
+
+log = logging.getLogger(__name__)
+
+TABLE_VERSION = Gauge("retailbus_route_table_version", "Version of the route table this agent runs",
+                      ["store"])
+ROUTE_MESSAGES = Counter("retailbus_route_messages_total", "POS messages by route, mode and outcome",
+                         ["route", "mode", "outcome"])
+PARITY_RATIO = Gauge("retailbus_shadow_parity_ratio", "Share of shadowed messages whose bus result "
+                     "matched the legacy result", ["route"])
+DECISION_SECONDS = Histogram("retailbus_route_decision_seconds", "Route decision time",
+                             buckets=(1e-6, 2e-6, 5e-6, 1e-5, 5e-5, 1e-4))
+END_TO_END_SECONDS = Histogram("retailbus_route_seconds", "POS call time in the agent by route and mode",
+                               ["route", "mode"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                           0.25, 0.5, 1, 2.5, 5))
+
+
+class RouteTableHolder(DependencyProvider):
+    """The running table of one store agent, saved under its state folder."""
+
+    def setup(self):
+        settings = retailbus_settings(self.container.config)
+        self.store_id = os.environ.get("RETAILBUS_STORE") or self.container.config.get("STORE_ID")
+        self.saved = settings.path(Path("var/stores") / self.store_id / "routes.yaml")
+        self.table = self._initial(settings.path(settings.routes_file))
+        TABLE_VERSION.labels(self.store_id).set(self.table.version)
+        self.stats = RouteStats()
+
+    def _initial(self, configured: Path) -> RouteTable:
+        if self.saved.exists():
+            try:
+                return load_route_table(self.saved)
+            except RouteTableError as exc:
+                log.error("saved route table unusable, starting from %s: %s", configured, exc)
+        return load_route_table(configured)
+
+    def install(self, text: str, source: str) -> bool:
+        """Validate, save, swap. An older or equal version is ignored (redelivery, reordering)."""
+        table = parse_route_table(text, source)
+        if table.version <= self.table.version:
+            log.info("route table v%d ignored: running v%d", table.version, self.table.version)
+            return False
+        self.saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.saved.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.saved)
+        self.table = table
+        TABLE_VERSION.labels(self.store_id).set(table.version)
+        log.info("route table v%d installed", table.version, extra={"store": self.store_id})
+        return True
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+
+class RouteStats:
+    """Per route and mode: totals for status, and a sliding window for the guard."""
+
+    WINDOW = 3600.0
+
+    def __init__(self):
+        self.totals: dict[tuple[str, str, str], int] = {}
+        self.recent: deque[tuple[float, str, str, str]] = deque()
+        self.parity: dict[str, list[int]] = {}
+
+    def count(self, route: str, mode: str, outcome: str) -> None:
+        ROUTE_MESSAGES.labels(route, mode, outcome).inc()
+        key = (route, mode, outcome)
+        self.totals[key] = self.totals.get(key, 0) + 1
+        now = time.monotonic()
+        self.recent.append((now, route, mode, outcome))
+        while self.recent and self.recent[0][0] < now - self.WINDOW:
+            self.recent.popleft()
+
+    def shadowed(self, route: str, matched: bool) -> None:
+        seen = self.parity.setdefault(route, [0, 0])
+        seen[0] += 1
+        seen[1] += int(matched)
+        PARITY_RATIO.labels(route).set(seen[1] / seen[0])
+        self.count(route, "shadow", "parity" if matched else "mismatch")
+
+    def window(self, seconds: float) -> dict[str, dict[str, int]]:
+        """Counts per route of `<mode>_<outcome>` over the last `seconds`."""
+        since = time.monotonic() - seconds
+        out: dict[str, dict[str, int]] = {}
+        for at, route, mode, outcome in reversed(self.recent):
+            if at < since:
+                break
+            bucket = out.setdefault(route, {})
+            bucket[f"{mode}_{outcome}"] = bucket.get(f"{mode}_{outcome}", 0) + 1
+        return out
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (route, mode, outcome), n in self.totals.items():
+            out.setdefault(route, {})[f"{mode}_{outcome}"] = n
+        return out

@@ -1,0 +1,156 @@
+"""Stock look-ups that still answer when the ERP or the bus cannot.
+
+`GET /erp/stock` first asks the ERP (`erp.stock_level` over nameko RPC,
+bounded by `agent.stock_rpc_timeout`). When that fails or times out, the
+answer comes from the agent's local cache, marked `STALE` with the age of
+the data. The cache is fed by `erp.stock_changed.v1` events on the store's
+own durable queue (`store_agent-<STORE>.stock_changed`: each agent must see
+every change, so agents do not compete on one queue); other stores' rows
+are skipped. Events carry the new level, not a delta, and an older change
+never overwrites a newer one, so replays and reordering cannot drift.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import amqp
+import eventlet
+from nameko.standalone.rpc import ClusterRpcProxy
+from pydantic import ValidationError
+
+from contracts.envelope import CloudEvent
+from contracts.erp import ErpStockChangedV1
+from contracts.errors import ContractError
+from services.bus import topology
+from services.bus.publisher import connection_params
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stock (
+    sku        TEXT PRIMARY KEY,
+    on_hand    INTEGER,
+    changed_at TEXT NOT NULL,
+    deleted    INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def stock_queue(store_id: str) -> str:
+    return f"store_agent-{store_id}.stock_changed"
+
+
+class StockCache:
+    """The last known on-hand level per SKU of one store (a SQLite file)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def put(self, change: ErpStockChangedV1) -> bool:
+        """Record the change unless a newer one is already there; True if it was applied."""
+        at = change.changed_at.astimezone(timezone.utc).isoformat()
+        cur = self._db.execute(
+            "INSERT INTO stock (sku, on_hand, changed_at, deleted) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, "
+            "changed_at = excluded.changed_at, deleted = excluded.deleted "
+            "WHERE excluded.changed_at >= stock.changed_at",
+            (change.sku, change.on_hand, at, int(change.deleted)))
+        return cur.rowcount == 1
+
+    def get(self, sku: str) -> tuple[int, datetime] | None:
+        row = self._db.execute(
+            "SELECT on_hand, changed_at FROM stock WHERE sku = ? AND deleted = 0", (sku,)).fetchone()
+        return (row[0], datetime.fromisoformat(row[1])) if row else None
+
+    def close(self):
+        self._db.close()
+
+
+class StockFeed:
+    """Consumes `erp.stock_changed.v1` into the cache; reconnects with backoff."""
+
+    def __init__(self, uri: str, store_id: str, cache: StockCache):
+        self.uri = uri
+        self.store_id = store_id
+        self.cache = cache
+        self.queue = stock_queue(store_id)
+        self.exchange = topology.events_exchange("erp")
+        self.connected = False
+        self._running = False
+
+    def run(self):
+        self._running = True
+        backoff = 0.5
+        while self._running:
+            conn = None
+            try:
+                conn = amqp.Connection(**connection_params(self.uri, 5))
+                conn.connect()
+                channel = conn.channel()
+                channel.basic_qos(0, 100, False)
+                topology.declare_exchange(channel, self.exchange)
+                channel.queue_declare(self.queue, durable=True, auto_delete=False)
+                channel.queue_bind(self.queue, self.exchange, ErpStockChangedV1.TYPE)
+                channel.basic_consume(self.queue, callback=partial(self._on_message, channel))
+                self.connected, backoff = True, 0.5
+                while self._running:
+                    try:
+                        conn.drain_events(timeout=1)
+                    except TimeoutError:
+                        pass
+                    conn.heartbeat_tick()
+                self.connected = False
+                conn.close()
+            except Exception as exc:
+                self.connected = False
+                if conn is not None:
+                    conn.collect()
+                if not self._running:
+                    return
+                log.warning("stock feed disconnected (%s); retrying in %.1fs", exc, backoff)
+                eventlet.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 15.0)
+
+    def stop(self):
+        self._running = False
+
+    def _on_message(self, channel, message: amqp.Message):
+        try:
+            event = CloudEvent.from_json(message.body)
+            change = ErpStockChangedV1.model_validate(event.data)
+        except (ContractError, ValidationError) as exc:
+            # a cache cannot hold what it cannot read; the ERP stays the truth
+            log.error("skipping unreadable stock change: %s", exc,
+                      extra={"id": message.properties.get("message_id"), "correlationid": None})
+        else:
+            if change.store_id == self.store_id:
+                self.cache.put(change)
+        channel.basic_ack(message.delivery_tag)
+
+
+def ask_erp(uri: str, store_id: str, sku: str, timeout: float) -> dict | None:
+    """`erp.stock_level` over RPC; raises on timeout or when the bus is down."""
+    with eventlet.Timeout(timeout):
+        with ClusterRpcProxy({"AMQP_URI": uri}, timeout=timeout) as rpc:
+            return rpc.erp.stock_level(store_id, sku)
+
+
+def stock_answer(store_id: str, sku: str, fresh: dict | None, cached, now: datetime) -> tuple[int, dict]:
+    """The legacy answer: the ERP's when it answered, else the cache's marked stale."""
+    if fresh is not None:
+        return 200, {"STORE": store_id, "SKU": sku, "ON_HAND": fresh["on_hand"], "STALE": False,
+                     "AS_OF": fresh.get("as_of")}
+    if cached is None:
+        return 503, {"STATUS": "ERROR", "MESSAGE": f"STORE/SKU: the ERP cannot answer and no cached "
+                                                   f"stock level exists for {store_id}/{sku}"}
+    on_hand, as_of = cached
+    return 200, {"STORE": store_id, "SKU": sku, "ON_HAND": on_hand, "STALE": True,
+                 "AS_OF": as_of.isoformat(), "AGE_SECONDS": round((now - as_of).total_seconds(), 1)}

@@ -1,0 +1,67 @@
+"""The events the erp service announces once a posting is committed: contract <- posting.
+
+Ids are minted once, when the event enters the outbox, so a re-sent event is
+the same message; the idempotency key names the ERP document, so every
+consumer can recognise a repeat.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from prometheus_client import Counter
+
+from contracts.envelope import CloudEvent
+from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, PostedLine
+from contracts.pos import PosReturnV1, PosSaleV1
+from services.bus.publisher import Unroutable
+
+log = logging.getLogger(__name__)
+SOURCE = "erp"
+REFUSED = Counter("retailbus_cdc_refused_total", "Captured legacy rows the contract refused", ["table"])
+
+
+def _document(txn: PosSaleV1 | PosReturnV1, doc_no: str) -> dict:
+    return dict(
+        store_id=txn.store_id, pos_txn_id=txn.pos_txn_id, doc_no=doc_no,
+        business_day=txn.business_day, posted_at=datetime.now(timezone.utc),
+        currency=txn.currency, total_minor=txn.total_minor, loyalty_card=txn.loyalty_card,
+        lines=[PostedLine(sku=line.sku, quantity=line.quantity, line_total_minor=line.line_total_minor)
+               for line in txn.lines])
+
+
+def sale_posted(sale: PosSaleV1, doc_no: str, correlationid: str | None) -> CloudEvent:
+    data = ErpSalePostedV1(**_document(sale, doc_no))
+    return CloudEvent.new(ErpSalePostedV1.TYPE, SOURCE, data, subject=doc_no, correlationid=correlationid,
+                          idempotencykey=f"{ErpSalePostedV1.TYPE}:{doc_no}")
+
+
+def return_posted(ret: PosReturnV1, doc_no: str, original_doc_no: str | None,
+                  correlationid: str | None) -> CloudEvent:
+    data = ErpReturnPostedV1(
+        **_document(ret, doc_no), original_doc_no=original_doc_no,
+        original_pos_txn_id=ret.original.pos_txn_id if ret.original else None)
+    return CloudEvent.new(ErpReturnPostedV1.TYPE, SOURCE, data, subject=doc_no, correlationid=correlationid,
+                          idempotencykey=f"{ErpReturnPostedV1.TYPE}:{doc_no}")
+
+
+def publish_changes(publisher, changes, mapper, table: str) -> int:
+    """Map captured rows to events and publish them, confirmed; returns how many left.
+
+    A row the contract refuses (legacy data the contract cannot carry) is
+    logged and counted, not retried: no retry can change the row, and holding
+    it would stop the capture of every later change. Unroutable events (no
+    subscriber yet) are not an error for the same reason. Any other publish
+    failure raises, so the batch comes again.
+    """
+    out = []
+    for change in changes:
+        try:
+            out.append(mapper(change.row, deleted=change.deleted) if change.deleted else mapper(change.row))
+        except (ValueError, TypeError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
+            REFUSED.labels(table).inc()
+            log.error("%s row refused by the contract: %s", table, exc, extra={"id": repr(change.row)[:200]})
+    errors = [e for e in publisher.publish_many(out) if e is not None and not isinstance(e, Unroutable)]
+    if errors:
+        raise errors[0]
+    return len(out)

@@ -1,0 +1,158 @@
+"""The transactional outbox of the erp service: events written in the posting's transaction.
+
+Publishing after the commit could lose the event (crash in between) and
+publishing before it could announce a posting that then rolls back. So the
+worker inserts the event into RB_OUTBOX with its effect, in one transaction
+of the legacy database, and a relay publishes committed rows with the
+confirming publisher and marks them sent after the broker confirmed: never
+an effect without its event, never an event without its effect. A crash
+between confirm and mark re-sends, which consumers absorb by idempotencykey.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+
+from nameko.extensions import DependencyProvider
+from prometheus_client import Counter
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bindparam, select, update
+from sqlalchemy.engine import Connection
+
+from contracts.envelope import CloudEvent
+from legacy_wrappers.legacy_db import LegacyEngines
+from services.bus import topology
+from services.bus.extensions import BusConnection
+from services.bus.publisher import OutgoingMessage, Unroutable
+
+log = logging.getLogger(__name__)
+
+RELAYED = Counter("retailbus_outbox_relayed_total",
+                  "Outbox events relayed to the broker, by outcome (confirmed, unroutable, failed)",
+                  ["exchange", "outcome"])
+
+metadata = MetaData()
+OUTBOX = Table(
+    "RB_OUTBOX", metadata,
+    Column("ID", Integer, primary_key=True, autoincrement=True),
+    Column("EVENT_ID", String(40), nullable=False),
+    Column("TYPE", String(80), nullable=False),
+    Column("CORRELATION_ID", String(200)),
+    Column("BODY", Text, nullable=False),
+    Column("CREATED_TS", String(32), nullable=False),
+    Column("SENT_TS", String(32)),
+    Index("IX_RB_OUTBOX_UNSENT", "SENT_TS", "ID"),
+)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def add(conn: Connection, events: list[CloudEvent]) -> None:
+    """Queue `events` in the caller's transaction; they leave once it commits."""
+    conn.execute(OUTBOX.insert(), [
+        dict(EVENT_ID=e.id, TYPE=e.type, CORRELATION_ID=e.correlationid,
+             BODY=e.to_json().decode(), CREATED_TS=_now()) for e in events])
+
+
+class _Writer:
+    def __init__(self, provider: "Outbox", worker_ctx):
+        self._provider, self._worker_ctx = provider, worker_ctx
+
+    def add(self, conn: Connection, *events: CloudEvent) -> None:
+        add(conn, list(events))
+        self._provider.touched.add(self._worker_ctx)
+
+
+class Outbox(DependencyProvider):
+    """`self.outbox.add(self.db.conn, event)` in a worker; a relay thread publishes.
+
+    The relay is woken when a worker that added events has ended (its
+    transaction is then committed) and polls every `interval` seconds for
+    rows left by a crash or a failed publish.
+    """
+
+    bus = BusConnection()
+    engines = LegacyEngines()
+
+    def __init__(self, config_key: str = "LEGACY_DB_URI", batch: int = 500, interval: float = 1.0):
+        self.config_key = config_key
+        self.batch = batch
+        self.interval = interval
+        self.touched: set = set()
+        self._wake = threading.Event()
+        self._running = False
+
+    def setup(self):
+        self.exchange = topology.events_exchange(self.container.service_name)
+        self.bus.register_exchange(self.exchange)
+        self.engine = self.engines.engine(self.config_key)
+
+    def start(self):
+        self._running = True
+        self._thread = self.container.spawn_managed_thread(self._relay, identifier="outbox_relay")
+
+    def stop(self):
+        self._running = False
+        self._wake.set()
+        self._thread.wait()
+
+    def kill(self):
+        self._running = False
+        self._thread.kill()
+
+    def get_dependency(self, worker_ctx):
+        return _Writer(self, worker_ctx)
+
+    def worker_teardown(self, worker_ctx):
+        if worker_ctx in self.touched:  # teardown follows every worker_result: committed by now
+            self.touched.discard(worker_ctx)
+            self._wake.set()
+
+    def _relay(self):
+        while self._running:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                while self._running and self.relay_once() == self.batch:
+                    pass
+            except Exception as exc:  # database or broker away: rows stay, next round retries
+                log.warning("outbox relay failed: %s", exc)
+
+    def relay_once(self) -> int:
+        """Publish up to `batch` unsent rows; returns how many were read."""
+        o = OUTBOX.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(o.ID, o.EVENT_ID, o.TYPE, o.CORRELATION_ID, o.BODY)
+                                .where(o.SENT_TS.is_(None)).order_by(o.ID).limit(self.batch)).all()
+            conn.rollback()
+        if not rows:
+            return 0
+        messages = [OutgoingMessage(exchange=self.exchange, routing_key=r.TYPE, body=r.BODY.encode(),
+                                    message_id=r.EVENT_ID, correlation_id=r.CORRELATION_ID, type=r.TYPE)
+                    for r in rows]
+        results = self.bus.publisher.publish_many(messages)
+        done = []
+        for row, error in zip(rows, results):
+            if error is None:
+                RELAYED.labels(self.exchange, "confirmed").inc()
+                done.append(row.ID)
+            elif isinstance(error, Unroutable):
+                # No queue is bound: no consumer has ever subscribed. Holding the event
+                # back would block the outbox forever; a subscriber's durable queue
+                # keeps everything published after it first started.
+                RELAYED.labels(self.exchange, "unroutable").inc()
+                log.warning("%s had no subscriber: %s", row.TYPE, error,
+                            extra={"id": row.EVENT_ID, "correlationid": row.CORRELATION_ID})
+                done.append(row.ID)
+            else:
+                RELAYED.labels(self.exchange, "failed").inc()
+        if done:
+            with self.engine.begin() as conn:
+                conn.execute(update(OUTBOX).where(o.ID.in_(bindparam("ids", expanding=True)))
+                             .values(SENT_TS=_now()), {"ids": done})
+        if len(done) < len(rows):
+            raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
+        return len(rows)
+

@@ -1,0 +1,37 @@
+"""Rows of the demo estate's batch files <-> retail contracts (plain functions)."""
+from __future__ import annotations
+
+from contracts.batch import BatchItem, EventBatchV1
+from contracts.customer import CustomerUpdatedV1
+from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
+from contracts.envelope import CloudEvent
+from legacy_wrappers.filedrop.inbound import RowChunk
+
+ROW_TYPES = {"customers": CustomerUpdatedV1, "stock": ErpStockChangedV1}
+
+
+def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
+    """One envelope per chunk; each row validated as its contract and keyed `<sha256>:<row>`.
+
+    A row the contract refuses raises ContractError naming the row: the file fails.
+    """
+    model = ROW_TYPES[chunk.drop]
+    items = [BatchItem.model_construct(
+        row=r.row, idempotencykey=r.idempotencykey,
+        data=model.model_validate(r.values).model_dump(mode="json")) for r in chunk.rows]
+    batch = EventBatchV1.model_construct(item_type=model.TYPE, file=chunk.file, sha256=chunk.sha256,
+                                         items=items)
+    return CloudEvent.new(EventBatchV1.TYPE, source, batch, subject=model.TYPE,
+                          idempotencykey=f"{chunk.sha256}:chunk:{chunk.index}",
+                          correlationid=None)
+
+
+def points_record(doc: ErpSalePostedV1 | ErpReturnPostedV1) -> dict | None:
+    """The loyalty job's record: one point per whole currency unit; None when nothing to book."""
+    points = abs(doc.total_minor) // 100
+    if not doc.loyalty_card or points == 0:
+        return None
+    return {"kind": "R" if isinstance(doc, ErpReturnPostedV1) else "A", "card": doc.loyalty_card,
+            "store_id": doc.store_id, "pos_txn_id": doc.pos_txn_id,
+            "business_day": doc.business_day.strftime("%Y%m%d"), "points": points,
+            "basis_minor": abs(doc.total_minor), "currency": doc.currency}

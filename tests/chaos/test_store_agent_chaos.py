@@ -1,0 +1,281 @@
+"""Store agent resilience, with real processes on a broker node this module owns
+(never the shared session broker): the store keeps selling through a broker
+outage, an agent kill -9, an ERP outage and a full disk, and every accepted
+sale reaches the legacy ERP database exactly once, in store order.
+
+The tests run in file order and share one estate (broker, legacy DB, agents,
+erp); each leaves it running for the next, and checks the whole ERP state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import suppress
+from pathlib import Path
+
+import amqp
+import eventlet
+import pytest
+
+from contracts.envelope import CloudEvent
+from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
+from routing.edge_auth import TerminalKeys, signed_headers
+from routing.legacy_payload import sale_from_legacy
+from routing.outbox import Outbox
+from services.bus import topology
+from services.bus.publisher import connection_params
+from tests.conftest import free_ports, start_broker
+from tests.integration.support import legacy_sale, nameko_run, stop, wait_for, write_config
+
+pytestmark = pytest.mark.chaos
+
+SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
+STORES = ("S001", "S002", "S003")  # S003's outbox lives on a tiny tmpfs
+
+
+class Estate:
+    def __init__(self, root: Path, broker, legacy_db: Path, ports: dict, keys: dict):
+        self.root, self.broker, self.legacy_db, self.ports, self.keys = root, broker, legacy_db, ports, keys
+        self.config = None
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.sent: dict[str, list[str]] = {s: [] for s in STORES}  # POS order of accepted sales
+
+    def env(self, **extra) -> dict:
+        return {"RETAILBUS_AMQP_URI": self.broker.uri(), **extra}
+
+    def start_agent(self, store: str):
+        self.processes[store] = nameko_run(
+            self.config, "routing.store_agent", self.root / f"agent-{store}.log",
+            **self.env(RETAILBUS_STORE=store, WEB_SERVER_ADDRESS=f"127.0.0.1:{self.ports[store]}"))
+        assert wait_for(lambda: self.health(store) is not None, timeout=60), self.log(f"agent-{store}")
+
+    def start_erp(self):
+        self.processes["erp"] = nameko_run(self.config, "services.erp", self.root / "erp.log", **self.env())
+        assert wait_for(lambda: self.queue(SALES_QUEUE)[1] == 1, timeout=60), self.log("erp")
+
+    def stop(self, name: str):
+        stop(self.processes.pop(name))
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()[-3000:]
+
+    def health(self, store: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[store]}/healthz", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    def queue(self, name: str) -> tuple[int, int]:
+        conn = amqp.Connection(**connection_params(self.broker.uri(), 5))
+        conn.connect()
+        try:
+            ok = conn.channel().queue_declare(name, passive=True)
+            return ok.message_count, ok.consumer_count
+        except amqp.exceptions.NotFound:
+            return 0, 0
+        finally:
+            conn.collect()
+
+    def post(self, store: str, txn_id: str) -> tuple[int, dict, float]:
+        data = json.dumps(legacy_sale(txn_id, store=store)).encode()
+        headers = {"Content-Type": "application/json",
+                   **signed_headers("07", self.keys[store], "POST", "/erp/sales", data)}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[store]}/erp/sales", data=data,
+                                     headers=headers, method="POST")
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                status, body = r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, json.loads(exc.read())
+        return status, body, time.monotonic() - started
+
+    def till(self, store: str, prefix: str, count: int, rate: float) -> list[tuple[int, float]]:
+        """One POS till selling `count` sales at `rate`/s, each after the previous answer."""
+        results, next_at = [], time.monotonic()
+        for n in range(count):
+            eventlet.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += 1 / rate
+            txn = f"{store}-{prefix}{n:05d}"
+            status, _, seconds = self.post(store, txn)
+            if status == 200:
+                self.sent[store].append(txn)
+            results.append((status, seconds))
+        return results
+
+    def posted(self, store: str) -> list[str]:
+        """POS_TXN_IDs of the store's sales in the legacy ERP, in DOC_NO order."""
+        with sqlite3.connect(self.legacy_db) as db:
+            return [r[0] for r in db.execute(
+                "SELECT POS_TXN_ID FROM SLS_HDR WHERE STORE_NO = ? AND DOC_TYPE = 'S' ORDER BY DOC_NO",
+                (store,))]
+
+    def assert_exactly_once_in_order(self, timeout: float = 180):
+        expected = sum(len(v) for v in self.sent.values())
+        total = lambda: sum(len(self.posted(s)) for s in STORES)  # noqa: E731
+        assert wait_for(lambda: total() >= expected, timeout=timeout, interval=0.5), \
+            f"{total()} of {expected} posted\n{self.log('erp')}"
+        time.sleep(1)  # anything extra (a duplicate) would land now
+        for store in STORES:
+            assert self.posted(store) == self.sent[store], f"{store}: lost, doubled or out of order"
+
+
+@pytest.fixture(scope="module")
+def estate(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chaos")
+    broker = start_broker(root / "broker")
+    legacy_db = root / "legacy_erp.db"
+    engine = engine_for(f"sqlite:///{legacy_db}")
+    create_schema(engine)
+    with engine.begin() as conn:
+        seed_demo_data(conn)
+    engine.dispose()
+    ports = dict(zip(STORES, free_ports(3)))
+    tiny = root / "tiny"
+    tiny.mkdir()
+    stores = [{"id": s, "http": f"127.0.0.1:{ports[s]}"} for s in STORES]
+    stores[2]["outbox"] = str(tiny / "outbox.db")
+    keys = {}
+    for store in STORES:
+        path = (tiny if store == "S003" else root / "var" / "stores" / store) / "terminal_keys.json"
+        keys[store] = path
+    e = Estate(root, broker, legacy_db, ports, {})
+    e.config = write_config(root, broker.uri(), legacy_db=f"sqlite:///{legacy_db}",
+                            retry={"delays": [1, 2, 5], "prefetch": 64}, stores=stores)
+    e.tiny = tiny
+    e.key_paths = keys
+    try:
+        for store in ("S001", "S002"):
+            e.keys[store] = bytes.fromhex(TerminalKeys(keys[store]).add("07"))
+        e.start_erp()
+        for store in ("S001", "S002"):
+            e.start_agent(store)
+        yield e
+    finally:
+        for name in list(e.processes):
+            with suppress(Exception):
+                e.stop(name)
+        try:
+            broker.stop()
+        finally:
+            if broker.is_running():
+                broker.kill()
+
+
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[int(len(ordered) * 0.99) - 1]
+
+
+@pytest.mark.timeout(400)
+def test_broker_down_30s_while_2000_sales_arrive(estate):
+    estate.broker.stop()
+    down_at = time.monotonic()
+    tills = [eventlet.spawn(estate.till, store, "BRK", 1000, 50.0) for store in ("S001", "S002")]
+    results = [r for t in tills for r in t.wait()]
+    health = estate.health("S001")
+    eventlet.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
+    estate.broker.start()
+
+    statuses = {s for s, _ in results}
+    latencies = [seconds for _, seconds in results]
+    print(f"\naccept latency during the outage: p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, "
+          f"p99 {p99(latencies) * 1000:.1f} ms over {len(latencies)} sales")
+    assert statuses == {200} and len(results) == 2000
+    assert p99(latencies) < 0.050
+    assert health["broker_connected"] is False and health["outbox_depth"] >= 900
+    assert health["breaker_state"] in ("open", "half-open")
+    estate.assert_exactly_once_in_order()
+    assert wait_for(lambda: estate.health("S001")["outbox_depth"] == 0, timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_agent_killed_mid_drain_loses_and_doubles_nothing(estate):
+    estate.stop("S001")
+    outbox = Outbox(estate.root / "var" / "stores" / "S001" / "outbox.db")
+    backlog = []
+    pool = eventlet.GreenPool(200)
+    for n in range(3000):
+        txn = f"S001-KIL{n:05d}"
+        sale = sale_from_legacy(legacy_sale(txn))
+        backlog.append(CloudEvent.new("pos.sale.v1", "store/S001/pos/07", sale, subject=txn,
+                                      idempotencykey=f"pos.sale.v1:S001:{txn}"))
+    list(pool.imap(outbox.accept, backlog))  # the order of the outbox is the POS order
+    outbox.close()
+    with sqlite3.connect(estate.root / "var" / "stores" / "S001" / "outbox.db") as db:
+        estate.sent["S001"] += [json.loads(b)["subject"] for (b,) in db.execute(
+            "SELECT body FROM outbox WHERE sent_at IS NULL ORDER BY seq")]
+
+    def unsent_rows() -> int:
+        with sqlite3.connect(estate.root / "var" / "stores" / "S001" / "outbox.db") as db:
+            return db.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+
+    estate.start_agent("S001")
+    assert wait_for(lambda: unsent_rows() <= 2500, timeout=30, interval=0.005)
+    estate.processes["S001"].send_signal(signal.SIGKILL)
+    estate.processes.pop("S001").wait()
+    left = unsent_rows()
+    print(f"\nkilled with {left} of 3000 unsent")
+    assert 0 < left < 3000, "the kill must land mid-drain"
+    estate.start_agent("S001")
+    estate.assert_exactly_once_in_order()
+
+
+@pytest.mark.timeout(300)
+def test_erp_down_60s_backlog_drains_nothing_dead_lettered(estate):
+    estate.stop("erp")
+    down_at = time.monotonic()
+    results = estate.till("S002", "ERP", 500, 100.0)
+    assert {s for s, _ in results} == {200}
+    eventlet.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
+    assert estate.queue(SALES_QUEUE)[0] >= 500  # waiting at the broker, not lost
+    estate.start_erp()
+    estate.assert_exactly_once_in_order()
+    assert estate.queue(topology.dead_letter_queue(SALES_QUEUE))[0] == 0
+    assert all(estate.queue(topology.retry_queue(SALES_QUEUE, n))[0] == 0 for n in (1, 2, 3))
+
+
+@pytest.mark.timeout(180)
+def test_full_disk_is_503_nothing_half_written_and_recovers(estate):
+    tiny = estate.tiny
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(tiny)], check=True,
+                       capture_output=True)
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc}); see the unit test of a full outbox")
+    try:
+        estate.keys["S003"] = bytes.fromhex(TerminalKeys(estate.key_paths["S003"]).add("07"))
+        estate.start_agent("S003")
+        assert estate.post("S003", "S003-DSK00001")[0] == 200
+        estate.sent["S003"].append("S003-DSK00001")
+        filler = tiny / "filler"
+        with suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        statuses = [estate.post("S003", f"S003-DSK{n:05d}") for n in range(2, 40)]
+        refused = [(s, b) for s, b, _ in statuses if s != 200]
+        assert refused, "the disk never filled"
+        assert all(s == 503 and "NOT recorded" in b["MESSAGE"] for s, b in refused)
+        accepted = [f"S003-DSK{n:05d}" for n, (s, _, _) in zip(range(2, 40), statuses) if s == 200]
+        estate.sent["S003"] += accepted
+        with sqlite3.connect(tiny / "outbox.db") as db:
+            subjects = [json.loads(b)["subject"] for (b,) in db.execute("SELECT body FROM outbox ORDER BY seq")]
+        assert subjects == estate.sent["S003"]  # every refused sale left no row
+        filler.unlink()
+        status, body, _ = estate.post("S003", "S003-DSK09999")
+        assert status == 200, body
+        estate.sent["S003"].append("S003-DSK09999")
+        estate.assert_exactly_once_in_order()
+    finally:
+        if "S003" in estate.processes:
+            estate.stop("S003")
+        subprocess.run(["umount", str(tiny)], capture_output=True)

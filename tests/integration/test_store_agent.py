@@ -1,0 +1,188 @@
+"""The store agent against a real RabbitMQ: its broker user may publish nothing but
+its own `pos.*` messages; forwarded messages carry the store order; the stock
+cache answers (marked stale) when the ERP cannot."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+import urllib.error
+import urllib.request
+
+import amqp
+import pytest
+from nameko.rpc import rpc
+
+from contracts.envelope import CloudEvent
+from contracts.erp import ErpStockChangedV1
+from routing import broker_user
+from routing.edge_auth import TerminalKeys, signed_headers
+from services.bus import topology
+from services.bus.publisher import ConfirmingPublisher, connection_params
+from services.bus.extensions import event_message
+from tests.conftest import free_port
+from tests.integration.support import legacy_sale, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def connect(uri: str):
+    conn = amqp.Connection(**connection_params(uri, 5))
+    conn.connect()
+    return conn
+
+
+def admin_queue(uri: str, name: str, exchange: str, key: str):
+    conn = connect(uri)
+    try:
+        ch = conn.channel()
+        topology.declare_exchange(ch, exchange)
+        ch.queue_delete(name)
+        ch.queue_declare(name, durable=True, auto_delete=False)
+        ch.queue_bind(name, exchange, key)
+    finally:
+        conn.close()
+
+
+def try_publish(uri: str, exchange: str, key: str, user_id: str | None = None):
+    """Publish with confirms as the URI's user; the broker's refusal closes the channel."""
+    conn = connect(uri)
+    try:
+        ch = conn.channel()
+        props = {"user_id": user_id} if user_id else {}
+        ch.basic_publish_confirm(amqp.Message(b"{}", **props), exchange, key, timeout=5)
+    finally:
+        conn.collect()
+
+
+@pytest.mark.timeout(120)
+def test_store_broker_user_may_only_publish_its_own_pos_messages(broker, amqp_uri, tmp_path):
+    path = tmp_path / "broker_user.json"
+    user = broker_user.provision(broker, "S001", path)
+    assert user == "store-S001" and oct(path.stat().st_mode & 0o777) == "0o600"
+    uri = broker_user.store_uri(amqp_uri, path)
+    admin_queue(amqp_uri, "t.store-user", "store_agent.events", "pos.#")
+    admin_queue(amqp_uri, "t.store-user-other", "erp.events", "#")
+
+    try_publish(uri, "store_agent.events", "pos.sale.v1", user_id=user)  # allowed
+    with pytest.raises(amqp.exceptions.AccessRefused, match="erp.events"):
+        try_publish(uri, "erp.events", "pos.sale.v1")
+    with pytest.raises(amqp.exceptions.AccessRefused, match="erp.stock_changed.v1"):
+        try_publish(uri, "store_agent.events", "erp.stock_changed.v1")
+    with pytest.raises(amqp.exceptions.PreconditionFailed, match="user_id"):
+        try_publish(uri, "store_agent.events", "pos.sale.v1", user_id="store-S002")
+    conn = connect(amqp_uri)
+    try:
+        ch = conn.channel()
+        assert ch.queue_declare("t.store-user", passive=True).message_count == 1
+        assert ch.queue_declare("t.store-user-other", passive=True).message_count == 0
+    finally:
+        conn.close()
+
+
+class StandInErp:
+    """The `erp.stock_level` RPC as issue 6 specifies it, answering from a dict."""
+
+    name = "erp"
+    levels: dict = {}
+
+    @rpc
+    def stock_level(self, store_id, sku):
+        on_hand = self.levels.get((store_id, sku))
+        if on_hand is None:
+            return None
+        return {"store_id": store_id, "sku": sku, "on_hand": on_hand, "as_of": "2026-11-27T10:00:00+00:00"}
+
+
+@pytest.fixture
+def agent(container_factory, amqp_uri, tmp_path, monkeypatch):
+    from routing.agent import StoreAgent
+
+    monkeypatch.delenv("RETAILBUS_STORE", raising=False)
+    port = free_port()
+    keys = TerminalKeys(tmp_path / "var" / "stores" / "S001" / "terminal_keys.json")
+    key = bytes.fromhex(keys.add("07"))
+    config = {"AMQP_URI": amqp_uri, "WEB_SERVER_ADDRESS": f"127.0.0.1:{port}", "STORE_ID": "S001",
+              "max_workers": 16,
+              "RETAILBUS": {"root": str(tmp_path), "stores": [{"id": "S001", "http": f"127.0.0.1:{port}"}],
+                            "agent": {"stock_rpc_timeout": 1.0}}}
+    container = container_factory(StoreAgent, config)
+    container.start()
+    base = f"http://127.0.0.1:{port}"
+    assert wait_for(lambda: call(base, "GET", "/healthz", key)[1].get("stock_feed_connected"), timeout=15)
+    return base, key
+
+
+def call(base: str, method: str, path: str, key: bytes, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else b""
+    headers = {"Content-Type": "application/json", **signed_headers("07", key, method, path, data)}
+    req = urllib.request.Request(base + path, data=data if body is not None else None,
+                                 method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def stock_event(store: str, sku: str, on_hand: int) -> CloudEvent:
+    change = ErpStockChangedV1(store_id=store, sku=sku, on_hand=on_hand,
+                               changed_at=datetime.now(timezone.utc))
+    return CloudEvent.new(ErpStockChangedV1.TYPE, "erp/stock", change,
+                          idempotencykey=f"stock:{store}:{sku}:{on_hand}")
+
+
+@pytest.mark.timeout(120)
+def test_stock_answer_from_the_erp_or_from_the_cache_with_its_age(agent, container_factory, amqp_uri):
+    base, key = agent
+    publisher = ConfirmingPublisher(amqp_uri)
+    try:
+        for event in (stock_event("S001", "100001", 40), stock_event("S002", "100001", 5),
+                      stock_event("S001", "100002", 7)):
+            publisher.publish(event_message(event, "erp.events"))
+    finally:
+        publisher.close()
+    path = "/erp/stock?STORE=S001&SKU=100001"
+    # no erp service: the RPC fails within its timeout and the cache answers, marked stale
+    assert wait_for(lambda: call(base, "GET", path, key)[0] == 200, timeout=10)
+    started = time.monotonic()
+    status, body = call(base, "GET", path, key)
+    assert time.monotonic() - started < 3
+    assert status == 200 and body["ON_HAND"] == 40 and body["STALE"] is True
+    assert body["STORE"] == "S001" and body["SKU"] == "100001"
+    assert 0 <= body["AGE_SECONDS"] < 30 and body["AS_OF"]
+    assert call(base, "GET", "/erp/stock?STORE=S001&SKU=100003", key)[0] == 503  # never cached
+
+    StandInErp.levels = {("S001", "100001"): 38}
+    erp = container_factory(StandInErp, {"AMQP_URI": amqp_uri})
+    erp.start()
+    status, body = call(base, "GET", path, key)
+    assert status == 200 and body["ON_HAND"] == 38 and body["STALE"] is False
+    status, body = call(base, "GET", "/erp/stock?STORE=S001&SKU=100002", key)
+    assert status == 404  # the ERP answers: no record there
+
+
+@pytest.mark.timeout(120)
+def test_forwarded_sale_carries_store_sequence_and_user(agent, amqp_uri):
+    base, key = agent
+    queue = "t.agent-forwarded"
+    admin_queue(amqp_uri, queue, "store_agent.events", "pos.sale.v1")
+    for n in (1, 2):
+        status, body = call(base, "POST", "/erp/sales", key, legacy_sale(f"S001-07-FWD{n}"))
+        assert status == 200 and body["STATUS"] == "OK"
+    conn = connect(amqp_uri)
+    try:
+        ch = conn.channel()
+        assert wait_for(lambda: ch.queue_declare(queue, passive=True).message_count == 2, timeout=10)
+        messages = [ch.basic_get(queue, no_ack=True) for _ in (1, 2)]
+    finally:
+        conn.close()
+    seqs = [m.properties["application_headers"]["x-retailbus-store-seq"] for m in messages]
+    assert seqs[1] == seqs[0] + 1
+    assert {m.properties["application_headers"]["x-retailbus-store"] for m in messages} == {"S001"}
+    assert messages[0].properties["user_id"] == connection_params(amqp_uri, 5)["userid"]
+    subjects = [json.loads(m.body)["subject"] for m in messages]
+    assert subjects == ["S001-07-FWD1", "S001-07-FWD2"]
+    _, health = call(base, "GET", "/healthz", key)
+    assert health["broker_connected"] is True and health["breaker_state"] == "closed"
+    assert health["last_confirm_time"] and health["outbox_depth"] == 0
