@@ -25,7 +25,7 @@ from contracts.errors import ContractError
 from services.bus import metrics, topology
 from services.bus.extensions import BusConnection, container_settings
 from services.bus.publisher import OutgoingMessage, PublishError, connection_params
-from services.bus.wire import CoalescingWriter
+from services.bus.wire import CoalescingWriter, buffered_reads
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
                 provider.queue, callback=partial(self._deliver, provider))
         # From here on frames (acks, heartbeats) leave through one writer greenthread.
         self._writer = CoalescingWriter(conn, lambda exc: conn.collect())
+        buffered_reads(conn)
         self._conn, self._channel = conn, channel
         metrics.BROKER_CONNECTED.labels("consumer").set(1)
         if not self.ready.ready():

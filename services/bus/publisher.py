@@ -22,7 +22,7 @@ from eventlet.event import Event
 from eventlet.semaphore import Semaphore
 
 from services.bus import metrics
-from services.bus.wire import CoalescingWriter
+from services.bus.wire import CoalescingWriter, buffered_reads
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,48 @@ class OutgoingMessage:
         return amqp.Message(self.body, **props)
 
 
-class _Pending:
-    __slots__ = ("event", "error", "message_id", "deadline")
+class _Latch:
+    """Released when every publish of a group is settled: one wake-up per group."""
 
-    def __init__(self, message_id, deadline):
+    __slots__ = ("left", "event")
+
+    def __init__(self, count: int):
+        self.left = count
         self.event = Event()
+
+    def count_down(self):
+        self.left -= 1
+        if self.left == 0:
+            self.event.send(True)
+
+
+class _Window:
+    """At most `size` unconfirmed publishes; a group takes its slots all at once
+    (two groups taking slots one by one could each hold half and wait forever)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.used = 0
+        self._freed = Event()
+
+    def acquire(self, n: int, deadline: float) -> bool:
+        while self.used and self.used + n > self.size:
+            if self._freed.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
+                return False
+        self.used += n
+        return True
+
+    def release(self, n: int):
+        self.used -= n
+        freed, self._freed = self._freed, Event()
+        freed.send(True)
+
+
+class _Pending:
+    __slots__ = ("latch", "error", "message_id", "deadline")
+
+    def __init__(self, message_id, deadline, latch: _Latch):
+        self.latch = latch
         self.error = None
         self.message_id = message_id
         self.deadline = deadline
@@ -107,7 +144,7 @@ class ConfirmingPublisher:
         self.confirm_timeout = confirm_timeout
         self.connect_timeout = connect_timeout
         self.attempts = attempts
-        self._window = Semaphore(window)
+        self._window = _Window(window)
         self._connect_lock = Semaphore(1)
         self._conn = None
         self._channel = None
@@ -127,29 +164,34 @@ class ConfirmingPublisher:
         Raises Unroutable at once (retrying cannot help), PublishError when the
         deadline passes: it never hangs on a dead connection.
         """
-        deadline = time.monotonic() + (timeout or self.confirm_timeout)
-        last_error = None
-        for attempt in range(self.attempts):
-            try:
-                self._publish_once(message, deadline)
-                self._count(message.exchange, "confirmed")
-                return
-            except Unroutable:
-                self._count(message.exchange, "unroutable")
-                raise
-            except PublishError as exc:
-                last_error = exc
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                eventlet.sleep(min(remaining, 0.05 * 2 ** attempt * (1 + random.random())))
-        self._count(message.exchange, "failed")
-        raise last_error or PublishError("publish failed")
+        error = self.publish_many([message], timeout)[0]
+        if error is not None:
+            raise error
 
-    def publish_many(self, messages: list[OutgoingMessage], timeout: float | None = None) -> list[Exception | None]:
-        """Publish all in parallel; result i is None when message i was confirmed."""
-        threads = [eventlet.spawn(self._settle, m, timeout) for m in messages]
-        return [t.wait() for t in threads]
+    def publish_many(self, messages: list[OutgoingMessage],
+                     timeout: float | None = None) -> list[PublishError | None]:
+        """Publish all with as many in flight as the window allows; result i is None
+        when message i was confirmed, else its error. Lost ones are retried
+        (bounded) within the deadline; unroutable ones are not."""
+        deadline = time.monotonic() + (timeout or self.confirm_timeout)
+        results: list[PublishError | None] = [None] * len(messages)
+        todo = list(range(len(messages)))
+        for attempt in range(self.attempts):
+            errors = self._send([messages[i] for i in todo], deadline)
+            retry = []
+            for i, error in zip(todo, errors):
+                results[i] = error
+                if isinstance(error, (BrokerUnavailable, Nacked)):
+                    retry.append(i)
+            remaining = deadline - time.monotonic()
+            if not retry or remaining <= 0 or attempt == self.attempts - 1:
+                break
+            todo = retry
+            eventlet.sleep(min(remaining, 0.05 * 2 ** attempt * (1 + random.random())))
+        for message, error in zip(messages, results):
+            self._count(message.exchange, "confirmed" if error is None else
+                        "unroutable" if isinstance(error, Unroutable) else "failed")
+        return results
 
     def close(self):
         self._closed = True
@@ -167,39 +209,47 @@ class ConfirmingPublisher:
             counter = self._counters[(exchange, outcome)] = metrics.PUBLISHED.labels(exchange, outcome)
         counter.inc()
 
-    def _settle(self, message, timeout):
-        try:
-            self.publish(message, timeout)
-            return None
-        except PublishError as exc:
-            return exc
+    def _send(self, messages: list[OutgoingMessage], deadline: float) -> list[PublishError | None]:
+        """One round: publish the group (window-sized slices), wait for every settlement."""
+        errors: list[PublishError | None] = []
+        size = self._window.size
+        for first in range(0, len(messages), size):
+            errors += self._send_slice(messages[first:first + size], deadline)
+        return errors
 
-    def _publish_once(self, message: OutgoingMessage, deadline: float):
-        if not self._window.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise PublishError("publish window full until the deadline")
+    def _send_slice(self, messages: list[OutgoingMessage], deadline: float) -> list[PublishError | None]:
+        if not self._window.acquire(len(messages), deadline):
+            return [PublishError("publish window full until the deadline")] * len(messages)
         try:
-            channel = self._ensure_connected(deadline)
-            pending = _Pending(message.message_id, deadline)
-            # No I/O happens here (the frames go to the coalescing writer), so
-            # delivery tags are handed out in exactly the order frames are sent.
-            tag = next(self._tags)
-            self._pending[tag] = pending
-            self._by_message_id[message.message_id] = pending
             try:
-                channel.basic_publish(message.to_amqp(), message.exchange,
-                                      message.routing_key, mandatory=True)
-            except Exception as exc:
-                self._pending.pop(tag, None)
-                self._teardown(BrokerUnavailable(f"publish failed: {exc}"))
-                raise BrokerUnavailable(f"publish failed: {exc}") from exc
+                channel = self._ensure_connected(deadline)
+            except BrokerUnavailable as exc:
+                return [exc] * len(messages)
+            latch = _Latch(len(messages))
+            pendings = [_Pending(m.message_id, deadline, latch) for m in messages]
+            # No I/O happens here (frames go to the coalescing writer), so delivery
+            # tags are handed out in exactly the order the frames are sent.
+            for sent, (message, pending) in enumerate(zip(messages, pendings)):
+                tag = next(self._tags)
+                self._pending[tag] = pending
+                self._by_message_id[message.message_id] = pending
+                try:
+                    channel.basic_publish(message.to_amqp(), message.exchange,
+                                          message.routing_key, mandatory=True)
+                except Exception as exc:
+                    self._pending.pop(tag, None)
+                    error = BrokerUnavailable(f"publish failed: {exc}")
+                    for unsent in pendings[sent:]:
+                        unsent.error = error
+                        latch.count_down()
+                    self._teardown(error)
+                    break
             started = time.monotonic()
-            # No timer per publish: the read loop fails overdue confirms (_expire).
-            pending.event.wait()
+            latch.event.wait()  # no timer per publish: the read loop expires overdue ones
             metrics.CONFIRM_SECONDS.observe(time.monotonic() - started)
-            if pending.error is not None:
-                raise pending.error
+            return [p.error for p in pendings]
         finally:
-            self._window.release()
+            self._window.release(len(messages))
 
     def _ensure_connected(self, deadline: float):
         channel = self._channel
@@ -229,6 +279,7 @@ class ConfirmingPublisher:
             self._conn, self._tags = conn, itertools.count(1)
             self._writer = CoalescingWriter(conn, lambda exc: self._teardown(
                 BrokerUnavailable(f"connection lost: {exc}"), conn))
+            buffered_reads(conn)
             self._channel = channel
             eventlet.spawn(self._read_loop, conn)
             metrics.BROKER_CONNECTED.labels("publisher").set(1)
@@ -276,7 +327,7 @@ class ConfirmingPublisher:
         self._by_message_id.pop(entry.message_id, None)
         if error_factory is not None and entry.error is None:
             entry.error = error_factory()
-        entry.event.send(True)
+        entry.latch.count_down()
 
     def _on_ack(self, delivery_tag, multiple):
         self._resolve(delivery_tag, multiple)
@@ -301,7 +352,7 @@ class ConfirmingPublisher:
         self._by_message_id = {}
         for entry in pending.values():
             entry.error = entry.error or error
-            entry.event.send(True)
+            entry.latch.count_down()
         metrics.BROKER_CONNECTED.labels("publisher").set(0)
         if conn is not None:
             try:
