@@ -202,6 +202,9 @@ class ReliableHandler(Entrypoint):
         self.queue = self._queue.format(**self.container.config) if self._queue else topology.handler_queue(
             self.source_service, self.event_type, self.container.service_name, self.method_name)
         self.delays = container_settings(self.container.config)[1].retry.delays
+        self._seconds = metrics.HANDLER_SECONDS.labels(self.queue)
+        self._consumed = {outcome: metrics.CONSUMED.labels(self.queue, outcome)
+                          for outcome in ("ok", "duplicate", "retried", "dead_lettered")}
         self.consumer.register_provider(self)
 
     def stop(self):
@@ -228,7 +231,7 @@ class ReliableHandler(Entrypoint):
         return result, exc_info
 
     def _settle(self, _thread, message, worker_ctx, started):
-        metrics.HANDLER_SECONDS.labels(self.queue).observe(time.monotonic() - started)
+        self._seconds.observe(time.monotonic() - started)
         result, error = worker_ctx.reliable_outcome
         error = error or next(iter(getattr(worker_ctx, EFFECT_ERRORS, [])), None)
         if error is not None:
@@ -236,7 +239,7 @@ class ReliableHandler(Entrypoint):
             return
         event = worker_ctx.args[1]
         outcome = "duplicate" if result is DUPLICATE else "ok"
-        metrics.CONSUMED.labels(self.queue, outcome).inc()
+        self._consumed[outcome].inc()
         log.info("handled %s", event.type, extra={
             "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
         self.consumer.settle(message)
@@ -277,7 +280,7 @@ class ReliableHandler(Entrypoint):
             eventlet.sleep(1)
             self.consumer.settle(message, ack=False)
             return
-        metrics.CONSUMED.labels(self.queue, outcome).inc()
+        self._consumed[outcome].inc()
         log.warning("%s to %s after attempt %d: %s", outcome, target, attempts, exc,
                     extra={"id": copy.message_id, "correlationid": copy.correlation_id,
                            "outcome": outcome})

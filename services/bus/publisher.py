@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
@@ -87,25 +87,40 @@ class _Latch:
 
 
 class _Window:
-    """At most `size` unconfirmed publishes; a group takes its slots all at once
-    (two groups taking slots one by one could each hold half and wait forever)."""
+    """At most `size` unconfirmed publishes. A group takes its slots all at once
+    (groups taking slots one by one could each hold half and wait forever), and
+    waiting groups are served first come, first served: a release wakes only
+    those that now fit, not every waiter."""
 
     def __init__(self, size: int):
         self.size = size
         self.used = 0
-        self._freed = Event()
+        self._waiting: deque[tuple[int, Event]] = deque()
 
     def acquire(self, n: int, deadline: float) -> bool:
-        while self.used and self.used + n > self.size:
-            if self._freed.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
-                return False
-        self.used += n
+        if not self._waiting and (not self.used or self.used + n <= self.size):
+            self.used += n
+            return True
+        turn = (n, Event())
+        self._waiting.append(turn)
+        if turn[1].wait(timeout=max(0.0, deadline - time.monotonic())) is None:
+            self._waiting.remove(turn)  # timed out: our slots were never taken
+            self._wake()
+            return False
         return True
 
     def release(self, n: int):
         self.used -= n
-        freed, self._freed = self._freed, Event()
-        freed.send(True)
+        self._wake()
+
+    def _wake(self):
+        while self._waiting:
+            n, ready = self._waiting[0]
+            if self.used and self.used + n > self.size:
+                return
+            self._waiting.popleft()
+            self.used += n  # taken on the waiter's behalf, so no one overtakes it
+            ready.send(True)
 
 
 class _Pending:
