@@ -22,12 +22,18 @@ from werkzeug.wrappers import Response
 
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
-from routing import legacy_payload
+from contracts.ops import RouteTableAppliedV1
+from legacy_wrappers.legacy_http import LegacyHttp
+from routing import legacy_payload, modes
 from routing.broker_user import credentials_path, store_uri
 from routing.edge_auth import AuthError, TerminalKeys, Verifier
 from routing.forwarder import OutboxForwarder
+from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
 from routing.outbox import Outbox, OutboxConflict, OutboxUnavailable
+from routing.route_state import DECISION_SECONDS, END_TO_END_SECONDS, RouteTableHolder
+from routing.shadow import ShadowComparer
 from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
+from services.bus.consumer import reliable_handler
 from services.bus.extensions import container_settings
 
 log = logging.getLogger(__name__)
@@ -110,11 +116,35 @@ def _error(status: int, message: str) -> Response:
     return _json(status, {"STATUS": "ERROR", "MESSAGE": message})
 
 
+def _window(request) -> float:
+    """`/healthz?window=SECONDS`: the span of `routes_window` (default 60, at most an hour)."""
+    try:
+        return min(max(float(request.args.get("window", "60")), 0.0), 3600.0)
+    except ValueError:
+        return 60.0
+
+
 class StoreAgent:
     name = "store_agent"
 
     store = StoreOutbox()
     stock = StoreStock()
+    routes = RouteTableHolder()
+    legacy = LegacyHttp()
+    shadow = ShadowComparer()
+
+    @reliable_handler("control", TABLE_APPLIED, exchange=ROUTES_EXCHANGE, exchange_type="fanout",
+                      queue="routes.{STORE_ID}")
+    def on_route_table(self, applied: RouteTableAppliedV1, event: CloudEvent):
+        """A table applied by ops (`retailbus routes apply`): validate, save, swap."""
+        self.routes.install(applied.table, f"v{applied.version}")
+
+    def _decide(self, table, message_type: str, route: str, method: str, request, body) -> modes.Call:
+        started = time.perf_counter()
+        call = modes.Call.decide(table, message_type, self.store.store_id, route, method, request.path, body,
+                                 request.query_string.decode())
+        DECISION_SECONDS.observe(time.perf_counter() - started)
+        return call
 
     def _authenticate(self, request, body: bytes) -> tuple[str | None, Response | None]:
         """(terminal, None) when the request may proceed, else (None, the 401)."""
@@ -129,6 +159,7 @@ class StoreAgent:
             return None, _error(401, str(exc))
 
     def _accept(self, request, route: str, message_type: str, parse) -> Response:
+        """Checks common to every mode, then the mode of the table read once for this request."""
         started = time.monotonic()
         limit = self.store.config.max_body
         if (request.content_length or 0) > limit:
@@ -141,6 +172,15 @@ class StoreAgent:
         terminal, refused = self._authenticate(request, body)
         if refused:
             return refused
+        table = self.routes.table  # in flight, a request finishes on the table it started with
+        call = self._decide(table, message_type, route, "POST", request, body)
+        response = modes.post(self.legacy(table.legacy.base_url, table.legacy.timeout), self.shadow, call,
+                              self.routes.stats, message_type, parse,
+                              lambda: self._to_outbox(body, terminal, route, message_type, parse, started))
+        END_TO_END_SECONDS.labels(call.name, call.mode).observe(time.monotonic() - started)
+        return response
+
+    def _to_outbox(self, body: bytes, terminal, route: str, message_type: str, parse, started) -> Response:
         try:
             txn = parse(json.loads(body or b"null"))
         except json.JSONDecodeError as exc:
@@ -193,6 +233,15 @@ class StoreAgent:
                 return _error(400, f"{key}: required")
         if store != self.store.store_id:
             return _error(400, f"STORE: this agent serves store {self.store.store_id}, not {store}")
+        started = time.monotonic()
+        table = self.routes.table
+        call = self._decide(table, "pos.stock_query.v1", "stock", "GET", request, None)
+        response = modes.query_stock(self.legacy(table.legacy.base_url, table.legacy.timeout), self.shadow,
+                                     call, self.routes.stats, store, sku, lambda: self._stock_from_bus(store, sku))
+        END_TO_END_SECONDS.labels(call.name, call.mode).observe(time.monotonic() - started)
+        return response
+
+    def _stock_from_bus(self, store: str, sku: str) -> Response:
         try:
             fresh = self.stock.ask_erp(sku)
             if fresh is None:
@@ -219,10 +268,24 @@ class StoreAgent:
             "breaker_state": forwarder.breaker_state,
             "broker_connected": forwarder.publisher.connected,
             "stock_feed_connected": self.stock.feed.connected,
-            "route_table_version": getattr(self.store, "route_table_version", None),
+            "route_table_version": self.routes.table.version,
+            "routes": self.routes.stats.snapshot(),
+            "routes_window": self.routes.stats.window(_window(request)),
+            "shadow_parity": {route: seen[1] / seen[0] for route, seen in self.routes.stats.parity.items()},
+            "shadow_pending": self.shadow.pending.qsize(),
             "last_confirm_time": datetime.fromtimestamp(last, timezone.utc).isoformat() if last else None,
             "auth_required": self.store.config.auth_required,
         })
+
+    @http("GET", "/routes/mismatches")
+    def mismatches(self, request):
+        """Shadow mismatches kept by this agent (`retailbus routes mismatches ROUTE`)."""
+        try:
+            limit = int(request.args.get("limit", "100"))
+        except ValueError:
+            return _error(400, "limit: not an integer")
+        return _json(200, {"store": self.store.store_id,
+                           "mismatches": self.shadow.mismatches.read(request.args.get("route"), limit)})
 
     @http("GET", "/metrics")
     def metrics(self, request):

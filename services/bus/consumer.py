@@ -72,6 +72,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         self._running = False
         self.ready = Event()
         self._tags: dict = {}
+        self._stopping: set = set()
 
     def setup(self):
         self.uri, self.settings = container_settings(self.container.config)
@@ -130,8 +131,17 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
     def _connect(self) -> amqp.Connection:
         conn = amqp.Connection(**connection_params(self.uri, self.settings.publisher.connect_timeout))
         conn.connect()
+        # Every frame (requests, acks, heartbeats) leaves through one writer
+        # greenthread. The channel is ours before the first delivery can arrive:
+        # a handler may finish, and ack, while the next queue is still being
+        # subscribed; an ack dropped then would hold a prefetch slot forever.
+        self._writer = CoalescingWriter(conn, lambda exc: conn.collect())
+        buffered_reads(conn)
         channel = conn.channel()
+        self._conn, self._channel = conn, channel
         for provider in list(self._providers):
+            if provider in self._stopping:
+                continue
             # per-consumer prefetch (global=False): an ordered handler holds one message at a time
             channel.basic_qos(0, 1 if provider.ordered else self._prefetch(), False)
             topology.declare_handler_queues(
@@ -139,10 +149,6 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
                 self.settings.retry.delays, provider.exchange_type)
             self._tags[provider] = channel.basic_consume(
                 provider.queue, callback=partial(self._deliver, provider))
-        # From here on frames (acks, heartbeats) leave through one writer greenthread.
-        self._writer = CoalescingWriter(conn, lambda exc: conn.collect())
-        buffered_reads(conn)
-        self._conn, self._channel = conn, channel
         metrics.BROKER_CONNECTED.labels("consumer").set(1)
         if not self.ready.ready():
             self.ready.send(True)
@@ -150,6 +156,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
 
     def unregister_provider(self, provider):
         """Stop deliveries for a stopping handler; what it already holds finishes."""
+        self._stopping.add(provider)
         tag, channel = self._tags.pop(provider, None), self._channel
         if tag is not None and channel is not None:
             try:
@@ -159,7 +166,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         super().unregister_provider(provider)
 
     def _deliver(self, provider: "ReliableHandler", message: amqp.Message):
-        if provider in self._tags:  # deliveries racing a cancel stay unacked: requeued
+        if provider not in self._stopping:  # deliveries racing a cancel stay unacked: requeued
             provider.handle_message(message)
 
     def settle(self, message: amqp.Message, ack: bool = True):

@@ -82,6 +82,20 @@ class ErpService:
     def sale_status(self, store_id: str, pos_txn_id: str) -> dict | None:
         return ledger.sale_status(self.db.conn, ledger.LegacyTables.of(self.db.tables), store_id, pos_txn_id)
 
+    @rpc
+    def shadow_compare(self, message_type: str, data: dict, legacy_doc_no: str) -> list[dict]:
+        """Shadow mode: the fields where the posting we WOULD write differs from
+        the legacy call's posting `legacy_doc_no` (dry run: nothing is written)."""
+        from services.erp import shadow
+        model = {PosSaleV1.TYPE: PosSaleV1, PosReturnV1.TYPE: PosReturnV1}.get(message_type)
+        if model is None:
+            raise ContractError(f"message_type: {message_type!r} has no posting to compare")
+        try:
+            txn = model.model_validate(data)
+        except ValidationError as exc:
+            raise ContractError.from_validation(exc, model.TYPE) from None
+        return shadow.compare(self.db.engine, ledger.LegacyTables.of(self.db.tables), txn, legacy_doc_no)
+
     @table_changes(stock.TABLE, key=stock.KEY)
     def on_stock_changes(self, changes):
         """STK_LVL rows changed by anyone (us or legacy programs) -> erp.stock_changed.v1."""

@@ -3,7 +3,6 @@ RPCs, the posting transaction with its outbox event, and hostile input through
 every RPC and event (stored verbatim or refused clearly; schema and rows intact)."""
 from __future__ import annotations
 
-import json
 
 import amqp
 import pytest
