@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PENDING_MAX = 10000   # comparisons waiting; beyond this they are dropped and counted
 IN_FLIGHT = 16        # RPC calls outstanding at once
-RPC_TIMEOUT = 10.0
+RPC_TIMEOUT = 10.0    # default seconds per comparison (config: SHADOW_RPC_TIMEOUT)
 
 
 class MismatchLog:
@@ -67,6 +67,7 @@ class ShadowComparer(DependencyProvider):
         self.store_id = store.id
         self.mismatches = MismatchLog(settings.outbox_path(store).parent / "mismatches.jsonl")
         self.pending: LightQueue = LightQueue(PENDING_MAX)
+        self.timeout = float(self.container.config.get("SHADOW_RPC_TIMEOUT", RPC_TIMEOUT))
         self._running = False
 
     def start(self):
@@ -140,8 +141,8 @@ class ShadowComparer(DependencyProvider):
                 continue
             try:
                 if proxy is None:
-                    with eventlet.Timeout(RPC_TIMEOUT):
-                        cluster = ClusterRpcProxy({"AMQP_URI": self.uri}, timeout=RPC_TIMEOUT)
+                    with eventlet.Timeout(self.timeout):
+                        cluster = ClusterRpcProxy({"AMQP_URI": self.uri}, timeout=self.timeout)
                         proxy = cluster.start()
                 replies = [getattr(proxy.erp, method).call_async(*args) for _, _, _, (method, args), *_ in batch]
             except Exception as exc:  # bus down: every comparison of the batch is a shadow error
@@ -153,7 +154,7 @@ class ShadowComparer(DependencyProvider):
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.5
-            deadline = time.monotonic() + RPC_TIMEOUT
+            deadline = time.monotonic() + self.timeout
             for (stats, route, ref, _, to_diffs, bus_input, legacy), reply in zip(batch, replies):
                 if proxy is None:  # an earlier reply of this batch timed out: so will these
                     stats.count(route, "shadow", "error")

@@ -7,6 +7,7 @@ tells the whole story.
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -120,6 +121,29 @@ def agent_health(http: str) -> dict | None:
 
 
 @routes.command()
+@click.argument("route")
+@click.option("--limit", default=20, show_default=True, help="per agent, newest last")
+@config_option
+def mismatches(route, limit, config_path):
+    """Shadow mismatches of ROUTE kept by each agent: the differing fields, both sides."""
+    _, settings = _load(config_path)
+    found = 0
+    for store in settings.stores:
+        try:
+            url = f"http://{store.http}/routes/mismatches?route={urllib.parse.quote(route)}&limit={limit}"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                records = json.loads(response.read())["mismatches"]
+        except (OSError, ValueError, KeyError):
+            click.echo(f"{store.id}: silent")
+            continue
+        for r in records:
+            found += 1
+            click.echo(f"{store.id} {r['time'][:19]} {r['ref']}: " + ", ".join(
+                f"{d['field']} bus={d['bus']!r} legacy={d['legacy']!r}" for d in r["diffs"]))
+    click.echo(f"{found} mismatches on {route}")
+
+
+@routes.command()
 @config_option
 def status(config_path):
     """Each route's mode and rollout, and which agents run which version."""
@@ -144,6 +168,9 @@ def status(config_path):
         else:
             version = health.get("route_table_version")
             state = f"v{version}" + (" (stale)" if table and version != table.version else "")
+            window = health.get("routes_window") or {}
             for name, stats in sorted((health.get("routes") or {}).items()):
                 state += f"\n      {name}: " + " ".join(f"{k}={v}" for k, v in sorted(stats.items()))
+                state += "\n        last 60s: " + " ".join(
+                    f"{k}={v}" for k, v in sorted((window.get(name) or {}).items()))
         click.echo(f"  {store.id:<8} {store.http:<22} {state}")

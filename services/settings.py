@@ -46,6 +46,13 @@ class RetrySettings(Strict):
     prefetch: int = Field(64, ge=1)
 
 
+class HandlerSettings(Strict):
+    """Per-handler overrides, keyed `<service>.<method>` under RETAILBUS.handlers."""
+
+    delays: list[float] | None = None
+    ordered: bool | None = None
+
+
 class StoreSettings(Strict):
     id: str = Field(pattern=r"^[A-Z0-9]{1,8}$")
     http: str = Field("127.0.0.1:8101", description="host:port the store agent listens on")
@@ -79,6 +86,7 @@ class RetailbusSettings(Strict):
     broker: BrokerSettings = BrokerSettings()
     publisher: PublisherSettings = PublisherSettings()
     retry: RetrySettings = RetrySettings()
+    handlers: dict[str, HandlerSettings] = Field(default_factory=dict)
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     stores: list[StoreSettings] = Field(default_factory=list)
     legacy_erp: LegacyErpSettings = LegacyErpSettings()

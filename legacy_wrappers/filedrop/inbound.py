@@ -1,11 +1,14 @@
 """`file_drop`: the entrypoint that turns complete legacy batch files into row chunks.
 
 Per drop (config/filedrops.yaml) one greenthread watches the folder and takes
-a file only once its completion rule holds. Pass 1 streams it once: sha256,
-every row validated, header/trailer checked, a reject report written. A file
-seen before (same sha256) publishes nothing. Pass 2 streams it again and hands
-rows to the service method in chunks of up to `chunk_rows` (row key
-`<sha256>:<row>`), several chunks in flight; the ledger checkpoints the
+a file only once its completion rule holds. Row keys are `<sha256>:<row>` and
+a file seen before (same sha256) publishes nothing, so the hash must be known
+before the first row leaves: pass 1 streams the file for its sha256, its
+header/trailer and record count, and validates every row only when the
+outcome depends on it (`reject_file`, or a trailer control total); otherwise
+it is a cheap hashing count. Pass 2 streams it again, validates, writes the
+reject report and hands rows to the service method in chunks of up to
+`chunk_rows`, `inflight_chunks` at a time; the ledger checkpoints the
 contiguous chunks confirmed, so a killed wrapper resumes after the last one
 (chunks in flight at the kill are sent again; consumers drop them by row key).
 """
@@ -21,6 +24,7 @@ import eventlet
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from eventlet.event import Event
 from nameko.extensions import Entrypoint, SharedExtension
@@ -34,8 +38,9 @@ from legacy_wrappers.filedrop.ledger import Ledger, identity
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
+    """One good row; a tuple because a file makes millions of them."""
+
     row: int
     idempotencykey: str
     values: dict
@@ -190,13 +195,10 @@ class FileDrop(Entrypoint):
             log.error("file drop %s: cannot read %s: %s", self.drop, name, exc.strerror)
             return self._refuse(name, identity(st), f"{name} cannot be read: {exc.strerror}", "unreadable")
         rejects = self.work / f"{name}.rejects.csv"
+        validate = self.layout.needs_validation_first
         try:
-            with f, open(rejects, "w", newline="", encoding="utf-8") as report:
-                writer = csv.writer(report)
-                writer.writerow(["row", "column", "value", "reason"])
-                outcome = self.layout.scan(
-                    f, lambda n, v: None,
-                    lambda n, problems: writer.writerows((n, c, v, r) for c, v, r in problems))
+            with f, _RejectReport(rejects) as report:
+                outcome = self.layout.scan(f, None, report.add if validate else None, validate=validate)
         except FileProblem as exc:
             return self._reject(name, st, None, str(exc), rejects)
         metrics.BYTES.labels(self.drop).inc(outcome.bytes)
@@ -211,65 +213,69 @@ class FileDrop(Entrypoint):
             return self._reject(name, st, outcome, "; ".join(outcome.problems), rejects)
         if outcome.bad_rows and self.cfg.on_bad_rows == "reject_file":
             return self._reject(name, st, outcome, f"{outcome.bad_rows} bad rows", rejects)
-        if outcome.bad_rows:
-            move_unique(rejects, self.error)
-            metrics.ROWS.labels(self.drop, "skipped").inc(outcome.bad_rows)
-        else:
-            rejects.unlink(missing_ok=True)
-        record = self.ledger.begin(self.drop, outcome.sha256, name, outcome.rows, outcome.bad_rows)
+        record = self.ledger.begin(self.drop, outcome.sha256, name, outcome.records, outcome.bad_rows)
         try:
-            self._publish(name, outcome, record["CHUNKS_DONE"])
+            final = self._publish(name, outcome.sha256, record["CHUNKS_DONE"], rejects)
         except (ChunkFailed, OSError, FileProblem) as exc:
             return self._failed(name, st, outcome, record["ATTEMPTS"], str(exc))
-        self.ledger.finish(self.drop, outcome.sha256, name, "done")
-        metrics.ROWS.labels(self.drop, "published").inc(outcome.rows)
+        if final.bad_rows:
+            move_unique(rejects, self.error)
+            metrics.ROWS.labels(self.drop, "skipped").inc(final.bad_rows)
+        else:
+            rejects.unlink(missing_ok=True)
+        self.ledger.finish(self.drop, outcome.sha256, name, "done", rows=final.rows, bad_rows=final.bad_rows)
+        metrics.ROWS.labels(self.drop, "published").inc(final.rows)
         metrics.FILES.labels(self.drop, "done").inc()
         metrics.LAG.labels(self.drop).set(max(0.0, time.time() - st.st_mtime))
-        log.info("file drop %s: %s done, %d rows, %d skipped", self.drop, name, outcome.rows,
-                 outcome.bad_rows, extra={"id": outcome.sha256, "outcome": "done"})
+        log.info("file drop %s: %s done, %d rows, %d skipped", self.drop, name, final.rows,
+                 final.bad_rows, extra={"id": outcome.sha256, "outcome": "done"})
         self._archive(name, st)
 
-    def _publish(self, name: str, outcome, chunks_done: int):
-        """Pass 2: chunks to the service method, `inflight_chunks` at a time, checkpointed in order."""
+    def _publish(self, name: str, sha256: str, chunks_done: int, rejects: Path):
+        """Pass 2: validated rows to the service method in chunks, `inflight_chunks` at a
+        time, checkpointed in order; bad rows to the reject report. Returns the pass's Outcome."""
         inflight: deque[tuple[int, Event]] = deque()
-        state = {"rows": [], "index": 0}
+        rows: list[Row] = []
+        index = 0
+        chunk_rows, window = self.cfg.chunk_rows, self.cfg.inflight_chunks
 
         def settle_oldest():
-            index, done = inflight.popleft()
+            settled, done = inflight.popleft()
             error = done.wait()
             if error is not None:
-                raise ChunkFailed(f"chunk {index} failed: {error}")
-            self.ledger.checkpoint(self.drop, outcome.sha256, index + 1)
+                raise ChunkFailed(f"chunk {settled} failed: {error}")
+            self.ledger.checkpoint(self.drop, sha256, settled + 1)
 
         def submit():
-            index, rows = state["index"], state["rows"]
-            state["index"], state["rows"] = index + 1, []
-            if index < chunks_done:
+            nonlocal rows, index
+            chunk = RowChunk(self.drop, name, sha256, index, rows)
+            rows, index = [], index + 1
+            if chunk.index < chunks_done:
                 return  # confirmed before a restart
-            while len(inflight) >= self.cfg.inflight_chunks:
+            while len(inflight) >= window:
                 settle_oldest()
             done = Event()
-            chunk = RowChunk(self.drop, name, outcome.sha256, index, rows)
             self.container.spawn_worker(
-                self, (chunk,), {}, context_data={"correlation_id": outcome.sha256},
+                self, (chunk,), {}, context_data={"correlation_id": sha256},
                 handle_result=lambda ctx, result, exc_info: (
                     done.send(exc_info[1] if exc_info else None), (result, exc_info))[1])
-            inflight.append((index, done))
+            inflight.append((chunk.index, done))
 
         def on_row(n, values):
-            state["rows"].append(Row(n, f"{outcome.sha256}:{n}", values))
-            if len(state["rows"]) >= self.cfg.chunk_rows:
+            rows.append(Row(n, f"{sha256}:{n}", values))
+            if len(rows) >= chunk_rows:
                 submit()
 
         f, _ = open_regular(self.folder, name)
-        with f:
-            again = self.layout.scan(f, on_row, lambda n, problems: None)
-        if again.sha256 != outcome.sha256:
+        with f, _RejectReport(rejects) as report:
+            again = self.layout.scan(f, on_row, report.add)
+        if again.sha256 != sha256:
             raise FileProblem("the file changed while it was being read")
-        if state["rows"]:
+        if rows:
             submit()
         while inflight:
             settle_oldest()
+        return again
 
     # -- endings ----------------------------------------------------------------
 
@@ -290,7 +296,7 @@ class FileDrop(Entrypoint):
     def _reject(self, name: str, st, outcome, reason: str, rejects: Path):
         sha = outcome.sha256 if outcome else f"unreadable:{identity(st)}"
         self.ledger.finish(self.drop, sha, name, "rejected", reason,
-                           outcome.rows if outcome else 0, outcome.bad_rows if outcome else 0)
+                           outcome.records if outcome else 0, outcome.bad_rows if outcome else 0)
         if outcome and outcome.bad_rows:
             move_unique(rejects, self.error)
         else:
@@ -298,7 +304,7 @@ class FileDrop(Entrypoint):
                 csv.writer(report).writerow(["", "<file>", "", reason])
             move_unique(rejects, self.error)
         if outcome:
-            metrics.ROWS.labels(self.drop, "rejected").inc(outcome.rows + outcome.bad_rows)
+            metrics.ROWS.labels(self.drop, "rejected").inc(outcome.records)
         metrics.FILES.labels(self.drop, "rejected").inc()
         log.warning("file drop %s: rejected %s: %s", self.drop, name, reason, extra={"outcome": "rejected"})
         self._move(name, st, self.error)
@@ -315,6 +321,25 @@ class FileDrop(Entrypoint):
         log.error("file drop %s: %s failed %d times (%s); moved to error/", self.drop, name,
                   attempts, reason, extra={"outcome": "failed"})
         self._move(name, st, self.error)
+
+
+class _RejectReport:
+    """The `.rejects.csv` of a file: row, column, value, reason."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self._file = open(self.path, "w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(["row", "column", "value", "reason"])
+        return self
+
+    def add(self, n: int, problems):
+        self._writer.writerows((n, column, value, reason) for column, value, reason in problems)
+
+    def __exit__(self, *exc):
+        self._file.close()
 
 
 file_drop = FileDrop.decorator

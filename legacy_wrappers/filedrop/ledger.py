@@ -109,13 +109,15 @@ class Ledger:
                 CHUNKS_DONE=chunks_done, UPDATED_TS=_now()))
 
     def finish(self, drop: str, sha256: str, name: str, state: str, reason: str | None = None,
-               rows: int = 0, bad_rows: int = 0):
+               rows: int | None = None, bad_rows: int | None = None):
+        """Record the file's end state; `rows`/`bad_rows`, when given, are the final counts."""
         with self.engine.begin() as conn:
             key = and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256)
             values = dict(NAME=name, STATE=state, REASON=reason, UPDATED_TS=_now())
-            if conn.execute(update(FILES).where(key).values(**values)).rowcount == 0:
+            counts = {k: v for k, v in (("ROWS", rows), ("BAD_ROWS", bad_rows)) if v is not None}
+            if conn.execute(update(FILES).where(key).values(**values, **counts)).rowcount == 0:
                 conn.execute(insert(FILES).values(
-                    DROP_NAME=drop, SHA256=sha256, ROWS=rows, BAD_ROWS=bad_rows,
+                    DROP_NAME=drop, SHA256=sha256, ROWS=rows or 0, BAD_ROWS=bad_rows or 0,
                     CHUNKS_DONE=0, ATTEMPTS=1, **values))
 
     def seen(self, drop: str, name: str, ident: str) -> str | None:

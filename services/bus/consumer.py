@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from datetime import datetime, timezone
+from collections import deque
 from functools import partial
 
 import amqp
@@ -38,6 +39,7 @@ H_EXCHANGE = "x-retailbus-original-exchange"
 H_ROUTING_KEY = "x-retailbus-original-routing-key"
 H_QUEUE = "x-retailbus-queue"
 H_USER = "x-retailbus-original-user-id"
+H_STORE = "x-retailbus-store"
 
 
 # A dependency that makes a worker's effect durable in `worker_result` (a
@@ -142,11 +144,10 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         for provider in list(self._providers):
             if provider in self._stopping:
                 continue
-            # per-consumer prefetch (global=False): an ordered handler holds one message at a time
-            channel.basic_qos(0, 1 if provider.ordered else self._prefetch(), False)
+            channel.basic_qos(0, self._prefetch(), False)
             topology.declare_handler_queues(
                 channel, provider.exchange, provider.event_type, provider.queue,
-                self.settings.retry.delays, provider.exchange_type)
+                self.settings.retry.delays, provider.exchange_type, single_active=provider.ordered)
             self._tags[provider] = channel.basic_consume(
                 provider.queue, callback=partial(self._deliver, provider))
         metrics.BROKER_CONNECTED.labels("consumer").set(1)
@@ -194,8 +195,12 @@ class ReliableHandler(Entrypoint):
                  ordered: bool = False, **kwargs):
         """`exchange`/`exchange_type` override nameko's `<source>.events` topic exchange;
         `queue` overrides the queue name and may name config keys, e.g. `routes.{STORE_ID}`
-        for a queue of its own per store agent. `ordered`: one message at a time, in queue
-        order (prefetch 1), e.g. a store's sales, published in store order by the agent."""
+        for a queue of its own per store agent.
+
+        `ordered`: messages of one store (header `x-retailbus-store`, else the event's
+        source) are handled one at a time in queue order, stores in parallel; a failure
+        is retried in place (the store's later messages wait) before it is parked; the
+        queue has a single active consumer, so a second process is a hot standby."""
         self.source_service = source_service
         self.ordered = ordered
         self.event_type = event_type
@@ -208,10 +213,15 @@ class ReliableHandler(Entrypoint):
         self.exchange = self._exchange or topology.events_exchange(self.source_service)
         self.queue = self._queue.format(**self.container.config) if self._queue else topology.handler_queue(
             self.source_service, self.event_type, self.container.service_name, self.method_name)
-        self.delays = container_settings(self.container.config)[1].retry.delays
+        settings = container_settings(self.container.config)[1]
+        override = settings.handlers.get(f"{self.container.service_name}.{self.method_name}")
+        self.delays = (override and override.delays) or settings.retry.delays
+        if override and override.ordered is not None:
+            self.ordered = override.ordered
         self._seconds = metrics.HANDLER_SECONDS.labels(self.queue)
         self._consumed = {outcome: metrics.CONSUMED.labels(self.queue, outcome)
                           for outcome in ("ok", "duplicate", "retried", "dead_lettered")}
+        self._chains: dict[str, deque] = {}
         self.consumer.register_provider(self)
 
     def stop(self):
@@ -225,35 +235,72 @@ class ReliableHandler(Entrypoint):
             self.container.spawn_managed_thread(
                 partial(self._fail, message, exc, retry=False), identifier="park_invalid")
             return
+        key = None
+        if self.ordered:
+            headers = message.properties.get("application_headers") or {}
+            key = headers.get(H_STORE) or event.source
+            chain = self._chains.setdefault(key, deque())
+            chain.append((message, payload, event))
+            if len(chain) > 1:
+                return  # runs when the store's earlier messages are done
+        self._spawn(message, payload, event, key, 1)
+
+    def _spawn(self, message, payload, event, key, attempt):
         context = {"correlation_id": event.correlationid, "event_id": event.id}
         self.container.spawn_worker(
             self, (payload, event), {}, context_data=context,
-            handle_result=partial(self._handle_result, message, time.monotonic()))
+            handle_result=partial(self._handle_result, message, time.monotonic(), key, attempt))
 
-    def _handle_result(self, message, started, worker_ctx, result, exc_info):
+    def _handle_result(self, message, started, key, attempt, worker_ctx, result, exc_info):
         """Settle only once the worker has fully ended: dependencies commit their
         effects in `worker_result`, which nameko runs after this hook."""
         worker_ctx.reliable_outcome = (result, exc_info[1] if exc_info else None)
-        eventlet.getcurrent().link(self._settle, message, worker_ctx, started)
+        eventlet.getcurrent().link(self._settle, message, worker_ctx, started, key, attempt)
         return result, exc_info
 
-    def _settle(self, _thread, message, worker_ctx, started):
+    def _settle(self, _thread, message, worker_ctx, started, key, attempt):
         self._seconds.observe(time.monotonic() - started)
         result, error = worker_ctx.reliable_outcome
         error = error or next(iter(getattr(worker_ctx, EFFECT_ERRORS, [])), None)
-        if error is not None:
-            self._fail(message, error, retry=not isinstance(error, (Permanent, ContractError)))
-            return
         event = worker_ctx.args[1]
-        outcome = "duplicate" if result is DUPLICATE else "ok"
-        self._consumed[outcome].inc()
-        log.info("handled %s", event.type, extra={
-            "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
-        self.consumer.settle(message)
+        if error is not None:
+            retry = not isinstance(error, (Permanent, ContractError))
+            if key is None:
+                self._fail(message, error, retry)
+                return
+            if retry and attempt <= len(self.delays):
+                self._consumed["retried"].inc()
+                log.warning("retrying in place after attempt %d: %s", attempt, error,
+                            extra={"id": event.id, "correlationid": event.correlationid, "outcome": "retried"})
+                self.container.spawn_managed_thread(partial(
+                    self._respawn, self.delays[attempt - 1], message, *worker_ctx.args, key, attempt + 1))
+                return
+            self._fail(message, error, retry=False, attempts=attempt)
+        else:
+            outcome = "duplicate" if result is DUPLICATE else "ok"
+            self._consumed[outcome].inc()
+            log.info("handled %s", event.type, extra={
+                "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
+            self.consumer.settle(message)
+        if key is not None:
+            self._next(key)
 
-    def _fail(self, message: amqp.Message, exc: Exception, retry: bool):
+    def _respawn(self, delay, message, payload, event, key, attempt):
+        eventlet.sleep(delay)
+        self._spawn(message, payload, event, key, attempt)
+
+    def _next(self, key):
+        """The store's next message, off the worker pool (a full pool must not wait on itself)."""
+        chain = self._chains[key]
+        chain.popleft()
+        if chain:
+            self.container.spawn_managed_thread(partial(self._spawn, *chain[0], key, 1))
+        else:
+            del self._chains[key]
+
+    def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None):
         headers = dict(message.properties.get("application_headers") or {})
-        attempts = int(headers.get(H_ATTEMPTS, 0)) + 1
+        attempts = attempts or int(headers.get(H_ATTEMPTS, 0)) + 1
         now = datetime.now(timezone.utc).isoformat()
         headers.update({
             H_ATTEMPTS: attempts,

@@ -32,10 +32,13 @@ def declare_exchange(channel, name: str, kind: str = EVENTS_EXCHANGE_TYPE) -> No
 
 
 def declare_handler_queues(channel, exchange: str, routing_key: str, queue: str,
-                           delays: list[float], exchange_type: str = EVENTS_EXCHANGE_TYPE) -> None:
-    """The handler queue bound to its exchange, its retry ladder and its DLQ."""
+                           delays: list[float], exchange_type: str = EVENTS_EXCHANGE_TYPE,
+                           single_active: bool = False) -> None:
+    """The handler queue bound to its exchange, its retry ladder and its DLQ.
+    `single_active`: one consumer at a time (order-keeping handlers)."""
     declare_exchange(channel, exchange, exchange_type)
-    channel.queue_declare(queue, durable=True, auto_delete=False)
+    channel.queue_declare(queue, durable=True, auto_delete=False,
+                          arguments={"x-single-active-consumer": True} if single_active else None)
     channel.queue_bind(queue, exchange, routing_key)
     for attempt, delay in enumerate(delays, start=1):
         channel.queue_declare(

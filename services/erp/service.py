@@ -30,7 +30,7 @@ class ErpService:
     outbox = Outbox()
     events = EventPublisher()
 
-    @reliable_handler("store_agent", "pos.sale.v1")
+    @reliable_handler("store_agent", "pos.sale.v1", ordered=True)
     def on_pos_sale(self, sale: PosSaleV1, event: CloudEvent):
         return self._post_event(sale, event)
 

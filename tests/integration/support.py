@@ -21,6 +21,9 @@ def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, *
     path = root / "config" / "bus.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    routes = path.with_name("routes.yaml")  # agents start from it until a table is applied
+    if not routes.exists():
+        routes.write_text((Path(__file__).parents[2] / "config" / "routes.yaml").read_text())
     return path
 
 

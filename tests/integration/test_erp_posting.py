@@ -34,6 +34,15 @@ def queue_state(uri: str, queue: str) -> tuple[int, int]:
         conn.collect()
 
 
+def delete_queue(uri: str, queue: str) -> None:
+    conn = amqp.Connection(**connection_params(uri, 5))
+    conn.connect()
+    try:
+        conn.channel().queue_delete(queue)
+    finally:
+        conn.collect()
+
+
 @pytest.fixture
 def legacy_db(legacy_dsn):
     dsn = legacy_dsn  # SQLite and PostgreSQL
@@ -52,9 +61,14 @@ def sale_event(txn_id: str) -> CloudEvent:
 
 
 @pytest.mark.timeout(180)
-def test_duplicates_racing_on_two_erp_workers_post_once(amqp_uri, legacy_db, tmp_path):
+def test_duplicates_racing_on_two_erp_workers_post_once(amqp_uri, legacy_db, tmp_path, request):
     dsn, engine = legacy_db
-    config = write_config(tmp_path, amqp_uri, legacy_db=dsn)
+    # Sales are handled in store order by one active consumer; to race two
+    # workers on one duplicate (the inbox's job) ordering is switched off here.
+    config = write_config(tmp_path, amqp_uri, legacy_db=dsn,
+                          handlers={"erp.on_pos_sale": {"ordered": False}})
+    delete_queue(amqp_uri, SALES_QUEUE)
+    request.addfinalizer(lambda: delete_queue(amqp_uri, SALES_QUEUE))
     logs = [tmp_path / "erp-1.log", tmp_path / "erp-2.log"]
     with ExitStack() as stack:
         for log in logs:
