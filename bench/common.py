@@ -23,41 +23,10 @@ import amqp
 from ulid import ULID
 
 from contracts.envelope import CloudEvent
+from services.broker import start_on_free_ports
 from services.bus.publisher import connection_params
 
 SAMPLE_TYPE = "pos.stock_query.v1"
-PORT_CLASH = ("already in use", "already_used", "eaddrinuse")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports free on 127.0.0.1 right now (held open together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def start_broker(home: Path, attempts: int = 3):
-    """A started ManagedBroker in `home`; retries on new ports when one was taken
-    between our check and the node's bind (ephemeral ports can race)."""
-    from services.broker import BrokerError, ManagedBroker
-
-    for attempt in range(attempts):
-        port, dist_port, management_port = free_ports(3)
-        broker = ManagedBroker(home, port=port, dist_port=dist_port, management_port=management_port)
-        try:
-            broker.start()
-            return broker
-        except BrokerError as exc:
-            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in PORT_CLASH):
-                raise
-    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -70,7 +39,7 @@ def bench_broker(uri: str | None):
     with tempfile.TemporaryDirectory(prefix="retailbus-bench-") as home:
         print("starting a throw-away RabbitMQ node ...", flush=True)
         started = time.monotonic()
-        broker = start_broker(Path(home))
+        broker = start_on_free_ports(Path(home))
         print(f"broker up in {time.monotonic() - started:.1f}s (pid {broker.pid()})", flush=True)
         try:
             yield broker.uri(), broker

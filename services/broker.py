@@ -29,6 +29,7 @@ from services.broker_setup import (
     Credentials,
     Layout,
     create_credentials,
+    free_ports,
     load_credentials,
     port_in_use,
     prepare_home,
@@ -374,3 +375,21 @@ def resolve_amqp_uri(config: dict, settings) -> str:
     if configured:
         return configured
     return ManagedBroker.from_settings(settings).uri()
+
+
+PORT_CLASH = ("already in use", "already_used", "eaddrinuse")
+
+
+def start_on_free_ports(home: Path, attempts: int = 3) -> ManagedBroker:
+    """A started node in `home` on free ports (tests, benchmarks, demos); retries on new
+    ports when one was taken between our check and the node's bind (ephemeral ports race)."""
+    for attempt in range(attempts):
+        port, dist_port, management_port = free_ports(3)
+        broker = ManagedBroker(home, port=port, dist_port=dist_port, management_port=management_port)
+        try:
+            broker.start()
+            return broker
+        except BrokerError as exc:
+            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in PORT_CLASH):
+                raise
+    raise AssertionError("unreachable")

@@ -14,6 +14,7 @@ from contracts import registry  # noqa: E402
 from contracts.errors import ContractError
 from services.cli_agent import agent
 from services.cli_broker import broker
+from services.cli_files import files
 from services.cli_routes import routes
 from services.settings import ConfigError
 
@@ -64,6 +65,7 @@ def up(config_path, keep_broker):
 main.add_command(broker)
 main.add_command(agent)
 main.add_command(routes)
+main.add_command(files)
 
 if __name__ == "__main__":
     main()

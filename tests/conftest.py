@@ -18,26 +18,12 @@ import socket  # noqa: E402
 
 import pytest
 
+from services.broker import start_on_free_ports as start_broker  # noqa: E402,F401
+from services.broker_setup import free_ports  # noqa: E402
+
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return free_ports(1)[0]
 
 
 def make_broker(folder):
@@ -46,24 +32,6 @@ def make_broker(folder):
 
     port, dist_port, management_port = free_ports(3)
     return ManagedBroker(folder, port=port, dist_port=dist_port, management_port=management_port)
-
-
-PORT_CLASH = ("already in use", "already_used", "eaddrinuse")
-
-
-def start_broker(folder, attempts: int = 3):
-    """make_broker + start, retrying on new ports when one was taken between our
-    check and the node's bind (ports come from the ephemeral range, so can race)."""
-    from services.broker import BrokerError
-
-    for attempt in range(attempts):
-        b = make_broker(folder)
-        try:
-            b.start()
-            return b
-        except BrokerError as exc:
-            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in PORT_CLASH):
-                raise
 
 
 @pytest.fixture(scope="session")

@@ -136,6 +136,21 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(delete(SEEN).where(and_(SEEN.c.DROP_NAME == drop, SEEN.c.NAME == name)))
 
+    def forget_failure(self, drop: str, sha256: str) -> str | None:
+        """Drop a rejected or failed file's record so its content is taken afresh;
+        returns the state it had (a `done` record is kept: that content is published)."""
+        with self.engine.begin() as conn:
+            key = and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256)
+            state = conn.execute(select(FILES.c.STATE).where(key)).scalar()
+            if state in ("rejected", "failed"):
+                conn.execute(delete(FILES).where(key))
+            return state
+
+    def in_progress(self, drop: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).where(and_(
+                FILES.c.DROP_NAME == drop, FILES.c.STATE == "in_progress"))).scalar()
+
     def counts_since(self, drop: str, since_iso: str) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(FILES.c.STATE, func.count()).where(and_(

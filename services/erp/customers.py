@@ -2,21 +2,22 @@
 
 The message is the whole record, so the newest `updated_at` wins and an older
 or repeated update changes nothing (a replay is harmless even without the
-inbox). A file chunk is applied in one transaction: its row keys are claimed
-in RB_INBOX beside the upserts, so a redelivered chunk applies no row twice.
+inbox). A file chunk is applied in the worker's one transaction (`db.conn`):
+each row key is claimed in RB_INBOX beside its upsert, so a redelivered chunk
+applies no row twice.
 """
 from __future__ import annotations
 
-import weakref
 from datetime import datetime, timezone
 
-from sqlalchemy import MetaData, Table, select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import Table, select
+from sqlalchemy.engine import Connection
 
 from contracts.batch import EventBatchV1
 from contracts.customer import CustomerUpdatedV1
 from contracts.envelope import CloudEvent
-from services.bus.inbox import INBOX, ensure_inbox
+from services.bus.consumer import DUPLICATE
+from services.bus.inbox import claim
 
 
 def legacy_stamp(ts: datetime) -> str:
@@ -39,42 +40,27 @@ def upsert_customer(conn: Connection, cust: Table, customer: CustomerUpdatedV1) 
     return True
 
 
-def apply_customer_batch(engine: Engine, cust: Table, consumer: str, batch: EventBatchV1,
+def apply_customer_batch(conn: Connection, cust: Table, consumer: str, batch: EventBatchV1,
                          event: CloudEvent) -> int:
-    """Apply each row not applied before, in one transaction; returns rows applied.
+    """Apply each row not applied before, in the caller's transaction; returns rows applied.
 
     Rows are typed first: one invalid row fails the chunk before anything is written.
+    Each row's key is claimed in RB_INBOX right before its upsert, in the same
+    transaction, so a redelivered chunk (or a chunk re-sent after the file
+    wrapper resumed) applies no row twice.
     """
-    customers = [(item.idempotencykey, batch.typed(item)) for item in batch.items]
-    ensure_inbox(engine)
-    now = datetime.now(timezone.utc).isoformat()
-    with engine.begin() as conn:
-        keys = [k for k, _ in customers]
-        done = set(conn.execute(select(INBOX.c.IDEM_KEY).where(
-            INBOX.c.CONSUMER == consumer, INBOX.c.IDEM_KEY.in_(keys))).scalars())
-        fresh = [(k, c) for k, c in customers if k not in done]
-        if fresh:
-            conn.execute(INBOX.insert(), [{"CONSUMER": consumer, "IDEM_KEY": k, "MESSAGE_ID": event.id,
-                                           "RECEIVED_TS": now} for k, _ in fresh])
-        for _, customer in fresh:
+    applied = 0
+    for item, customer in zip(batch.items, batch.typed_items()):
+        if claim(conn, consumer, item.idempotencykey, event.id):
             upsert_customer(conn, cust, customer)
-    return len(fresh)
+            applied += 1
+    return applied
 
 
-_CUST_MST: "weakref.WeakKeyDictionary[Engine, Table]" = weakref.WeakKeyDictionary()
-
-
-def cust_mst(engine: Engine) -> Table:
-    """CUST_MST as the legacy database really has it (reflected once per engine)."""
-    if engine not in _CUST_MST:
-        md = MetaData()
-        md.reflect(engine, only=("CUST_MST",))
-        _CUST_MST[engine] = md.tables["CUST_MST"]
-    return _CUST_MST[engine]
-
-
-def on_file_rows(engine: Engine, batch: EventBatchV1, event: CloudEvent) -> int | None:
-    """The erp's share of file rows: customer rows; other row types are not its business."""
+def on_file_rows(conn: Connection, cust: Table, batch: EventBatchV1, event: CloudEvent):
+    """The erp's share of file rows: customer rows (None for other row types, not its
+    business); DUPLICATE when every row was applied before."""
     if batch.item_type != CustomerUpdatedV1.TYPE:
         return None
-    return apply_customer_batch(engine, cust_mst(engine), "erp.on_file_rows", batch, event)
+    applied = apply_customer_batch(conn, cust, "erp.on_file_rows", batch, event)
+    return applied if applied else DUPLICATE

@@ -111,4 +111,4 @@ class ErpService:
     def on_file_rows(self, batch, event: CloudEvent):
         """Rows of legacy batch files (services/files); customer rows go to CUST_MST."""
         from services.erp import customers
-        return customers.on_file_rows(self.db.engine, batch, event)
+        return customers.on_file_rows(self.db.conn, self.db.tables[customer_master.TABLE], batch, event)

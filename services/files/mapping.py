@@ -2,34 +2,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from functools import cache
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from ulid import ULID
 
-from contracts.batch import EventBatchV1
+from contracts.batch import EventBatchV1, validate_rows
 from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
 from contracts.envelope import CloudEvent
-from contracts.errors import ContractError, format_validation_error
 from legacy_wrappers.filedrop.inbound import RowChunk
 
 ROW_TYPES = {"customers": CustomerUpdatedV1, "stock": ErpStockChangedV1}
-
-
-@cache
-def _rows_adapter(model: type[BaseModel]) -> TypeAdapter:
-    return TypeAdapter(list[model])
-
-
-def check_rows(model: type[BaseModel], chunk: RowChunk) -> None:
-    """Every row of the chunk against the registered contract, in one call (pydantic's
-    per-row model_validate would cost ~10x); ContractError names the file rows."""
-    try:
-        _rows_adapter(model).validate_python([r.values for r in chunk.rows])
-    except ValidationError as exc:
-        bad = sorted({chunk.rows[e["loc"][0]].row for e in exc.errors()})
-        raise ContractError(f"{chunk.file}: rows {bad} do not fit {model.TYPE}: "
-                            f"{format_validation_error(exc)}") from None
 
 
 def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
@@ -40,11 +22,11 @@ def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
     just checked, and validating 500 items again would double the cost per row.
     """
     model = ROW_TYPES[chunk.drop]
-    check_rows(model, chunk)
+    validate_rows(model, [r.values for r in chunk.rows], [r.row for r in chunk.rows], chunk.file)
     batch = {"item_type": model.TYPE, "file": chunk.file, "sha256": chunk.sha256,
              "items": [{"row": r.row, "idempotencykey": r.idempotencykey, "data": r.values}
                        for r in chunk.rows]}
-    event_id = CloudEvent.model_fields["id"].default_factory()
+    event_id = str(ULID())
     return CloudEvent.model_construct(
         id=event_id, source=source, type=EventBatchV1.TYPE, time=datetime.now(UTC), subject=model.TYPE,
         data=batch, correlationid=event_id, idempotencykey=f"{chunk.sha256}:chunk:{chunk.index}")

@@ -88,7 +88,8 @@ class Estate:
                         timeout=30), self.log("legacy")
 
     def start_erp(self, module: str = "services.erp"):
-        self.processes["erp"] = nameko_run(self.config, module, self.root / "erp.log", **self.env())
+        repo = str(Path(__file__).parents[2])  # a test module as the service: importable from the repo
+        self.processes["erp"] = nameko_run(self.config, module, self.root / "erp.log", **self.env(PYTHONPATH=repo))
         assert wait_for(lambda: self.queue(SALES_QUEUE)[1] == 1, timeout=60), self.log("erp")
 
     def start_agent(self, store: str, broker_up: bool = True):

@@ -5,7 +5,7 @@ import io
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import MetaData, text
 
 from contracts.batch import BatchItem, EventBatchV1
 from contracts.customer import CustomerUpdatedV1
@@ -13,7 +13,9 @@ from contracts.envelope import CloudEvent
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.layout import Layout
-from services.erp.customers import apply_customer_batch, cust_mst, upsert_customer
+from services.bus.inbox import metadata as inbox_tables
+from services.bus.consumer import DUPLICATE
+from services.erp.customers import on_file_rows, upsert_customer
 
 pytestmark = pytest.mark.unit
 
@@ -61,8 +63,15 @@ def customer(cid: str, name: str, hour: int) -> CustomerUpdatedV1:
 def engine(tmp_path):
     e = engine_for(f"sqlite:///{tmp_path / 'legacy.db'}")
     create_schema(e)
+    inbox_tables.create_all(e)
     yield e
     e.dispose()
+
+
+def cust_mst(engine):
+    md = MetaData()
+    md.reflect(engine, only=("CUST_MST",))
+    return md.tables["CUST_MST"]
 
 
 def test_newest_updated_at_wins(engine):
@@ -82,8 +91,10 @@ def test_a_redelivered_chunk_applies_no_row_twice(engine):
     batch = EventBatchV1(item_type="customer.updated.v1", file="f.csv", sha256="a" * 64, items=items)
     event = CloudEvent.new("event.batch.v1", "legacy/filedrop/customers", batch, idempotencykey="x")
     table = cust_mst(engine)
-    assert apply_customer_batch(engine, table, "erp.on_file_rows", batch, event) == 2
-    assert apply_customer_batch(engine, table, "erp.on_file_rows", batch, event) == 0
+    with engine.begin() as conn:
+        assert on_file_rows(conn, table, batch, event) == 2
+    with engine.begin() as conn:  # redelivered: every row key was claimed
+        assert on_file_rows(conn, table, batch, event) is DUPLICATE
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM RB_INBOX")).scalar() == 2
         assert conn.execute(text("SELECT count(*) FROM CUST_MST WHERE CUST_NO IN ('C2','C3')")).scalar() == 2
