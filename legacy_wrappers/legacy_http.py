@@ -80,23 +80,31 @@ class LegacyHttpClient:
         LEGACY_CALLS.labels(self.system, "ok").inc()
         return response
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """(a connection, whether it was idle in the pool)."""
         try:
-            return self._idle.get_nowait()
+            return self._idle.get_nowait(), True
         except Exception:
             cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-            return cls(self.host, self.port, timeout=self.timeout)
+            return cls(self.host, self.port, timeout=self.timeout), False
 
     def _send(self, method, path, body, content_type) -> LegacyResponse:
-        conn = self._connection()
         headers = {"Content-Type": content_type} if body is not None else {}
-        try:
-            conn.request(method, self.prefix + path, body=body, headers=headers)
-            raw = conn.getresponse()
-            data = raw.read()
-        except Exception:
-            conn.close()
-            raise
+        while True:
+            conn, pooled = self._connection()
+            try:
+                conn.request(method, self.prefix + path, body=body, headers=headers)
+                raw = conn.getresponse()
+                data = raw.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if not pooled:
+                    raise
+                # the server closed an idle keep-alive connection: retry on a fresh one
+            except Exception:
+                conn.close()
+                raise
         if raw.will_close:
             conn.close()
         else:

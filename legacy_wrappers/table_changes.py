@@ -99,6 +99,7 @@ class TableChanges(Entrypoint):
 
     def setup(self):
         self.engine: Engine = self.engines.engine(self.config_key)
+        self.group = self.engines.group(self.config_key)  # writes go through the process's one writer
         self.name = f"{self.container.service_name}.{self.method_name}"
 
     def start(self):
@@ -135,7 +136,7 @@ class TableChanges(Entrypoint):
                 self._wake.clear()
 
     def _prepare(self):
-        metadata.create_all(self.engine)
+        self.group.run(metadata.create_all)
         md = MetaData()
         md.reflect(self.engine, only=[self.table_name])
         self.table = md.tables[self.table_name]
@@ -237,13 +238,15 @@ class TableChanges(Entrypoint):
         ts, *key = position
         stored = ts.isoformat() if isinstance(ts, datetime) else ts
         now = datetime.utcnow().isoformat()
-        with self.engine.begin() as conn:
+
+        def save(conn):
             w = WATERMARKS.c
             changed = conn.execute(update(WATERMARKS).where(w.NAME == self.name).values(
                 TS=stored, ROW_KEY=json.dumps(key), SAVED_TS=now)).rowcount
             if not changed:
                 conn.execute(WATERMARKS.insert().values(
                     NAME=self.name, TS=stored, ROW_KEY=json.dumps(key), SAVED_TS=now))
+        self.group.run(save)
         self.watermark = position
 
 

@@ -134,10 +134,12 @@ def broadcast(uri: str, event: CloudEvent, timeout: float = 10.0) -> bool:
 
 def apply_table(registry: RouteRegistry, uri: str, text: str, source: str, reason: str,
                 action: str = "apply", **extra) -> Applied:
+    """Broadcast first, then record: if the broker is down nothing is recorded and the
+    same version can simply be applied again (agents ignore a version they run)."""
     table = parse_route_table(text, source)
     registry.check(table, source)
-    applied = registry.record(table, text, reason, action, **extra)
     delivered = broadcast(uri, table_event(table, text, reason))
+    applied = registry.record(table, text, reason, action, **extra)
     return Applied(applied.version, applied.previous, applied.diff, delivered)
 
 

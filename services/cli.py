@@ -62,6 +62,17 @@ def up(config_path, keep_broker):
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.option("--rate", default=20.0, show_default=True, help="POS sales per second, both stores together")
+@click.option("--phase-seconds", default=15.0, show_default=True, help="how long each routing step runs")
+@click.option("--keep", is_flag=True, help="keep the demo's folder (logs, legacy DB) afterwards")
+def demo(rate, phase_seconds, keep):
+    """Watch the sales route move legacy -> shadow -> bus on a throw-away estate."""
+    from demo.strangler import run
+
+    sys.exit(run(rate, phase_seconds, keep))
+
+
 main.add_command(broker)
 main.add_command(agent)
 main.add_command(routes)

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+from amqp.exceptions import AMQPError
 
 from routing.control import RouteRegistry, apply_table, rollback_text
 from routing.route_table import RouteTableError, load_route_table
@@ -78,8 +79,10 @@ def apply(file, reason, config_path):
     try:
         applied = apply_table(_registry(settings), resolve_amqp_uri(config, settings),
                               file.read_text(), str(file), reason)
-    except (RouteTableError, OSError) as exc:
+    except RouteTableError as exc:
         _fail(exc)
+    except (OSError, AMQPError) as exc:
+        _fail(f"cannot broadcast the table ({exc}); nothing was applied")
     click.echo(f"applied version {applied.version} (was {applied.previous})")
     if not applied.delivered:
         click.echo("note: no store agent queue is bound yet; agents start from their saved table")
@@ -99,6 +102,8 @@ def rollback(version, reason, config_path):
                               f"rollback to v{target}", reason, action="rollback", to_version=target)
     except RouteTableError as exc:
         _fail(exc)
+    except (OSError, AMQPError) as exc:
+        _fail(f"cannot broadcast the table ({exc}); nothing was rolled back")
     click.echo(f"rolled back to v{target} as version {applied.version}")
 
 

@@ -98,3 +98,53 @@ def test_a_redelivered_chunk_applies_no_row_twice(engine):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM RB_INBOX")).scalar() == 2
         assert conn.execute(text("SELECT count(*) FROM CUST_MST WHERE CUST_NO IN ('C2','C3')")).scalar() == 2
+
+
+@pytest.mark.parametrize("drop, records", [
+    ("customers", [["C1", "Ann", "a@b.c", "", "", "2026-11-27T06:00:00+00:00"],
+                   ["", "Ann", "", "", "", "2026-11-27T06:00:00+00:00"],            # missing id
+                   ["C1", "Ann", "", "", "", "2026-11-27T06:00:00"],                # no offset
+                   ["C1", "Ann", "", "", "", "yesterday"],                          # not a timestamp
+                   ["C1234567890123", "Ann", "", "", "", "2026-11-27T06:00:00+00:00"],  # too long
+                   ["C1", "Ann", "", "", "2026-11-27T06:00:00+00:00"]]),           # a column short
+    ("stock", [f"{'S001':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:00",
+               f"{'S001':<8}{'100001':<20}{'5X':>9}2026-11-27T06:00:00+00:00",  # not an integer
+               f"{'':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:00",        # missing store
+               f"{'S001':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:0"]),   # a character short
+])
+def test_generated_converter_agrees_with_the_reference_row(drop, records):
+    layout = Layout(drops().inbound[drop])
+    for rec in records:
+        values, problems = layout.row(rec)
+        assert layout.convert(rec) == values, rec
+        assert (values is None) == bool(problems)
+    assert layout.convert(records[0]) is not None and all(layout.convert(r) is None for r in records[1:])
+
+
+def test_row_values_are_checked_against_the_contract_naming_the_rows():
+    from contracts.batch import check_rows, value_check
+    from contracts.errors import ContractError
+    good = {"customer_id": "C1", "name": "Ann", "email": None, "phone": None, "loyalty_card": None,
+            "updated_at": "2026-11-27T06:00:00+00:00"}
+    ok = value_check(CustomerUpdatedV1)
+    assert ok(good) and not ok({**good, "email": "not-an-email"}) and not ok({**good, "name": None})
+    check_rows(CustomerUpdatedV1, [good, good], [2, 3], "f.csv")
+    with pytest.raises(ContractError, match=r"f.csv: rows \[4\].*email"):
+        check_rows(CustomerUpdatedV1, [good, good, {**good, "email": "x@y"}], [2, 3, 4], "f.csv")
+    with pytest.raises(ContractError, match=r"rows \[2, 3\].*extra"):  # the shape, from the first row
+        check_rows(CustomerUpdatedV1, [{**good, "extra": 1}] * 2, [2, 3], "f.csv")
+
+
+def test_a_cheap_first_look_counts_records_for_the_trailer_without_validating():
+    layout = Layout(drops().inbound["customers"])
+    assert not layout.needs_validation_first  # skip_rows, trailer count only
+    assert Layout(drops().inbound["stock"]).needs_validation_first  # reject_file, control total
+    data = ("customer_id,name,email,phone,loyalty_card,updated_at\n"
+            "C1,Ann,,,,2026-11-27T06:00:00+00:00\nC2,,,,,bad\nTRL,2,,,,\n")
+    first = layout.scan(io.BytesIO(data.encode()), validate=False)
+    assert (first.records, first.rows, first.bad_rows, first.problems) == (2, 0, 0, [])
+    rows, bad = [], []
+    full = layout.scan(io.BytesIO(data.encode()), lambda n, v: rows.append(n), lambda n, p: bad.append(n))
+    assert (full.sha256, rows, bad) == (first.sha256, [2], [3])
+    wrong = layout.scan(io.BytesIO(data.replace("TRL,2", "TRL,3").encode()), validate=False)
+    assert wrong.problems == ["trailer count '3' does not match 2 data rows"]

@@ -84,9 +84,24 @@ def stock(tmp_path):
     fake.cache.close()
 
 
+BUS_TABLE = """version: 1
+legacy: {base_url: "http://127.0.0.1:9"}
+routes:
+  - {name: sales, message: pos.sale.v1, legacy: POST /erp/sales, mode: bus}
+  - {name: returns, message: pos.return.v1, legacy: POST /erp/returns, mode: bus}
+  - {name: stock, message: pos.stock_query.v1, legacy: GET /erp/stock, mode: bus}
+"""
+
+
 @pytest.fixture
 def service(store, stock):
-    return worker_factory(StoreAgent, store=store, stock=stock)
+    """Every route in bus mode: these tests are about the agent's own path (routing/modes
+    and the legacy/shadow paths are tested with real processes in tests/integration/test_routing.py)."""
+    from routing.route_state import RouteStats
+    from routing.route_table import parse_route_table
+    routes = SimpleNamespace(table=parse_route_table(BUS_TABLE), stats=RouteStats())
+    shadow = SimpleNamespace(pending=SimpleNamespace(qsize=lambda: 0))
+    return worker_factory(StoreAgent, store=store, stock=stock, routes=routes, shadow=shadow)
 
 
 def request(path="/erp/sales", body=None, data=None, content_type="application/json", method="POST",
@@ -359,7 +374,7 @@ def test_stock_query_errors_name_the_field(service, stock):
 def test_healthz_reports_breaker_and_confirm_time(service, store):
     store.forwarder.last_confirm = 1_800_000_000.0
     _, body = answer(service.healthz(request("/healthz", method="GET")))
-    assert body["breaker_state"] == "closed" and body["route_table_version"] is None
+    assert body["breaker_state"] == "closed" and body["route_table_version"] == 1
     assert body["last_confirm_time"].startswith("2027-01-15T08:00:00")
     assert body["oldest_unsent_seconds"] == 0.0
 
