@@ -56,6 +56,7 @@ def test_crm_export_reaches_cust_mst_exactly_once(amqp_uri, tmp_path, request):
     write_drops(tmp_path)
     request.addfinalizer(lambda: delete_queues(amqp_uri, QUEUE, f"{QUEUE}.dlq"))
     folder = tmp_path / "drops" / "customers"
+    folder.mkdir(parents=True)  # the CRM's folder exists whether or not the files service started yet
 
     def cust_mst() -> dict[str, tuple]:
         with engine.connect() as conn:

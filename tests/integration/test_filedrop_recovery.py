@@ -19,7 +19,9 @@ from services.bus import topology
 from services.bus.extensions import event_message
 from services.bus.publisher import ConfirmingPublisher
 from services.bus.consumer import reliable_handler
-from services.erp.customers import apply_customer_batch, cust_mst
+from legacy_wrappers.legacy_db import LegacyDatabase
+from services.bus import inbox
+from services.erp.customers import on_file_rows
 from tests.integration.filedrop_support import Tap, write_drops
 from tests.integration.support import nameko_run, stop, wait_for, write_config
 
@@ -27,15 +29,16 @@ pytestmark = pytest.mark.integration
 
 
 class CustomerSink:
-    """Downstream: the erp's customer mapping and inbox on a real legacy database
-    (the erp service itself is being reworked in parallel, see the report)."""
+    """Downstream: the erp's customer mapping and inbox on a real legacy database, in
+    the worker's transaction as the erp service does it (that service end to end:
+    test_filedrop_erp.py)."""
 
     name = "filedrop_sink"
-    engine = None
+    db = LegacyDatabase(reflect=("CUST_MST",), create=(inbox.metadata,))
 
     @reliable_handler("files", "event.batch.v1")
     def on_rows(self, batch, event):
-        return apply_customer_batch(self.engine, cust_mst(self.engine), "erp.on_file_rows", batch, event)
+        return on_file_rows(self.db.conn, self.db.tables["CUST_MST"], batch, event)
 
 
 @pytest.mark.timeout(300)
@@ -45,8 +48,7 @@ def test_sigkill_mid_file_applies_every_row_once(container_factory, amqp_uri, tm
     create_schema(engine)
     write_drops(tmp_path, customers={"inflight_chunks": 2})  # slow enough to be caught mid-file
     config = write_config(tmp_path, amqp_uri, legacy_db=dsn)
-    CustomerSink.engine = engine
-    sink = container_factory(CustomerSink, {"AMQP_URI": amqp_uri, "max_workers": 16,
+    sink = container_factory(CustomerSink, {"AMQP_URI": amqp_uri, "max_workers": 16, "LEGACY_DB_URI": dsn,
                                             "RETAILBUS": {"root": str(tmp_path)}})
     sink.start()
     tap = Tap(amqp_uri, "tap-sigkill")
