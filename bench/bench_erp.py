@@ -100,7 +100,8 @@ def our_posting(uri: str, dsn: str, sales: list[PosSaleV1], home: Path) -> float
     conn = connect(uri)
     ch = conn.channel()
     topology.declare_exchange(ch, "store_agent.events")
-    topology.declare_handler_queues(ch, "store_agent.events", "pos.sale.v1", SALES_QUEUE, [1, 5, 30])
+    topology.declare_handler_queues(ch, "store_agent.events", "pos.sale.v1", SALES_QUEUE, [1, 5, 30],
+                                    single_active=True)
     ch.queue_purge(SALES_QUEUE)
     conn.close()
     publisher = ConfirmingPublisher(uri)

@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
@@ -43,7 +43,7 @@ class BrokerUnavailable(PublishError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutgoingMessage:
     exchange: str
     routing_key: str
@@ -167,7 +167,8 @@ class ConfirmingPublisher:
         self._tags = None
         self._counters: dict[tuple[str, str], object] = {}
         self._next_expiry_check = 0.0
-        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._pending: dict[int, _Pending] = {}
+        self._floor = 0
         self._by_message_id: dict[str, _Pending] = {}
         self._closed = False
 
@@ -203,9 +204,13 @@ class ConfirmingPublisher:
                 break
             todo = retry
             eventlet.sleep(min(remaining, 0.05 * 2 ** attempt * (1 + random.random())))
+        outcomes: dict[tuple[str, str], int] = {}
         for message, error in zip(messages, results):
-            self._count(message.exchange, "confirmed" if error is None else
-                        "unroutable" if isinstance(error, Unroutable) else "failed")
+            key = (message.exchange, "confirmed" if error is None else
+                   "unroutable" if isinstance(error, Unroutable) else "failed")
+            outcomes[key] = outcomes.get(key, 0) + 1
+        for (exchange, outcome), n in outcomes.items():
+            self._count(exchange, outcome, n)
         return results
 
     def close(self):
@@ -218,11 +223,11 @@ class ConfirmingPublisher:
 
     # -- internals ----------------------------------------------------------
 
-    def _count(self, exchange: str, outcome: str):
+    def _count(self, exchange: str, outcome: str, n: int = 1):
         counter = self._counters.get((exchange, outcome))
         if counter is None:
             counter = self._counters[(exchange, outcome)] = metrics.PUBLISHED.labels(exchange, outcome)
-        counter.inc()
+        counter.inc(n)
 
     def _send(self, messages: list[OutgoingMessage], deadline: float) -> list[PublishError | None]:
         """One round: publish the group (window-sized slices), wait for every settlement."""
@@ -291,7 +296,7 @@ class ConfirmingPublisher:
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
-            self._conn, self._tags = conn, itertools.count(1)
+            self._conn, self._tags, self._floor = conn, itertools.count(1), 0
             self._writer = CoalescingWriter(conn, lambda exc: self._teardown(
                 BrokerUnavailable(f"connection lost: {exc}"), conn))
             buffered_reads(conn)
@@ -327,12 +332,12 @@ class ConfirmingPublisher:
 
     def _resolve(self, delivery_tag: int, multiple: bool, error_factory=None):
         pending = self._pending
-        if multiple:
-            while pending:
-                tag = next(iter(pending))
-                if tag > delivery_tag:
-                    break
-                self._finish(pending.pop(tag), error_factory)
+        if multiple:  # tags are consecutive: everything above the last multiple, up to this one
+            for tag in range(self._floor + 1, delivery_tag + 1):
+                entry = pending.pop(tag, None)
+                if entry is not None:
+                    self._finish(entry, error_factory)
+            self._floor = max(self._floor, delivery_tag)
         else:
             entry = pending.pop(delivery_tag, None)
             if entry is not None:
@@ -363,7 +368,7 @@ class ConfirmingPublisher:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
-        pending, self._pending = self._pending, OrderedDict()
+        pending, self._pending = self._pending, {}
         self._by_message_id = {}
         for entry in pending.values():
             entry.error = entry.error or error
