@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 
 import amqp
+from pathlib import Path
+
 import pytest
 from nameko.rpc import rpc
 
@@ -105,6 +107,7 @@ def agent(container_factory, amqp_uri, tmp_path, monkeypatch):
     config = {"AMQP_URI": amqp_uri, "WEB_SERVER_ADDRESS": f"127.0.0.1:{port}", "STORE_ID": "S001",
               "max_workers": 16,
               "RETAILBUS": {"root": str(tmp_path), "stores": [{"id": "S001", "http": f"127.0.0.1:{port}"}],
+                            "routes_file": str(Path(__file__).parents[2] / "config" / "routes.yaml"),
                             "agent": {"stock_rpc_timeout": 1.0}}}
     container = container_factory(StoreAgent, config)
     container.start()
