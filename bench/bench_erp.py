@@ -2,11 +2,12 @@
 plain SQLAlchemy on the same rows in the same run, on SQLite and PostgreSQL.
 
 (a) raw: `ledger.post_sale` (SQLAlchemy Core) on one connection, committing every
-    `--commit-every` sales (default 64, the group commit's batch): what a careful
-    raw program does, since one commit (one fsync) per sale caps it at ~150/s;
+    `--commit-every` sales (default 64): what a careful raw program does, since one
+    commit (one fsync) per sale caps it at ~150/s here; `--commit-every 1` gives the
+    baseline with the same durability per message as ours;
 (b) ours: pos.sale.v1 events (3 lines each, from `--stores` stores) already queued,
     consumed by the erp service (reliable_handler ordered per store, inbox claim,
-    ledger, outbox row, group commit, ack; relay publishes erp.sale_posted.v1
+    ledger, outbox row, commit, ack; relay publishes erp.sale_posted.v1
     confirmed and marks it sent); timed until every outbox row is sent.
     Goals: b >= 1,000 sales/s and b/a >= 0.5.
 (c) raw: keyset-paged SELECTs of the whole STK_LVL table;

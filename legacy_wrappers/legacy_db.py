@@ -1,24 +1,20 @@
-"""`LegacyDatabase`: a legacy database behind SQLAlchemy Core, all-or-nothing per worker.
-
-A worker's effects are all-or-nothing: its first use of `db.conn` opens a
-SAVEPOINT on the process's one writing connection (`GroupCommit`, see
-group_commit.py: one commit, one fsync, covers many workers); the savepoint
-is released when the worker succeeded and rolled back when it failed, and
-the worker ends only once the commit covering its effect is done. A failed
-commit cannot be raised (an exception escaping `worker_result` kills the
-container), so it is appended to the worker context's EFFECT_ERRORS list,
-which `reliable_handler` reads to retry the message instead of acking it.
-An RPC that must answer only what is durable calls `db.end(success=True)`
-before returning: that waits for the covering commit too, and raises if it failed.
+"""`LegacyDatabase`: a legacy database behind SQLAlchemy Core, one transaction per worker.
 
 SQLite is the embedded default: WAL so readers never block the writer,
-`BEGIN IMMEDIATE` on the writing connection so a transaction takes the write
-lock up front (two processes then queue instead of failing on a stale
-snapshot). Every write of a process goes through its one writing connection
-(`LegacyEngines.group`), reads through a small pool of reading connections
-(`LegacyEngines.engine`, plain deferred BEGIN): a second writing connection
-in the process would block the one OS thread in sqlite's busy wait while our
-own open transaction holds the lock, and nothing could commit it.
+`BEGIN IMMEDIATE` so a transaction takes the write lock up front (two
+writers then queue instead of failing on a stale snapshot), and one pooled
+connection per process because eventlet greenthreads share one OS thread
+and must not wait on a lock held by a sibling that cannot run. For the same
+reason every extension of a container that talks to one database shares one
+engine (`LegacyEngines`): a second SQLite connection in the process would
+block the OS thread in sqlite's busy wait while our own worker holds the lock.
+
+A worker's effects are all-or-nothing: the first use of `db.conn` begins a
+transaction; it is committed when the worker succeeded and rolled back when
+it failed. A failed commit cannot be raised (an exception escaping
+`worker_result` kills the container), so it is appended to the worker
+context's EFFECT_ERRORS list, which `reliable_handler` reads to retry the
+message instead of acking it.
 """
 from __future__ import annotations
 
@@ -29,8 +25,6 @@ from nameko.extensions import DependencyProvider, SharedExtension
 from sqlalchemy import MetaData, String, Table, create_engine, event
 from sqlalchemy.engine import Connection, Engine
 
-from legacy_wrappers.group_commit import GroupCommit
-
 log = logging.getLogger(__name__)
 
 # The worker-context attribute named by services.bus.consumer.EFFECT_ERRORS; spelled
@@ -38,13 +32,10 @@ log = logging.getLogger(__name__)
 EFFECT_ERRORS = "effect_errors"
 
 
-def engine_for(dsn: str, writer: bool = False, **kwargs) -> Engine:
-    """An engine for `dsn`; for SQLite, `writer` makes the one writing connection of
-    the process (BEGIN IMMEDIATE), else a pool of readers (deferred BEGIN)."""
+def engine_for(dsn: str, **kwargs) -> Engine:
     if not dsn.startswith("sqlite"):
         return create_engine(dsn, pool_pre_ping=True, **kwargs)
-    engine = create_engine(dsn, pool_size=1 if writer else 4, max_overflow=0, pool_timeout=60,
-                           connect_args={"check_same_thread": False}, **kwargs)  # commits run in tpool
+    engine = create_engine(dsn, pool_size=1, max_overflow=0, pool_timeout=60, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
@@ -57,7 +48,7 @@ def engine_for(dsn: str, writer: bool = False, **kwargs) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -84,64 +75,55 @@ def check_row(table: Table, row: dict) -> None:
 
 
 class LegacyDb:
-    """What a worker gets: the tables as they really are, `engine` for reading
-    outside the worker's effect, and `conn`, the connection its effect runs on
-    (a savepoint, opened on first use)."""
+    """What a worker gets: the engine, the legacy tables as they really are, and
+    `conn`, the worker's connection in its one transaction (begun on first use)."""
 
-    def __init__(self, group: GroupCommit, engine: Engine, tables: dict[str, Table]):
-        self.group, self.engine, self.tables = group, engine, tables
+    def __init__(self, engine: Engine, tables: dict[str, Table]):
+        self.engine = engine
+        self.tables = tables
         self._conn: Connection | None = None
-        self._savepoint = None
 
     @property
     def conn(self) -> Connection:
         if self._conn is None:
-            self._conn, self._savepoint = self.group.enter()
+            conn = self.engine.connect()
+            try:
+                conn.begin()
+            except Exception:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def end(self, success: bool) -> None:
-        """End the effect: durable when this returns (success), or rolled back. Raises a failed commit."""
-        savepoint, self._conn, self._savepoint = self._savepoint, None, None
-        if savepoint is None:
+        """Commit (success) or roll back, and give the connection back. Raises a failed commit."""
+        conn, self._conn = self._conn, None
+        if conn is None:
             return
-        covered = self.group.leave(savepoint, success)
-        if covered is not None:
-            error = covered.wait()
-            if error is not None:
-                raise error
+        try:
+            if success:
+                conn.commit()
+            else:
+                conn.rollback()
+        finally:
+            conn.close()
 
 
 class LegacyEngines(SharedExtension):
-    """Per DSN per container: one reading engine and one `GroupCommit` (the writer),
-    shared by every extension using that database."""
+    """One engine per DSN per container, shared by every extension using that database."""
 
     def __init__(self):
         self._engines: dict[str, Engine] = {}
-        self._groups: dict[str, GroupCommit] = {}
 
-    def _dsn(self, config_key: str) -> str:
+    def engine(self, config_key: str) -> Engine:
         dsn = self.container.config.get(config_key)
         if not dsn:
             raise ValueError(f"{config_key} is not set in the service config")
-        return dsn
-
-    def engine(self, config_key: str) -> Engine:
-        dsn = self._dsn(config_key)
         if dsn not in self._engines:
             self._engines[dsn] = engine_for(dsn)
         return self._engines[dsn]
 
-    def group(self, config_key: str) -> GroupCommit:
-        dsn = self._dsn(config_key)
-        if dsn not in self._groups:
-            writer = engine_for(dsn, writer=True) if dsn.startswith("sqlite") else self.engine(config_key)
-            self._groups[dsn] = GroupCommit(writer, self.container.spawn_managed_thread)
-        return self._groups[dsn]
-
     def stop(self):
-        for group in self._groups.values():
-            group.close()
-            group.engine.dispose()
         for engine in self._engines.values():
             engine.dispose()
 
@@ -171,21 +153,20 @@ class LegacyDatabase(DependencyProvider):
 
     def setup(self):
         self.engine = self.engines.engine(self.config_key)
-        self.group = self.engines.group(self.config_key)
 
     def tables(self) -> dict[str, Table]:
         if self._tables is None:
             with self._lock:
                 if self._tables is None:
-                    for metadata in self.create:  # DDL writes: through the writer
-                        self.group.run(metadata.create_all)
+                    for metadata in self.create:
+                        metadata.create_all(self.engine)
                     md = MetaData()
                     md.reflect(self.engine, only=self.reflect)
                     self._tables = dict(md.tables)
         return self._tables
 
     def get_dependency(self, worker_ctx):
-        db = LegacyDb(self.group, self.engine, self.tables())
+        db = LegacyDb(self.engine, self.tables())
         self._workers[worker_ctx] = db
         return db
 
@@ -207,7 +188,7 @@ class LegacyDatabase(DependencyProvider):
 
     def worker_teardown(self, worker_ctx):
         db = self._workers.pop(worker_ctx, None)
-        if db is not None and db._savepoint is not None:  # worker_result never ran (killed)
+        if db is not None and db._conn is not None:  # worker_result never ran (killed)
             try:
                 db.end(success=False)
             except Exception as exc:  # raising here would kill the container

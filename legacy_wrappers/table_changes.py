@@ -95,12 +95,10 @@ class TableChanges(Entrypoint):
         self._running = False
         self._wake = threading.Event()
         self._last_rescan = 0.0
-        self._rescan_low = None
         super().__init__(**kwargs)
 
     def setup(self):
         self.engine: Engine = self.engines.engine(self.config_key)
-        self.group = self.engines.group(self.config_key)  # writes go through the process's one writer
         self.name = f"{self.container.service_name}.{self.method_name}"
 
     def start(self):
@@ -137,7 +135,7 @@ class TableChanges(Entrypoint):
                 self._wake.clear()
 
     def _prepare(self):
-        self.group.run(metadata.create_all)
+        metadata.create_all(self.engine)
         md = MetaData()
         md.reflect(self.engine, only=[self.table_name])
         self.table = md.tables[self.table_name]
@@ -170,23 +168,14 @@ class TableChanges(Entrypoint):
             LAG.labels(self.table_name).set(0)
         elif self.watermark is not None:
             LAG.labels(self.table_name).set(self._age(self.watermark[0]))
-        if self.watermark is None or time.monotonic() - self._last_rescan < self.interval:
-            return len(rows)
-        low = shift(self.watermark[0], self.overlap)
-        self._rescan_low = low if self._rescan_low is None else min(self._rescan_low, low)
-        if len(rows) < self.batch:  # caught up: rescan all that could have been passed by
+        if self.watermark is not None and time.monotonic() - self._last_rescan >= self.interval:
             self._last_rescan = time.monotonic()
-            self._rescan(self._rescan_low)
-            self._rescan_low = None
+            self._rescan()
         return len(rows)
 
-    def _rescan(self, low):
-        """Emit versions committed late, behind the watermark but after `low`.
-
-        Only once caught up: while whole batches come back, re-reading the
-        window every interval cost more than the capture itself (60 % of the
-        time in the benchmark). Nothing is missed by waiting: `low` is the
-        earliest overlap start of every rescan skipped meanwhile."""
+    def _rescan(self):
+        """Emit versions committed late, behind the watermark but within the overlap."""
+        low = shift(self.watermark[0], self.overlap)
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(
                 select(self.table).where(self._ts >= low, self._ts <= self.watermark[0])
@@ -248,15 +237,13 @@ class TableChanges(Entrypoint):
         ts, *key = position
         stored = ts.isoformat() if isinstance(ts, datetime) else ts
         now = datetime.utcnow().isoformat()
-
-        def save(conn):
+        with self.engine.begin() as conn:
             w = WATERMARKS.c
             changed = conn.execute(update(WATERMARKS).where(w.NAME == self.name).values(
                 TS=stored, ROW_KEY=json.dumps(key), SAVED_TS=now)).rowcount
             if not changed:
                 conn.execute(WATERMARKS.insert().values(
                     NAME=self.name, TS=stored, ROW_KEY=json.dumps(key), SAVED_TS=now))
-        self.group.run(save)
         self.watermark = position
 
 

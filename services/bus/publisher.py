@@ -1,10 +1,11 @@
 """Confirmed, pipelined, mandatory publishing over one AMQP channel per process.
 
 Waiting for each confirm caps a publisher at about a tenth of what the broker
-takes, so many publishes are in flight on one channel and each caller is
-released when its own confirm (or return, or nack) arrives. One greenthread
-reads the socket; writers serialise on a lock; nothing else touches the
-connection, so py-amqp never sees two readers.
+takes, so many publishes are in flight on one channel and each caller (or
+group of messages, `publish_many`) is released when its own confirms (or
+returns, or nacks) arrive. One greenthread reads the socket, one writes it
+(services/bus/wire.py); publishing itself does no I/O, so delivery tags
+follow the order of the frames and py-amqp never sees two readers.
 """
 from __future__ import annotations
 

@@ -88,7 +88,6 @@ class Outbox(DependencyProvider):
         self.exchange = topology.events_exchange(self.container.service_name)
         self.bus.register_exchange(self.exchange)
         self.engine = self.engines.engine(self.config_key)
-        self.group = self.engines.group(self.config_key)  # writes go through the process's one writer
 
     def start(self):
         self._running = True
@@ -150,9 +149,9 @@ class Outbox(DependencyProvider):
             else:
                 RELAYED.labels(self.exchange, "failed").inc()
         if done:
-            self.group.run(lambda conn: conn.execute(
-                update(OUTBOX).where(o.ID.in_(bindparam("ids", expanding=True))).values(SENT_TS=_now()),
-                {"ids": done}))
+            with self.engine.begin() as conn:
+                conn.execute(update(OUTBOX).where(o.ID.in_(bindparam("ids", expanding=True)))
+                             .values(SENT_TS=_now()), {"ids": done})
         if len(done) < len(rows):
             raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
         return len(rows)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import eventlet
 import pytest
 import sqlalchemy as sa
 from nameko.testing.services import worker_factory
@@ -12,7 +11,6 @@ from nameko.testing.services import worker_factory
 from contracts.envelope import CloudEvent
 from contracts.pos import PosReturnV1, PosSaleV1
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, seed_demo_data
-from legacy_wrappers.group_commit import GroupCommit
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, engine_for
 from services.bus import inbox
 from services.bus.consumer import DUPLICATE
@@ -54,9 +52,7 @@ def legacy_db(path) -> LegacyDb:
         seed_demo_data(conn)
     md = sa.MetaData()
     md.reflect(engine, only=ledger.LEGACY_TABLES)
-    writer = GroupCommit(engine_for(f"sqlite:///{path}", writer=True),
-                         lambda fn, identifier=None: eventlet.spawn(fn))
-    return LegacyDb(writer, engine, dict(md.tables))
+    return LegacyDb(engine, dict(md.tables))
 
 
 @pytest.fixture
@@ -67,8 +63,6 @@ def db(tmp_path):
     inbox.metadata.create_all(db.engine)
     outbox.metadata.create_all(db.engine)
     yield db
-    db.group.close()
-    db.group.engine.dispose()
     db.engine.dispose()
 
 
@@ -204,7 +198,6 @@ def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, m
 def test_inbox_and_outbox_are_created_for_a_fresh_database(tmp_path, container_factory):
     db = legacy_db(tmp_path / "fresh.db")
     dsn = str(db.engine.url)
-    db.group.engine.dispose()
     db.engine.dispose()
     container = container_factory(ErpService, {"LEGACY_DB_URI": dsn, "AMQP_URI": "amqp://unused"})
     provider = next(d for d in container.dependencies if isinstance(d, LegacyDatabase))
