@@ -42,6 +42,18 @@ fi
 
 if [ "$mode" = up ]; then
   exec .venv/bin/retailbus up "$@"
-else
+elif [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
+else
+  # Two sessions: the store-agent suites first. Run after some of the other
+  # integration modules in one session, store agents started later in that
+  # session hang at start (order-dependent, not yet explained; each suite
+  # passes alone and in this order). Both sessions must pass.
+  agent_suites=(tests/chaos tests/integration/test_routing.py tests/integration/test_up.py
+                tests/integration/test_store_agent.py)
+  status=0
+  .venv/bin/python -m pytest "${agent_suites[@]}" || status=$?
+  ignores=(); for suite in "${agent_suites[@]}"; do ignores+=(--ignore "$suite"); done
+  .venv/bin/python -m pytest "${ignores[@]}" || status=$?
+  exit $status
 fi
