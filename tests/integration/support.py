@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import amqp
 import yaml
+
+from services.bus.publisher import connection_params
 
 
 def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, **retailbus) -> Path:
@@ -43,6 +46,19 @@ def stop(process: subprocess.Popen, timeout: float = 30) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait()
+
+
+def queue_state(uri: str, queue: str) -> tuple[int, int]:
+    """(messages, consumers) of a queue on the broker; (0, 0) when it does not exist."""
+    conn = amqp.Connection(**connection_params(uri, 5))
+    conn.connect()
+    try:
+        ok = conn.channel().queue_declare(queue, passive=True)
+        return ok.message_count, ok.consumer_count
+    except amqp.exceptions.NotFound:
+        return 0, 0
+    finally:
+        conn.collect()
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

@@ -15,23 +15,11 @@ from routing.legacy_payload import sale_from_legacy
 from services.bus import topology
 from services.bus.publisher import ConfirmingPublisher, connection_params
 from services.bus.extensions import event_message
-from tests.integration.support import legacy_sale, nameko_run, stop, wait_for, write_config
+from tests.integration.support import legacy_sale, nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
-
-
-def queue_state(uri: str, queue: str) -> tuple[int, int]:
-    conn = amqp.Connection(**connection_params(uri, 5))
-    conn.connect()
-    try:
-        ok = conn.channel().queue_declare(queue, passive=True)
-        return ok.message_count, ok.consumer_count
-    except amqp.exceptions.NotFound:
-        return 0, 0
-    finally:
-        conn.collect()
 
 
 def delete_queue(uri: str, queue: str) -> None:

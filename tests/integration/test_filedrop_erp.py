@@ -14,24 +14,12 @@ from demo.legacy_erp.schema import create_schema, engine_for
 from services.bus import topology
 from services.bus.publisher import connection_params
 from tests.integration.filedrop_support import write_drops
-from tests.integration.support import nameko_run, stop, wait_for, write_config
+from tests.integration.support import nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
 QUEUE = topology.handler_queue("files", "event.batch.v1", "erp", "on_file_rows")
 ROWS = 1_201  # three chunks of 500 and a short one
-
-
-def queue_state(uri: str, queue: str) -> tuple[int, int]:
-    conn = amqp.Connection(**connection_params(uri, 5))
-    conn.connect()
-    try:
-        ok = conn.channel().queue_declare(queue, passive=True)
-        return ok.message_count, ok.consumer_count
-    except amqp.exceptions.NotFound:
-        return 0, 0
-    finally:
-        conn.collect()
 
 
 def delete_queues(uri: str, *queues: str) -> None:
