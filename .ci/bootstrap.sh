@@ -15,6 +15,7 @@ packages=()
 if [ "$mode" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
   command -v curl >/dev/null || packages+=(curl)
+  command -v prometheus >/dev/null || packages+=(prometheus)  # tests/integration/test_dashboards.py
 fi
 command -v python3 >/dev/null || packages+=(python3 python3-venv)
 
@@ -50,7 +51,8 @@ else
   # session hang at start (order-dependent, not yet explained; each suite
   # passes alone and in this order). Both sessions must pass.
   agent_suites=(tests/chaos tests/integration/test_routing.py tests/integration/test_up.py
-                tests/integration/test_store_agent.py)
+                tests/integration/test_store_agent.py tests/integration/test_reconcile.py
+                tests/integration/test_dashboards.py tests/integration/test_trace.py)
   status=0
   .venv/bin/python -m pytest "${agent_suites[@]}" || status=$?
   ignores=(); for suite in "${agent_suites[@]}"; do ignores+=(--ignore "$suite"); done

@@ -12,9 +12,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contracts.batch import EventBatchV1
+from contracts.control import StoreControlTotalsV1
 from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
 from contracts.errors import ContractError
+from contracts.journal import JournalHopsV1
 from contracts.loyalty import LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1
 from contracts.ops import RouteTableAppliedV1
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
@@ -34,6 +36,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     LoyaltyPointsReversedV1,
     RouteTableAppliedV1,
     EventBatchV1,
+    JournalHopsV1,
+    StoreControlTotalsV1,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}

@@ -38,9 +38,12 @@ class LegacyResponse:
     content_type: str
 
 
-class _BreakerMetrics(pybreaker.CircuitBreakerListener):
+class BreakerMetrics(pybreaker.CircuitBreakerListener):
+    """`retailbus_breaker_open{system}` follows the breaker, 0 from the start."""
+
     def __init__(self, system: str):
         self.system = system
+        BREAKER_STATE.labels(system).set(0)
 
     def state_change(self, cb, old_state, new_state):
         BREAKER_STATE.labels(self.system).set(1 if new_state.name == "open" else 0)
@@ -60,7 +63,7 @@ class LegacyHttpClient:
         self.timeout = timeout
         self.system = system
         self.breaker = pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout,
-                                                listeners=[_BreakerMetrics(system)], name=system)
+                                                listeners=[BreakerMetrics(system)], name=system)
         self._idle: LightQueue = LightQueue(pool_size)
 
     @property
@@ -129,6 +132,9 @@ class LegacyHttp(DependencyProvider):
     def __init__(self, system: str = "legacy_erp"):
         self.system = system
         self._clients: dict[tuple[str, float], LegacyHttpClient] = {}
+
+    def setup(self):
+        BREAKER_STATE.labels(self.system).set(0)  # clients come on first use; the gauge from the start
 
     def client(self, base_url: str, timeout: float) -> LegacyHttpClient:
         key = (base_url, timeout)

@@ -27,12 +27,14 @@ from legacy_wrappers.legacy_http import LegacyHttp
 from routing import legacy_payload, modes
 from routing.broker_user import credentials_path, store_uri
 from routing.edge_auth import AuthError, TerminalKeys, Verifier
+from routing.control_totals import ControlTotalsPublisher
 from routing.forwarder import OutboxForwarder
 from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
 from routing.outbox import Outbox, OutboxConflict, OutboxUnavailable
 from routing.route_state import DECISION_SECONDS, END_TO_END_SECONDS, RouteTableHolder
 from routing.shadow import ShadowComparer
 from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
+from services.bus import journal
 from services.bus.consumer import reliable_handler
 from services.bus.extensions import container_settings
 
@@ -62,6 +64,7 @@ class StoreOutbox(DependencyProvider):
     """The store's outbox, its forwarder and the terminal verifier."""
 
     forwarder = OutboxForwarder()
+    totals = ControlTotalsPublisher()
 
     def setup(self):
         store, settings, uri = configured_store(self.container)
@@ -72,6 +75,8 @@ class StoreOutbox(DependencyProvider):
         self.verifier = Verifier(TerminalKeys(path.parent / "terminal_keys.json"),
                                  window=settings.agent.signature_window)
         self.forwarder.attach(self.outbox, store.id, store_uri(uri, credentials_path(path)), settings.publisher)
+        self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
+                           settings.agent.control_totals_interval, settings.agent.control_totals_days)
 
     def stop(self):
         self.outbox.close()
@@ -90,7 +95,7 @@ class StoreStock(DependencyProvider):
         self.store_id = store.id
         self.timeout = settings.agent.stock_rpc_timeout
         self.cache = StockCache(settings.outbox_path(store).parent / "stock_cache.db")
-        self.feed = StockFeed(self.uri, store.id, self.cache)
+        self.feed = StockFeed(self.uri, store.id, self.cache, queue_type=settings.queue_type)
 
     def start(self):
         self.container.spawn_managed_thread(self.feed.run, identifier="stock_feed")
@@ -174,11 +179,25 @@ class StoreAgent:
             return refused
         table = self.routes.table  # in flight, a request finishes on the table it started with
         call = self._decide(table, message_type, route, "POST", request, body)
+        queued = []
         response = modes.post(self.legacy(table.legacy.base_url, table.legacy.timeout), self.shadow, call,
                               self.routes.stats, message_type, parse,
-                              lambda: self._to_outbox(body, terminal, route, message_type, parse, started))
+                              lambda: queued.append(True) or self._to_outbox(
+                                  body, terminal, route, message_type, parse, started))
+        if call.mode != "bus" and not queued and response.status_code < 400:
+            self._note_legacy(message_type, parse, body)
         END_TO_END_SECONDS.labels(call.name, call.mode).observe(time.monotonic() - started)
         return response
+
+    def _note_legacy(self, message_type: str, parse, body: bytes):
+        """The legacy ERP took it directly: count it in the store's control totals."""
+        try:
+            txn = parse(json.loads(body))
+            if txn.store_id == self.store.store_id:
+                self.store.outbox.record_accepted(message_type, txn.model_dump(mode="json"))
+        except (ValueError, ContractError, OutboxUnavailable) as exc:
+            log.warning("legacy-posted %s not in the control totals: %s", message_type, exc,
+                        extra={"id": None, "correlationid": None})
 
     def _to_outbox(self, body: bytes, terminal, route: str, message_type: str, parse, started) -> Response:
         try:
@@ -208,6 +227,9 @@ class StoreAgent:
             return _error(503, "store outbox unavailable; the sale was NOT recorded, retry")
         self.store.forwarder.wake()
         ACCEPT_SECONDS.labels(route).observe(time.monotonic() - started)
+        journal.record("accepted", "duplicate" if accepted.duplicate else "ok", id=accepted.event_id,
+                       correlationid=None if accepted.duplicate else event.correlationid,
+                       subject=txn.pos_txn_id, detail={"store": txn.store_id, "terminal": txn.terminal_id})
         log.info("accepted %s %s", message_type, txn.pos_txn_id, extra={
             "id": accepted.event_id, "correlationid": event.correlationid,
             "outcome": "duplicate" if accepted.duplicate else "accepted"})

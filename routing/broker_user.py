@@ -1,5 +1,6 @@
 """Each store agent publishes as its own broker user, allowed nothing but
-publishing `pos.*` messages to `store_agent.events`; with AMQP `user_id`
+publishing `pos.*` messages (and its `store.control_totals.v1`) to
+`store_agent.events`; with AMQP `user_id`
 set to that user (the broker checks it), a consumer can trust which store
 sent a message (`x-retailbus-original-user-id` keeps it on parked ones).
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 EXCHANGE = "store_agent.events"
-TOPIC_WRITE = r"^pos\..+"
+TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v1)$"  # its sales and returns, its control totals
 
 
 def store_user(store_id: str) -> str:

@@ -32,8 +32,9 @@ from eventlet.event import Event
 from nameko.extensions import Extension
 from prometheus_client import Counter
 
+from legacy_wrappers.legacy_http import BreakerMetrics
 from routing.outbox import Entry, Outbox, OutboxUnavailable
-from services.bus import topology
+from services.bus import journal, topology
 from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from services.settings import PublisherSettings
 
@@ -60,12 +61,15 @@ def backoff_delay(failures: int) -> float:
 class OutboxForwarder(Extension):
     """Owns the forwarding loop of an outbox that the service opens in `setup`."""
 
+    hop_journal = journal.Journal()  # sends the "forwarded" hops
+
     def __init__(self, source_service: str = "store_agent"):
         self.exchange = topology.events_exchange(source_service)
         self.outbox: Outbox | None = None
         self.store_id: str | None = None
         self.publisher: ConfirmingPublisher | None = None
-        self.breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS)
+        self.breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS,
+                                                listeners=[BreakerMetrics("broker")])
         self.last_confirm: float | None = None
         self._wake = Event()
         self._stopped = Event()
@@ -147,6 +151,7 @@ class OutboxForwarder(Extension):
     def _forward(self, entries: list[Entry]):
         """Publish, mark the confirmed prefix sent; raise the first failure (a breaker failure)."""
         messages = [self._message(e) for e in entries]
+        sent = time.time()  # the hops are timed at the publish: the consumer may have them before the confirm
         FORWARDED.labels(self.store_id).inc(len(messages))
         try:
             self.publisher.publish(messages[0])
@@ -161,6 +166,9 @@ class OutboxForwarder(Extension):
         if confirmed:
             self.outbox.mark_sent(confirmed)
             self.last_confirm = time.time()
+            where = {"store": self.store_id, "exchange": self.exchange}
+            for entry in entries[:len(confirmed)]:
+                journal.record("forwarded", id=entry.event_id, at=sent, detail=where)
             CONFIRMED.labels(self.store_id).inc(len(confirmed))
         error = next((e for e in results if e is not None), None)
         if error is not None:

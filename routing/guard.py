@@ -18,11 +18,12 @@ from datetime import datetime, timezone
 import yaml
 from nameko.extensions import DependencyProvider
 from nameko.timer import timer
-from prometheus_client import Counter, start_http_server
+from prometheus_client import Counter
 
 from routing.control import RouteRegistry, apply_table
 from routing.route_table import Guard, Route, RouteTable, RouteTableError, parse_route_table
 from services.bus.extensions import container_settings
+from services.bus.metrics_http import MetricsHttp
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,6 @@ class GuardWatch(DependencyProvider):
         self.uri, self.settings = container_settings(self.container.config)
         self.registry = RouteRegistry(self.settings.path(self.settings.routes_state))
         self.min_samples = int(self.container.config.get("ROUTE_GUARD_MIN_SAMPLES", MIN_SAMPLES))
-        service = self.settings.services.get(self.container.service_name)
-        if service is not None and service.metrics_port:
-            start_http_server(service.metrics_port, addr="127.0.0.1")
 
     def get_dependency(self, worker_ctx):
         return self
@@ -149,6 +147,7 @@ class RouteGuard:
     name = "route_guard"
 
     watch = GuardWatch()
+    metrics = MetricsHttp()
 
     @timer(interval=INTERVAL)
     def tick(self):

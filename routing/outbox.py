@@ -30,6 +30,7 @@ from eventlet import tpool
 from eventlet.event import Event
 
 from contracts.envelope import CloudEvent
+from routing import control_totals
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -108,6 +109,7 @@ class Outbox:
         self.retention_days = retention_days
         self._db = _connect(path)  # the writer: used by the committer only
         self._db.executescript(SCHEMA)
+        self._db.executescript(control_totals.SCHEMA)
         have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
         for column, kind in COLUMNS.items():
             if column not in have:
@@ -131,6 +133,10 @@ class Outbox:
         payload returns the first one; with another payload raises OutboxConflict."""
         return self._submit(lambda db, batch: self._insert(db, batch, event, payload_hash(event)))
 
+    def record_accepted(self, message_type: str, data: dict) -> None:
+        """Note a sale or return the legacy ERP took directly, for the control totals."""
+        self._submit(lambda db, batch: control_totals.record(db, message_type, data, "legacy", None))
+
     def mark_sent(self, seqs: list[int]) -> None:
         if seqs:
             now = time.time()
@@ -139,10 +145,14 @@ class Outbox:
                 [(now, s) for s in seqs]))
 
     def compact(self, now: float | None = None) -> int:
-        """Delete rows sent more than `retention_days` ago; unsent rows always stay."""
+        """Delete rows sent (and control notes taken) more than `retention_days` ago;
+        unsent rows always stay."""
         cutoff = (now or time.time()) - self.retention_days * 86400
-        return self._submit(lambda db, batch: db.execute(
-            "DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (cutoff,)).rowcount)
+
+        def apply(db, batch):
+            control_totals.compact(db, cutoff)
+            return db.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (cutoff,)).rowcount
+        return self._submit(apply)
 
     def _submit(self, apply):
         if self._closed:
@@ -201,10 +211,11 @@ class Outbox:
             return Accepted(first[0], duplicate=True)
         stream_seq = db.execute(
             "SELECT coalesce(max(stream_seq), 0) + 1 FROM outbox WHERE type = ?", (event.type,)).fetchone()[0]
-        db.execute(
+        seq = db.execute(
             "INSERT INTO outbox (event_id, idem_key, type, body, accepted_at, payload_hash, stream_seq) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (event.id, key, event.type, event.to_json(), time.time(), digest, stream_seq))
+            (event.id, key, event.type, event.to_json(), time.time(), digest, stream_seq)).lastrowid
+        control_totals.record(db, event.type, event.data, "bus", seq)
         claimed[key] = (event.id, digest)
         return Accepted(event.id, duplicate=False)
 

@@ -77,8 +77,9 @@ class StockCache:
 class StockFeed:
     """Consumes `erp.stock_changed.v1` into the cache; reconnects with backoff."""
 
-    def __init__(self, uri: str, store_id: str, cache: StockCache):
+    def __init__(self, uri: str, store_id: str, cache: StockCache, queue_type: str = "classic"):
         self.uri = uri
+        self.queue_type = queue_type
         self.store_id = store_id
         self.cache = cache
         self.queue = stock_queue(store_id)
@@ -97,7 +98,7 @@ class StockFeed:
                 channel = conn.channel()
                 channel.basic_qos(0, 100, False)
                 topology.declare_exchange(channel, self.exchange)
-                channel.queue_declare(self.queue, durable=True, auto_delete=False)
+                topology.declare_queue(channel, self.queue, self.queue_type)
                 channel.queue_bind(self.queue, self.exchange, ErpStockChangedV1.TYPE)
                 channel.basic_consume(self.queue, callback=partial(self._on_message, channel))
                 self.connected, backoff = True, 0.5

@@ -50,7 +50,10 @@ PERMS = (".*", ".*", ".*")
 
 class ManagedBroker:
     """One RabbitMQ node living in `home`. Methods are idempotent where it makes sense:
-    `start()` on a running node and `stop()` on a stopped one do nothing."""
+    `start()` on a running node and `stop()` on a stopped one do nothing.
+    `tls` (RETAILBUS.broker.tls with absolute paths) adds an AMQPS listener."""
+
+    tls = None
 
     def __init__(self, home: Path, port: int, dist_port: int, management_port: int,
                  vhost: str = "retailbus", user: str = "retailbus", start_timeout: float = 90.0):
@@ -68,8 +71,12 @@ class ManagedBroker:
     @classmethod
     def from_settings(cls, settings, **kwargs) -> ManagedBroker:
         b = settings.broker
-        return cls(settings.path(b.home), port=b.port, dist_port=b.dist_port,
-                   management_port=b.management_port, vhost=b.vhost, user=b.user, **kwargs)
+        broker = cls(settings.path(b.home), port=b.port, dist_port=b.dist_port,
+                     management_port=b.management_port, vhost=b.vhost, user=b.user, **kwargs)
+        if b.tls is not None:
+            broker.tls = b.tls.model_copy(update={
+                k: settings.path(getattr(b.tls, k)).absolute() for k in ("certfile", "keyfile", "cacertfile")})
+        return broker
 
     def __repr__(self) -> str:
         return f"ManagedBroker(node={self.node!r}, home={str(self.home)!r})"
@@ -161,7 +168,9 @@ class ManagedBroker:
             return
         self._reap()
         for name, port in (("AMQP", self.port), ("distribution", self.dist_port),
-                           ("management", self.management_port)):
+                           ("management", self.management_port), ("AMQPS", self.tls and self.tls.port)):
+            if not port:
+                continue
             if port_in_use(port):
                 raise BrokerError(f"cannot start {self.node}: {name} port {port} is already in use "
                                   "by another process (choose another port in config/bus.yaml)")
@@ -175,7 +184,7 @@ class ManagedBroker:
                               f"configured user is {self.user!r}; remove the file to re-provision")
         fresh = not self.layout.data_dir(self.node).exists()
         write_private(self.layout.config_file, render_config(
-            self.port, self.management_port, self.vhost, bootstrap=creds if fresh else None))
+            self.port, self.management_port, self.vhost, bootstrap=creds if fresh else None, tls=self.tls))
         try:
             self._launch()
             self._await_startup(deadline)
@@ -185,7 +194,7 @@ class ManagedBroker:
         finally:
             if fresh:  # the bootstrap password does not stay in rabbitmq.conf
                 write_private(self.layout.config_file,
-                              render_config(self.port, self.management_port, self.vhost))
+                              render_config(self.port, self.management_port, self.vhost, tls=self.tls))
         self._provision(creds, set_password=new_creds and not fresh)
         log.info("broker %s started (pid %s) at %s", self.node, self.pid(), self.uri(show_password=False))
 
@@ -354,7 +363,9 @@ class ManagedBroker:
 
 
 def mask_uri(uri: str) -> str:
-    """The URI with its password replaced by ***."""
+    """The URI with its password replaced by ***; each node's in a cluster URI (`;`)."""
+    if ";" in uri:
+        return ";".join(mask_uri(node) for node in uri.split(";"))
     parts = urlsplit(uri)
     if parts.password is None:
         return uri
@@ -367,13 +378,17 @@ def mask_uri(uri: str) -> str:
 
 def resolve_amqp_uri(config: dict, settings) -> str:
     """Where the bus is: RETAILBUS_AMQP_URI, else a non-empty AMQP_URI in bus.yaml,
-    else the managed local broker (which must have been started once)."""
+    else the managed local broker or cluster (RETAILBUS.broker.nodes; started once)."""
     env = os.environ.get(AMQP_URI_ENV, "").strip()
     if env:
         return env
     configured = str((config or {}).get("AMQP_URI") or "").strip()
     if configured:
         return configured
+    if settings.broker.nodes > 1:
+        from services.broker_cluster import BrokerCluster  # it builds on this module
+
+        return BrokerCluster.from_settings(settings).uri()
     return ManagedBroker.from_settings(settings).uri()
 
 

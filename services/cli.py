@@ -14,8 +14,11 @@ from contracts import registry  # noqa: E402
 from contracts.errors import ContractError
 from services.cli_agent import agent
 from services.cli_broker import broker
+from services.cli_dlq import dlq
 from services.cli_files import files
+from services.cli_reconcile import reconcile
 from services.cli_routes import routes
+from services.cli_trace import trace
 from services.settings import ConfigError
 
 
@@ -77,6 +80,9 @@ main.add_command(broker)
 main.add_command(agent)
 main.add_command(routes)
 main.add_command(files)
+main.add_command(reconcile)
+main.add_command(trace)
+main.add_command(dlq)
 
 if __name__ == "__main__":
     main()

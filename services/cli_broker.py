@@ -12,11 +12,15 @@ from pathlib import Path
 import click
 
 from services.broker import AMQP_URI_ENV, BrokerError, ManagedBroker, mask_uri
+from services.broker_cluster import BrokerCluster
 from services.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help=f"bus.yaml to read the RETAILBUS.broker section from (default {DEFAULT_CONFIG})")
+nodes_option = click.option(
+    "--nodes", type=click.IntRange(1, 9), default=None,
+    help="N > 1: a local cluster of N nodes on ports port..port+N-1 (default RETAILBUS.broker.nodes)")
 
 
 def _config_path(ctx: click.Context, given: Path | None) -> tuple[Path, bool]:
@@ -29,7 +33,7 @@ def _config_path(ctx: click.Context, given: Path | None) -> tuple[Path, bool]:
     return DEFAULT_CONFIG, False
 
 
-def _managed(ctx: click.Context, given: Path | None) -> ManagedBroker:
+def _managed(ctx: click.Context, given: Path | None, nodes: int | None = None) -> ManagedBroker | BrokerCluster:
     path, explicit = _config_path(ctx, given)
     try:
         if not explicit and not path.exists():
@@ -38,6 +42,8 @@ def _managed(ctx: click.Context, given: Path | None) -> ManagedBroker:
             settings = retailbus_settings(load_config(path), path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if (nodes or settings.broker.nodes) > 1:
+        return BrokerCluster.from_settings(settings, nodes=nodes)
     return ManagedBroker.from_settings(settings)
 
 
@@ -57,15 +63,26 @@ def broker(ctx: click.Context, config_path: Path | None) -> None:
 
 @broker.command()
 @config_option
+@nodes_option
 @click.pass_context
-def start(ctx: click.Context, config_path: Path | None) -> None:
-    """Start the node (a no-op when it runs); first start creates its user."""
+def start(ctx: click.Context, config_path: Path | None, nodes: int | None) -> None:
+    """Start the node or cluster (a no-op when it runs); first start creates its user."""
     ext = _external()
     if ext:
         click.echo(f"{AMQP_URI_ENV} is set: using the external broker {mask_uri(ext)}; "
                    "retailbus does not manage it, nothing started.")
         return
-    b = _managed(ctx, config_path)
+    b = _managed(ctx, config_path, nodes)
+    if isinstance(b, BrokerCluster):
+        click.echo(f"starting a cluster of {len(b.nodes)} RabbitMQ nodes in {b.home} ...")
+        try:
+            b.start()
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
+        for node in b.nodes:
+            click.echo(f"  {node.node} (pid {node.pid()})")
+        click.echo(f"cluster started: {b.uri(show_password=False)}")
+        return
     was_running = b.is_running()
     if not was_running:
         click.echo(f"starting RabbitMQ node {b.node} in {b.home} ...")
@@ -79,15 +96,23 @@ def start(ctx: click.Context, config_path: Path | None) -> None:
 
 @broker.command()
 @config_option
+@nodes_option
 @click.pass_context
-def stop(ctx: click.Context, config_path: Path | None) -> None:
+def stop(ctx: click.Context, config_path: Path | None, nodes: int | None) -> None:
     """Stop the node and wait for it to exit (a no-op when it is stopped)."""
     ext = _external()
     if ext:
         click.echo(f"{AMQP_URI_ENV} is set: the external broker {mask_uri(ext)} is not "
                    "managed by retailbus, nothing stopped.")
         return
-    b = _managed(ctx, config_path)
+    b = _managed(ctx, config_path, nodes)
+    if isinstance(b, BrokerCluster):
+        try:
+            b.stop()
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"cluster of {len(b.nodes)} nodes in {b.home} stopped")
+        return
     if not b.is_running():
         click.echo(f"broker {b.node} is not running")
         return
@@ -100,16 +125,17 @@ def stop(ctx: click.Context, config_path: Path | None) -> None:
 
 @broker.command()
 @config_option
+@nodes_option
 @click.option("--show-password", is_flag=True, help="print the password instead of ***")
 @click.pass_context
-def uri(ctx: click.Context, config_path: Path | None, show_password: bool) -> None:
+def uri(ctx: click.Context, config_path: Path | None, nodes: int | None, show_password: bool) -> None:
     """Print the AMQP URI of the bus (password masked unless --show-password)."""
     ext = _external()
     if ext:
         click.echo(ext if show_password else mask_uri(ext))
         return
     try:
-        click.echo(_managed(ctx, config_path).uri(show_password=show_password))
+        click.echo(_managed(ctx, config_path, nodes).uri(show_password=show_password))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -124,14 +150,18 @@ def _table(rows: list[dict]) -> list[str]:
 
 @broker.command()
 @config_option
+@nodes_option
 @click.pass_context
-def status(ctx: click.Context, config_path: Path | None) -> None:
+def status(ctx: click.Context, config_path: Path | None, nodes: int | None) -> None:
     """URI (masked), health and every queue with depth and consumers; exit 1 when down."""
     ext = _external()
     if ext:
         _external_status(ext)
         return
-    b = _managed(ctx, config_path)
+    b = _managed(ctx, config_path, nodes)
+    if isinstance(b, BrokerCluster):
+        _cluster_status(ctx, b)
+        return
     try:
         click.echo(f"uri:     {b.uri(show_password=False)}")
     except BrokerError:
@@ -155,6 +185,36 @@ def status(ctx: click.Context, config_path: Path | None) -> None:
         click.echo(line)
 
 
+def _cluster_status(ctx: click.Context, cluster: BrokerCluster) -> None:
+    """Each node's pid and membership, then the queues with type and leader; exit 1
+    when a node is down (the cluster may still serve: quorum queues need a majority)."""
+    click.echo(f"home:    {cluster.home}")
+    try:
+        click.echo(f"uri:     {cluster.uri(show_password=False)}")
+    except BrokerError:
+        click.echo("uri:     (not provisioned yet: run `retailbus broker start --nodes N`)")
+    try:
+        members = cluster.running_members()
+    except BrokerError as exc:
+        members = []
+        click.echo(f"cluster: not answering: {exc}")
+    for node in cluster.nodes:
+        pid = node.pid()
+        state = ("running, in cluster" if node.node in members else "running") if pid else "not running"
+        click.echo(f"node:    {node.node}  pid {pid or '-'}  {state}")
+    down = len(cluster.nodes) - len(members)
+    click.echo(f"health:  {len(members)} of {len(cluster.nodes)} nodes running"
+               + (f", {down} down" if down else ""))
+    if members:
+        queues = cluster.queues()
+        click.echo(f"queues in vhost {cluster.vhost!r}: {len(queues)}")
+        for line in _table([{**q, "name": f"{q['name']} ({q['type']}, leader {q['leader'] or '-'})"}
+                            for q in queues]):
+            click.echo(line)
+    if down:
+        ctx.exit(1)
+
+
 def _external_status(uri_: str) -> None:
     from kombu import Connection
 
@@ -175,3 +235,8 @@ def _external_status(uri_: str) -> None:
         raise click.exceptions.Exit(1) from None
     click.echo(f"health:  reachable, {product} {version}")
     click.echo("queues:  not listed for an external broker (use its management UI or rabbitmqctl)")
+
+
+from services.cli_broker_users import users  # noqa: E402  (`retailbus broker users`)
+
+broker.add_command(users)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 from nameko.cli.main import setup_yaml_parser
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from contracts.errors import format_validation_error
 
@@ -20,6 +21,28 @@ DEFAULT_CONFIG = Path("config/bus.yaml")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# An exception class as ops write it in bus.yaml: `KeyError` or `services.erp.posting.SomeError`.
+ErrorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+
+
+class AccessSettings(Strict):
+    """Broker permissions (regexes) added to what `retailbus broker users` derives
+    from a component's service class: for extensions it cannot read."""
+
+    configure: list[str] = Field(default_factory=list)
+    write: list[str] = Field(default_factory=list)
+    read: list[str] = Field(default_factory=list)
+
+
+class TlsSettings(Strict):
+    """AMQPS listener of the managed node (PEM files; relative paths from the project root)."""
+
+    port: int = Field(ge=1, le=65535)
+    certfile: Path
+    keyfile: Path
+    cacertfile: Path
 
 
 class BrokerSettings(Strict):
@@ -31,6 +54,11 @@ class BrokerSettings(Strict):
     management_port: int = Field(15682, ge=1, le=65535)
     vhost: str = "retailbus"
     user: str = "retailbus"
+    nodes: int = Field(1, ge=1, le=9, description="1: one node; N: a local cluster of N nodes "
+                       "(`retailbus broker start --nodes N`) on ports port..port+N-1")
+    access: dict[str, AccessSettings] = Field(
+        default_factory=dict, description="per component (erp, store-agent-S001, …): extra permissions")
+    tls: TlsSettings | None = None
 
 
 class PublisherSettings(Strict):
@@ -44,13 +72,31 @@ class RetrySettings(Strict):
 
     delays: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0])
     prefetch: int = Field(64, ge=1)
+    not_retried: list[ErrorName] = Field(
+        default_factory=list, description="exception classes parked at once, for every handler")
 
 
 class HandlerSettings(Strict):
     """Per-handler overrides, keyed `<service>.<method>` under RETAILBUS.handlers."""
 
-    delays: list[float] | None = None
+    attempts: int | None = Field(None, ge=1, le=100, description=(
+        "handler runs before the message is parked (default: one more than the delays); "
+        "beyond the schedule the last delay repeats"))
+    delays: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="backoff schedule in seconds before attempts 2, 3, ...")
+    not_retried: list[ErrorName] | None = Field(None, description=(
+        "exception classes (name or module.Name, matched along the MRO) parked at once; "
+        "replaces RETAILBUS.retry.not_retried for this handler"))
     ordered: bool | None = None
+
+
+class DlqSettings(Strict):
+    """The dead-letter workbench (`retailbus dlq`) and the dlq service."""
+
+    audit_file: Path = Field(Path("var/dlq/audit.jsonl"), description="append-only JSON lines of replays and purges")
+    interval: float = Field(15.0, gt=0, description="seconds between dead-letter depth/age samples")
+    queues: list[str] = Field(default_factory=list, description=(
+        "handler queues of services not in RETAILBUS.services whose `<queue>.dlq` is watched too"))
 
 
 class StoreSettings(Strict):
@@ -68,12 +114,32 @@ class AgentSettings(Strict):
     max_body: int = Field(256 * 1024, ge=1024, description="largest POS request body in bytes")
     retention_days: float = Field(30.0, ge=0, description="days sent outbox rows are kept")
     stock_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for the ERP's stock answer")
+    control_totals_interval: float = Field(60.0, gt=0, description="seconds between control-totals rounds")
+    control_totals_days: float = Field(3.0, gt=0, description="business days touched this many days back "
+                                                              "are republished when they change")
 
 
 class LegacyErpSettings(Strict):
     """The demo legacy ERP that `retailbus up` runs; its database is LEGACY_DB_URI."""
 
     http: str = "127.0.0.1:8081"
+
+
+class JournalSettings(Strict):
+    """Message tracing (services/bus/journal.py, the journal service, `retailbus trace`)."""
+
+    enabled: bool = Field(True, description="record every hop of every message in the journal")
+    dsn: str = Field("sqlite:///var/journal.db", description="the journal database (SQLAlchemy URL)")
+    flush_seconds: float = Field(0.2, gt=0, description="how often a process sends its buffered hops")
+    batch: int = Field(500, ge=1, description="hops per journal message")
+    buffer: int = Field(50_000, ge=1, description="hops a process keeps while the bus is away; more are dropped")
+
+
+class ReconcileSettings(Strict):
+    """Reconciliation (services/reconcile, `retailbus reconcile`): control totals vs ERP vs loyalty file."""
+
+    dsn: str = Field("sqlite:///var/reconcile.db", description="the latest control totals per store and day")
+    interval: float = Field(300.0, gt=0, description="seconds between scheduled reconciliations")
 
 
 class ServiceSettings(Strict):
@@ -86,11 +152,16 @@ class RetailbusSettings(Strict):
     broker: BrokerSettings = BrokerSettings()
     publisher: PublisherSettings = PublisherSettings()
     retry: RetrySettings = RetrySettings()
+    dlq: DlqSettings = DlqSettings()
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic", description="type of every queue retailbus declares (quorum: replicated on a cluster)")
     handlers: dict[str, HandlerSettings] = Field(default_factory=dict)
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     stores: list[StoreSettings] = Field(default_factory=list)
     legacy_erp: LegacyErpSettings = LegacyErpSettings()
     agent: AgentSettings = AgentSettings()
+    journal: JournalSettings = JournalSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     routes_file: Path = Path("config/routes.yaml")
     routes_state: Path = Path("var/routes")
 
@@ -108,6 +179,14 @@ class RetailbusSettings(Strict):
 
     def outbox_path(self, store: StoreSettings) -> Path:
         return self.path(store.outbox or Path("var/stores") / store.id / "outbox.db")
+
+    @model_validator(mode="after")
+    def _retries_have_delays(self):
+        for key, handler in self.handlers.items():
+            if (handler.attempts or 1) > 1 and not (handler.delays or self.retry.delays):
+                raise ValueError(f"handlers.{key}.attempts: {handler.attempts} attempts need delays "
+                                 "(set handlers.<key>.delays or retry.delays)")
+        return self
 
 
 class ConfigError(Exception):

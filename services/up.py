@@ -17,7 +17,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services import broker_users
 from services.broker import ManagedBroker
+from services.broker_cluster import BrokerCluster
 from services.settings import RetailbusSettings, load_config, retailbus_settings
 
 log = logging.getLogger("retailbus.up")
@@ -78,12 +80,13 @@ class Supervisor:
         log.info("received %s, stopping", signal.Signals(signum).name)
         self._stopping = True
 
-    def _broker(self) -> tuple[ManagedBroker | None, str]:
+    def _broker(self) -> tuple[ManagedBroker | BrokerCluster | None, str]:
         external = os.environ.get("RETAILBUS_AMQP_URI") or self.config.get("AMQP_URI")
         if external:
             log.info("using the broker at RETAILBUS_AMQP_URI / AMQP_URI")
             return None, external
-        broker = ManagedBroker.from_settings(self.settings)
+        kind = BrokerCluster if self.settings.broker.nodes > 1 else ManagedBroker  # RETAILBUS.broker.nodes
+        broker = kind.from_settings(self.settings)
         already = broker.is_running()
         broker.start()
         log.info("broker %s at %s", "already running" if already else "started", broker.uri(show_password=False))
@@ -110,6 +113,10 @@ class Supervisor:
                 f"store-agent-{store.id}", nameko + ["routing.store_agent"],
                 {**env, "RETAILBUS_STORE": store.id, "WEB_SERVER_ADDRESS": store.http},
                 health_url=f"http://{store.http}/healthz"))
+        for child in children:  # its own broker user once `retailbus broker users` made one
+            own = broker_users.own_uri(s, uri, child.name)
+            if own:
+                child.env = {**child.env, "RETAILBUS_AMQP_URI": own}
         return children
 
     def _announce(self, timeout: float = 60.0):

@@ -106,6 +106,10 @@ class FileDrop(Entrypoint):
         for folder in (self.folder, self.work, self.error):
             folder.mkdir(parents=True, exist_ok=True)
         self.layout = Layout(self.cfg)
+        for outcome in ("published", "rejected"):  # dashboards show 0 before the first one, not "no data"
+            metrics.ROWS.labels(self.drop, outcome)
+        for outcome in ("done", "rejected", "failed"):
+            metrics.FILES.labels(self.drop, outcome)
         self._stable: dict[str, tuple[str, float]] = {}
         self._retry_at: dict[str, float] = {}
         self._running = False

@@ -32,7 +32,7 @@ from contracts.errors import ContractError
 from legacy_wrappers.filedrop import metrics
 from legacy_wrappers.filedrop.files import fsync_dir
 from legacy_wrappers.filedrop.inbound import FileLedger
-from services.bus import topology
+from services.bus import journal, topology
 from services.bus.extensions import BusConnection, container_settings
 from services.bus.publisher import OutgoingMessage, PublishError, connection_params
 
@@ -56,6 +56,7 @@ class BatchFileWriter(DependencyProvider):
     """`self.<attr>.add(key, values)` buffers one record of the outbound file `name`."""
 
     shared = FileLedger()
+    hop_journal = journal.Journal()  # a durable file's rows go to the journal: "written", file and line
 
     def __init__(self, name: str):
         self.name = name
@@ -67,6 +68,7 @@ class BatchFileWriter(DependencyProvider):
     def setup(self):
         self.cfg.folder.mkdir(parents=True, exist_ok=True)
         self._rows: dict[str, str] = {}
+        self._refs: dict[str, list[str]] = {}
         self._acks: list = []
         self._oldest: float | None = None
         self._lock = Semaphore(1)
@@ -102,12 +104,14 @@ class BatchFileWriter(DependencyProvider):
             log.warning("batch file %s: removing unfinished %s", self.name, stray.name)
             stray.unlink()
 
-    def add(self, key: str, values: dict) -> bool:
-        """Buffer a record under its idempotency key; False if it is in a file already."""
+    def add(self, key: str, values: dict, refs: tuple[str, ...] = ()) -> bool:
+        """Buffer a record under its idempotency key; False if it is in a file already.
+        `refs`: other names the record is traced by (`retailbus trace`), opaque here."""
         line = fixed_record(self.cfg.fields, values)
         if key in self._rows or self.shared.ledger.written_keys(self.name, [key]):
             return False
         self._rows[key] = line
+        self._refs[key] = [r for r in refs if r]
         self._oldest = self._oldest or time.monotonic()
         return True
 
@@ -125,10 +129,13 @@ class BatchFileWriter(DependencyProvider):
 
     def flush(self):
         with self._lock:
-            rows, acks = self._rows, self._acks
-            self._rows, self._acks, self._oldest = {}, [], None
+            rows, acks, refs = self._rows, self._acks, self._refs
+            self._rows, self._acks, self._refs, self._oldest = {}, [], {}, None
             if rows:
-                self._write(rows)
+                name = self._write(rows)
+                # line 1 is the header: the n-th record is on line n + 1
+                journal.record("written", detail={"file": name, "folder": str(self.cfg.folder)}, items=[
+                    {"key": key, "row": n, "refs": refs.get(key, [])} for n, key in enumerate(rows, start=2)])
             for ack in acks:
                 ack()
 
@@ -158,6 +165,7 @@ class BatchFileWriter(DependencyProvider):
         metrics.FILES.labels(self.name, "written").inc()
         log.info("batch file %s: wrote %s (%d rows)", self.name, name, len(rows),
                  extra={"outcome": "written"})
+        return name
 
 
 class BatchFileConsumer(Entrypoint):
@@ -178,6 +186,7 @@ class BatchFileConsumer(Entrypoint):
                            if isinstance(d, BatchFileWriter) and d.name == self.writer_name)
         self.prefetch = min(10000, 2 * self.writer.cfg.roll_rows)
         self.connect_timeout = settings.publisher.connect_timeout
+        self.queue_type = settings.queue_type
         self._lock, self._channel, self._running = Semaphore(1), None, False
 
     def start(self):
@@ -201,7 +210,8 @@ class BatchFileConsumer(Entrypoint):
                 channel = conn.channel()
                 channel.basic_qos(0, self.prefetch, False)
                 for event_type in self.event_types:
-                    topology.declare_handler_queues(channel, self.exchange, event_type, self.queue, [])
+                    topology.declare_handler_queues(channel, self.exchange, event_type, self.queue, [],
+                                                    queue_type=self.queue_type)
                 channel.basic_consume(self.queue, callback=self._deliver)
                 self._channel = channel
                 while self._running:

@@ -24,8 +24,10 @@ from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from services.bus import metrics, topology
+from services.bus import journal
+from services.bus import retry as retry_policy
 from services.bus.extensions import BusConnection, container_settings
-from services.bus.publisher import OutgoingMessage, PublishError, connection_params
+from services.bus.publisher import OutgoingMessage, PublishError, connect
 from services.bus.wire import CoalescingWriter, buffered_reads
 
 log = logging.getLogger(__name__)
@@ -131,8 +133,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
                 backoff = min(backoff * 2, 10.0)
 
     def _connect(self) -> amqp.Connection:
-        conn = amqp.Connection(**connection_params(self.uri, self.settings.publisher.connect_timeout))
-        conn.connect()
+        conn = connect(self.uri, self.settings.publisher.connect_timeout)
         # Every frame (requests, acks, heartbeats) leaves through one writer
         # greenthread. The channel is ours before the first delivery can arrive:
         # a handler may finish, and ack, while the next queue is still being
@@ -147,7 +148,8 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
             channel.basic_qos(0, self._prefetch(), False)
             topology.declare_handler_queues(
                 channel, provider.exchange, provider.event_type, provider.queue,
-                self.settings.retry.delays, provider.exchange_type, single_active=provider.ordered)
+                provider.delays, provider.exchange_type, single_active=provider.ordered,
+                queue_type=self.settings.queue_type)
             self._tags[provider] = channel.basic_consume(
                 provider.queue, callback=partial(self._deliver, provider))
         metrics.BROKER_CONNECTED.labels("consumer").set(1)
@@ -189,6 +191,7 @@ class ReliableHandler(Entrypoint):
 
     consumer = ReliableConsumer()
     bus = BusConnection()
+    hop_journal = journal.Journal()  # sends the hops noted below to the journal
 
     def __init__(self, source_service: str, event_type: str, *, exchange: str | None = None,
                  exchange_type: str = topology.EVENTS_EXCHANGE_TYPE, queue: str | None = None,
@@ -214,8 +217,10 @@ class ReliableHandler(Entrypoint):
         self.queue = self._queue.format(**self.container.config) if self._queue else topology.handler_queue(
             self.source_service, self.event_type, self.container.service_name, self.method_name)
         settings = container_settings(self.container.config)[1]
-        override = settings.handlers.get(f"{self.container.service_name}.{self.method_name}")
-        self.delays = (override and override.delays) or settings.retry.delays
+        key = f"{self.container.service_name}.{self.method_name}"
+        override = settings.handlers.get(key)
+        self.policy = retry_policy.policy_for(settings, key)
+        self.delays = list(self.policy.delays)
         if override and override.ordered is not None:
             self.ordered = override.ordered
         self._seconds = metrics.HANDLER_SECONDS.labels(self.queue)
@@ -264,12 +269,13 @@ class ReliableHandler(Entrypoint):
         error = error or next(iter(getattr(worker_ctx, EFFECT_ERRORS, [])), None)
         event = worker_ctx.args[1]
         if error is not None:
-            retry = not isinstance(error, (Permanent, ContractError))
+            retry = not isinstance(error, (Permanent, ContractError)) and self.policy.retries(error)
             if key is None:
                 self._fail(message, error, retry)
                 return
             if retry and attempt <= len(self.delays):
                 self._consumed["retried"].inc()
+                journal.failed(message.properties, self.queue, "retried", "in place", attempt, error)
                 log.warning("retrying in place after attempt %d: %s", attempt, error,
                             extra={"id": event.id, "correlationid": event.correlationid, "outcome": "retried"})
                 self.container.spawn_managed_thread(partial(
@@ -279,6 +285,7 @@ class ReliableHandler(Entrypoint):
         else:
             outcome = "duplicate" if result is DUPLICATE else "ok"
             self._consumed[outcome].inc()
+            journal.handled(event, self.queue, outcome, time.monotonic() - started)
             log.info("handled %s", event.type, extra={
                 "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
             self.consumer.settle(message)
@@ -315,7 +322,7 @@ class ReliableHandler(Entrypoint):
         if message.properties.get("user_id"):
             headers.setdefault(H_USER, message.properties["user_id"])
         if retry and attempts <= len(self.delays):
-            target, outcome = topology.retry_queue(self.queue, attempts), "retried"
+            target, outcome = topology.retry_queue(self.queue, self.delays[attempts - 1]), "retried"
         else:
             target, outcome = topology.dead_letter_queue(self.queue), "dead_lettered"
         props = message.properties
@@ -335,6 +342,7 @@ class ReliableHandler(Entrypoint):
             self.consumer.settle(message, ack=False)
             return
         self._consumed[outcome].inc()
+        journal.failed(props, self.queue, outcome, target, attempts, exc)
         log.warning("%s to %s after attempt %d: %s", outcome, target, attempts, exc,
                     extra={"id": copy.message_id, "correlationid": copy.correlation_id,
                            "outcome": outcome})

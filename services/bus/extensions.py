@@ -9,7 +9,7 @@ from nameko.extensions import DependencyProvider, SharedExtension
 
 from contracts.envelope import CloudEvent
 from services.bus import topology
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
+from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connect
 from services.settings import RetailbusSettings, retailbus_settings
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ class BusConnection(SharedExtension):
 
     def open_channel(self) -> amqp.Connection:
         """A separate short-lived connection for blocking calls (declarations)."""
-        conn = amqp.Connection(**connection_params(self.uri, self.settings.publisher.connect_timeout))
-        conn.connect()
-        return conn
+        return connect(self.uri, self.settings.publisher.connect_timeout)
 
     def stop(self):
         self.publisher.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import amqp
 import eventlet
+import yaml
 from eventlet.event import Event
 from eventlet.semaphore import Semaphore
 
@@ -134,8 +137,25 @@ class _Pending:
         self.deadline = deadline
 
 
+def cluster_nodes(uri: str) -> list[str]:
+    """The node URIs in `uri`: one, or a cluster's as `amqp://…;amqp://…` (the form
+    kombu, hence nameko's AMQP_URI, takes for failover)."""
+    nodes = [node.strip() for node in uri.split(";") if node.strip()]
+    if not nodes:
+        raise ValueError("AMQP URI is empty")
+    return nodes
+
+
+_turns: dict[str, itertools.count] = {}
+
+
 def connection_params(uri: str, connect_timeout: float, heartbeat: int = 30) -> dict:
-    parts = urlparse(uri)
+    """py-amqp Connection arguments. For a cluster URI each call gives the next
+    node in turn, so a loop that reconnects after a failure moves on to another
+    node when one is down."""
+    nodes = cluster_nodes(uri)
+    node = nodes[next(_turns.setdefault(uri, itertools.count())) % len(nodes)] if len(nodes) > 1 else nodes[0]
+    parts = urlparse(node)
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"AMQP URI must start with amqp:// or amqps://, got {parts.scheme!r}")
     vhost = unquote(parts.path[1:]) if parts.path and parts.path != "/" else "/"
@@ -146,8 +166,45 @@ def connection_params(uri: str, connect_timeout: float, heartbeat: int = 30) -> 
         virtual_host=vhost,
         connect_timeout=connect_timeout,
         heartbeat=heartbeat,
-        ssl=parts.scheme == "amqps",
+        ssl=tls_options(parts.hostname) if parts.scheme == "amqps" else False,
     )
+
+
+AMQP_SSL_ENV = "RETAILBUS_AMQP_SSL"
+
+
+def tls_options(host: str | None) -> dict:
+    """py-amqp TLS options for an amqps:// URI: RETAILBUS_AMQP_SSL as a YAML mapping
+    (`{ca_certs: /path/ca.pem}`, optionally certfile/keyfile), the variable bus.yaml
+    also hands nameko as AMQP_SSL. The broker's certificate is always verified, and
+    its name (the URI's host) unless the mapping sets `server_hostname`."""
+    raw = os.environ.get(AMQP_SSL_ENV, "").strip()
+    options = yaml.safe_load(raw) if raw else None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"{AMQP_SSL_ENV} must be a mapping such as {{ca_certs: /path/ca.pem}}")
+    options = dict(options or {})
+    options.setdefault("cert_reqs", ssl.CERT_REQUIRED)
+    options.setdefault("server_hostname", host)
+    return options
+
+
+def connect(uri: str, connect_timeout: float, **kwargs) -> amqp.Connection:
+    """A connected py-amqp Connection to a node of `uri` that answers: each node
+    is tried once, in turn, sharing `connect_timeout` between those left; the last
+    error is raised when none answers."""
+    deadline = time.monotonic() + connect_timeout
+    nodes = len(cluster_nodes(uri))
+    for left in range(nodes, 0, -1):
+        timeout = max(0.1, (deadline - time.monotonic()) / left)
+        conn = amqp.Connection(**connection_params(uri, timeout), **kwargs)
+        try:
+            conn.connect()
+            return conn
+        except Exception:
+            conn.collect()
+            if left == 1 or time.monotonic() >= deadline:
+                raise
+    raise AssertionError("unreachable")
 
 
 class ConfirmingPublisher:
@@ -172,6 +229,7 @@ class ConfirmingPublisher:
         self._floor = 0
         self._by_message_id: dict[str, _Pending] = {}
         self._closed = False
+        self._nacked = False
 
     # -- public API ---------------------------------------------------------
 
@@ -283,8 +341,7 @@ class ConfirmingPublisher:
                 return self._channel
             timeout = max(0.1, min(self.connect_timeout, deadline - time.monotonic()))
             try:
-                conn = amqp.Connection(**connection_params(self.uri, timeout))
-                conn.connect()
+                conn = connect(self.uri, timeout)
                 channel = conn.channel()
                 channel.confirm_select()
                 if self._on_connect is not None:
@@ -297,7 +354,7 @@ class ConfirmingPublisher:
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
-            self._conn, self._tags, self._floor = conn, itertools.count(1), 0
+            self._conn, self._tags, self._floor, self._nacked = conn, itertools.count(1), 0, False
             self._writer = CoalescingWriter(conn, lambda exc: self._teardown(
                 BrokerUnavailable(f"connection lost: {exc}"), conn))
             buffered_reads(conn)
@@ -315,6 +372,12 @@ class ConfirmingPublisher:
                     pass
                 conn.heartbeat_tick()  # only queues a frame: the writer sends it
                 self._expire(conn)
+                if self._nacked:
+                    # A channel that saw a quorum queue's leader die can go on nacking
+                    # everything (RabbitMQ 3.10); a new connection (maybe to another
+                    # node) recovers. The nacked publishes are retried on it.
+                    self._nacked = False
+                    self._teardown(BrokerUnavailable("the broker nacked: reconnecting"), conn)
         except Exception as exc:
             if self._conn is conn:
                 log.warning("publisher connection lost: %s", exc)
@@ -355,6 +418,7 @@ class ConfirmingPublisher:
 
     def _on_nack(self, delivery_tag, multiple):
         self._resolve(delivery_tag, multiple, lambda: Nacked("the broker refused the message (nack)"))
+        self._nacked = True
 
     def _on_return(self, exc, exchange, routing_key, message):
         entry = self._by_message_id.get(message.properties.get("message_id"))

@@ -57,6 +57,12 @@ def apply_customer_batch(conn: Connection, cust: Table, consumer: str, batch: Ev
     return applied
 
 
+def trace_items(batch: EventBatchV1) -> list[dict]:
+    """The chunk's rows for the journal: key, file row, customer id (`retailbus trace C0001`)."""
+    return [{"key": item.idempotencykey, "row": item.row, "refs": [str(item.data.get("customer_id") or "")]}
+            for item in batch.items]
+
+
 def on_file_rows(conn: Connection, cust: Table, batch: EventBatchV1, event: CloudEvent):
     """The erp's share of file rows: customer rows (None for other row types, not its
     business); DUPLICATE when every row was applied before."""

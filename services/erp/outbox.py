@@ -111,10 +111,14 @@ class Outbox(DependencyProvider):
             self._wake.set()
 
     def _relay(self):
+        created = False
         while self._running:
             self._wake.wait(self.interval)
             self._wake.clear()
             try:
+                if not created:  # a fresh legacy DB has no RB_OUTBOX until the first posting
+                    metadata.create_all(self.engine)
+                    created = True
                 while self._running and self.relay_once() == self.batch:
                     pass
             except Exception as exc:  # database or broker away: rows stay, next round retries

@@ -17,6 +17,8 @@ from legacy_wrappers.table_changes import table_changes
 from services.bus import inbox
 from services.bus.consumer import DUPLICATE, Permanent, reliable_handler
 from services.bus.extensions import EventPublisher
+from services.bus.journal import JournalHops
+from services.bus.metrics_http import MetricsHttp
 from services.erp import customer_master, events, ledger, posting, stock
 from services.erp.outbox import Outbox
 from services.erp.outbox import metadata as outbox_tables
@@ -29,6 +31,8 @@ class ErpService:
                         create=(inbox.metadata, outbox_tables))
     outbox = Outbox()
     events = EventPublisher()
+    metrics = MetricsHttp()
+    hops = JournalHops()
 
     @reliable_handler("store_agent", "pos.sale.v1", ordered=True)
     def on_pos_sale(self, sale: PosSaleV1, event: CloudEvent):
@@ -47,6 +51,8 @@ class ErpService:
                 key=event.idempotencykey, message_id=event.id, correlationid=event.correlationid)
         except LegacyValueError as exc:
             raise Permanent(str(exc)) from exc
+        self.hops.add("posted", "duplicate" if duplicate else "ok", subject=txn.pos_txn_id,
+                      detail={"doc_no": doc_no, "store": txn.store_id})
         return DUPLICATE if duplicate else doc_no
 
     @rpc
@@ -111,4 +117,8 @@ class ErpService:
     def on_file_rows(self, batch, event: CloudEvent):
         """Rows of legacy batch files (services/files); customer rows go to CUST_MST."""
         from services.erp import customers
-        return customers.on_file_rows(self.db.conn, self.db.tables[customer_master.TABLE], batch, event)
+        result = customers.on_file_rows(self.db.conn, self.db.tables[customer_master.TABLE], batch, event)
+        if result is not None:
+            self.hops.add("applied", "duplicate" if result is DUPLICATE else "ok", items=customers.trace_items(batch),
+                          detail={"table": customer_master.TABLE, "file": batch.file})
+        return result

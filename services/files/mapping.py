@@ -12,6 +12,8 @@ from contracts.envelope import CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk
 
 ROW_TYPES = {"customers": CustomerUpdatedV1, "stock": ErpStockChangedV1}
+# The business name of a row, by which `retailbus trace` finds it.
+ROW_NAMES = {"customers": lambda v: v.get("customer_id"), "stock": lambda v: f"{v.get('store_id')}/{v.get('sku')}"}
 
 
 def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
@@ -33,9 +35,20 @@ def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
         data=batch, correlationid=event_id, idempotencykey=f"{chunk.sha256}:chunk:{chunk.index}")
 
 
+def points_for(total_minor: int) -> int:
+    """One loyalty point per whole currency unit (reconciliation expects a record when > 0)."""
+    return abs(total_minor) // 100
+
+
+def trace_items(chunk: RowChunk) -> list[dict]:
+    """The chunk's rows for the journal: key, line in the file, business name."""
+    name = ROW_NAMES[chunk.drop]
+    return [{"key": r.idempotencykey, "row": r.row, "refs": [str(name(r.values) or "")]} for r in chunk.rows]
+
+
 def points_record(doc: ErpSalePostedV1 | ErpReturnPostedV1) -> dict | None:
-    """The loyalty job's record: one point per whole currency unit; None when nothing to book."""
-    points = abs(doc.total_minor) // 100
+    """The loyalty job's record; None when nothing to book."""
+    points = points_for(doc.total_minor)
     if not doc.loyalty_card or points == 0:
         return None
     return {"kind": "R" if isinstance(doc, ErpReturnPostedV1) else "A", "card": doc.loyalty_card,

@@ -10,7 +10,9 @@ from contracts.envelope import CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk, file_drop
 from legacy_wrappers.filedrop.outbound import BatchFileWriter, batch_file_consumer
 from services.bus.extensions import EventPublisher
-from services.files.mapping import batch_event, points_record
+from services.bus.journal import JournalHops
+from services.bus.metrics_http import MetricsHttp
+from services.files.mapping import batch_event, points_record, trace_items
 
 
 class FilesService:
@@ -18,17 +20,27 @@ class FilesService:
 
     events = EventPublisher()
     points_file = BatchFileWriter("loyalty_points")
+    metrics = MetricsHttp()
+    hops = JournalHops()
 
     @file_drop("customers")
     def on_customer_export(self, chunk: RowChunk):
-        self.events.publish(batch_event(chunk, "legacy/filedrop/customers"))
+        self._publish_rows(chunk, "legacy/filedrop/customers")
 
     @file_drop("stock")
     def on_stock_snapshot(self, chunk: RowChunk):
-        self.events.publish(batch_event(chunk, "legacy/filedrop/stock"))
+        self._publish_rows(chunk, "legacy/filedrop/stock")
+
+    def _publish_rows(self, chunk: RowChunk, source: str):
+        event = batch_event(chunk, source)
+        # noted before the publish (the erp may consume the chunk before our confirm), kept only if it succeeds
+        self.hops.add("read", id=event.id, correlationid=event.correlationid, items=trace_items(chunk), detail={
+            "file": chunk.file, "chunk": chunk.index, "rows": f"{chunk.rows[0].row}-{chunk.rows[-1].row}"})
+        self.events.publish(event)
 
     @batch_file_consumer("erp", ("erp.sale_posted.v1", "erp.return_posted.v1"), writer="loyalty_points")
     def on_posted(self, doc, event: CloudEvent):
         record = points_record(doc)
         if record is not None:
-            self.points_file.add(event.idempotencykey, record)
+            self.points_file.add(event.idempotencykey, record,
+                                 refs=(event.correlationid, event.id, doc.pos_txn_id, doc.doc_no))

@@ -14,9 +14,19 @@ import yaml
 from services.bus.publisher import connection_params
 
 
+class _Unresolved(yaml.SafeLoader):
+    """Keeps `${NAME:default}` as written: once nameko's YAML parser is set up in this
+    process (any load_config), plain safe_load would bake this process's environment
+    (e.g. WEB_SERVER_ADDRESS's default) into the copy."""
+
+
+for _tag in ("!env_var", "!raw_env_var"):
+    _Unresolved.add_constructor(_tag, lambda loader, node: loader.construct_scalar(node))
+
+
 def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, **retailbus) -> Path:
     """A bus.yaml in `root/config/` like the shipped one, with test ports and paths."""
-    shipped = yaml.safe_load((Path(__file__).parents[2] / "config" / "bus.yaml").read_text())
+    shipped = yaml.load((Path(__file__).parents[2] / "config" / "bus.yaml").read_text(), Loader=_Unresolved)
     config = {key: value for key, value in shipped.items() if key != "RETAILBUS"}
     config["AMQP_URI"] = amqp_uri or "${RETAILBUS_AMQP_URI:}"
     config["LEGACY_DB_URI"] = legacy_db or f"sqlite:///{root / 'var' / 'legacy_erp.db'}"

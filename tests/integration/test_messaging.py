@@ -148,7 +148,7 @@ def flaky(container_factory, amqp_uri, tmp_path):
     queue = topology.handler_queue("pos_tills", "pos.stock_query.v1", "flaky", "on_query")
     delays = [0.3, 0.6, 1.2]
     purge(amqp_uri, queue, topology.dead_letter_queue(queue),
-          *[topology.retry_queue(queue, i) for i in (1, 2, 3)])
+          *[topology.retry_queue(queue, d) for d in delays])
     Recorder.handled, Recorder.attempts = [], {}
     container = container_factory(FlakyService, service_config(
         amqp_uri, tmp_path, retry={"delays": delays, "prefetch": 8}))
@@ -210,7 +210,7 @@ def test_failing_handler_is_retried_with_growing_delay_then_dead_lettered(flaky,
     assert CloudEvent.from_json(parked[0].body).id == poison.id
     assert len(sent) == len(Recorder.handled) + len(parked)
     assert depth(amqp_uri, queue) == 0
-    assert all(depth(amqp_uri, topology.retry_queue(queue, i)) == 0 for i in (1, 2, 3))
+    assert all(depth(amqp_uri, topology.retry_queue(queue, d)) == 0 for d in delays)
 
 
 def test_invalid_and_permanent_failures_are_parked_at_once(flaky, amqp_uri):

@@ -57,6 +57,14 @@ def try_publish(uri: str, exchange: str, key: str, user_id: str | None = None):
         conn.collect()
 
 
+def try_channel(uri: str, action):
+    conn = connect(uri)
+    try:
+        action(conn.channel())
+    finally:
+        conn.collect()
+
+
 @pytest.mark.timeout(120)
 def test_store_broker_user_may_only_publish_its_own_pos_messages(broker, amqp_uri, tmp_path):
     path = tmp_path / "broker_user.json"
@@ -73,6 +81,10 @@ def test_store_broker_user_may_only_publish_its_own_pos_messages(broker, amqp_ur
         try_publish(uri, "store_agent.events", "erp.stock_changed.v1")
     with pytest.raises(amqp.exceptions.PreconditionFailed, match="user_id"):
         try_publish(uri, "store_agent.events", "pos.sale.v1", user_id="store-S002")
+    for consume in (lambda ch: ch.basic_get("t.store-user"),
+                    lambda ch: ch.basic_consume("t.store-user", callback=lambda m: None)):
+        with pytest.raises(amqp.exceptions.AccessRefused, match="t.store-user"):
+            try_channel(uri, consume)  # cannot consume, not even from its own exchange's queue
     conn = connect(amqp_uri)
     try:
         ch = conn.channel()

@@ -73,6 +73,14 @@ def valid_payloads() -> dict[str, dict]:
         "loyalty.points_accrued.v1": points,
         "loyalty.points_reversed.v1": {**points, "original_pos_txn_id": "S001-07-000100"},
         "routing.table_applied.v1": {"version": 4, "table": "version: 4\n", "reason": "test"},
+        "store.control_totals.v1": {
+            "store_id": "S001", "business_day": "2024-03-01", "as_of": 7, "taken_at": "2024-03-01T22:00:00Z",
+            "sales": {"count": 1, "amount_minor": {"EUR": 2900}, "transactions": [
+                {"pos_txn_id": "S001-07-000123", "total_minor": 2900, "currency": "EUR",
+                 "loyalty_card": True, "via": "bus"}]},
+            "returns": {"count": 0, "amount_minor": {}, "transactions": []}},
+        "journal.hops.v1": {"hops": [{"id": "01J", "hop": "written", "outcome": "ok", "time": 1.5,
+                                      "items": [{"key": "k:2", "row": 2, "refs": ["C1"]}]}]},
         "event.batch.v1": {"item_type": "customer.updated.v1", "file": "customers_1.csv",
                            "sha256": "a" * 64, "items": [{"row": 2, "idempotencykey": "a:2",
                                                           "data": {"customer_id": "C1"}}]},

@@ -1,0 +1,367 @@
+"""One broker user per component, allowed only what its code does on the broker.
+
+`retailbus broker users` reads `RETAILBUS.services` and `RETAILBUS.stores`,
+loads each service class and walks its entrypoints and dependencies (without
+starting anything): a `reliable_handler` needs its source exchange (declare,
+bind), its queue, retry queues and DLQ, and the default exchange (failed
+messages move to a retry queue or the DLQ through it); an `EventPublisher` its
+`<service>.events`; a nameko `@rpc` the `nameko-rpc` exchange and
+`rpc-<service>`; and so on (`DESCRIBE`). The result is one configure, write
+and read regex per user, plus topic permissions on every topic exchange it
+touches: the routing keys it may publish and bind. `RETAILBUS.broker.access`
+adds permissions for extensions this module cannot read.
+
+Per store there are two users: `store-<S>` (routing/broker_user.py) may only
+publish `pos.*` to `store_agent.events` with its own `user_id`; the agent's
+container (`agent-<S>`) reads its route-table and stock queues and asks the
+ERP over RPC. No user has a tag (so none is an administrator).
+
+Passwords are generated once and kept in `var/broker_users/<user>.json`
+(mode 0600); all users are applied with one `rabbitmqctl import_definitions`
+(salted password hashes, never clear text, in a 0600 file removed right after).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from nameko.containers import ServiceContainer
+from nameko.extensions import iter_extensions
+from nameko.rpc import Rpc, get_rpc_exchange
+
+from routing import broker_user
+from services.broker_setup import write_private
+from services.bus import topology
+from services.settings import RetailbusSettings
+
+DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ checks `write` on for a publish to ""
+CREDENTIALS_DIR = Path("var/broker_users")
+ANY = ".*"
+UUID = "[0-9a-f-]+"
+
+
+@dataclass
+class Access:
+    """What a component does on the broker: regex fragments per permission, and per
+    topic exchange the routing keys it publishes (`topic_write`) and binds (`topic_read`)."""
+
+    configure: set[str] = field(default_factory=set)
+    write: set[str] = field(default_factory=set)
+    read: set[str] = field(default_factory=set)
+    topic_write: dict[str, set[str]] = field(default_factory=dict)
+    topic_read: dict[str, set[str]] = field(default_factory=dict)
+
+    def update(self, other: Access) -> Access:
+        self.configure |= other.configure
+        self.write |= other.write
+        self.read |= other.read
+        for mine, theirs in ((self.topic_write, other.topic_write), (self.topic_read, other.topic_read)):
+            for exchange, keys in theirs.items():
+                mine.setdefault(exchange, set()).update(keys)
+        return self
+
+    def permissions(self) -> tuple[str, str, str]:
+        return alternation(self.configure), alternation(self.write), alternation(self.read)
+
+    def topic_permissions(self) -> dict[str, tuple[str, str]]:
+        """Exchange -> (write, read) routing-key regexes; `^$` when it does neither."""
+        exchanges = sorted(set(self.topic_write) | set(self.topic_read))
+        return {x: (alternation(self.topic_write.get(x, set())), alternation(self.topic_read.get(x, set())))
+                for x in exchanges}
+
+
+def alternation(fragments: set[str]) -> str:
+    """One anchored regex for all fragments; `^$` (nothing) when there are none."""
+    if not fragments:
+        return "^$"
+    if ANY in fragments:
+        return ANY
+    return "^(?:" + "|".join(sorted(fragments)) + ")$"
+
+
+def lit(name: str) -> str:
+    return re.escape(name)
+
+
+# ---------------------------------------------------------------------- what each extension needs
+def _handler_queues(exchange: str, exchange_type: str, keys: list[str], queue: str,
+                    retries: bool) -> Access:
+    """`topology.declare_handler_queues` and consuming the queue; failed messages are
+    published to the retry queues / DLQ through the default exchange. Declaring a
+    queue that dead-letters (a retry queue) needs read on it and write on its target."""
+    own = [lit(queue), lit(topology.dead_letter_queue(queue))]
+    retry = lit(queue) + r"\.retry\.\d+ms"
+    access = Access(configure={lit(exchange), *own}, write={lit(queue), lit(DEFAULT_EXCHANGE)},
+                    read={lit(exchange), lit(queue)})
+    if retries:
+        access.configure.add(retry)
+        access.read.add(retry)
+    if exchange_type == "topic":
+        access.topic_read[exchange] = {lit(k) for k in keys}
+    return access
+
+
+def _reliable_handler(ext, service: str, config: dict) -> Access:
+    exchange = ext._exchange or topology.events_exchange(ext.source_service)
+    queue = (ext._queue.format(**config) if ext._queue else
+             topology.handler_queue(ext.source_service, ext.event_type, service, ext.method_name))
+    return _handler_queues(exchange, ext.exchange_type, [ext.event_type], queue, retries=True)
+
+
+def _batch_file_consumer(ext, service: str, config: dict) -> Access:
+    exchange = topology.events_exchange(ext.source_service)
+    queue = topology.handler_queue(ext.source_service, "batch", service, ext.method_name)
+    return _handler_queues(exchange, "topic", list(ext.event_types), queue, retries=False)
+
+
+def _own_events(ext, service: str, config: dict) -> Access:
+    """Publishes to its exchange (declared first); `EventPublisher(exchange=…)` to another."""
+    exchange = getattr(ext, "_exchange", None) or topology.events_exchange(service)
+    return Access(configure={lit(exchange)}, write={lit(exchange)}, topic_write={exchange: {ANY}})
+
+
+def _rpc_server(ext, service: str, config: dict) -> Access:
+    """nameko's `@rpc`: queue `rpc-<service>` bound `<service>.*`; replies go back
+    through the RPC exchange with the caller's reply key (a UUID)."""
+    exchange, queue = get_rpc_exchange(config).name, f"rpc-{service}"
+    return Access(configure={lit(exchange), lit(queue)}, write={lit(exchange), lit(queue)},
+                  read={lit(exchange), lit(queue)}, topic_write={exchange: {UUID}},
+                  topic_read={exchange: {lit(f"{service}.*")}})
+
+
+def rpc_client(config: dict, target: str) -> Access:
+    """A standalone `ClusterRpcProxy` calling `target`: its own reply queue bound
+    with a UUID key, calls published as `<target>.<method>`."""
+    exchange, reply = get_rpc_exchange(config).name, r"rpc\.reply-standalone_rpc_proxy-" + UUID
+    return Access(configure={lit(exchange), reply}, write={lit(exchange), reply},
+                  read={lit(exchange), reply}, topic_write={exchange: {lit(target) + r"\.[^.]+"}},
+                  topic_read={exchange: {UUID}})
+
+
+def _store_stock(ext, service: str, config: dict) -> Access:
+    """The stock feed (its own queue on `erp.events`) and the ERP stock RPC."""
+    from contracts.erp import ErpStockChangedV1
+    from routing.stock_cache import stock_queue
+
+    feed = _handler_queues(topology.events_exchange("erp"), "topic", [ErpStockChangedV1.TYPE],
+                           stock_queue(config["STORE_ID"]), retries=False)
+    feed.configure.discard(lit(topology.dead_letter_queue(stock_queue(config["STORE_ID"]))))
+    feed.write.discard(lit(DEFAULT_EXCHANGE))
+    return feed.update(rpc_client(config, "erp"))
+
+
+def _shadow(ext, service: str, config: dict) -> Access:
+    return rpc_client(config, "erp")
+
+
+def _route_broadcast(ext, service: str, config: dict) -> Access:
+    """The route guard applies a rolled-back table: a publish to the fanout exchange."""
+    from routing.control import ROUTES_EXCHANGE
+
+    return Access(configure={lit(ROUTES_EXCHANGE)}, write={lit(ROUTES_EXCHANGE)})
+
+
+def _journal(ext, service: str, config: dict) -> Access:
+    """Every process sends its hops to `journal.events`, declaring the journal's queue first."""
+    from services.bus.journal import EXCHANGE, HOPS_TYPE, QUEUE
+
+    access = _handler_queues(EXCHANGE, "topic", [HOPS_TYPE], QUEUE, retries=False)
+    access.read.discard(lit(QUEUE))
+    access.write.discard(lit(DEFAULT_EXCHANGE))
+    access.write.add(lit(EXCHANGE))
+    access.topic_write[EXCHANGE] = {lit(HOPS_TYPE)}
+    return access
+
+
+def _dead_letters(ext, service: str, config: dict) -> Access:
+    """The dlq service reads (never acks) every handler's `<queue>.dlq`."""
+    from services.dlq.store import handler_queues
+    from services.settings import retailbus_settings
+
+    queues = handler_queues(config, retailbus_settings(config))
+    return Access(read={lit(topology.dead_letter_queue(q)) for q in queues})
+
+
+def _store_outbox(ext, service: str, config: dict) -> Access:
+    return Access()  # its forwarder publishes as the store's own user (routing/broker_user.py)
+
+
+def _describers() -> dict[type, Callable[..., Access]]:
+    from legacy_wrappers.filedrop.outbound import BatchFileConsumer
+    from routing.agent import StoreOutbox, StoreStock
+    from routing.guard import GuardWatch
+    from routing.shadow import ShadowComparer
+    from services.bus.consumer import ReliableHandler
+    from services.bus.extensions import EventPublisher
+    from services.bus.journal import Journal
+    from services.dlq.service import DeadLetters
+    from services.erp.outbox import Outbox
+
+    return {ReliableHandler: _reliable_handler, BatchFileConsumer: _batch_file_consumer,
+            EventPublisher: _own_events, Outbox: _own_events, Rpc: _rpc_server,
+            StoreStock: _store_stock, ShadowComparer: _shadow, GuardWatch: _route_broadcast,
+            StoreOutbox: _store_outbox, Journal: _journal, DeadLetters: _dead_letters}
+
+
+def _uses_broker(ext) -> bool:
+    """An extension we have no description for that holds a broker connection."""
+    from nameko.messaging import QueueConsumer
+    from nameko.rpc import ReplyListener
+    from services.bus.consumer import ReliableConsumer
+    from services.bus.extensions import BusConnection
+
+    return any(isinstance(sub, (BusConnection, ReliableConsumer, QueueConsumer, ReplyListener))
+               for sub in iter_extensions(ext))
+
+
+# ---------------------------------------------------------------------- components
+@dataclass
+class Component:
+    name: str       # as `retailbus up` names it: erp, store-agent-S001, store-S001
+    user: str
+    credentials: Path
+    access: Access
+    unknown: list[str] = field(default_factory=list)
+
+
+def service_class(module: str):
+    """The nameko service class of `module` (what `nameko run module` runs)."""
+    from nameko.cli.run import import_service
+
+    classes = import_service(module)
+    if len(classes) != 1:
+        raise ValueError(f"{module}: expected one service class, found {len(classes)}")
+    return classes[0]
+
+
+def derive(cls, config: dict) -> tuple[Access, list[str]]:
+    """(access, extensions we could not describe) of service class `cls` under `config`."""
+    container = ServiceContainer(cls, {"AMQP_URI": "", **config})  # built, never started
+    describers, access, unknown = _describers(), Access(), []
+    for ext in sorted([*container.entrypoints, *container.dependencies], key=repr):
+        described = False
+        for part in (ext, *iter_extensions(ext)):  # e.g. the Journal inside every reliable_handler
+            describe = next((f for t, f in describers.items() if isinstance(part, t)), None)
+            if describe is not None:
+                access.update(describe(part, container.service_name, config))
+                described = True
+        if not described and _uses_broker(ext):
+            unknown.append(f"{type(ext).__module__}.{type(ext).__name__}")
+    return access, unknown
+
+
+def _override(access: Access, settings: RetailbusSettings, name: str) -> Access:
+    extra = settings.broker.access.get(name)
+    if extra is not None:
+        access.configure.update(extra.configure)
+        access.write.update(extra.write)
+        access.read.update(extra.read)
+    return access
+
+
+def identity(settings: RetailbusSettings, name: str) -> tuple[str, Path]:
+    """(user, credentials file) of the component `retailbus up` calls `name`."""
+    user = f"agent-{name.removeprefix('store-agent-')}" if name.startswith("store-agent-") else f"svc-{name}"
+    return user, settings.path(CREDENTIALS_DIR) / f"{user}.json"
+
+
+def components(settings: RetailbusSettings, config: dict) -> list[Component]:
+    """Every component of the config with what it may do on the broker."""
+    found = []
+    for name, service in settings.services.items():
+        access, unknown = derive(service_class(service.module), config)
+        found.append(Component(name, *identity(settings, name), _override(access, settings, name), unknown))
+    agent_cls = service_class("routing.store_agent") if settings.stores else None
+    for store in settings.stores:
+        name = f"store-agent-{store.id}"
+        access, unknown = derive(agent_cls, {**config, "STORE_ID": store.id})
+        found.append(Component(name, *identity(settings, name), _override(access, settings, name), unknown))
+        found.append(Component(  # the same rights as `retailbus agent broker-user` gives
+            broker_user.store_user(store.id), broker_user.store_user(store.id),
+            broker_user.credentials_path(settings.outbox_path(store)),
+            Access(configure={lit(broker_user.EXCHANGE)}, write={lit(broker_user.EXCHANGE)},
+                   topic_write={broker_user.EXCHANGE: {broker_user.TOPIC_WRITE}})))
+    return found
+
+
+# ---------------------------------------------------------------------- credentials and the broker
+def password_hash(password: str) -> str:
+    """RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt + sha256(salt + password))."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def load_password(path: Path, user: str) -> str | None:
+    try:
+        creds = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return creds["password"] if creds.get("user") == user else None
+
+
+def save_password(path: Path, user: str, password: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"user": user, "password": password}, f)
+    os.chmod(path, 0o600)
+
+
+def definitions(found: list[Component], vhost: str, passwords: dict[str, str]) -> dict:
+    """RabbitMQ definitions for `import_definitions`: users without tags, their
+    permissions and topic permissions on `vhost`."""
+    users, perms, topics = [], [], []
+    for c in found:
+        users.append({"name": c.user, "password_hash": password_hash(passwords[c.user]),
+                      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []})
+        configure, write, read = c.access.permissions()
+        perms.append({"user": c.user, "vhost": vhost, "configure": configure, "write": write, "read": read})
+        for exchange, (tw, tr) in c.access.topic_permissions().items():
+            topics.append({"user": c.user, "vhost": vhost, "exchange": exchange, "write": tw, "read": tr})
+    return {"users": users, "permissions": perms, "topic_permissions": topics}
+
+
+def provision(broker, found: list[Component]) -> None:
+    """Create or update every component's user on the managed `broker` in one call;
+    a password is generated once and kept (0600) so running components keep working."""
+    passwords = {}
+    for c in found:
+        passwords[c.user] = load_password(c.credentials, c.user) or secrets.token_urlsafe(24)
+    staged = broker.home / "users.definitions.json"  # the node reads the file itself
+    write_private(staged, json.dumps(definitions(found, broker.vhost, passwords)))
+    try:
+        broker.rabbitmqctl("import_definitions", str(staged), "--format", "json")
+    finally:
+        staged.unlink()
+    for c in found:
+        save_password(c.credentials, c.user, passwords[c.user])
+
+
+def component_uri(bus_uri: str, component: Component) -> str | None:
+    """`bus_uri` with the component's own user, once `provision` gave it one."""
+    return _with_user(bus_uri, component.user, component.credentials)
+
+
+def own_uri(settings: RetailbusSettings, bus_uri: str, name: str) -> str | None:
+    """What `retailbus up` gives component `name`: its own user once provisioned."""
+    return _with_user(bus_uri, *identity(settings, name))
+
+
+def _with_user(bus_uri: str, user: str, credentials: Path) -> str | None:
+    password = load_password(credentials, user)
+    if password is None:
+        return None
+    nodes = []
+    for node in bus_uri.split(";"):  # a cluster's URI names every node
+        parts = urlsplit(node.strip())
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        nodes.append(urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
+    return ";".join(nodes)

@@ -1,0 +1,1 @@
+from services.reconcile.service import ReconcileService  # noqa: F401  (`nameko run services.reconcile`)

@@ -1,0 +1,176 @@
+"""One store's business day held three ways: what the agent accepted (its
+control totals), what the legacy ERP posted (SLS_HDR), what the loyalty points
+file carried. Plain functions over plain rows, so every rule is unit-tested.
+
+Rules:
+- every accepted sale/return is one ERP document of its type (S/R) with the
+  same total: none is `erp_missing`, two or more `erp_duplicated`, another
+  total `amount_mismatch`; a document the agent never accepted is `erp_unexpected`;
+- a sale/return that travelled the bus (the erp service posts it and announces
+  it; the files service writes the points file) with a loyalty card and at
+  least one point is one record in the points file (A for a sale, R for a
+  return): `loyalty_missing`, `loyalty_duplicated`, `loyalty_unexpected` likewise.
+  Legacy-mode transactions never reach the points file: the legacy ERP API
+  does not announce its postings.
+The gap is the number of findings; zero means the day reconciles.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from contracts.control import ControlTxn, StoreControlTotalsV1
+from services.files.mapping import points_for
+
+ERP_KIND = {"S": "sale", "R": "return"}
+LOYALTY_KIND = {"A": "sale", "R": "return"}
+
+
+@dataclass(frozen=True)
+class ErpDoc:
+    kind: str  # sale | return
+    pos_txn_id: str
+    total_minor: int
+    currency: str
+    doc_no: str = ""
+
+
+@dataclass(frozen=True)
+class PointsRow:
+    kind: str  # sale (A) | return (R)
+    pos_txn_id: str
+    points: int
+    file: str = ""
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    pos_txn_id: str
+    detail: str = ""
+
+
+class Side(BaseModel):
+    count: int = 0
+    amount_minor: dict[str, int] = Field(default_factory=dict)
+
+
+def _side(items) -> Side:
+    amounts: dict[str, int] = {}
+    for item in items:
+        amounts[item.currency] = amounts.get(item.currency, 0) + item.total_minor
+    return Side(count=len(items), amount_minor=amounts)
+
+
+class StoreReport(BaseModel):
+    store_id: str
+    business_day: date
+    totals_received: bool
+    as_of: int | None = None
+    agent: dict[str, Side]
+    erp: dict[str, Side]
+    loyalty: dict[str, int]
+    erp_missing: list[Finding] = Field(default_factory=list)
+    erp_duplicated: list[Finding] = Field(default_factory=list)
+    erp_unexpected: list[Finding] = Field(default_factory=list)
+    amount_mismatch: list[Finding] = Field(default_factory=list)
+    loyalty_missing: list[Finding] = Field(default_factory=list)
+    loyalty_duplicated: list[Finding] = Field(default_factory=list)
+    loyalty_unexpected: list[Finding] = Field(default_factory=list)
+
+    FINDINGS: ClassVar[tuple[str, ...]] = ("erp_missing", "erp_duplicated", "erp_unexpected", "amount_mismatch",
+                "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected")
+
+    @computed_field
+    @property
+    def gap(self) -> int:
+        return sum(len(getattr(self, name)) for name in self.FINDINGS)
+
+
+def _accepted(totals: StoreControlTotalsV1 | None) -> dict[tuple[str, str], ControlTxn]:
+    if totals is None:
+        return {}
+    return {**{("sale", t.pos_txn_id): t for t in totals.sales.transactions},
+            **{("return", t.pos_txn_id): t for t in totals.returns.transactions}}
+
+
+def expects_points(txn: ControlTxn) -> bool:
+    return txn.via == "bus" and txn.loyalty_card and points_for(txn.total_minor) > 0
+
+
+def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
+              erp_docs: list[ErpDoc], points: list[PointsRow] | None) -> StoreReport:
+    """`points` None: no points file is configured, so the loyalty side is not checked."""
+    accepted = _accepted(totals)
+    report = StoreReport(
+        store_id=store_id, business_day=day, totals_received=totals is not None,
+        as_of=totals.as_of if totals else None,
+        agent={kind: _side([t for (k, _), t in accepted.items() if k == kind]) for kind in ("sale", "return")},
+        erp={kind: _side([d for d in erp_docs if d.kind == kind]) for kind in ("sale", "return")},
+        loyalty={kind: sum(1 for p in points or () if p.kind == kind) for kind in ("sale", "return")})
+
+    docs: dict[tuple[str, str], list[ErpDoc]] = {}
+    for doc in erp_docs:
+        docs.setdefault((doc.kind, doc.pos_txn_id), []).append(doc)
+    for key in sorted(accepted.keys() | docs.keys()):
+        kind, txn_id = key
+        txn, found = accepted.get(key), docs.get(key, [])
+        if txn is None:
+            report.erp_unexpected.append(Finding(kind=kind, pos_txn_id=txn_id, detail=_doc_nos(found)))
+            continue
+        if not found:
+            report.erp_missing.append(Finding(kind=kind, pos_txn_id=txn_id))
+        elif len(found) > 1:
+            report.erp_duplicated.append(Finding(kind=kind, pos_txn_id=txn_id,
+                                                 detail=f"{len(found)} documents: {_doc_nos(found)}"))
+        wrong = [d for d in found if (d.total_minor, d.currency) != (txn.total_minor, txn.currency)]
+        if wrong:
+            report.amount_mismatch.append(Finding(
+                kind=kind, pos_txn_id=txn_id,
+                detail=f"agent {txn.total_minor} {txn.currency}, ERP "
+                       + ", ".join(f"{d.doc_no} {d.total_minor} {d.currency}" for d in wrong)))
+
+    if points is None:
+        return report
+    rows = Counter((p.kind, p.pos_txn_id) for p in points)
+    expected = {key for key, txn in accepted.items() if expects_points(txn)}
+    for key in sorted(expected | rows.keys()):
+        kind, txn_id = key
+        if key not in expected:
+            report.loyalty_unexpected.append(Finding(kind=kind, pos_txn_id=txn_id))
+        elif rows[key] == 0:
+            report.loyalty_missing.append(Finding(kind=kind, pos_txn_id=txn_id))
+        elif rows[key] > 1:
+            files = sorted({p.file for p in points if (p.kind, p.pos_txn_id) == key})
+            report.loyalty_duplicated.append(Finding(kind=kind, pos_txn_id=txn_id,
+                                                     detail=f"{rows[key]} records in {', '.join(files)}"))
+    return report
+
+
+def _doc_nos(docs: list[ErpDoc]) -> str:
+    return ", ".join(d.doc_no for d in docs)
+
+
+def render(report: StoreReport) -> str:
+    """The report as ops read it."""
+    status = "OK" if report.gap == 0 else f"GAP {report.gap}"
+    lines = [f"store {report.store_id}  business day {report.business_day}  {status}"]
+    if not report.totals_received:
+        lines.append("  no control totals received from this store for the day")
+
+    def side(s: Side) -> str:
+        amounts = ", ".join(f"{v} {c}" for c, v in sorted(s.amount_minor.items())) or "0"
+        return f"{s.count:>6} / {amounts}"
+    for kind in ("sale", "return"):
+        lines.append(f"  {kind + 's':<8} agent {side(report.agent[kind])}   ERP {side(report.erp[kind])}"
+                     f"   loyalty records {report.loyalty[kind]}")
+    for name in StoreReport.FINDINGS:
+        for f in getattr(report, name):
+            lines.append(f"  {name.replace('_', ' '):<19} {f.kind:<6} {f.pos_txn_id}"
+                         + (f"  ({f.detail})" if f.detail else ""))
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The `reconcile` service: keeps the latest control totals each store agent
+sends, and on a schedule reconciles each store's latest business day against
+the legacy ERP and the loyalty points file, exporting the gap as
+`retailbus_reconciliation_gap{store}`. `retailbus reconcile` runs the same
+comparison on demand, from the same database."""
+from __future__ import annotations
+
+import logging
+
+from nameko.extensions import DependencyProvider
+from nameko.timer import Timer
+from prometheus_client import Gauge
+
+from contracts.control import StoreControlTotalsV1
+from contracts.envelope import CloudEvent
+from services.bus.consumer import DUPLICATE, reliable_handler
+from services.bus.metrics_http import MetricsHttp
+from services.reconcile import store
+from services.reconcile.run import Estate, reconcile_day
+from services.settings import retailbus_settings
+
+log = logging.getLogger(__name__)
+
+GAP = Gauge("retailbus_reconciliation_gap",
+            "Missing + duplicated + mismatched transactions of the store's last reconciled business day",
+            ["store"])
+
+
+class ReconcileEstate(DependencyProvider):
+    """The legacy ERP, the reconcile database and the points-file drop, from the config."""
+
+    def setup(self):
+        self.estate = Estate.from_config(self.container.config)
+
+    def stop(self):
+        self.estate.dispose()
+
+    kill = stop
+
+    def get_dependency(self, worker_ctx):
+        return self.estate
+
+
+class Schedule(Timer):
+    """nameko's timer, every `RETAILBUS.reconcile.interval` seconds."""
+
+    def __init__(self, **kwargs):
+        super().__init__(interval=None, **kwargs)
+
+    def setup(self):
+        self.interval = retailbus_settings(self.container.config).reconcile.interval
+
+
+class ReconcileService:
+    name = "reconcile"
+
+    estate = ReconcileEstate()
+    metrics = MetricsHttp()
+
+    @reliable_handler("store_agent", StoreControlTotalsV1.TYPE)
+    def on_control_totals(self, totals: StoreControlTotalsV1, event: CloudEvent):
+        """Keep it unless a later snapshot of that store and day is held already."""
+        return None if store.keep_latest(self.estate.totals, totals) else DUPLICATE
+
+    @Schedule.decorator()
+    def reconcile(self) -> dict[str, int]:
+        gaps = {}
+        for store_id, day in sorted(store.latest_days(self.estate.totals).items()):
+            [report] = reconcile_day(self.estate, day, store_id)
+            GAP.labels(store_id).set(report.gap)
+            gaps[store_id] = report.gap
+            if report.gap:
+                log.warning("store %s, business day %s: %d differences (retailbus reconcile --date %s "
+                            "--store %s)", store_id, day, report.gap, day, store_id,
+                            extra={"id": f"{store_id}/{day}", "correlationid": None, "outcome": "gap"})
+        return gaps

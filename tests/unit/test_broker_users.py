@@ -1,0 +1,125 @@
+"""What `retailbus broker users` derives from service classes, and the TLS settings
+(no broker here: the permissions are checked against a real RabbitMQ in
+tests/integration/test_broker_users.py)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import ssl
+from pathlib import Path
+
+from click.testing import CliRunner
+from nameko.rpc import rpc
+
+from services import broker_users
+from services.broker_setup import render_config
+from services.bus.consumer import reliable_handler
+from services.bus.extensions import EventPublisher
+from services.bus.publisher import AMQP_SSL_ENV, connection_params
+from services.cli import main
+from services.settings import TlsSettings, retailbus_settings
+
+CONFIG = {"AMQP_URI": "amqp://u:p@127.0.0.1:5682/retailbus", "RETAILBUS": {"root": "/tmp/rb"}}
+
+
+class Pricing:
+    name = "pricing"
+    events = EventPublisher()
+
+    @reliable_handler("store_agent", "pos.sale.v1")
+    def on_sale(self, sale, event):
+        pass
+
+    @rpc
+    def price(self, sku):
+        return 1
+
+
+def matches(regex: str, name: str) -> bool:
+    return re.fullmatch(regex, name) is not None
+
+
+def test_a_service_may_touch_its_own_queues_and_exchange_and_nothing_else():
+    access, unknown = broker_users.derive(Pricing, CONFIG)
+    configure, write, read = access.permissions()
+    queue = "evt-store_agent-pos.sale.v1--pricing.on_sale"
+    assert unknown == []
+    for name in (queue, queue + ".retry.1000ms", queue + ".dlq", "pricing.events", "rpc-pricing", "nameko-rpc"):
+        assert matches(configure, name), name
+    assert matches(read, queue) and matches(read, "rpc-pricing") and matches(read, "store_agent.events")
+    assert matches(write, "pricing.events") and matches(write, "amq.default")  # retries go through ""
+    for other in ("evt-store_agent-pos.sale.v1--erp.on_pos_sale", "rpc-erp", "erp.events", queue + "x"):
+        assert not matches(configure, other) and not matches(read, other), other
+    assert not matches(write, "store_agent.events") and not matches(write, "erp.events")
+    topics = access.topic_permissions()
+    assert topics["store_agent.events"] == ("^$", r"^(?:pos\.sale\.v1)$")  # binds only what it handles
+    tw, tr = topics["nameko-rpc"]
+    assert matches(tr, "pricing.*") and not matches(tr, "erp.*")
+    assert matches(tw, "5f0c2a8e-64a6-4c2b-9d4e-0e7f3d1c2b1a") and not matches(tw, "erp.stock_level")
+
+
+def test_overrides_add_to_what_is_derived_and_store_users_only_publish_pos():
+    config = {**CONFIG, "RETAILBUS": {
+        "root": "/tmp/rb", "services": {"pricing": {"module": "tests.unit.test_broker_users"}},
+        "stores": [{"id": "S001"}], "broker": {"access": {"pricing": {"read": ["^extra$"]}}}}}
+    settings = retailbus_settings(config)
+    found = {c.name: c for c in broker_users.components(settings, config)}
+    assert set(found) == {"pricing", "store-agent-S001", "store-S001"}
+    assert matches(found["pricing"].access.permissions()[2], "extra")
+    assert found["pricing"].user == "svc-pricing" and found["store-agent-S001"].user == "agent-S001"
+    store = found["store-S001"].access
+    assert store.permissions() == (r"^(?:store_agent\.events)$",) * 2 + ("^$",)
+    (exchange, (tw, tr)), = store.topic_permissions().items()
+    assert exchange == "store_agent.events" and tr == "^$"
+    assert matches(tw, "pos.sale.v1") and not matches(tw, "erp.stock_changed.v1")
+
+
+def test_definitions_carry_salted_hashes_and_no_tags():
+    c = broker_users.Component("erp", "svc-erp", Path("/nonexistent"), broker_users.Access(read={"q"}))
+    defs = broker_users.definitions([c], "retailbus", {"svc-erp": "s3cret"})
+    user = defs["users"][0]
+    assert user["tags"] == [] and "s3cret" not in json.dumps(defs)
+    raw = base64.b64decode(user["password_hash"])
+    assert raw[4:] == hashlib.sha256(raw[:4] + b"s3cret").digest()
+    assert defs["permissions"] == [{"user": "svc-erp", "vhost": "retailbus", "configure": "^$",
+                                    "write": "^$", "read": "^(?:q)$"}]
+
+
+def test_up_uses_a_components_own_user_only_once_provisioned(tmp_path):
+    settings = retailbus_settings({"RETAILBUS": {"root": str(tmp_path)}})
+    bus = "amqp://retailbus:pw@127.0.0.1:5682/retailbus;amqp://retailbus:pw@127.0.0.1:5683/retailbus"
+    assert broker_users.own_uri(settings, bus, "erp") is None
+    user, path = broker_users.identity(settings, "erp")
+    broker_users.save_password(path, user, "p/w")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert broker_users.own_uri(settings, bus, "erp") == (
+        "amqp://svc-erp:p%2Fw@127.0.0.1:5682/retailbus;amqp://svc-erp:p%2Fw@127.0.0.1:5683/retailbus")
+
+
+def test_dry_run_prints_permissions_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "bus.yaml"
+    config.write_text(json.dumps({"RETAILBUS": {"root": str(tmp_path), "services": {
+        "pricing": {"module": "tests.unit.test_broker_users"}}}}))
+    result = CliRunner().invoke(main, ["broker", "users", "--config", str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "pricing: user svc-pricing" in result.output and "rpc\\-pricing" in result.output
+    assert not (tmp_path / "var").exists()
+
+
+def test_amqps_verifies_the_broker_with_the_configured_ca(monkeypatch):
+    monkeypatch.setenv(AMQP_SSL_ENV, "{ca_certs: /etc/retailbus/ca.pem}")
+    params = connection_params("amqps://u:p@broker.example.com:5671/retailbus", 5)
+    assert params["ssl"] == {"ca_certs": "/etc/retailbus/ca.pem", "cert_reqs": ssl.CERT_REQUIRED,
+                             "server_hostname": "broker.example.com"}
+    assert connection_params("amqp://u:p@broker.example.com:5672/retailbus", 5)["ssl"] is False
+
+
+def test_the_managed_node_gets_an_amqps_listener_when_configured():
+    tls = TlsSettings(port=5692, certfile="/pki/server.pem", keyfile="/pki/server.key", cacertfile="/pki/ca.pem")
+    text = render_config(5682, 15682, "retailbus", tls=tls)
+    assert "listeners.ssl.default = 127.0.0.1:5692" in text
+    assert "ssl_options.certfile = /pki/server.pem" in text and "ssl_options.verify = verify_peer" in text
+    assert "listeners.ssl" not in render_config(5682, 15682, "retailbus")

@@ -1,0 +1,162 @@
+"""The dashboard and the alert rules name only metrics the code defines, and every
+service serves its metrics over HTTP on the port bus.yaml gives it
+(services/bus/metrics_http.py). Whether each query returns data from a running
+bus is tests/integration/test_dashboards.py."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.bus import metrics as _bus_metrics  # noqa: F401  (its series are in the registry)
+from services.bus.metrics_http import ENV_PORT, MetricsHttp, metrics_port
+from services.settings import load_config
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).parents[2]
+DASHBOARD = ROOT / "config" / "dashboards" / "retailbus.json"
+ALERTS = ROOT / "config" / "alerts.yml"
+METRIC = re.compile(r"\bretailbus_[a-z0-9_]+")
+SUFFIXES = ("_bucket", "_count", "_sum")
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL query of the dashboard, wherever a panel keeps it."""
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                yield node["expr"]
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from walk(value)
+    return list(walk(json.loads(DASHBOARD.read_text())))
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def defined_metrics() -> set[str]:
+    """Metric names given to prometheus_client in the product code."""
+    names = set()
+    for folder in ("services", "routing", "legacy_wrappers"):
+        for path in (ROOT / folder).rglob("*.py"):
+            names.update(re.findall(r"""["'](retailbus_[a-z0-9_]+)["']""", path.read_text()))
+    return names
+
+
+def undefined(exprs: list[str]) -> set[str]:
+    known = defined_metrics()
+    missing = set()
+    for expr in exprs:
+        for name in METRIC.findall(expr):
+            base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s)), name)
+            if name not in known and base not in known:
+                missing.add(name)
+    return missing
+
+
+def test_the_dashboard_covers_what_issue_7_asks_for():
+    exprs = " ".join(dashboard_exprs())
+    for metric in ("retailbus_route_messages_total", "retailbus_shadow_parity_ratio", "retailbus_outbox_depth",
+                   "retailbus_outbox_oldest_unsent_seconds", "retailbus_dlq_depth", "retailbus_breaker_open",
+                   "retailbus_cdc_lag_seconds", "retailbus_filedrop_rows_total", "retailbus_filedrop_files_total",
+                   "retailbus_reconciliation_gap"):
+        assert metric in exprs, metric
+
+
+def test_dashboard_queries_name_only_defined_metrics():
+    assert undefined(dashboard_exprs()) == set()
+
+
+def test_alert_rules_name_only_defined_metrics_and_say_what_to_do():
+    rules = alert_rules()
+    assert undefined([r["expr"] for r in rules]) == set()
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+    assert len({r["alert"] for r in rules}) == len(rules)
+
+
+def test_every_panel_reads_the_datasource_variable():
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+
+
+def test_shipped_config_gives_every_service_a_distinct_metrics_port():
+    config = load_config(ROOT / "config" / "bus.yaml")
+    services = config["RETAILBUS"]["services"]
+    ports = [s.get("metrics_port") for s in services.values()]
+    assert None not in ports, services
+    stores = [int(s["http"].rsplit(":", 1)[1]) for s in config["RETAILBUS"]["stores"]]
+    assert len(set(ports + stores)) == len(ports) + len(stores)
+    scraped = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
+    targets = {t for sc in scraped["scrape_configs"] for st in sc["static_configs"] for t in st["targets"]}
+    assert {f"127.0.0.1:{p}" for p in ports + stores} <= targets
+
+
+def test_metrics_port_comes_from_bus_yaml_or_the_environment(monkeypatch):
+    config = {"RETAILBUS": {"services": {"erp": {"module": "services.erp", "metrics_port": 9110},
+                                         "files": {"module": "services.files"}}}}
+    monkeypatch.delenv(ENV_PORT, raising=False)
+    assert metrics_port(config, "erp") == 9110
+    assert metrics_port(config, "files") is None
+    assert metrics_port(config, "unknown") is None
+    monkeypatch.setenv(ENV_PORT, "9199")
+    assert metrics_port(config, "files") == 9199
+    monkeypatch.setenv(ENV_PORT, "nine")
+    with pytest.raises(ValueError, match=f"{ENV_PORT}: 'nine' is not a port number"):
+        metrics_port(config, "erp")
+
+
+class Probe:
+    name = "probe"
+    metrics = MetricsHttp()
+
+
+def probe_config(port: int) -> dict:
+    return {"AMQP_URI": "amqp://unused", "RETAILBUS": {"services": {"probe": {"module": "x", "metrics_port": port}}}}
+
+
+def test_a_service_serves_the_process_metrics_while_it_runs(container_factory, monkeypatch):
+    monkeypatch.delenv(ENV_PORT, raising=False)
+    port = free_port()
+    container = container_factory(Probe, probe_config(port))
+    container.start()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "retailbus_messages_published_total" in text
+    container.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_a_taken_port_is_logged_and_the_service_still_runs(container_factory, monkeypatch, caplog):
+    import eventlet
+
+    monkeypatch.delenv(ENV_PORT, raising=False)
+    port = free_port()
+    taken = eventlet.listen(("127.0.0.1", port), reuse_port=False)
+    try:
+        container = container_factory(Probe, probe_config(port))
+        with caplog.at_level(logging.ERROR, logger="services.bus.metrics_http"):
+            container.start()
+        assert f"metrics of probe not served: 127.0.0.1:{port}" in caplog.text
+        assert container.started
+        container.stop()
+    finally:
+        taken.close()
