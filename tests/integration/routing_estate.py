@@ -20,7 +20,7 @@ from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.control import RouteRegistry, apply_table
 from services.bus import topology
 from tests.conftest import free_ports, start_broker
-from tests.integration.support import legacy_sale, nameko_run, stop, wait_for, write_config
+from tests.integration.support import legacy_sale, nameko_run, read_config, stop, wait_for, write_config
 
 STORES = ("S001", "S002")
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
@@ -68,7 +68,7 @@ class Estate:
             services={"erp": {"module": "services.erp"},
                       "route_guard": {"module": "routing.guard", "metrics_port": guard_metrics}},
             routes_file="config/routes.yaml", routes_state="var/routes")
-        config = yaml.safe_load(self.config.read_text())
+        config = read_config(self.config)
         config.update(SHADOW_RPC_TIMEOUT=2, ROUTE_GUARD_MIN_SAMPLES=10)
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         self.guard_metrics = guard_metrics

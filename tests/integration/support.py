@@ -24,9 +24,14 @@ for _tag in ("!env_var", "!raw_env_var"):
     _Unresolved.add_constructor(_tag, lambda loader, node: loader.construct_scalar(node))
 
 
+def read_config(path: Path) -> dict:
+    """A bus.yaml as written, `${NAME:default}` kept (to edit and write back)."""
+    return yaml.load(path.read_text(), Loader=_Unresolved)
+
+
 def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, **retailbus) -> Path:
     """A bus.yaml in `root/config/` like the shipped one, with test ports and paths."""
-    shipped = yaml.load((Path(__file__).parents[2] / "config" / "bus.yaml").read_text(), Loader=_Unresolved)
+    shipped = read_config(Path(__file__).parents[2] / "config" / "bus.yaml")
     config = {key: value for key, value in shipped.items() if key != "RETAILBUS"}
     config["AMQP_URI"] = amqp_uri or "${RETAILBUS_AMQP_URI:}"
     config["LEGACY_DB_URI"] = legacy_db or f"sqlite:///{root / 'var' / 'legacy_erp.db'}"
