@@ -83,7 +83,8 @@ def start_erp(amqp_uri, dsn, tmp_path, handler: dict):
     config = write_config(tmp_path, amqp_uri, legacy_db=dsn, handlers={"erp.on_pos_sale": handler},
                           services={"erp": {"module": "services.erp"}, "dlq": {"module": "services.dlq"}})
     process = nameko_run(config, "services.erp", tmp_path / "erp.log")
-    assert wait_for(lambda: queue_state(amqp_uri, SALES)[1] == 1, timeout=90), "erp did not start consuming"
+    assert wait_for(lambda: all(queue_state(amqp_uri, q)[1] == 1 for q in (SALES, RETURNS)), timeout=90), \
+        "erp did not start consuming"
     return config, process
 
 
