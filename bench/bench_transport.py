@@ -195,7 +195,9 @@ def count_acks(consumer: ReliableConsumer):
 def start_container(service_cls, uri: str, root: str, max_workers: int) -> ServiceContainer:
     container = ServiceContainer(service_cls, {
         "AMQP_URI": uri, "max_workers": max_workers,
-        "RETAILBUS": {"root": root, "retry": {"delays": [1], "prefetch": PREFETCH}},
+        # all workers start at once: the last wait for every other worker's confirms
+        "RETAILBUS": {"root": root, "retry": {"delays": [1], "prefetch": PREFETCH},
+                      "publisher": {"confirm_timeout": 60}},
     })
     container.start()
     return container

@@ -26,6 +26,7 @@ from eventlet.event import Event
 from eventlet.semaphore import Semaphore
 
 from services.bus import metrics
+from services.bus.framing import publish_frames
 from services.bus.wire import CoalescingWriter, buffered_reads
 
 log = logging.getLogger(__name__)
@@ -59,20 +60,12 @@ class OutgoingMessage:
     headers: dict = field(default_factory=dict)
     user_id: str | None = None
 
-    def to_amqp(self) -> amqp.Message:
-        props = dict(
-            delivery_mode=2,
-            content_type=self.content_type,
-            message_id=self.message_id,
-            application_headers=self.headers,
-        )
-        if self.correlation_id:
-            props["correlation_id"] = self.correlation_id
-        if self.type:
-            props["type"] = self.type
-        if self.user_id:
-            props["user_id"] = self.user_id
-        return amqp.Message(self.body, **props)
+    def frames(self, channel_id: int, frame_max: int) -> bytes:
+        """Its persistent, mandatory basic.publish, framed (services/bus/framing.py)."""
+        return publish_frames(channel_id, frame_max, self.exchange, self.routing_key, self.body,
+                              content_type=self.content_type, message_id=self.message_id,
+                              correlation_id=self.correlation_id, type=self.type, user_id=self.user_id,
+                              headers=self.headers)
 
 
 class _Latch:
@@ -248,11 +241,12 @@ class ConfirmingPublisher:
         """Publish all with as many in flight as the window allows; result i is None
         when message i was confirmed, else its error. Lost ones are retried
         (bounded) within the deadline; unroutable ones are not."""
-        deadline = time.monotonic() + (timeout or self.confirm_timeout)
+        span = timeout or self.confirm_timeout
+        deadline = time.monotonic() + span
         results: list[PublishError | None] = [None] * len(messages)
         todo = list(range(len(messages)))
         for attempt in range(self.attempts):
-            errors = self._send([messages[i] for i in todo], deadline)
+            errors = self._send([messages[i] for i in todo], deadline, span)
             retry = []
             for i, error in zip(todo, errors):
                 results[i] = error
@@ -288,15 +282,16 @@ class ConfirmingPublisher:
             counter = self._counters[(exchange, outcome)] = metrics.PUBLISHED.labels(exchange, outcome)
         counter.inc(n)
 
-    def _send(self, messages: list[OutgoingMessage], deadline: float) -> list[PublishError | None]:
+    def _send(self, messages: list[OutgoingMessage], deadline: float, span: float) -> list[PublishError | None]:
         """One round: publish the group (window-sized slices), wait for every settlement."""
         errors: list[PublishError | None] = []
         size = self._window.size
         for first in range(0, len(messages), size):
-            errors += self._send_slice(messages[first:first + size], deadline)
+            errors += self._send_slice(messages[first:first + size], deadline, span)
         return errors
 
-    def _send_slice(self, messages: list[OutgoingMessage], deadline: float) -> list[PublishError | None]:
+    def _send_slice(self, messages: list[OutgoingMessage], deadline: float,
+                    span: float) -> list[PublishError | None]:
         if not self._window.acquire(len(messages), deadline):
             return [PublishError("publish window full until the deadline")] * len(messages)
         try:
@@ -305,16 +300,22 @@ class ConfirmingPublisher:
             except BrokerUnavailable as exc:
                 return [exc] * len(messages)
             latch = _Latch(len(messages))
-            pendings = [_Pending(m.message_id, deadline, latch) for m in messages]
+            # The broker gets the whole span for these confirms from now: a slice that
+            # waited for the window must not read as a dead connection (which would
+            # fail everything in flight) just because its caller's clock ran.
+            expires = max(deadline, time.monotonic() + span)
+            pendings = [_Pending(m.message_id, expires, latch) for m in messages]
             # No I/O happens here (frames go to the coalescing writer), so delivery
             # tags are handed out in exactly the order the frames are sent.
+            write, frame_max = self._writer.write, self._conn.frame_max
             for sent, (message, pending) in enumerate(zip(messages, pendings)):
                 tag = next(self._tags)
                 self._pending[tag] = pending
                 self._by_message_id[message.message_id] = pending
                 try:
-                    channel.basic_publish(message.to_amqp(), message.exchange,
-                                          message.routing_key, mandatory=True)
+                    if not channel.is_open:
+                        raise amqp.exceptions.RecoverableChannelError("channel closed")
+                    write(message.frames(channel.channel_id, frame_max))
                 except Exception as exc:
                     self._pending.pop(tag, None)
                     error = BrokerUnavailable(f"publish failed: {exc}")
