@@ -15,6 +15,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+import eventlet
 from nameko.extensions import DependencyProvider
 from nameko.web.handlers import http
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
@@ -185,7 +186,9 @@ class StoreAgent:
                               lambda: queued.append(True) or self._to_outbox(
                                   body, terminal, route, message_type, parse, started))
         if call.mode != "bus" and not queued and response.status_code < 400:
-            self._note_legacy(message_type, parse, body)
+            # After the answer: the till does not wait for this bookkeeping commit. A
+            # crash in between shows at reconciliation as "unexpected in ERP", never silently.
+            eventlet.spawn_n(self._note_legacy, message_type, parse, body)
         END_TO_END_SECONDS.labels(call.name, call.mode).observe(time.monotonic() - started)
         return response
 
