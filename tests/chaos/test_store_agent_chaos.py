@@ -21,7 +21,6 @@ from contextlib import suppress
 from datetime import date
 from pathlib import Path
 
-import amqp
 import eventlet
 import pytest
 
@@ -31,11 +30,10 @@ from routing.edge_auth import TerminalKeys, signed_headers
 from routing.legacy_payload import sale_from_legacy
 from routing.outbox import Outbox
 from services.bus import topology
-from services.bus.publisher import connection_params
 from services.reconcile import store as reconcile_store
 from tests.conftest import free_ports, start_broker
 from tests.integration.filedrop_support import write_drops
-from tests.integration.support import legacy_sale, nameko_run, stop, wait_for, write_config
+from tests.integration.support import legacy_sale, nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.chaos
 
@@ -95,15 +93,7 @@ class Estate:
             return None
 
     def queue(self, name: str) -> tuple[int, int]:
-        conn = amqp.Connection(**connection_params(self.broker.uri(), 5))
-        conn.connect()
-        try:
-            ok = conn.channel().queue_declare(name, passive=True)
-            return ok.message_count, ok.consumer_count
-        except amqp.exceptions.NotFound:
-            return 0, 0
-        finally:
-            conn.collect()
+        return queue_state(self.broker.uri(), name)
 
     def post(self, store: str, txn_id: str) -> tuple[int, dict, float]:
         data = json.dumps(legacy_sale(txn_id, store=store)).encode()

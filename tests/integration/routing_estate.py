@@ -20,7 +20,8 @@ from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.control import RouteRegistry, apply_table
 from services.bus import topology
 from tests.conftest import free_ports, start_broker
-from tests.integration.support import legacy_sale, nameko_run, read_config, stop, wait_for, write_config
+from tests.integration.support import (legacy_sale, nameko_run, queue_state, read_config, stop, wait_for,
+                                       write_config)
 
 STORES = ("S001", "S002")
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
@@ -124,18 +125,7 @@ class Estate:
 
     # the bus ---------------------------------------------------------------
     def queue(self, name: str) -> tuple[int, int]:
-        import amqp
-
-        from services.bus.publisher import connection_params
-        conn = amqp.Connection(**connection_params(self.broker.uri(), 5))
-        conn.connect()
-        try:
-            ok = conn.channel().queue_declare(name, passive=True)
-            return ok.message_count, ok.consumer_count
-        except amqp.exceptions.NotFound:
-            return 0, 0
-        finally:
-            conn.collect()
+        return queue_state(self.broker.uri(), name)
 
     def apply(self, sales: str, reason: str, **table) -> int:
         self.version = max(self.version, (self.registry.active() or type("t", (), {"version": 0})).version) + 1
