@@ -1,7 +1,8 @@
 """erp benchmark: sales posted through the event path, and change capture, each against
 plain SQLAlchemy on the same rows in the same run, on SQLite and PostgreSQL.
 
-(a) raw: `ledger.post_sale` (SQLAlchemy Core) on one connection, committing every
+(a) raw: the same rows (`ledger.rows_for`) written with plain SQLAlchemy Core
+    (statements built once, `conn.execute`) on one connection, committing every
     `--commit-every` sales (default 64): what a careful raw program does, since one
     commit (one fsync) per sale caps it at ~150/s here; `--commit-every 1` gives the
     baseline with the same durability per message as ours;
@@ -27,6 +28,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
+from sqlalchemy import bindparam, select, update  # noqa: E402
 from nameko.containers import ServiceContainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -46,6 +48,7 @@ from tests.postgres import PostgresCluster  # noqa: E402
 
 GOALS = {"sales_per_s": 1000, "sales_ratio": 0.5, "cdc_rows_per_s": 10000}
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
+POSTED_QUEUE = "bench.erp.sale_posted"  # a subscriber, so erp.sale_posted.v1 is routed as in production
 
 
 def sale(n: int, stores: int) -> PosSaleV1:
@@ -58,10 +61,11 @@ def sale(n: int, stores: int) -> PosSaleV1:
 
 
 class Databases:
-    """A fresh legacy database per run: SQLite files, databases in one PostgreSQL cluster."""
+    """A fresh legacy database per run: SQLite files, databases in one PostgreSQL cluster;
+    seeded with stock for every benchmark store, so each sale line moves an existing row."""
 
-    def __init__(self, home: Path, cluster: PostgresCluster | None):
-        self.home, self.cluster, self.n = home, cluster, 0
+    def __init__(self, home: Path, cluster: PostgresCluster | None, stores: int):
+        self.home, self.cluster, self.stores, self.n = home, cluster, stores, 0
 
     def fresh(self, kind: str, seed: bool = True) -> str:
         self.n += 1
@@ -72,29 +76,58 @@ class Databases:
         if seed:
             with engine.begin() as conn:
                 schema.seed_demo_data(conn)
+                conn.execute(schema.STK_LVL.insert(), [
+                    dict(STORE_NO=f"S{n:03d}", SKU=sku, ON_HAND=schema.DEMO_ON_HAND, UPD_TS=schema.utc_stamp())
+                    for n in range(self.stores) if f"S{n:03d}" not in schema.DEMO_STORES for sku in schema.DEMO_SKUS])
         engine.dispose()
         return dsn
 
 
+class PlainPosting:
+    """The rows of `ledger.rows_for` written with plain SQLAlchemy Core: statements
+    built once, `conn.execute(statement, params)`, as a careful program writes them."""
+
+    def __init__(self, t: ledger.LegacyTables):
+        seq, stock = t.doc_seq.c, t.stock.c
+        self.t = t
+        self.bump = update(t.doc_seq).where(seq.SEQ_NAME == "SLS").values(NEXT_NO=seq.NEXT_NO + 1)
+        self.read = select(seq.NEXT_NO - 1).where(seq.SEQ_NAME == "SLS")
+        self.move = (update(t.stock).where(stock.STORE_NO == bindparam("store"), stock.SKU == bindparam("sku"))
+                     .values(ON_HAND=stock.ON_HAND + bindparam("delta"), UPD_TS=bindparam("now")))
+        self.inserts = [t.header.insert(), t.lines.insert(), t.tenders.insert(), t.gl.insert()]
+
+    def post_sale(self, conn, sale: PosSaleV1) -> str:
+        conn.execute(self.bump)
+        doc_no = f"S{conn.execute(self.read).scalar_one():08d}"
+        now = ledger._stamp()
+        rows = ledger.rows_for(sale, "S", doc_no, None, now)
+        for insert, values in zip(self.inserts, (rows.header, rows.lines, rows.tenders, rows.gl)):
+            conn.execute(insert, values)
+        for sku, delta in rows.stock_moves:
+            conn.execute(self.move, {"store": sale.store_id, "sku": sku, "delta": delta, "now": now})
+        return doc_no
+
+
 def raw_posting(dsn: str, sales: list[PosSaleV1], commit_every: int) -> float:
-    engine = engine_for(dsn, writer=True)
+    engine = engine_for(dsn)
     md = sa.MetaData()
     md.reflect(engine, only=ledger.LEGACY_TABLES)
-    tables = ledger.LegacyTables.of(dict(md.tables))
+    plain = PlainPosting(ledger.LegacyTables.of(dict(md.tables)))
     started = time.perf_counter()
     with engine.connect() as conn:
         for start in range(0, len(sales), commit_every):
             with conn.begin():
                 for s in sales[start:start + commit_every]:
-                    ledger.post_sale(conn, tables, s)
+                    plain.post_sale(conn, s)
     elapsed = time.perf_counter() - started
     engine.dispose()
     return len(sales) / elapsed
 
 
 def config(uri: str, dsn: str, home: Path) -> dict:
-    return {"AMQP_URI": uri, "LEGACY_DB_URI": dsn, "max_workers": 64,
-            "RETAILBUS": {"root": str(home), "retry": {"prefetch": 64}}}
+    """As config/bus.yaml has it."""
+    return {"AMQP_URI": uri, "LEGACY_DB_URI": dsn, "max_workers": 384,
+            "RETAILBUS": {"root": str(home), "retry": {"prefetch": 128}}}
 
 
 def our_posting(uri: str, dsn: str, sales: list[PosSaleV1], home: Path) -> float:
@@ -104,6 +137,10 @@ def our_posting(uri: str, dsn: str, sales: list[PosSaleV1], home: Path) -> float
     topology.declare_handler_queues(ch, "store_agent.events", "pos.sale.v1", SALES_QUEUE, [1, 5, 30],
                                     single_active=True)
     ch.queue_purge(SALES_QUEUE)
+    topology.declare_exchange(ch, "erp.events")
+    topology.declare_queue(ch, POSTED_QUEUE)
+    ch.queue_bind(POSTED_QUEUE, "erp.events", "erp.sale_posted.v1")
+    ch.queue_purge(POSTED_QUEUE)
     conn.close()
     publisher = ConfirmingPublisher(uri)
     events = [CloudEvent.new("pos.sale.v1", f"store/{s.store_id}/pos/07", s,
@@ -195,7 +232,7 @@ def main():
         home = Path(tmp)
         cluster = PostgresCluster().start() if "postgresql" in backends else None
         try:
-            dbs = Databases(home, cluster)
+            dbs = Databases(home, cluster, args.stores)
             if args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()

@@ -71,7 +71,7 @@ class RetrySettings(Strict):
     """Growing delays for a failed handler; after the last one the message is dead-lettered."""
 
     delays: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0])
-    prefetch: int = Field(64, ge=1)
+    prefetch: int = Field(128, ge=1)
     not_retried: list[ErrorName] = Field(
         default_factory=list, description="exception classes parked at once, for every handler")
 

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.envelope import CloudEvent
+from legacy_wrappers.prepared import Prepared
 from services.bus import metrics
 from services.bus.consumer import DUPLICATE
 
@@ -39,7 +40,9 @@ def ensure_inbox(engine: Engine) -> None:
         _ready.add(engine)
 
 
-_INSERT_OR_SKIP = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+# Built and compiled once per dialect: a Core statement costs more to build than to run.
+_CLAIM = {name: Prepared(insert(INBOX).on_conflict_do_nothing())
+          for name, insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))}
 
 
 def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
@@ -52,13 +55,35 @@ def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
     keeps the transaction usable after a conflict (PostgreSQL would abort it
     on an IntegrityError).
     """
-    insert = _INSERT_OR_SKIP[conn.dialect.name](INBOX).values(
-        CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id,
-        RECEIVED_TS=datetime.now(timezone.utc).isoformat()).on_conflict_do_nothing()
-    if conn.execute(insert).rowcount == 1:
+    row = dict(CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id,
+               RECEIVED_TS=datetime.now(timezone.utc).isoformat())
+    if _CLAIM[conn.dialect.name](conn, row).rowcount == 1:
         return True
     metrics.DUPLICATES.labels(consumer).inc()
     return False
+
+
+_CLAIM_MANY = {name: insert(INBOX).on_conflict_do_nothing().returning(INBOX.c.CONSUMER, INBOX.c.IDEM_KEY)
+               for name, insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))}
+
+
+def claim_many(conn: Connection, claims: list[tuple[str, str, str]]) -> list[bool]:
+    """`claim` for many (consumer, key, message id) at once, in one statement; True
+    where the key was free. A key repeated within `claims` is taken by its first."""
+    now = datetime.now(timezone.utc).isoformat()
+    first: dict[tuple[str, str], str] = {}
+    for consumer, key, message_id in claims:
+        first.setdefault((consumer, key), message_id)
+    rows = [dict(CONSUMER=c, IDEM_KEY=k, MESSAGE_ID=m, RECEIVED_TS=now) for (c, k), m in first.items()]
+    taken = {tuple(r) for r in conn.execute(_CLAIM_MANY[conn.dialect.name], rows)}
+    result, seen = [], set()
+    for consumer, key, _ in claims:
+        fresh = (consumer, key) in taken and (consumer, key) not in seen
+        seen.add((consumer, key))
+        if not fresh:
+            metrics.DUPLICATES.labels(consumer).inc()
+        result.append(fresh)
+    return result
 
 
 def apply_once(engine: Engine, consumer: str, event: CloudEvent, effect: Callable[[Connection], T]) -> T:

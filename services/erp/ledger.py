@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property, lru_cache
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
 from legacy_wrappers.legacy_db import check_row
+from legacy_wrappers.prepared import Prepared
 
 CHANNEL = "RBUS"
 REVENUE_ACCOUNT = "4000"
@@ -33,41 +35,69 @@ class LegacyTables:
 
     @classmethod
     def of(cls, t: dict[str, Table]) -> "LegacyTables":
-        return cls(t["DOC_SEQ"], t["SLS_HDR"], t["SLS_LIN"], t["SLS_TND"], t["STK_LVL"], t["GL_PST"])
+        return _tables(t["DOC_SEQ"], t["SLS_HDR"], t["SLS_LIN"], t["SLS_TND"], t["STK_LVL"], t["GL_PST"])
+
+    @cached_property
+    def sql(self) -> "_Statements":
+        return _Statements(self)
+
+
+@lru_cache(maxsize=16)
+def _tables(*tables: Table) -> LegacyTables:
+    """One LegacyTables (and so one set of statements) per reflected schema."""
+    return LegacyTables(*tables)
+
+
+class _Statements:
+    """The posting's statements, built and compiled once (`Prepared`): building a
+    Core statement costs five times running it, and a posting runs a dozen."""
+
+    def __init__(self, t: LegacyTables):
+        seq, stock, hdr = t.doc_seq.c, t.stock.c, t.header.c
+        self.bump_doc_no = Prepared(update(t.doc_seq).where(seq.SEQ_NAME == bindparam("seq_name"))
+                                    .values(NEXT_NO=seq.NEXT_NO + bindparam("count")))
+        self.read_doc_no = Prepared(select(seq.NEXT_NO).where(seq.SEQ_NAME == bindparam("seq_name")))
+        self.stock_rows = select(stock.STORE_NO, stock.SKU).where(  # not Prepared: IN lists expand
+            stock.STORE_NO.in_(bindparam("stores", expanding=True)), stock.SKU.in_(bindparam("skus", expanding=True)))
+        self.move_stock = Prepared(
+            update(t.stock).where(stock.STORE_NO == bindparam("store"), stock.SKU == bindparam("sku"))
+            .values(ON_HAND=stock.ON_HAND + bindparam("delta"), UPD_TS=bindparam("now")))
+        self.find_document = Prepared(
+            select(hdr.DOC_NO).where(hdr.STORE_NO == bindparam("store"), hdr.DOC_TYPE == bindparam("doc_type"),
+                                     hdr.POS_TXN_ID == bindparam("pos_txn_id")).order_by(hdr.DOC_NO).limit(1))
+        self.insert = {table.name: Prepared(table.insert())
+                       for table in (t.header, t.lines, t.tenders, t.gl, t.stock)}
 
 
 def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-def next_doc_no(conn: Connection, t: LegacyTables, seq_name: str, prefix: str) -> str:
-    seq = t.doc_seq.c
-    conn.execute(update(t.doc_seq).where(seq.SEQ_NAME == seq_name).values(NEXT_NO=seq.NEXT_NO + 1))
-    number = conn.execute(select(seq.NEXT_NO - 1).where(seq.SEQ_NAME == seq_name)).scalar_one()
-    return f"{prefix}{number:08d}"
-
-
-def _move_stock(conn: Connection, t: LegacyTables, store: str, sku: str, delta: int, now: str):
-    c = t.stock.c
-    moved = conn.execute(
-        update(t.stock).where(c.STORE_NO == store, c.SKU == sku)
-        .values(ON_HAND=c.ON_HAND + delta, UPD_TS=now)).rowcount
-    if not moved:
-        conn.execute(t.stock.insert().values(STORE_NO=store, SKU=sku, ON_HAND=delta, UPD_TS=now))
+def next_doc_nos(conn: Connection, t: LegacyTables, seq_name: str, prefix: str, count: int) -> list[str]:
+    """`count` consecutive document numbers, as the legacy posting program takes them."""
+    t.sql.bump_doc_no(conn, {"seq_name": seq_name, "count": count})
+    after = t.sql.read_doc_no(conn, {"seq_name": seq_name}).scalar_one()
+    return [f"{prefix}{number:08d}" for number in range(after - count, after)]
 
 
 def find_document(conn: Connection, t: LegacyTables, store: str, doc_type: str, pos_txn_id: str) -> str | None:
-    c = t.header.c
-    return conn.execute(
-        select(c.DOC_NO).where(c.STORE_NO == store, c.DOC_TYPE == doc_type, c.POS_TXN_ID == pos_txn_id)
-        .order_by(c.DOC_NO).limit(1)).scalar()
+    return t.sql.find_document(conn, {"store": store, "doc_type": doc_type, "pos_txn_id": pos_txn_id}).scalar()
 
 
-def _write(conn: Connection, t: LegacyTables, txn: PosSaleV1 | PosReturnV1, doc_type: str,
-           orig_doc_no: str | None) -> str:
-    doc_no = next_doc_no(conn, t, "SLS" if doc_type == "S" else "RTN", doc_type)
-    now = _stamp()
+@dataclass(frozen=True)
+class Rows:
+    """The legacy rows of one document: the mapping from the contract, no database."""
+    header: dict
+    lines: list[dict]
+    tenders: list[dict]
+    gl: list[dict]
+    stock_moves: list[tuple[str, int]]  # (sku, units added: negative for a sale)
+
+
+def rows_for(txn: PosSaleV1 | PosReturnV1, doc_type: str, doc_no: str, orig_doc_no: str | None,
+             now: str) -> Rows:
     post_date = txn.business_day.strftime("%Y%m%d")
+    sale = doc_type == "S"
     header = dict(
         DOC_NO=doc_no, DOC_TYPE=doc_type, STORE_NO=txn.store_id, TERM_NO=txn.terminal_id,
         POS_TXN_ID=txn.pos_txn_id, TXN_DATE=post_date,
@@ -77,34 +107,66 @@ def _write(conn: Connection, t: LegacyTables, txn: PosSaleV1 | PosReturnV1, doc_
     lines = [dict(DOC_NO=doc_no, LINE_NO=line.line_no, SKU=line.sku, QTY=line.quantity,
                   UNIT_PRICE_CENTS=line.unit_price_minor, DISC_CENTS=line.discount_minor,
                   LINE_CENTS=line.line_total_minor) for line in txn.lines]
-    check_row(t.header, header)  # refused whole, before anything is written
-    for line in lines:
-        check_row(t.lines, line)
-    conn.execute(t.header.insert().values(**header))
-    conn.execute(t.lines.insert(), lines)
-    conn.execute(t.tenders.insert(), [
-        dict(DOC_NO=doc_no, SEQ=seq, TND_TYPE=tender.kind.upper(), AMOUNT_CENTS=tender.amount_minor)
-        for seq, tender in enumerate(txn.tenders, start=1)])
-    sign = -1 if doc_type == "S" else 1  # a sale takes units off the shelf, a return puts them back
-    for line in txn.lines:
-        _move_stock(conn, t, txn.store_id, line.sku, sign * line.quantity, now)
-    sale = doc_type == "S"
+    tenders = [dict(DOC_NO=doc_no, SEQ=seq, TND_TYPE=tender.kind.upper(), AMOUNT_CENTS=tender.amount_minor)
+               for seq, tender in enumerate(txn.tenders, start=1)]
     gl = [dict(DOC_NO=doc_no, ACCOUNT=TENDER_ACCOUNTS[tender.kind], POST_DATE=post_date,
                DR_CENTS=tender.amount_minor if sale else 0, CR_CENTS=0 if sale else tender.amount_minor)
           for tender in txn.tenders]
     gl.append(dict(DOC_NO=doc_no, ACCOUNT=REVENUE_ACCOUNT, POST_DATE=post_date,
                    DR_CENTS=0 if sale else txn.total_minor, CR_CENTS=txn.total_minor if sale else 0))
-    conn.execute(t.gl.insert(), gl)
-    return doc_no
+    sign = -1 if sale else 1  # a sale takes units off the shelf, a return puts them back
+    return Rows(header, lines, tenders, gl, [(line.sku, sign * line.quantity) for line in txn.lines])
+
+
+SEQUENCES = {"S": "SLS", "R": "RTN"}
+
+
+def write_many(conn: Connection, t: LegacyTables,
+               docs: list[tuple[PosSaleV1 | PosReturnV1, str, str | None]]) -> list[str]:
+    """Write documents (txn, doc type 'S'/'R', original doc no) with one statement per
+    table, not per document: many postings cost little more than one. Every row is
+    checked before anything is written; stock rows are moved once per store and SKU,
+    in key order (two writers then never wait on each other in a cycle)."""
+    now = _stamp()
+    numbers = {kind: iter(next_doc_nos(conn, t, SEQUENCES[kind], kind, count))
+               for kind in SEQUENCES if (count := sum(1 for _, k, _ in docs if k == kind))}
+    rows = [rows_for(txn, kind, next(numbers[kind]), orig, now) for txn, kind, orig in docs]
+    for r in rows:
+        check_row(t.header, r.header)
+        for line in r.lines:
+            check_row(t.lines, line)
+    moves: dict[tuple[str, str], int] = {}
+    for (txn, _, _), r in zip(docs, rows):
+        for sku, delta in r.stock_moves:
+            moves[(txn.store_id, sku)] = moves.get((txn.store_id, sku), 0) + delta
+    insert = t.sql.insert
+    insert[t.header.name](conn, [r.header for r in rows])
+    insert[t.lines.name](conn, [line for r in rows for line in r.lines])
+    insert[t.tenders.name](conn, [tender for r in rows for tender in r.tenders])
+    insert[t.gl.name](conn, [gl for r in rows for gl in r.gl])
+    existing = set(conn.execute(t.sql.stock_rows, {"stores": sorted({s for s, _ in moves}),
+                                                   "skus": sorted({k for _, k in moves})}).tuples())
+    keys = sorted(moves)
+    updates = [{"store": s, "sku": k, "delta": moves[(s, k)], "now": now} for s, k in keys if (s, k) in existing]
+    if updates:
+        t.sql.move_stock(conn, updates)
+    new = [{"STORE_NO": s, "SKU": k, "ON_HAND": moves[(s, k)], "UPD_TS": now} for s, k in keys if (s, k) not in existing]
+    if new:
+        insert[t.stock.name](conn, new)
+    return [r.header["DOC_NO"] for r in rows]
 
 
 def post_sale(conn: Connection, t: LegacyTables, sale: PosSaleV1) -> str:
-    return _write(conn, t, sale, "S", None)
+    return write_many(conn, t, [(sale, "S", None)])[0]
 
 
 def post_return(conn: Connection, t: LegacyTables, ret: PosReturnV1) -> str:
-    original = ret.original and find_document(conn, t, ret.original.store_id, "S", ret.original.pos_txn_id)
-    return _write(conn, t, ret, "R", original)
+    return write_many(conn, t, [(ret, "R", original_of(conn, t, ret))])[0]
+
+
+def original_of(conn: Connection, t: LegacyTables, ret: PosReturnV1) -> str | None:
+    """The document of the sale a return refers to (None: not referenced or not posted)."""
+    return ret.original and find_document(conn, t, ret.original.store_id, "S", ret.original.pos_txn_id)
 
 
 def sale_status(conn: Connection, t: LegacyTables, store: str, pos_txn_id: str) -> dict | None:

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from contracts.envelope import CloudEvent
 from legacy_wrappers.legacy_db import LegacyEngines
+from legacy_wrappers.prepared import Prepared
 from services.bus import topology
 from services.bus.extensions import BusConnection
 from services.bus.publisher import OutgoingMessage, Unroutable
@@ -43,6 +44,10 @@ OUTBOX = Table(
     Column("SENT_TS", String(32)),
     Index("IX_RB_OUTBOX_UNSENT", "SENT_TS", "ID"),
 )
+# Built once: building a Core statement costs more than running it.
+_INSERT = Prepared(OUTBOX.insert())
+_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.ID.in_(bindparam("ids", expanding=True)))
+              .values(SENT_TS=bindparam("now")))
 
 
 def _now() -> str:
@@ -51,7 +56,7 @@ def _now() -> str:
 
 def add(conn: Connection, events: list[CloudEvent]) -> None:
     """Queue `events` in the caller's transaction; they leave once it commits."""
-    conn.execute(OUTBOX.insert(), [
+    _INSERT(conn, [
         dict(EVENT_ID=e.id, TYPE=e.type, CORRELATION_ID=e.correlationid,
              BODY=e.to_json().decode(), CREATED_TS=_now()) for e in events])
 
@@ -60,13 +65,14 @@ class _Writer:
     def __init__(self, provider: "Outbox", worker_ctx):
         self._provider, self._worker_ctx = provider, worker_ctx
 
-    def add(self, conn: Connection, *events: CloudEvent) -> None:
-        add(conn, list(events))
+    def added(self) -> None:
+        """This worker's effect added events (`add`, in its transaction): wake the
+        relay once the worker has ended."""
         self._provider.touched.add(self._worker_ctx)
 
 
 class Outbox(DependencyProvider):
-    """`self.outbox.add(self.db.conn, event)` in a worker; a relay thread publishes.
+    """`add(conn, events)` in a worker's transaction, then `self.outbox.added()`; a relay thread publishes.
 
     The relay is woken when a worker that added events has ended (its
     transaction is then committed) and polls every `interval` seconds for
@@ -154,8 +160,7 @@ class Outbox(DependencyProvider):
                 RELAYED.labels(self.exchange, "failed").inc()
         if done:
             with self.engine.begin() as conn:
-                conn.execute(update(OUTBOX).where(o.ID.in_(bindparam("ids", expanding=True)))
-                             .values(SENT_TS=_now()), {"ids": done})
+                conn.execute(_MARK_SENT, {"ids": done, "now": _now()})
         if len(done) < len(rows):
             raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
         return len(rows)

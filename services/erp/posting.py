@@ -1,17 +1,21 @@
-"""One posting of a sale or return: inbox key, legacy rows and the outbox event in
-the caller's transaction, so all of them commit together or none does.
+"""Postings of sales and returns: inbox keys, legacy rows and outbox events in the
+caller's transaction, so all of them commit together or none does.
 
 The event path and the RPC path share the inbox consumer and the store
 agent's key (`<type>:<store>:<pos_txn_id>`), so a sale that arrives both ways
-posts once; a repeat answers with the document already posted.
+posts once; a repeat answers with the document already posted. Many postings
+are written together (`post_many`, one statement per table), which is what
+lets one process post a thousand sales a second; one is a batch of one.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
 from services.bus import inbox
-from services.erp import events, ledger
+from services.erp import events, ledger, outbox
 
 CONSUMERS = {PosSaleV1.TYPE: "erp.on_pos_sale", PosReturnV1.TYPE: "erp.on_pos_return"}
 
@@ -20,19 +24,38 @@ def idempotency_key(txn: PosSaleV1 | PosReturnV1) -> str:
     return f"{txn.TYPE}:{txn.store_id}:{txn.pos_txn_id}"
 
 
-def post(conn: Connection, tables: ledger.LegacyTables, txn: PosSaleV1 | PosReturnV1, outbox, *,
-         key: str, message_id: str, correlationid: str | None) -> tuple[str | None, bool]:
-    """Returns (doc_no, duplicate); `outbox` is the worker's Outbox dependency."""
-    sale = isinstance(txn, PosSaleV1)
-    if not inbox.claim(conn, CONSUMERS[txn.TYPE], key, message_id):
-        return ledger.find_document(conn, tables, txn.store_id, "S" if sale else "R", txn.pos_txn_id), True
-    if sale:
-        doc_no = ledger.post_sale(conn, tables, txn)
-        event = events.sale_posted(txn, doc_no, correlationid)
-    else:
-        doc_no = ledger.post_return(conn, tables, txn)
-        original = txn.original and ledger.find_document(
-            conn, tables, txn.original.store_id, "S", txn.original.pos_txn_id)
-        event = events.return_posted(txn, doc_no, original, correlationid)
-    outbox.add(conn, event)
-    return doc_no, False
+@dataclass(frozen=True)
+class Posting:
+    tables: ledger.LegacyTables
+    txn: PosSaleV1 | PosReturnV1
+    key: str
+    message_id: str
+    correlationid: str | None
+
+
+def post_many(conn: Connection, postings: list[Posting]) -> list[tuple[str | None, bool]]:
+    """(doc_no, duplicate) per posting. Sales are written before returns, so a
+    return finds its original even when both arrive in one batch."""
+    t = postings[0].tables
+    fresh = inbox.claim_many(conn, [(CONSUMERS[p.txn.TYPE], p.key, p.message_id) for p in postings])
+    doc_nos: dict[int, str] = {}
+    posted = []
+    for kind in ("S", "R"):
+        todo = [(i, p) for i, p in enumerate(postings) if fresh[i] and _kind(p) == kind]
+        if not todo:
+            continue
+        originals = [ledger.original_of(conn, t, p.txn) if kind == "R" else None for _, p in todo]
+        written = ledger.write_many(conn, t, [(p.txn, kind, o) for (_, p), o in zip(todo, originals)])
+        for (i, p), doc_no, original in zip(todo, written, originals):
+            doc_nos[i] = doc_no
+            posted.append(events.sale_posted(p.txn, doc_no, p.correlationid) if kind == "S"
+                          else events.return_posted(p.txn, doc_no, original, p.correlationid))
+    if posted:
+        outbox.add(conn, posted)
+    return [(doc_nos[i], False) if fresh[i]
+            else (ledger.find_document(conn, t, p.txn.store_id, _kind(p), p.txn.pos_txn_id), True)
+            for i, p in enumerate(postings)]
+
+
+def _kind(p: Posting) -> str:
+    return "S" if isinstance(p.txn, PosSaleV1) else "R"

@@ -12,6 +12,7 @@ from ulid import ULID
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from contracts.pos import PosReturnV1, PosSaleV1
+from legacy_wrappers.batched_writes import BatchedWrites
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyValueError
 from legacy_wrappers.table_changes import table_changes
 from services.bus import inbox
@@ -29,6 +30,7 @@ class ErpService:
 
     db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE),
                         create=(inbox.metadata, outbox_tables))
+    postings = BatchedWrites(posting.post_many)
     outbox = Outbox()
     events = EventPublisher()
     metrics = MetricsHttp()
@@ -43,14 +45,15 @@ class ErpService:
         return self._post_event(ret, event)
 
     def _post_event(self, txn, event: CloudEvent):
-        """Committed by LegacyDatabase when the worker ends; a value the legacy
-        columns cannot hold is parked at once (retrying cannot fix it)."""
+        """Committed, with the postings of other workers, when `postings` returns; a
+        value the legacy columns cannot hold is parked at once (retrying cannot fix it)."""
         try:
-            doc_no, duplicate = posting.post(
-                self.db.conn, ledger.LegacyTables.of(self.db.tables), txn, self.outbox,
-                key=event.idempotencykey, message_id=event.id, correlationid=event.correlationid)
+            doc_no, duplicate = self.postings(posting.Posting(
+                ledger.LegacyTables.of(self.db.tables), txn, event.idempotencykey, event.id, event.correlationid))
         except LegacyValueError as exc:
             raise Permanent(str(exc)) from exc
+        if not duplicate:
+            self.outbox.added()
         self.hops.add("posted", "duplicate" if duplicate else "ok", subject=txn.pos_txn_id,
                       detail={"doc_no": doc_no, "store": txn.store_id})
         return DUPLICATE if duplicate else doc_no
@@ -69,10 +72,11 @@ class ErpService:
             txn = model.model_validate(data)
         except ValidationError as exc:
             raise ContractError.from_validation(exc, model.TYPE) from None
-        doc_no, duplicate = posting.post(
-            self.db.conn, ledger.LegacyTables.of(self.db.tables), txn, self.outbox,
-            key=posting.idempotency_key(txn), message_id=str(ULID()), correlationid=None)
+        [(doc_no, duplicate)] = posting.post_many(self.db.conn, [posting.Posting(
+            ledger.LegacyTables.of(self.db.tables), txn, posting.idempotency_key(txn), str(ULID()), None)])
         self.db.end(success=True)
+        if not duplicate:
+            self.outbox.added()
         return {"doc_no": doc_no, "duplicate": duplicate}
 
     @rpc
@@ -100,7 +104,10 @@ class ErpService:
             txn = model.model_validate(data)
         except ValidationError as exc:
             raise ContractError.from_validation(exc, model.TYPE) from None
-        return shadow.compare(self.db.engine, ledger.LegacyTables.of(self.db.tables), txn, legacy_doc_no)
+        try:
+            return shadow.compare(self.db.conn, ledger.LegacyTables.of(self.db.tables), txn, legacy_doc_no)
+        finally:
+            self.db.end(success=False)  # a dry run: nothing to make durable, no commit to wait for
 
     @table_changes(stock.TABLE, key=stock.KEY)
     def on_stock_changes(self, changes):

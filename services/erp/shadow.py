@@ -1,7 +1,7 @@
 """Shadow mode's comparison: the posting the bus path WOULD write for a sale,
 next to the posting the legacy ERP DID write for the same sale.
 
-The bus side is computed by the real ledger inside a transaction that is
+The bus side is computed by the real ledger inside a savepoint that is
 always rolled back, so nothing is written; the legacy side is read back by
 the document number the legacy call answered. Fields that legitimately
 differ (document numbers, channel, timestamps, surrogate keys, stock levels
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
 from services.erp import ledger
@@ -35,15 +35,18 @@ def posting(conn: Connection, t: ledger.LegacyTables, doc_no: str) -> dict[str, 
     }
 
 
-def dry_run(engine: Engine, t: ledger.LegacyTables, txn: PosSaleV1 | PosReturnV1) -> dict[str, list[dict]]:
-    """Post through the ledger, read the rows back, roll everything back."""
-    with engine.connect() as conn:
-        tx = conn.begin()
-        try:
-            post = ledger.post_return if isinstance(txn, PosReturnV1) else ledger.post_sale
-            return posting(conn, t, post(conn, t, txn))
-        finally:
-            tx.rollback()
+def dry_run(conn: Connection, t: ledger.LegacyTables, txn: PosSaleV1 | PosReturnV1) -> dict[str, list[dict]]:
+    """Post through the ledger, read the rows back, roll everything back.
+
+    On the caller's writing connection, in a savepoint: a second connection of
+    this process writing SQLite would wait for the lock our own writer holds
+    and block the one OS thread that could release it."""
+    savepoint = conn.begin_nested()
+    try:
+        post = ledger.post_return if isinstance(txn, PosReturnV1) else ledger.post_sale
+        return posting(conn, t, post(conn, t, txn))
+    finally:
+        savepoint.rollback()
 
 
 def differences(bus: dict[str, list[dict]], legacy: dict[str, list[dict]]) -> list[dict[str, Any]]:
@@ -60,10 +63,10 @@ def differences(bus: dict[str, list[dict]], legacy: dict[str, list[dict]]) -> li
     return diffs
 
 
-def compare(engine: Engine, t: ledger.LegacyTables, txn: PosSaleV1 | PosReturnV1,
+def compare(conn: Connection, t: ledger.LegacyTables, txn: PosSaleV1 | PosReturnV1,
             legacy_doc_no: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        legacy = posting(conn, t, legacy_doc_no)
+    """`conn` is in a transaction; compare writes nothing to it."""
+    legacy = posting(conn, t, legacy_doc_no)
     if not legacy["header"]:
         return [{"field": "header.count", "bus": 1, "legacy": 0}]
-    return differences(dry_run(engine, t, txn), legacy)
+    return differences(dry_run(conn, t, txn), legacy)

@@ -122,13 +122,13 @@ def test_rpcs_post_query_and_refuse_hostile_input(erp):
 @pytest.mark.timeout(120)
 def test_a_worker_failing_halfway_leaves_no_rows_and_no_event(erp, monkeypatch):
     container, engine, _, posted, _ = erp
-    real = ledger.post_sale
+    real = ledger.write_many
 
-    def post_then_fail(conn, tables, txn):
-        real(conn, tables, txn)
+    def post_then_fail(conn, tables, docs):
+        real(conn, tables, docs)
         raise RuntimeError("posting died half-way")
 
-    monkeypatch.setattr(ledger, "post_sale", post_then_fail)
+    monkeypatch.setattr(ledger, "write_many", post_then_fail)
     incoming = CloudEvent.new("pos.sale.v1", "store/S001/pos/07", sale("T-9"),
                               idempotencykey="pos.sale.v1:S001:T-9")
     with entrypoint_hook(container, "on_pos_sale") as post, pytest.raises(RuntimeError, match="half-way"):
@@ -139,7 +139,7 @@ def test_a_worker_failing_halfway_leaves_no_rows_and_no_event(erp, monkeypatch):
         assert conn.execute(sa.select(schema.STK_LVL.c.ON_HAND).where(
             schema.STK_LVL.c.STORE_NO == "S001", schema.STK_LVL.c.SKU == "100001")).scalar() == schema.DEMO_ON_HAND
 
-    monkeypatch.setattr(ledger, "post_sale", real)  # the retry posts it, with its event
+    monkeypatch.setattr(ledger, "write_many", real)  # the retry posts it, with its event
     with entrypoint_hook(container, "on_pos_sale") as post:
         assert post(incoming.payload(), incoming) == "S00000001"
     assert wait_for(lambda: (posted.drain(), posted.events)[1], timeout=15)

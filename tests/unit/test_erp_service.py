@@ -11,10 +11,11 @@ from nameko.testing.services import worker_factory
 from contracts.envelope import CloudEvent
 from contracts.pos import PosReturnV1, PosSaleV1
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, seed_demo_data
-from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, engine_for
+from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, LegacyValueError, engine_for
 from services.bus import inbox
 from services.bus.consumer import DUPLICATE
-from services.erp import ledger, outbox
+from legacy_wrappers.batched_writes import write_batch
+from services.erp import ledger, outbox, posting
 from services.erp.service import ErpService
 
 pytestmark = pytest.mark.unit
@@ -69,8 +70,18 @@ def db(tmp_path):
 class OutboxWriter:
     """The worker side of the Outbox dependency, without its relay."""
 
-    def add(self, conn, *events):
-        outbox.add(conn, list(events))
+    def added(self):
+        pass
+
+
+def postings(engine):
+    """The BatchedWrites dependency without its writer greenthread: each item a batch of one."""
+    def submit(item):
+        [result] = write_batch(engine, posting.post_many, [item])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    return submit
 
 
 class Worker:
@@ -96,7 +107,7 @@ class Worker:
 
 @pytest.fixture
 def service(db):
-    return Worker(worker_factory(ErpService, db=db, outbox=OutboxWriter()), db)
+    return Worker(worker_factory(ErpService, db=db, outbox=OutboxWriter(), postings=postings(db.engine)), db)
 
 
 def outbox_types(db):
@@ -170,13 +181,13 @@ def test_return_posts_once_and_references_the_sale(service, db):
 
 
 def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, monkeypatch):
-    real_post_sale = ledger.post_sale
+    real_write_many = ledger.write_many
 
-    def post_then_fail(conn, tables, txn):
-        real_post_sale(conn, tables, txn)  # header, lines, stock, GL written...
+    def post_then_fail(conn, tables, docs):
+        real_write_many(conn, tables, docs)  # header, lines, stock, GL written...
         raise RuntimeError("ERP posting failed half-way")  # ...then the handler dies
 
-    monkeypatch.setattr(ledger, "post_sale", post_then_fail)
+    monkeypatch.setattr(ledger, "write_many", post_then_fail)
     txn = sale()
     ev = envelope(txn)
     with pytest.raises(RuntimeError, match="half-way"):
@@ -189,7 +200,7 @@ def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, m
     assert scalar(db, sa.select(seq.c.NEXT_NO).where(seq.c.SEQ_NAME == "SLS")) == 1
 
     # the retry of the same message (the key was not consumed) posts it, once
-    monkeypatch.setattr(ledger, "post_sale", real_post_sale)
+    monkeypatch.setattr(ledger, "write_many", real_write_many)
     assert service.on_pos_sale(txn, ev) == "S00000001"
     assert service.on_pos_sale(txn, ev) is DUPLICATE
     assert len(headers(db)) == 1
@@ -234,3 +245,32 @@ def test_inbox_is_created_for_a_new_engine_with_a_recycled_id(tmp_path, monkeypa
         assert inbox.apply_once(engine, "erp.test", envelope(sale()), lambda conn: "applied") == "applied"
     finally:
         engine.dispose()
+
+
+def _batch(db, *txns):
+    t = ledger.LegacyTables.of(db.tables)
+    items = [posting.Posting(t, txn, f"{txn.TYPE}:{txn.store_id}:{txn.pos_txn_id}", f"m{i}", None)
+             for i, txn in enumerate(txns)]
+    return write_batch(db.engine, posting.post_many, items)
+
+
+def test_a_batch_posts_each_message_once_in_one_transaction(db):
+    a, b = sale("A"), sale("B", sku="100002", qty=1)
+    results = _batch(db, a, b, a, refund("R1", orig="A"))
+    assert results == [("S00000001", False), ("S00000002", False), ("S00000001", True), ("R00000001", False)]
+    assert headers(db) == [("R00000001", "R1", "S00000001", "RBUS"), ("S00000001", "A", None, "RBUS"),
+                           ("S00000002", "B", None, "RBUS")]  # the return found its sale of the same batch
+    assert on_hand(db, "100001") == DEMO_ON_HAND - 2 + 1  # moves summed per SKU: -2 (A), +1 (R1)
+    assert on_hand(db, "100002") == DEMO_ON_HAND - 1
+    assert outbox_types(db) == ["erp.sale_posted.v1", "erp.sale_posted.v1", "erp.return_posted.v1"]
+    assert len(inbox_keys(db)) == 3
+
+
+def test_a_value_the_legacy_table_cannot_hold_fails_alone_and_the_batch_commits(db):
+    bad = sale("BAD").model_copy(update={"customer_id": "C" * 13})  # CUST_NO holds 12
+    results = _batch(db, sale("A"), bad, sale("B"))
+    assert results[0] == ("S00000001", False) and results[2][1] is False
+    assert isinstance(results[1], LegacyValueError) and "SLS_HDR.CUST_NO" in str(results[1])
+    assert [h[1] for h in headers(db)] == ["A", "B"]
+    assert ("erp.on_pos_sale", "pos.sale.v1:S001:BAD") not in inbox_keys(db)  # a fixed message can post
+    assert outbox_types(db) == ["erp.sale_posted.v1", "erp.sale_posted.v1"]
