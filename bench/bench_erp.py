@@ -12,8 +12,9 @@ plain SQLAlchemy on the same rows in the same run, on SQLite and PostgreSQL.
     confirmed and marks it sent); timed until every outbox row is sent.
     Goals: b >= 1,000 sales/s and b/a >= 0.5.
 (c) raw: keyset-paged SELECTs of the whole STK_LVL table;
-(d) ours: the erp service's change capture on the same table, each row
-    published as erp.stock_changed.v1 and confirmed. Goal: d >= 10,000 rows/s.
+(d) ours: the erp service's change capture on the same table, each row checked
+    against erp.stock_changed.v1 and published, 500 to an erp.stock_changes.v1,
+    confirmed. Goal: d >= 10,000 rows/s.
 """
 import eventlet
 

@@ -66,3 +66,30 @@ class ErpStockChangedV1(BaseModel):
     on_hand: StrictInt
     changed_at: AwareDatetime
     deleted: bool = False
+
+
+class StockChange(BaseModel):
+    """One captured row version inside `erp.stock_changes.v1`, keyed as it would be alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    idempotencykey: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    change: ErpStockChangedV1
+
+
+class ErpStockChangesV1(BaseModel):
+    """Stock levels captured from the legacy table, many to a message.
+
+    The broker here carries a few thousand persistent messages a second and a
+    scan of the stock table yields tens of thousands of changed rows, so one
+    message per row would cap change capture at the broker's message rate.
+    Each item is exactly an `erp.stock_changed.v1` with its own idempotency
+    key: a consumer applies the items as if each had arrived alone. A type of
+    its own (not `event.batch.v1`) so subscribers bind stock changes by
+    routing key and never receive other tables' rows.
+    """
+
+    TYPE: ClassVar[str] = "erp.stock_changes.v1"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: list[StockChange] = Field(min_length=1, max_length=5000)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from contracts.batch import EventBatchV1
 from contracts.control import StoreControlTotalsV1
 from contracts.customer import CustomerUpdatedV1
-from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
+from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
 from contracts.journal import JournalHopsV1
 from contracts.loyalty import LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1
@@ -31,6 +31,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ErpSalePostedV1,
     ErpReturnPostedV1,
     ErpStockChangedV1,
+    ErpStockChangesV1,
     CustomerUpdatedV1,
     LoyaltyPointsAccruedV1,
     LoyaltyPointsReversedV1,

@@ -3,7 +3,7 @@
 `GET /erp/stock` first asks the ERP (`erp.stock_level` over nameko RPC,
 bounded by `agent.stock_rpc_timeout`). When that fails or times out, the
 answer comes from the agent's local cache, marked `STALE` with the age of
-the data. The cache is fed by `erp.stock_changed.v1` events on the store's
+the data. The cache is fed by the erp's stock change events on the store's
 own durable queue (`store_agent-<STORE>.stock_changed`: each agent must see
 every change, so agents do not compete on one queue); other stores' rows
 are skipped. Events carry the new level, not a delta, and an older change
@@ -24,7 +24,7 @@ from nameko.standalone.rpc import ClusterRpcProxy
 from pydantic import ValidationError
 
 from contracts.envelope import CloudEvent
-from contracts.erp import ErpStockChangedV1
+from contracts.erp import ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
 from services.bus import topology
 from services.bus.publisher import connection_params
@@ -75,7 +75,8 @@ class StockCache:
 
 
 class StockFeed:
-    """Consumes `erp.stock_changed.v1` into the cache; reconnects with backoff."""
+    """Consumes `erp.stock_changes.v1` (and single `erp.stock_changed.v1`) into the
+    cache; reconnects with backoff."""
 
     def __init__(self, uri: str, store_id: str, cache: StockCache, queue_type: str = "classic"):
         self.uri = uri
@@ -99,7 +100,8 @@ class StockFeed:
                 channel.basic_qos(0, 100, False)
                 topology.declare_exchange(channel, self.exchange)
                 topology.declare_queue(channel, self.queue, self.queue_type)
-                channel.queue_bind(self.queue, self.exchange, ErpStockChangedV1.TYPE)
+                for message_type in (ErpStockChangesV1.TYPE, ErpStockChangedV1.TYPE):
+                    channel.queue_bind(self.queue, self.exchange, message_type)
                 channel.basic_consume(self.queue, callback=partial(self._on_message, channel))
                 self.connected, backoff = True, 0.5
                 while self._running:
@@ -126,14 +128,16 @@ class StockFeed:
     def _on_message(self, channel, message: amqp.Message):
         try:
             event = CloudEvent.from_json(message.body)
-            change = ErpStockChangedV1.model_validate(event.data)
+            changes = ([item.change for item in ErpStockChangesV1.model_validate(event.data).items]
+                       if event.type == ErpStockChangesV1.TYPE else [ErpStockChangedV1.model_validate(event.data)])
         except (ContractError, ValidationError) as exc:
             # a cache cannot hold what it cannot read; the ERP stays the truth
             log.error("skipping unreadable stock change: %s", exc,
                       extra={"id": message.properties.get("message_id"), "correlationid": None})
         else:
-            if change.store_id == self.store_id:
-                self.cache.put(change)
+            for change in changes:
+                if change.store_id == self.store_id:
+                    self.cache.put(change)
         channel.basic_ack(message.delivery_tag)
 
 

@@ -45,8 +45,9 @@ def return_posted(ret: PosReturnV1, doc_no: str, original_doc_no: str | None,
                           idempotencykey=f"{ErpReturnPostedV1.TYPE}:{doc_no}")
 
 
-def publish_changes(publisher, changes, mapper, table: str) -> int:
-    """Map captured rows to events and publish them, confirmed; returns how many left.
+def publish_changes(publisher, changes, mapper, table: str, envelopes=list) -> int:
+    """Map captured rows to events (or to items, which `envelopes` packs into events)
+    and publish them, confirmed; returns how many rows left.
 
     A row the contract refuses (legacy data the contract cannot carry) is
     logged and counted, not retried: no retry can change the row, and holding
@@ -61,7 +62,7 @@ def publish_changes(publisher, changes, mapper, table: str) -> int:
         except (ValueError, TypeError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
             REFUSED.labels(table).inc()
             log.error("%s row refused by the contract: %s", table, exc, extra={"id": repr(change.row)[:200]})
-    errors = [e for e in publisher.publish_many(out) if e is not None and not isinstance(e, Unroutable)]
+    errors = [e for e in publisher.publish_many(envelopes(out)) if e is not None and not isinstance(e, Unroutable)]
     if errors:
         raise errors[0]
     return len(out)

@@ -111,8 +111,9 @@ class ErpService:
 
     @table_changes(stock.TABLE, key=stock.KEY)
     def on_stock_changes(self, changes):
-        """STK_LVL rows changed by anyone (us or legacy programs) -> erp.stock_changed.v1."""
-        events.publish_changes(self.events, changes, stock.stock_changed, stock.TABLE)
+        """STK_LVL rows changed by anyone (us or legacy programs) -> erp.stock_changes.v1,
+        each item an erp.stock_changed.v1."""
+        events.publish_changes(self.events, changes, stock.stock_change, stock.TABLE, stock.stock_changes)
 
     @table_changes(customer_master.TABLE, key=customer_master.KEY)
     def on_customer_changes(self, changes):

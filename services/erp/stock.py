@@ -7,18 +7,20 @@ so a consumer deduplicating by idempotencykey drops only true repeats.
 """
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 
 from sqlalchemy import Table, select
 from sqlalchemy.engine import Connection
 
 from contracts.envelope import CloudEvent
-from contracts.erp import ErpStockChangedV1
+from contracts.erp import ErpStockChangedV1, ErpStockChangesV1, StockChange
 from legacy_wrappers.legacy_db import check_row
 
 TABLE = "STK_LVL"
 KEY = ("STORE_NO", "SKU")
 SOURCE = "legacy/erp/STK_LVL"
+CHUNK = 500  # items per erp.stock_changes.v1 (the contract allows 5,000)
 
 
 def legacy_time(stamp: str) -> datetime:
@@ -35,9 +37,20 @@ def stock_level(conn: Connection, stock: Table, store_id: str, sku: str) -> dict
             "as_of": legacy_time(row.UPD_TS).isoformat()}
 
 
-def stock_changed(row: dict, deleted: bool = False) -> CloudEvent:
+def stock_change(row: dict, deleted: bool = False) -> StockChange:
+    """A captured row version; validated here, so a row the contract refuses is named alone."""
     data = ErpStockChangedV1(store_id=row["STORE_NO"], sku=row["SKU"], on_hand=row["ON_HAND"],
                              changed_at=legacy_time(row["UPD_TS"]), deleted=deleted)
     key = f"{ErpStockChangedV1.TYPE}:{row['STORE_NO']}:{row['SKU']}:{row['UPD_TS']}:{row['ON_HAND']}"
-    return CloudEvent.new(ErpStockChangedV1.TYPE, SOURCE, data,
-                          subject=f"{row['STORE_NO']}/{row['SKU']}", idempotencykey=key)
+    return StockChange.model_construct(idempotencykey=key, change=data)
+
+
+def stock_changes(items: list[StockChange]) -> list[CloudEvent]:
+    """`erp.stock_changes.v1` envelopes of up to CHUNK items; a chunk's key names its items."""
+    events = []
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start:start + CHUNK]
+        digest = hashlib.sha256("\n".join(i.idempotencykey for i in chunk).encode()).hexdigest()
+        events.append(CloudEvent.new(ErpStockChangesV1.TYPE, SOURCE, ErpStockChangesV1.model_construct(items=chunk),
+                                     subject=TABLE, idempotencykey=f"{ErpStockChangesV1.TYPE}:{digest[:32]}"))
+    return events

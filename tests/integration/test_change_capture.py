@@ -43,7 +43,12 @@ class Subscriber:
         self.channel.basic_consume(queue, callback=self._on_message)
 
     def _on_message(self, message):
-        self.events.append(json.loads(message.body))
+        event = json.loads(message.body)
+        if event["type"] == "erp.stock_changes.v1":  # each item as the message it stands for
+            self.events.extend({"idempotencykey": item["idempotencykey"], "data": item["change"]}
+                               for item in event["data"]["items"])
+        else:
+            self.events.append(event)
         message.channel.basic_ack(message.delivery_tag)
 
     def drain(self, seconds: float = 0.2):
@@ -70,7 +75,7 @@ def test_every_stock_change_is_captured_across_restarts(amqp_uri, legacy_dsn, tm
     with engine.begin() as conn:  # the rows the legacy program will update, before erp starts
         conn.execute(STK_LVL.insert(), [dict(STORE_NO=s, SKU=k, ON_HAND=0, UPD_TS=seeded)
                                         for s, k in keys(UPDATES)])
-    sub = Subscriber(amqp_uri, "erp.stock_changed.v1", f"test.cdc.{tmp_path.name}")
+    sub = Subscriber(amqp_uri, "erp.stock_changes.v1", f"test.cdc.{tmp_path.name}")
     config = write_config(tmp_path, amqp_uri, legacy_db=legacy_dsn)
     erp_log, writes = tmp_path / "erp.log", tmp_path / "writes.jsonl"
     erp = nameko_run(config, "services.erp", erp_log)

@@ -67,6 +67,8 @@ def valid_payloads() -> dict[str, dict]:
                                  "original_doc_no": None},
         "erp.stock_changed.v1": {"store_id": "S001", "sku": "SKU-1", "on_hand": -3,
                                  "changed_at": "2024-03-01T10:16:00Z"},
+        "erp.stock_changes.v1": {"items": [{"idempotencykey": "erp.stock_changed.v1:S001:SKU-1:t:-3", "change": {
+            "store_id": "S001", "sku": "SKU-1", "on_hand": -3, "changed_at": "2024-03-01T10:16:00Z"}}]},
         "customer.updated.v1": {"customer_id": "C1", "name": "Ada", "email": "ada@example.org",
                                 "phone": "+33 1 23", "loyalty_card": "LC-1",
                                 "updated_at": "2024-03-01T02:00:00Z"},
@@ -221,6 +223,8 @@ OTHER_CASES = [
     ("erp.stock_changed.v1", "changed_at", "2024-03-01T10:16:00", "data.changed_at"),
     ("erp.stock_changed.v1", "on_hand", 1.5, "data.on_hand"),
     ("erp.stock_changed.v1", "warehouse", "W1", "data.warehouse"),
+    ("erp.stock_changes.v1", "items", [], "data.items"),
+    ("erp.stock_changes.v1", "items.0.change.on_hand", 1.5, "data.items.0.change.on_hand"),
     ("customer.updated.v1", "name", "", "data.name"),
     ("customer.updated.v1", "email", "not-an-email", "data.email"),
     ("customer.updated.v1", "email", "", "data.email"),
