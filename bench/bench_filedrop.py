@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -112,8 +113,10 @@ def child_ours(uri: str, path: str | None):
 
 
 def run_child(kind: str, uri: str, path: Path) -> dict:
+    # As `retailbus up` runs services: eventlet without its DNS module (services/up.py).
+    env = {**os.environ, "EVENTLET_NO_GREENDNS": "yes"}
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--uri", uri, "--file", str(path)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -69,15 +69,16 @@ def validate_rows(model: type[BaseModel], data: list[dict], rows: list[int], fil
 
 
 @cache
-def value_check(model: type[BaseModel]) -> Callable[[dict], bool]:
+def value_check(model: type[BaseModel]) -> Callable[[list[dict]], bool]:
     """The per-value constraints of `model` (pattern, length, nullability of its string
-    fields), read from its JSON schema, as one generated function: True when a row's
-    values meet them, without building a model.
+    fields), read from its JSON schema, as one generated function: True when the
+    values of every row in a list meet them, without building a model.
 
     A producer of many rows from one layout validates the first row with pydantic
     (the shape: keys, types, formats are the same for every row) and only the
-    values of the rest with this (~10x cheaper). Consumers still validate every
-    item (`EventBatchV1.typed_items`).
+    values of the rest with this (~10x cheaper; the loop over the rows is inside
+    the generated code, so a chunk costs one call). Consumers still validate
+    every item (`EventBatchV1.typed_items`).
     """
     env: dict[str, Any] = {}
     tests = []
@@ -92,32 +93,29 @@ def value_check(model: type[BaseModel]) -> Callable[[dict], bool]:
                 parts.append(f"len(v) >= {int(alt['minLength'])}")
             if "maxLength" in alt:
                 parts.append(f"len(v) <= {int(alt['maxLength'])}")
-            if "pattern" in alt:
+            if alt.get("pattern") == r"\S":  # "not blank": what str.isspace() tests, ~5x cheaper
+                parts.append("not v.isspace()" if alt.get("minLength", 0) >= 1 else "v != '' and not v.isspace()")
+            elif "pattern" in alt:
                 env[f"p{i}"] = re.compile(alt["pattern"]).search
                 parts.append(f"p{i}(v) is not None")
             if len(parts) == 1 and nullable:
                 continue  # any string or None
             ok = " and ".join(parts)
-            tests.append(f"    v = d.get({name!r})\n"
-                         f"    if not ({'v is None or ' if nullable else ''}({ok})):\n        return False")
-    source = "def ok(d):\n" + "\n".join(tests + ["    return True"])
+            tests.append(f"        v = d.get({name!r})\n"
+                         f"        if not ({'v is None or ' if nullable else ''}({ok})):\n            return False")
+    source = "def ok(rows):\n    for d in rows:\n" + "\n".join(tests + ["        pass", "    return True"])
     exec(compile(source, f"<value_check {model.__name__}>", "exec"), env)
     return env["ok"]
-
-
 
 
 def check_rows(model: type[BaseModel], data: list[dict], rows: list[int], file: str) -> None:
     """Rows of one layout against `model`: the first row fully, the values of every row
     by `value_check`; on any doubt all rows fully, so the ContractError names the bad ones."""
-    check = value_check(model)
     if not data:
         return
     try:
         _rows_adapter(model).validate_python(data[:1])
     except ValidationError:
         validate_rows(model, data, rows, file)
-    for values in data:
-        if not check(values):
-            validate_rows(model, data, rows, file)
-            return
+    if not value_check(model)(data):
+        validate_rows(model, data, rows, file)

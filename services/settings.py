@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from nameko.cli.main import setup_yaml_parser
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from contracts.errors import format_validation_error
@@ -195,6 +194,10 @@ class ConfigError(Exception):
 
 def load_config(path: Path | str = DEFAULT_CONFIG) -> dict:
     """The whole bus.yaml as nameko sees it (environment substituted)."""
+    # Here, not at the top: nameko.cli.main imports pkg_resources (~6 MiB, ~0.2 s),
+    # which a service container that never reads bus.yaml itself need not carry.
+    from nameko.cli.main import setup_yaml_parser
+
     setup_yaml_parser()
     path = Path(path)
     try:

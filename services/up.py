@@ -106,8 +106,13 @@ class Supervisor:
              "--host", host, "--port", port],
             env, health_url=f"http://{s.legacy_erp.http}/erp/health")]
         nameko = [sys.executable, "-m", "nameko", "run", "--config", str(self.config_path)]
+        # The bus services resolve only the broker's and databases' hosts, once per
+        # connect, so they run eventlet without its green DNS (dnspython, ~7-11 MiB per
+        # process); a lookup then blocks the hub for its duration. The store agents,
+        # which open HTTP connections per request, keep it.
+        service_env = {"EVENTLET_NO_GREENDNS": "yes", **env}
         for name, service in s.services.items():
-            children.append(Child(name, nameko + [service.module], env))
+            children.append(Child(name, nameko + [service.module], service_env))
         for store in s.stores:
             children.append(Child(
                 f"store-agent-{store.id}", nameko + ["routing.store_agent"],

@@ -5,50 +5,44 @@ memory; this one is keyed by content (sha256), survives restarts, and holds the
 per-chunk checkpoint that lets a killed wrapper resume where it stopped. It
 also remembers files it must not look at again (could not be moved, refused,
 unreadable) by their identity on disk, so nothing is re-read in a loop.
+
+It is our own checkpoint store in one local SQLite file, not a legacy
+database, so it speaks stdlib `sqlite3` (parameterised statements only):
+SQLAlchemy would add ~10 MiB of imports to the files service and about as
+much time per checkpoint as the statement itself. Every write is one
+transaction (`BEGIN IMMEDIATE` ... `COMMIT`) in WAL mode.
 """
 from __future__ import annotations
 
+import sqlite3
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (Column, Integer, MetaData, String, Table, and_, create_engine, delete,
-                        event, func, insert, select, update)
-
-metadata = MetaData()
-FILES = Table(
-    "FD_FILE", metadata,
-    Column("DROP_NAME", String(60), primary_key=True),
-    Column("SHA256", String(64), primary_key=True),
-    Column("NAME", String(255), nullable=False),
-    Column("STATE", String(12), nullable=False),  # in_progress, done, rejected, failed
-    Column("ROWS", Integer, nullable=False, default=0),
-    Column("BAD_ROWS", Integer, nullable=False, default=0),
-    Column("CHUNKS_DONE", Integer, nullable=False, default=0),
-    Column("ATTEMPTS", Integer, nullable=False, default=0),
-    Column("REASON", String(2000)),
-    Column("UPDATED_TS", String(32), nullable=False),
-)
-SEEN = Table(
-    "FD_SEEN", metadata,
-    Column("DROP_NAME", String(60), primary_key=True),
-    Column("NAME", String(255), primary_key=True),
-    Column("IDENTITY", String(80), primary_key=True),  # inode:size:mtime_ns
-    Column("OUTCOME", String(20), nullable=False),
-    Column("UPDATED_TS", String(32), nullable=False),
-)
-OUT_FILES = Table(
-    "FD_OUT_FILE", metadata,
-    Column("OUTBOUND", String(60), primary_key=True),
-    Column("NAME", String(255), primary_key=True),
-    Column("STATE", String(12), nullable=False),  # pending (keys recorded, not renamed), written
-    Column("ROWS", Integer, nullable=False),
-    Column("UPDATED_TS", String(32), nullable=False),
-)
-OUT_KEYS = Table(
-    "FD_OUT_KEY", metadata,
-    Column("OUTBOUND", String(60), primary_key=True),
-    Column("IDEM_KEY", String(200), primary_key=True),
-    Column("FILE_NAME", String(255), nullable=False),
+# The tables as the SQLAlchemy-era ledger created them, so existing ledgers are kept.
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS "FD_FILE" (
+        "DROP_NAME" VARCHAR(60) NOT NULL, "SHA256" VARCHAR(64) NOT NULL,
+        "NAME" VARCHAR(255) NOT NULL,
+        "STATE" VARCHAR(12) NOT NULL,  -- in_progress, done, rejected, failed
+        "ROWS" INTEGER NOT NULL, "BAD_ROWS" INTEGER NOT NULL, "CHUNKS_DONE" INTEGER NOT NULL,
+        "ATTEMPTS" INTEGER NOT NULL, "REASON" VARCHAR(2000), "UPDATED_TS" VARCHAR(32) NOT NULL,
+        PRIMARY KEY ("DROP_NAME", "SHA256"))""",
+    """CREATE TABLE IF NOT EXISTS "FD_SEEN" (
+        "DROP_NAME" VARCHAR(60) NOT NULL, "NAME" VARCHAR(255) NOT NULL,
+        "IDENTITY" VARCHAR(80) NOT NULL,  -- inode:size:mtime_ns
+        "OUTCOME" VARCHAR(20) NOT NULL, "UPDATED_TS" VARCHAR(32) NOT NULL,
+        PRIMARY KEY ("DROP_NAME", "NAME", "IDENTITY"))""",
+    """CREATE TABLE IF NOT EXISTS "FD_OUT_FILE" (
+        "OUTBOUND" VARCHAR(60) NOT NULL, "NAME" VARCHAR(255) NOT NULL,
+        "STATE" VARCHAR(12) NOT NULL,  -- pending (keys recorded, not renamed), written
+        "ROWS" INTEGER NOT NULL, "UPDATED_TS" VARCHAR(32) NOT NULL,
+        PRIMARY KEY ("OUTBOUND", "NAME"))""",
+    """CREATE TABLE IF NOT EXISTS "FD_OUT_KEY" (
+        "OUTBOUND" VARCHAR(60) NOT NULL, "IDEM_KEY" VARCHAR(200) NOT NULL,
+        "FILE_NAME" VARCHAR(255) NOT NULL,
+        PRIMARY KEY ("OUTBOUND", "IDEM_KEY"))""",
 )
 
 
@@ -63,135 +57,150 @@ def identity(st) -> str:
 class Ledger:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{path}")
-
-        @event.listens_for(self.engine, "connect")
-        def _pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            # NORMAL in WAL survives a process kill; a power cut may lose the
-            # last checkpoints, which only means re-publishing rows the inbox drops.
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        metadata.create_all(self.engine)
+        # One connection, used by one caller at a time (the lock); autocommit mode,
+        # so a transaction is exactly what `_write` opens.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        # NORMAL in WAL survives a process kill; a power cut may lose the
+        # last checkpoints, which only means re-publishing rows the inbox drops.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        with self._write() as conn:
+            for statement in SCHEMA:
+                conn.execute(statement)
 
     def close(self):
-        self.engine.dispose()
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _write(self):
+        """One transaction; rolled back if the block raises."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # the block or the COMMIT failed (a full disk ...)
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _one(self, sql: str, params: tuple):
+        with self._lock:
+            return self._conn.execute(sql, params).fetchone()
 
     # -- inbound ----------------------------------------------------------------
 
     def file(self, drop: str, sha256: str) -> dict | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(FILES).where(
-                and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256))).mappings().first()
+        row = self._one('SELECT * FROM "FD_FILE" WHERE "DROP_NAME" = ? AND "SHA256" = ?', (drop, sha256))
         return dict(row) if row else None
 
     def begin(self, drop: str, sha256: str, name: str, rows: int, bad_rows: int) -> dict:
         """Start (or resume) a file; returns its record with the checkpoint."""
-        with self.engine.begin() as conn:
-            key = and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256)
-            if conn.execute(select(FILES.c.SHA256).where(key)).first() is None:
-                conn.execute(insert(FILES).values(
-                    DROP_NAME=drop, SHA256=sha256, NAME=name, STATE="in_progress", ROWS=rows,
-                    BAD_ROWS=bad_rows, CHUNKS_DONE=0, ATTEMPTS=1, UPDATED_TS=_now()))
-            else:
-                conn.execute(update(FILES).where(key).values(
-                    NAME=name, STATE="in_progress", ROWS=rows, BAD_ROWS=bad_rows,
-                    ATTEMPTS=FILES.c.ATTEMPTS + 1, UPDATED_TS=_now()))
-            return dict(conn.execute(select(FILES).where(key)).mappings().first())
+        with self._write() as conn:
+            key = (drop, sha256)
+            if conn.execute('UPDATE "FD_FILE" SET "NAME" = ?, "STATE" = \'in_progress\', "ROWS" = ?, '
+                            '"BAD_ROWS" = ?, "ATTEMPTS" = "ATTEMPTS" + 1, "UPDATED_TS" = ? '
+                            'WHERE "DROP_NAME" = ? AND "SHA256" = ?',
+                            (name, rows, bad_rows, _now(), *key)).rowcount == 0:
+                conn.execute('INSERT INTO "FD_FILE" ("DROP_NAME", "SHA256", "NAME", "STATE", "ROWS", '
+                             '"BAD_ROWS", "CHUNKS_DONE", "ATTEMPTS", "UPDATED_TS") '
+                             'VALUES (?, ?, ?, \'in_progress\', ?, ?, 0, 1, ?)',
+                             (*key, name, rows, bad_rows, _now()))
+            return dict(conn.execute('SELECT * FROM "FD_FILE" WHERE "DROP_NAME" = ? AND "SHA256" = ?',
+                                     key).fetchone())
 
     def checkpoint(self, drop: str, sha256: str, chunks_done: int):
-        with self.engine.begin() as conn:
-            conn.execute(update(FILES).where(
-                and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256)).values(
-                CHUNKS_DONE=chunks_done, UPDATED_TS=_now()))
+        with self._write() as conn:
+            conn.execute('UPDATE "FD_FILE" SET "CHUNKS_DONE" = ?, "UPDATED_TS" = ? '
+                         'WHERE "DROP_NAME" = ? AND "SHA256" = ?', (chunks_done, _now(), drop, sha256))
 
     def finish(self, drop: str, sha256: str, name: str, state: str, reason: str | None = None,
                rows: int | None = None, bad_rows: int | None = None):
         """Record the file's end state; `rows`/`bad_rows`, when given, are the final counts."""
-        with self.engine.begin() as conn:
-            key = and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256)
-            values = dict(NAME=name, STATE=state, REASON=reason, UPDATED_TS=_now())
-            counts = {k: v for k, v in (("ROWS", rows), ("BAD_ROWS", bad_rows)) if v is not None}
-            if conn.execute(update(FILES).where(key).values(**values, **counts)).rowcount == 0:
-                conn.execute(insert(FILES).values(
-                    DROP_NAME=drop, SHA256=sha256, ROWS=rows or 0, BAD_ROWS=bad_rows or 0,
-                    CHUNKS_DONE=0, ATTEMPTS=1, **values))
+        with self._write() as conn:
+            now = _now()
+            if conn.execute('UPDATE "FD_FILE" SET "NAME" = ?, "STATE" = ?, "REASON" = ?, "UPDATED_TS" = ?, '
+                            '"ROWS" = coalesce(?, "ROWS"), "BAD_ROWS" = coalesce(?, "BAD_ROWS") '
+                            'WHERE "DROP_NAME" = ? AND "SHA256" = ?',
+                            (name, state, reason, now, rows, bad_rows, drop, sha256)).rowcount == 0:
+                conn.execute('INSERT INTO "FD_FILE" ("DROP_NAME", "SHA256", "NAME", "STATE", "REASON", '
+                             '"UPDATED_TS", "ROWS", "BAD_ROWS", "CHUNKS_DONE", "ATTEMPTS") '
+                             'VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1)',
+                             (drop, sha256, name, state, reason, now, rows or 0, bad_rows or 0))
 
     def seen(self, drop: str, name: str, ident: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(SEEN.c.OUTCOME).where(and_(
-                SEEN.c.DROP_NAME == drop, SEEN.c.NAME == name, SEEN.c.IDENTITY == ident))).scalar()
+        row = self._one('SELECT "OUTCOME" FROM "FD_SEEN" WHERE "DROP_NAME" = ? AND "NAME" = ? '
+                        'AND "IDENTITY" = ?', (drop, name, ident))
+        return row[0] if row else None
 
     def remember(self, drop: str, name: str, ident: str, outcome: str):
-        with self.engine.begin() as conn:
-            conn.execute(delete(SEEN).where(and_(
-                SEEN.c.DROP_NAME == drop, SEEN.c.NAME == name, SEEN.c.IDENTITY == ident)))
-            conn.execute(insert(SEEN).values(DROP_NAME=drop, NAME=name, IDENTITY=ident,
-                                             OUTCOME=outcome, UPDATED_TS=_now()))
+        with self._write() as conn:
+            conn.execute('INSERT OR REPLACE INTO "FD_SEEN" ("DROP_NAME", "NAME", "IDENTITY", "OUTCOME", '
+                         '"UPDATED_TS") VALUES (?, ?, ?, ?, ?)', (drop, name, ident, outcome, _now()))
 
     def forget(self, drop: str, name: str):
-        with self.engine.begin() as conn:
-            conn.execute(delete(SEEN).where(and_(SEEN.c.DROP_NAME == drop, SEEN.c.NAME == name)))
+        with self._write() as conn:
+            conn.execute('DELETE FROM "FD_SEEN" WHERE "DROP_NAME" = ? AND "NAME" = ?', (drop, name))
 
     def forget_failure(self, drop: str, sha256: str) -> str | None:
         """Drop a rejected or failed file's record so its content is taken afresh;
         returns the state it had (a `done` record is kept: that content is published)."""
-        with self.engine.begin() as conn:
-            key = and_(FILES.c.DROP_NAME == drop, FILES.c.SHA256 == sha256)
-            state = conn.execute(select(FILES.c.STATE).where(key)).scalar()
+        with self._write() as conn:
+            key = (drop, sha256)
+            row = conn.execute('SELECT "STATE" FROM "FD_FILE" WHERE "DROP_NAME" = ? AND "SHA256" = ?',
+                               key).fetchone()
+            state = row[0] if row else None
             if state in ("rejected", "failed"):
-                conn.execute(delete(FILES).where(key))
+                conn.execute('DELETE FROM "FD_FILE" WHERE "DROP_NAME" = ? AND "SHA256" = ?', key)
             return state
 
     def in_progress(self, drop: str) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.count()).where(and_(
-                FILES.c.DROP_NAME == drop, FILES.c.STATE == "in_progress"))).scalar()
+        return self._one('SELECT count(*) FROM "FD_FILE" WHERE "DROP_NAME" = ? AND "STATE" = \'in_progress\'',
+                         (drop,))[0]
 
     def counts_since(self, drop: str, since_iso: str) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(FILES.c.STATE, func.count()).where(and_(
-                FILES.c.DROP_NAME == drop, FILES.c.UPDATED_TS >= since_iso)).group_by(FILES.c.STATE))
-            return {state: n for state, n in rows}
+        with self._lock:
+            rows = self._conn.execute('SELECT "STATE", count(*) FROM "FD_FILE" WHERE "DROP_NAME" = ? '
+                                      'AND "UPDATED_TS" >= ? GROUP BY "STATE"', (drop, since_iso)).fetchall()
+        return {state: n for state, n in rows}
 
     # -- outbound ---------------------------------------------------------------
 
     def written_keys(self, outbound: str, keys: list[str]) -> set[str]:
-        with self.engine.connect() as conn:
-            found = set()
+        found = set()
+        with self._lock:
             for i in range(0, len(keys), 500):
-                found.update(conn.execute(select(OUT_KEYS.c.IDEM_KEY).where(and_(
-                    OUT_KEYS.c.OUTBOUND == outbound,
-                    OUT_KEYS.c.IDEM_KEY.in_(keys[i:i + 500])))).scalars())
-            return found
+                part = keys[i:i + 500]
+                found.update(k for (k,) in self._conn.execute(
+                    'SELECT "IDEM_KEY" FROM "FD_OUT_KEY" WHERE "OUTBOUND" = ? AND "IDEM_KEY" IN '
+                    f'({", ".join("?" * len(part))})', (outbound, *part)))
+        return found
 
     def out_pending(self, outbound: str, name: str, keys: list[str]):
         """Record a file's keys before its rename: a crash after the rename cannot
         then write the same events again; recovery drops the keys if it never happened."""
-        with self.engine.begin() as conn:
-            conn.execute(insert(OUT_FILES).values(OUTBOUND=outbound, NAME=name, STATE="pending",
-                                                  ROWS=len(keys), UPDATED_TS=_now()))
-            if keys:
-                conn.execute(insert(OUT_KEYS), [
-                    {"OUTBOUND": outbound, "IDEM_KEY": k, "FILE_NAME": name} for k in keys])
+        with self._write() as conn:
+            conn.execute('INSERT INTO "FD_OUT_FILE" ("OUTBOUND", "NAME", "STATE", "ROWS", "UPDATED_TS") '
+                         'VALUES (?, ?, \'pending\', ?, ?)', (outbound, name, len(keys), _now()))
+            conn.executemany('INSERT INTO "FD_OUT_KEY" ("OUTBOUND", "IDEM_KEY", "FILE_NAME") VALUES (?, ?, ?)',
+                             [(outbound, k, name) for k in keys])
 
     def out_written(self, outbound: str, name: str):
-        with self.engine.begin() as conn:
-            conn.execute(update(OUT_FILES).where(and_(
-                OUT_FILES.c.OUTBOUND == outbound, OUT_FILES.c.NAME == name)).values(
-                STATE="written", UPDATED_TS=_now()))
+        with self._write() as conn:
+            conn.execute('UPDATE "FD_OUT_FILE" SET "STATE" = \'written\', "UPDATED_TS" = ? '
+                         'WHERE "OUTBOUND" = ? AND "NAME" = ?', (_now(), outbound, name))
 
     def out_pending_files(self, outbound: str) -> list[str]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(select(OUT_FILES.c.NAME).where(and_(
-                OUT_FILES.c.OUTBOUND == outbound, OUT_FILES.c.STATE == "pending"))).scalars())
+        with self._lock:
+            return [name for (name,) in self._conn.execute(
+                'SELECT "NAME" FROM "FD_OUT_FILE" WHERE "OUTBOUND" = ? AND "STATE" = \'pending\'', (outbound,))]
 
     def out_abandon(self, outbound: str, name: str):
-        with self.engine.begin() as conn:
-            conn.execute(delete(OUT_KEYS).where(and_(
-                OUT_KEYS.c.OUTBOUND == outbound, OUT_KEYS.c.FILE_NAME == name)))
-            conn.execute(delete(OUT_FILES).where(and_(
-                OUT_FILES.c.OUTBOUND == outbound, OUT_FILES.c.NAME == name)))
+        with self._write() as conn:
+            conn.execute('DELETE FROM "FD_OUT_KEY" WHERE "OUTBOUND" = ? AND "FILE_NAME" = ?', (outbound, name))
+            conn.execute('DELETE FROM "FD_OUT_FILE" WHERE "OUTBOUND" = ? AND "NAME" = ?', (outbound, name))

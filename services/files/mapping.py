@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from operator import itemgetter
 
+import orjson
 from ulid import ULID
 
 from contracts.batch import EventBatchV1, check_rows
@@ -12,12 +14,30 @@ from contracts.envelope import CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk
 
 ROW_TYPES = {"customers": CustomerUpdatedV1, "stock": ErpStockChangedV1}
-# The business name of a row, by which `retailbus trace` finds it.
-ROW_NAMES = {"customers": lambda v: v.get("customer_id"), "stock": lambda v: f"{v.get('store_id')}/{v.get('sku')}"}
+# The business name of a row, by which `retailbus trace` finds it (fields the contract requires).
+ROW_NAMES = {"customers": itemgetter("customer_id"), "stock": lambda v: f"{v['store_id']}/{v['sku']}"}
 
 
-def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
-    """One envelope per chunk; each row checked against its contract and keyed `<sha256>:<row>`.
+class RowsEvent(CloudEvent):
+    """An `event.batch.v1` envelope written by orjson: pydantic infers the type of
+    every value of 500 items' `data` as it serialises (~3 us a row, more than
+    reading and validating the row); orjson writes the same JSON in a fifth of that."""
+
+    def to_json(self) -> bytes:
+        envelope = {"specversion": self.specversion, "id": self.id, "source": self.source, "type": self.type,
+                    "time": self.time, "subject": self.subject, "datacontenttype": self.datacontenttype,
+                    "data": self.data, "correlationid": self.correlationid, "idempotencykey": self.idempotencykey}
+        if self.subject is None:  # as CloudEvent.to_json: an absent attribute is left out, not null
+            del envelope["subject"]
+        try:
+            return orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
+        except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits, which pydantic writes
+            return super().to_json()
+
+
+def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, list[dict]]:
+    """One envelope per chunk, each row checked against its contract and keyed
+    `<sha256>:<row>`; and the rows for the journal (key, line in the file, business name).
 
     A row the contract refuses raises ContractError naming the row: the file fails.
     Rows are checked by `check_rows` (the first fully, the values of all), and the
@@ -25,25 +45,22 @@ def batch_event(chunk: RowChunk, source: str) -> CloudEvent:
     validation of 500 items costs more than the rest of the pipeline per row.
     """
     model = ROW_TYPES[chunk.drop]
-    check_rows(model, [r.values for r in chunk.rows], [r.row for r in chunk.rows], chunk.file)
+    rows, keys = chunk.rows, chunk.keys()
+    check_rows(model, [v for _, v in rows], [n for n, _ in rows], chunk.file)
+    name = ROW_NAMES[chunk.drop]
     batch = {"item_type": model.TYPE, "file": chunk.file, "sha256": chunk.sha256,
-             "items": [{"row": r.row, "idempotencykey": r.idempotencykey, "data": r.values}
-                       for r in chunk.rows]}
+             "items": [{"row": n, "idempotencykey": k, "data": v} for (n, v), k in zip(rows, keys)]}
+    trace = [{"key": k, "row": n, "refs": [name(v)]} for (n, v), k in zip(rows, keys)]
     event_id = str(ULID())
-    return CloudEvent.model_construct(
+    event = RowsEvent.model_construct(
         id=event_id, source=source, type=EventBatchV1.TYPE, time=datetime.now(UTC), subject=model.TYPE,
         data=batch, correlationid=event_id, idempotencykey=f"{chunk.sha256}:chunk:{chunk.index}")
+    return event, trace
 
 
 def points_for(total_minor: int) -> int:
     """One loyalty point per whole currency unit (reconciliation expects a record when > 0)."""
     return abs(total_minor) // 100
-
-
-def trace_items(chunk: RowChunk) -> list[dict]:
-    """The chunk's rows for the journal: key, line in the file, business name."""
-    name = ROW_NAMES[chunk.drop]
-    return [{"key": r.idempotencykey, "row": r.row, "refs": [str(name(r.values) or "")]} for r in chunk.rows]
 
 
 def points_record(doc: ErpSalePostedV1 | ErpReturnPostedV1) -> dict | None:

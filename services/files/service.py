@@ -12,7 +12,7 @@ from legacy_wrappers.filedrop.outbound import BatchFileWriter, batch_file_consum
 from services.bus.extensions import EventPublisher
 from services.bus.journal import JournalHops
 from services.bus.metrics_http import MetricsHttp
-from services.files.mapping import batch_event, points_record, trace_items
+from services.files.mapping import batch_event, points_record
 
 
 class FilesService:
@@ -32,10 +32,10 @@ class FilesService:
         self._publish_rows(chunk, "legacy/filedrop/stock")
 
     def _publish_rows(self, chunk: RowChunk, source: str):
-        event = batch_event(chunk, source)
+        event, trace = batch_event(chunk, source)
         # noted before the publish (the erp may consume the chunk before our confirm), kept only if it succeeds
-        self.hops.add("read", id=event.id, correlationid=event.correlationid, items=trace_items(chunk), detail={
-            "file": chunk.file, "chunk": chunk.index, "rows": f"{chunk.rows[0].row}-{chunk.rows[-1].row}"})
+        self.hops.add("read", id=event.id, correlationid=event.correlationid, items=trace, detail={
+            "file": chunk.file, "chunk": chunk.index, "rows": f"{chunk.rows[0][0]}-{chunk.rows[-1][0]}"})
         self.events.publish(event)
 
     @batch_file_consumer("erp", ("erp.sale_posted.v1", "erp.return_posted.v1"), writer="loyalty_points")

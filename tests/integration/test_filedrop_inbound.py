@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import pytest
-from sqlalchemy import text
 
 from demo.batch.jobs import customer_rows, stock_line, write_customer_export, write_stock_snapshot
 from legacy_wrappers.filedrop.ledger import Ledger
@@ -131,9 +132,9 @@ def test_symlink_to_etc_passwd_is_refused(files):
     lines = [stock_line("S001", "100001", 4)]
     write_stock_snapshot(folder / "stock_ok.dat", lines)  # a good file after it still flows
     assert wait_for(lambda: "stock_ok.dat" in archived(folder))
-    with ledger.engine.connect() as conn:
-        seen = conn.execute(text("SELECT NAME, OUTCOME FROM FD_SEEN")).all()
-        taken = conn.execute(text("SELECT NAME FROM FD_FILE")).scalars().all()
+    with closing(sqlite3.connect(root / "var" / "filedrops.db")) as conn:
+        seen = conn.execute("SELECT NAME, OUTCOME FROM FD_SEEN").fetchall()
+        taken = [name for (name,) in conn.execute("SELECT NAME FROM FD_FILE")]
     assert seen == [("stock_evil.dat", "refused")] and taken == ["stock_ok.dat"]
     assert (folder / "stock_evil.dat").is_symlink() and len(tap.drain()) == 1
 

@@ -3,8 +3,10 @@ between write and rename. Real processes, real broker, real folders."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from datetime import date, datetime, timezone
 
 import pytest
@@ -58,8 +60,8 @@ def test_sigkill_mid_file_applies_every_row_once(container_factory, amqp_uri, tm
     ledger = Ledger(tmp_path / "var" / "filedrops.db")
 
     def chunks_done():
-        with ledger.engine.connect() as conn:
-            return conn.execute(text("SELECT max(CHUNKS_DONE) FROM FD_FILE")).scalar() or 0
+        with closing(sqlite3.connect(tmp_path / "var" / "filedrops.db")) as conn:
+            return conn.execute("SELECT max(CHUNKS_DONE) FROM FD_FILE").fetchone()[0] or 0
 
     first = nameko_run(config, "services.files", tmp_path / "files-1.log")
     try:

@@ -1,6 +1,7 @@
 """Layouts, config errors and the CUST_MST mapping (real SQLite file, no broker)."""
 from __future__ import annotations
 
+import csv
 import io
 from datetime import datetime, timezone
 
@@ -12,7 +13,7 @@ from contracts.customer import CustomerUpdatedV1
 from contracts.envelope import CloudEvent
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
-from legacy_wrappers.filedrop.layout import Layout
+from legacy_wrappers.filedrop.layout import FileProblem, Layout
 from services.bus.inbox import metadata as inbox_tables
 from services.bus.consumer import DUPLICATE
 from services.erp.customers import on_file_rows, upsert_customer
@@ -39,7 +40,7 @@ def test_fixed_width_scan_checks_types_widths_and_trailer():
     data = "\n".join(["HDR", good, good[:-1], good.replace("000000005", "00000000X"),
                       "TRL000000003000000000000005"]) + "\n"
     rows, bad = [], []
-    out = Layout.scan(layout, io.BytesIO(data.encode()), lambda n, v: rows.append((n, v)),
+    out = Layout.scan(layout, io.BytesIO(data.encode()), rows.extend,
                       lambda n, p: bad.append((n, [c for c, _, _ in p])))
     assert [n for n, _ in rows] == [2] and rows[0][1]["on_hand"] == 5
     assert bad == [(3, ["<record>"]), (4, ["on_hand"])]
@@ -127,7 +128,7 @@ def test_row_values_are_checked_against_the_contract_naming_the_rows():
     good = {"customer_id": "C1", "name": "Ann", "email": None, "phone": None, "loyalty_card": None,
             "updated_at": "2026-11-27T06:00:00+00:00"}
     ok = value_check(CustomerUpdatedV1)
-    assert ok(good) and not ok({**good, "email": "not-an-email"}) and not ok({**good, "name": None})
+    assert ok([good, good]) and not ok([good, {**good, "email": "not-an-email"}]) and not ok([{**good, "name": None}])
     check_rows(CustomerUpdatedV1, [good, good], [2, 3], "f.csv")
     with pytest.raises(ContractError, match=r"f.csv: rows \[4\].*email"):
         check_rows(CustomerUpdatedV1, [good, good, {**good, "email": "x@y"}], [2, 3, 4], "f.csv")
@@ -144,7 +145,100 @@ def test_a_cheap_first_look_counts_records_for_the_trailer_without_validating():
     first = layout.scan(io.BytesIO(data.encode()), validate=False)
     assert (first.records, first.rows, first.bad_rows, first.problems) == (2, 0, 0, [])
     rows, bad = [], []
-    full = layout.scan(io.BytesIO(data.encode()), lambda n, v: rows.append(n), lambda n, p: bad.append(n))
+    full = layout.scan(io.BytesIO(data.encode()), lambda good: rows.extend(n for n, _ in good),
+                       lambda n, p: bad.append(n))
     assert (full.sha256, rows, bad) == (first.sha256, [2], [3])
     wrong = layout.scan(io.BytesIO(data.replace("TRL,2", "TRL,3").encode()), validate=False)
     assert wrong.problems == ["trailer count '3' does not match 2 data rows"]
+
+
+def test_csv_lines_without_quotes_are_split_as_csv_reader_reads_them():
+    layout = Layout(drops().inbound["customers"])
+    data = ('customer_id,name,email,phone,loyalty_card,updated_at\r\n'
+            'C1,Ann,a@b.c,,,2026-11-27T06:00:00+00:00\r\n'
+            '\r\n'                                                  # blank: no record, still numbered
+            'C2,"Smith, Bob",,,,2026-11-27T06:00:00+00:00\n'        # quoted delimiter
+            'C3,"two\nlines",,"say ""hi""",,2026-11-27T06:00:00+00:00\n'  # a quoted field spanning lines
+            'C4,Cy,,,,2026-11-27T06:00:00+00:00\r'                  # a lone CR ends a line too
+            '   \n'                                                 # blank-looking: one field
+            'C5,Di,,,,2026-11-27T06:00:00+00:00\n'
+            'TRL,6,,,,')                                            # no newline at the end
+    reference = [(n, rec) for n, rec in enumerate(csv.reader(io.StringIO(data, newline="")), start=1)
+                 if rec and n > 1]
+    assert list(layout._records(io.StringIO(data, newline=""))) == reference
+    rows, bad = [], []
+    out = layout.scan(io.BytesIO(data.encode()), rows.extend, lambda n, p: bad.append(n))
+    assert [n for n, _ in rows] == [2, 4, 5, 6, 8] and bad == [7] and out.problems == []
+    assert rows[2][1]["name"] == "two\nlines" and rows[2][1]["phone"] == 'say "hi"'
+
+
+def test_a_quoted_field_left_open_makes_the_file_unreadable():
+    layout = Layout(drops().inbound["customers"])
+    data = 'customer_id,name,email,phone,loyalty_card,updated_at\nC1,"Ann,,,,2026-11-27T06:00:00+00:00\n'
+    with pytest.raises(FileProblem, match="unreadable content"):
+        layout.scan(io.BytesIO(data.encode()), validate=False)
+
+
+@pytest.mark.parametrize("stamp", [
+    "2026-11-27T06:00:00+00:00", "2026-11-27T23:59:59-05:30", "2026-11-27T06:00:00-00:00",
+    "2026-11-27T06:00:00.000000+01:00", "2026-11-27T06:00:00.5+01:00", "2026-11-27T06:00:00Z",
+    "2026-11-27 06:00:00+01:00", "2026-W48-5T06:00:00+00:00", "2026-11-27T06:00:00+0100",
+    "2026-11-27T24:00:00+00:00", "2026-11-27T06:00:00", "2026-13-27T06:00:00+00:00",
+])
+def test_the_inlined_timestamp_check_agrees_with_isoformat(stamp):
+    layout = Layout(drops().inbound["customers"])
+    rec = ["C1", "Ann", "", "", "", stamp]
+    values, _ = layout.row(rec)
+    assert layout.convert(rec) == values
+
+
+def test_a_chunk_envelope_is_the_json_pydantic_would_write():
+    from legacy_wrappers.filedrop.inbound import RowChunk
+    from services.files.mapping import batch_event
+    values = {"customer_id": "C1", "name": "Zoë \"Q\" Müller", "email": None, "phone": "+49 30 1",
+              "loyalty_card": None, "updated_at": "2026-11-27T06:00:00+00:00"}
+    rows = [(2, values), (4, {**values, "customer_id": "C2"})]
+    chunk = RowChunk("customers", "customers_x.csv", "a" * 64, 3, rows)
+    event, trace = batch_event(chunk, "legacy/filedrop/customers")
+    assert event.to_json() == CloudEvent.to_json(event)  # byte for byte
+    batch = EventBatchV1.model_validate(CloudEvent.from_json(event.to_json()).data)
+    assert [i.idempotencykey for i in batch.items] == [f"{'a' * 64}:2", f"{'a' * 64}:4"]
+    assert [c.customer_id for c in batch.typed_items()] == ["C1", "C2"]
+    assert trace == [{"key": f"{'a' * 64}:2", "row": 2, "refs": ["C1"]},
+                     {"key": f"{'a' * 64}:4", "row": 4, "refs": ["C2"]}]
+    huge = event.model_copy(update={"data": {**event.data, "extra": 2 ** 70}})  # beyond orjson: pydantic writes it
+    assert b"1180591620717411303424" in huge.to_json()
+
+
+def test_the_ledger_keeps_checkpoints_and_outcomes_across_reopening(tmp_path):
+    from legacy_wrappers.filedrop.ledger import Ledger
+    path = tmp_path / "var" / "filedrops.db"
+    ledger = Ledger(path)
+    assert ledger.begin("customers", "a" * 64, "c1.csv", 1000, 2)["CHUNKS_DONE"] == 0
+    ledger.checkpoint("customers", "a" * 64, 3)
+    ledger.remember("customers", "evil.csv", "1:2:3", "refused")
+    ledger.remember("customers", "evil.csv", "1:2:3", "refused")  # once, not twice
+    ledger.out_pending("loyalty_points", "POINTS_1.dat", ["k1", "k2"])
+    with pytest.raises(ZeroDivisionError), ledger._write() as conn:  # a failed write leaves nothing
+        conn.execute('UPDATE "FD_FILE" SET "CHUNKS_DONE" = 99')
+        1 / 0
+    ledger.close()
+
+    again = Ledger(path)  # a restarted wrapper resumes after the last checkpoint
+    record = again.begin("customers", "a" * 64, "c1.csv", 1000, 2)
+    assert (record["CHUNKS_DONE"], record["ATTEMPTS"], record["STATE"]) == (3, 2, "in_progress")
+    again.finish("customers", "a" * 64, "c1.csv", "done", rows=998)
+    done = again.file("customers", "a" * 64)
+    assert (done["ROWS"], done["BAD_ROWS"]) == (998, 2)
+    assert again.seen("customers", "evil.csv", "1:2:3") == "refused"
+    assert again.seen("customers", "evil.csv", "x") is None
+    assert again.counts_since("customers", "") == {"done": 1} and again.in_progress("customers") == 0
+    assert again.forget_failure("customers", "a" * 64) == "done" and again.file("customers", "a" * 64)
+    assert again.written_keys("loyalty_points", ["k1", "k3"]) == {"k1"}
+    assert again.out_pending_files("loyalty_points") == ["POINTS_1.dat"]
+    again.out_abandon("loyalty_points", "POINTS_1.dat")
+    assert again.written_keys("loyalty_points", ["k1", "k2"]) == set()
+    assert again.out_pending_files("loyalty_points") == []
+    again.forget("customers", "evil.csv")
+    assert again.seen("customers", "evil.csv", "1:2:3") is None
+    again.close()
