@@ -19,6 +19,7 @@ message instead of acking it.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider, SharedExtension
@@ -64,16 +65,23 @@ def check_row(table: Table, row: dict) -> None:
     cannot store them, C programs reading the table stop at them) and strings longer
     than the legacy column (PostgreSQL refuses them, SQLite would keep them and break
     the legacy programs that read fixed-width fields)."""
+    limits = _string_limits(table)
     for name, value in row.items():
         if not isinstance(value, str):
             continue
-        column = table.c[name]
         if "\x00" in value:
             raise LegacyValueError(f"{table.name}.{name}: NUL characters cannot be stored")
-        length = getattr(column.type, "length", None) if isinstance(column.type, String) else None
+        length = limits[name]
         if length is not None and len(value) > length:
             raise LegacyValueError(
                 f"{table.name}.{name}: {len(value)} characters, the legacy column holds {length}")
+
+
+@lru_cache(maxsize=256)
+def _string_limits(table: Table) -> dict[str, int | None]:
+    """Each column's length limit for strings (None: unlimited), read once per table:
+    looking columns up by name cost more than the rest of a posting's Python."""
+    return {column.key: column.type.length if isinstance(column.type, String) else None for column in table.c}
 
 
 class LegacyDb:

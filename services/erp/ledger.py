@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, select, tuple_, update
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
@@ -58,7 +58,7 @@ class _Statements:
                                     .values(NEXT_NO=seq.NEXT_NO + bindparam("count")))
         self.read_doc_no = Prepared(select(seq.NEXT_NO).where(seq.SEQ_NAME == bindparam("seq_name")))
         self.stock_rows = select(stock.STORE_NO, stock.SKU).where(  # not Prepared: IN lists expand
-            stock.STORE_NO.in_(bindparam("stores", expanding=True)), stock.SKU.in_(bindparam("skus", expanding=True)))
+            tuple_(stock.STORE_NO, stock.SKU).in_(bindparam("pairs", expanding=True)))
         self.move_stock = Prepared(
             update(t.stock).where(stock.STORE_NO == bindparam("store"), stock.SKU == bindparam("sku"))
             .values(ON_HAND=stock.ON_HAND + bindparam("delta"), UPD_TS=bindparam("now")))
@@ -144,9 +144,8 @@ def write_many(conn: Connection, t: LegacyTables,
     insert[t.lines.name](conn, [line for r in rows for line in r.lines])
     insert[t.tenders.name](conn, [tender for r in rows for tender in r.tenders])
     insert[t.gl.name](conn, [gl for r in rows for gl in r.gl])
-    existing = set(conn.execute(t.sql.stock_rows, {"stores": sorted({s for s, _ in moves}),
-                                                   "skus": sorted({k for _, k in moves})}).tuples())
     keys = sorted(moves)
+    existing = {(store, sku) for store, sku in conn.execute(t.sql.stock_rows, {"pairs": keys})}
     updates = [{"store": s, "sku": k, "delta": moves[(s, k)], "now": now} for s, k in keys if (s, k) in existing]
     if updates:
         t.sql.move_stock(conn, updates)
