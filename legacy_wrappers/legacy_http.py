@@ -5,21 +5,36 @@ routes forward to it unchanged), but a dead or slow ERP must not hang the
 till: every call has a timeout, and after repeated failures the breaker
 opens so callers fail fast (and can queue) until the ERP recovers.
 Connections are kept alive in a small pool: a fresh TCP connection per call
-would cost more than the routing decision itself.
+would cost more than the routing decision itself. A pooled connection the
+ERP has closed is noticed before use (it reads as EOF while idle); a call is
+re-sent on a fresh connection only when the ERP cannot have processed it:
+the request was not fully sent, or a GET found the connection closed. A
+POST that went out whole is never re-sent (it may have booked the sale).
+
+Many legacy HTTP servers (the demo ERP too: Python's http.server) write the
+response headers and the body in two segments without TCP_NODELAY, so Nagle
+holds the body until the headers are ACKed, and the client's delayed ACK
+waits up to 40 ms for that. The client asks the kernel for an immediate ACK
+(TCP_QUICKACK, Linux) once the request is out, which removes that stall.
 """
 from __future__ import annotations
 
 import http.client
 import logging
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pybreaker
-from eventlet.queue import LightQueue
+from eventlet import patcher
+from eventlet.queue import Empty, Full, LightQueue
 from nameko.extensions import DependencyProvider
 from prometheus_client import Counter, Gauge
 
 log = logging.getLogger(__name__)
+_select = patcher.original("select").select  # a zero-timeout poll, without a trip through the hub
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 BREAKER_STATE = Gauge("retailbus_breaker_open", "1 while the breaker to a legacy system is open",
                       ["system"])
@@ -84,27 +99,43 @@ class LegacyHttpClient:
         return response
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """(a connection, whether it was idle in the pool)."""
-        try:
-            return self._idle.get_nowait(), True
-        except Exception:
-            cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-            return cls(self.host, self.port, timeout=self.timeout), False
+        """(a connection, whether it was idle in the pool); closed idle ones are dropped."""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except Empty:
+                break
+            if conn.sock is not None and not _select([conn.sock], [], [], 0)[0]:
+                return conn, True
+            conn.close()  # readable while idle: the ERP closed it (EOF) or sent junk
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=self.timeout), False
 
     def _send(self, method, path, body, content_type) -> LegacyResponse:
         headers = {"Content-Type": content_type} if body is not None else {}
-        while True:
+        while True:  # bounded: each retry takes another pooled connection, then a fresh one raises
             conn, pooled = self._connection()
             try:
                 conn.request(method, self.prefix + path, body=body, headers=headers)
+            except (ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if pooled:
+                    continue  # the request did not go out whole: the ERP cannot have processed it
+                raise
+            except Exception:
+                conn.close()
+                raise
+            if TCP_QUICKACK is not None:
+                conn.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+            try:
                 raw = conn.getresponse()
                 data = raw.read()
                 break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except http.client.RemoteDisconnected:
                 conn.close()
-                if not pooled:
-                    raise
-                # the server closed an idle keep-alive connection: retry on a fresh one
+                if pooled and method in IDEMPOTENT:
+                    continue  # closed before answering; a query is safe to ask again
+                raise
             except Exception:
                 conn.close()
                 raise
@@ -113,7 +144,7 @@ class LegacyHttpClient:
         else:
             try:
                 self._idle.put_nowait(conn)
-            except Exception:
+            except Full:
                 conn.close()
         response = LegacyResponse(raw.status, data, raw.getheader("Content-Type") or "application/json")
         if raw.status >= 500:

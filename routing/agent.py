@@ -66,10 +66,12 @@ class StoreOutbox(DependencyProvider):
 
     forwarder = OutboxForwarder()
     totals = ControlTotalsPublisher()
+    later_delay = 0.5  # seconds; bounds how late a legacy-mode sale shows in the control totals
 
     def setup(self):
         store, settings, uri = configured_store(self.container)
         self.store_id = store.id
+        self._later: list = []
         self.config = settings.agent
         path = settings.outbox_path(store)
         self.outbox = Outbox(path, retention_days=settings.agent.retention_days)
@@ -79,8 +81,27 @@ class StoreOutbox(DependencyProvider):
         self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
                            settings.agent.control_totals_interval, settings.agent.control_totals_days)
 
+    def later(self, fn, *args):
+        """Run bookkeeping no POS answer waits for (the legacy-mode control-totals note)
+        in one batch `later_delay` from now. Their outbox writes share one commit, so a
+        till in legacy mode neither pays for nor competes with an fsync per sale; a
+        crash loses at most that batch, which reconciliation shows as unexpected in ERP."""
+        if not self._later:
+            eventlet.spawn_after(self.later_delay, self._run_later)
+        self._later.append((fn, args))
+
+    def _run_later(self):
+        batch, self._later = self._later, []
+        pile = eventlet.GreenPile(max(len(batch), 1))
+        for fn, args in batch:
+            pile.spawn(fn, *args)
+        list(pile)
+
     def stop(self):
-        self.outbox.close()
+        try:
+            self._run_later()
+        finally:
+            self.outbox.close()
 
     kill = stop
 
@@ -186,9 +207,9 @@ class StoreAgent:
                               lambda: queued.append(True) or self._to_outbox(
                                   body, terminal, route, message_type, parse, started))
         if call.mode != "bus" and not queued and response.status_code < 400:
-            # After the answer: the till does not wait for this bookkeeping commit. A
-            # crash in between shows at reconciliation as "unexpected in ERP", never silently.
-            eventlet.spawn_n(self._note_legacy, message_type, parse, body)
+            # After the answer, batched: the till does not wait for this bookkeeping commit.
+            # A crash in between shows at reconciliation as "unexpected in ERP", never silently.
+            self.store.later(self._note_legacy, message_type, parse, body)
         END_TO_END_SECONDS.labels(call.name, call.mode).observe(time.monotonic() - started)
         return response
 

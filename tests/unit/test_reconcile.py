@@ -343,7 +343,8 @@ def test_agent_notes_a_sale_the_legacy_erp_accepted_and_not_one_it_refused(tmp_p
     box = Outbox(tmp_path / "outbox.db")
     try:
         store_dep = SimpleNamespace(store_id="S001", outbox=box, forwarder=SimpleNamespace(wake=lambda: None),
-                                    config=AgentSettings(auth_required=False), verifier=None)
+                                    config=AgentSettings(auth_required=False), verifier=None,
+                                    later=lambda fn, *args: fn(*args))
         routes = SimpleNamespace(table=parse_route_table(LEGACY_TABLE.format(port=sock.getsockname()[1])),
                                  stats=RouteStats())
         agent = worker_factory(StoreAgent, store=store_dep, routes=routes,

@@ -3,9 +3,11 @@ every accepted sale to the outbox first (worker_factory, a real outbox file, no 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from types import SimpleNamespace
 
+import eventlet
 import pytest
 from nameko.testing.services import worker_factory
 from werkzeug.test import EnvironBuilder
@@ -14,6 +16,7 @@ from contracts.envelope import CloudEvent
 from routing import agent as agent_module
 from routing.agent import MAX_BODY, StoreAgent
 from routing.edge_auth import TerminalKeys, Verifier, signed_headers
+from routing.legacy_payload import sale_from_legacy
 from routing.outbox import Outbox
 from routing.stock_cache import StockCache
 from services.settings import AgentSettings
@@ -384,3 +387,34 @@ def test_metrics_exposes_outbox_gauges(service):
     text = service.metrics(request("/metrics", method="GET")).get_data()
     assert b'retailbus_outbox_depth{store="S001"} 1.0' in text
     assert b'retailbus_outbox_oldest_unsent_seconds{store="S001"}' in text
+
+
+# -- legacy-mode bookkeeping runs after the answer, batched ------------------------------
+
+def _accepted_txn(path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT pos_txn_id FROM accepted_txn ORDER BY pos_txn_id")]
+
+
+def test_notes_made_later_share_one_outbox_commit(tmp_path):
+    store = agent_module.StoreOutbox()
+    store.outbox, store._later, store.later_delay = Outbox(tmp_path / "outbox.db"), [], 0.05
+    try:
+        for n in range(3):
+            txn = sale_from_legacy(legacy_sale(f"S001-07-00000{n}")).model_dump(mode="json")
+            store.later(store.outbox.record_accepted, "pos.sale.v1", txn)
+        assert _accepted_txn(tmp_path / "outbox.db") == []  # nothing before the delay
+        eventlet.sleep(0.3)
+        assert _accepted_txn(tmp_path / "outbox.db") == ["S001-07-000000", "S001-07-000001", "S001-07-000002"]
+        assert list(store.outbox.group_sizes) == [3]  # one transaction, one fsync, for the batch
+    finally:
+        store.outbox.close()
+
+
+def test_stop_runs_the_notes_still_waiting(tmp_path):
+    store = agent_module.StoreOutbox()
+    store.outbox, store._later, store.later_delay = Outbox(tmp_path / "outbox.db"), [], 60
+    txn = sale_from_legacy(legacy_sale("S001-07-000009")).model_dump(mode="json")
+    store.later(store.outbox.record_accepted, "pos.sale.v1", txn)
+    store.stop()
+    assert _accepted_txn(tmp_path / "outbox.db") == ["S001-07-000009"]
