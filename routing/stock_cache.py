@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS stock (
 """
 
 
+# What the stock feed binds (and so what its broker user may read on erp.events).
+FEED_TYPES = (ErpStockChangesV1.TYPE, ErpStockChangedV1.TYPE)
+
+
 def stock_queue(store_id: str) -> str:
     return f"store_agent-{store_id}.stock_changed"
 
@@ -100,7 +104,7 @@ class StockFeed:
                 channel.basic_qos(0, 100, False)
                 topology.declare_exchange(channel, self.exchange)
                 topology.declare_queue(channel, self.queue, self.queue_type)
-                for message_type in (ErpStockChangesV1.TYPE, ErpStockChangedV1.TYPE):
+                for message_type in FEED_TYPES:
                     channel.queue_bind(self.queue, self.exchange, message_type)
                 channel.basic_consume(self.queue, callback=partial(self._on_message, channel))
                 self.connected, backoff = True, 0.5

@@ -148,10 +148,9 @@ def rpc_client(config: dict, target: str) -> Access:
 
 def _store_stock(ext, service: str, config: dict) -> Access:
     """The stock feed (its own queue on `erp.events`) and the ERP stock RPC."""
-    from contracts.erp import ErpStockChangedV1
-    from routing.stock_cache import stock_queue
+    from routing.stock_cache import FEED_TYPES, stock_queue
 
-    feed = _handler_queues(topology.events_exchange("erp"), "topic", [ErpStockChangedV1.TYPE],
+    feed = _handler_queues(topology.events_exchange("erp"), "topic", list(FEED_TYPES),
                            stock_queue(config["STORE_ID"]), retries=False)
     feed.configure.discard(lit(topology.dead_letter_queue(stock_queue(config["STORE_ID"]))))
     feed.write.discard(lit(DEFAULT_EXCHANGE))

@@ -69,6 +69,8 @@ def test_overrides_add_to_what_is_derived_and_store_users_only_publish_pos():
     assert set(found) == {"pricing", "store-agent-S001", "store-S001"}
     assert matches(found["pricing"].access.permissions()[2], "extra")
     assert found["pricing"].user == "svc-pricing" and found["store-agent-S001"].user == "agent-S001"
+    _, stock_read = found["store-agent-S001"].access.topic_permissions()["erp.events"]
+    assert matches(stock_read, "erp.stock_changes.v1") and not matches(stock_read, "customer.updated.v1")
     store = found["store-S001"].access
     assert store.permissions() == (r"^(?:store_agent\.events)$",) * 2 + ("^$",)
     (exchange, (tw, tr)), = store.topic_permissions().items()
