@@ -2,6 +2,7 @@
 `EventPublisher` dependency that services use to emit CloudEvents."""
 from __future__ import annotations
 
+import gc
 import logging
 
 import amqp
@@ -13,6 +14,18 @@ from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connect
 from services.settings import RetailbusSettings, retailbus_settings
 
 log = logging.getLogger(__name__)
+
+# nameko leaves every worker's context in a reference cycle, so a service running
+# thousands of workers a second feeds the cyclic collector constantly; at CPython's
+# default first-generation threshold (700 allocations) collections took ~25 % of the
+# erp's CPU in bench_erp (1.63 -> 1.1-1.35 ms a sale at 50,000). The cycles are
+# still collected, only in larger, rarer passes. Only ever raised.
+GC_FIRST_GENERATION = 50_000
+
+
+def relax_gc() -> None:
+    first, *older = gc.get_threshold()
+    gc.set_threshold(max(first, GC_FIRST_GENERATION), *older)
 
 
 def container_settings(config: dict) -> tuple[str, RetailbusSettings]:
@@ -31,6 +44,7 @@ class BusConnection(SharedExtension):
         self.publisher: ConfirmingPublisher | None = None
 
     def setup(self):
+        relax_gc()  # every bus service has this extension
         self.uri, self.settings = container_settings(self.container.config)
         pub = self.settings.publisher
         self.publisher = ConfirmingPublisher(
