@@ -49,12 +49,7 @@ class RowChunk:
     file: str
     sha256: str
     index: int
-    rows: list[tuple[int, dict]]
-
-    def keys(self) -> list[str]:
-        """The rows' idempotency keys, in order: `<sha256 of the file>:<row>`."""
-        prefix = self.sha256 + ":"
-        return [f"{prefix}{n}" for n, _ in self.rows]
+    rows: list[tuple[int, dict]]  # each row's idempotency key is `<sha256>:<row number>`
 
 
 class ChunkFailed(Exception):
@@ -67,8 +62,8 @@ class FileLedger(SharedExtension):
     _drops = _ledger = None
 
     def setup(self):
-        # A file pass keeps ~4 container objects per row alive for a chunk's life (rows,
-        # items, journal entries: some 40k objects at a time). With CPython's default
+        # A file pass keeps ~3 container objects per row alive for a chunk's life (row
+        # tuples, values, items: tens of thousands at a time). With CPython's default
         # first-generation threshold (700) the cyclic collector runs every ~175 rows,
         # scans them again and again and promotes them into older generations, whose
         # full collections follow: 3-5 s of CPU for 1M rows, ~0.1 s at 50,000. The

@@ -27,6 +27,7 @@ from datetime import date, datetime
 from typing import Callable
 
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
+from legacy_wrappers.filedrop.count import quick_count
 
 RECORD = "<record>"  # the column name a whole-record problem is reported under
 
@@ -261,8 +262,14 @@ class Layout:
 
         Header and trailer records are recognised and checked here. A trailer-
         looking record is held back until the next record shows it was not the
-        last one (then it is a bad row).
+        last one (then it is a bad row). A pass that only counts reads a plain
+        file as blocks of bytes (count.py); any other file from the start again.
         """
+        if not validate and on_rows is None:
+            out = self._quick_scan(binary)
+            if out is not None:
+                return out
+            binary.seek(0)
         out = Outcome()
         digest = hashlib.sha256()
         raw = _HashingRaw(binary, digest)
@@ -324,6 +331,35 @@ class Layout:
         if header is not None:
             out.problems.append("header record missing")
         out.sha256, out.bytes = digest.hexdigest(), raw.bytes
+        return out
+
+    def _quick_scan(self, binary) -> Outcome | None:
+        """The Outcome `scan(validate=False)` finds, for a plain file; None for another."""
+        d, header, trailer = self.drop, self.drop.header, self.drop.trailer
+        csv_format = d.format == "csv"
+        try:
+            q = quick_count(binary, d.encoding, d.csv.quotechar if csv_format else None,
+                            trailer.prefix if trailer else None)
+        except UnicodeDecodeError as exc:
+            raise FileProblem(f"unreadable content: {exc}") from None
+        if q is None:
+            return None
+        column_names = csv_format and d.csv.header_row
+        first, last = (q.second if column_names else q.first), q.last
+        if csv_format:
+            first, last = first.split(d.csv.delimiter), last.split(d.csv.delimiter)
+        is_trailer = self._control(trailer.prefix if trailer else None)
+        if trailer is not None and (is_trailer(first) or q.marked != is_trailer(last)):
+            return None  # a trailer-looking record before the last: a bad row, counted exactly
+        has_header = header is not None and self._control(header.prefix)(first)
+        held = trailer is not None and is_trailer(last)
+        out = Outcome(sha256=q.sha256, bytes=q.bytes, records=q.lines - column_names - has_header - held)
+        if held:
+            self._check_trailer(out, last, False)
+        elif trailer is not None:
+            out.problems.append("trailer record missing")
+        if header is not None and not has_header:
+            out.problems.append("header record missing")
         return out
 
     @staticmethod

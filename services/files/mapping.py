@@ -35,9 +35,10 @@ class RowsEvent(CloudEvent):
             return super().to_json()
 
 
-def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, list[dict]]:
+def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, dict]:
     """One envelope per chunk, each row checked against its contract and keyed
-    `<sha256>:<row>`; and the rows for the journal (key, line in the file, business name).
+    `<sha256>:<row>`; and the chunk's rows for the journal, compactly (`FileRows` in
+    contracts/journal.py: the row numbers as runs and each row's business name).
 
     A row the contract refuses raises ContractError naming the row: the file fails.
     Rows are checked by `check_rows` (the first fully, the values of all), and the
@@ -45,17 +46,32 @@ def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, list[dict]]:
     validation of 500 items costs more than the rest of the pipeline per row.
     """
     model = ROW_TYPES[chunk.drop]
-    rows, keys = chunk.rows, chunk.keys()
-    check_rows(model, [v for _, v in rows], [n for n, _ in rows], chunk.file)
-    name = ROW_NAMES[chunk.drop]
+    rows, prefix = chunk.rows, chunk.sha256 + ":"  # row keys: `<sha256>:<row>` (RowChunk)
+    values = [v for _, v in rows]
+    check_rows(model, values, [n for n, _ in rows], chunk.file)
     batch = {"item_type": model.TYPE, "file": chunk.file, "sha256": chunk.sha256,
-             "items": [{"row": n, "idempotencykey": k, "data": v} for (n, v), k in zip(rows, keys)]}
-    trace = [{"key": k, "row": n, "refs": [name(v)]} for (n, v), k in zip(rows, keys)]
+             "items": [{"row": n, "idempotencykey": f"{prefix}{n}", "data": v} for n, v in rows]}
+    trace = {"sha256": chunk.sha256, "runs": row_runs(rows), "names": list(map(ROW_NAMES[chunk.drop], values))}
     event_id = str(ULID())
     event = RowsEvent.model_construct(
         id=event_id, source=source, type=EventBatchV1.TYPE, time=datetime.now(UTC), subject=model.TYPE,
         data=batch, correlationid=event_id, idempotencykey=f"{chunk.sha256}:chunk:{chunk.index}")
     return event, trace
+
+
+def row_runs(rows: list[tuple[int, dict]]) -> list[tuple[int, int]]:
+    """The rows' numbers as runs of consecutive numbers [(first, last), ...]: one run for
+    a chunk without skipped rows or lines (a quoted value spanning lines splits it too)."""
+    first, last = rows[0][0], rows[-1][0]
+    if last - first + 1 == len(rows):
+        return [(first, last)]
+    runs = []
+    for n, _ in rows:
+        if runs and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return [(a, b) for a, b in runs]
 
 
 def points_for(total_minor: int) -> int:

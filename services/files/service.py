@@ -34,7 +34,7 @@ class FilesService:
     def _publish_rows(self, chunk: RowChunk, source: str):
         event, trace = batch_event(chunk, source)
         # noted before the publish (the erp may consume the chunk before our confirm), kept only if it succeeds
-        self.hops.add("read", id=event.id, correlationid=event.correlationid, items=trace, detail={
+        self.hops.add("read", id=event.id, correlationid=event.correlationid, file_rows=trace, detail={
             "file": chunk.file, "chunk": chunk.index, "rows": f"{chunk.rows[0][0]}-{chunk.rows[-1][0]}"})
         self.events.publish(event)
 

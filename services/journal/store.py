@@ -2,7 +2,8 @@
 
 `journal_hops` holds one row per hop, indexed by message id, correlation id and
 subject. A batch hop (a chunk of 500 file rows, a written batch file) is
-stored once with its items as JSON; `journal_refs` indexes each item's key
+stored once with its items as JSON (a compact chunk of file rows is expanded
+to its items here, off the files service's path); `journal_refs` indexes each item's key
 and names (`refs`) with its position, so a single row's customer id or key
 finds the batch hop and the row's line in it. SQLAlchemy Core; SQLite (WAL,
 so `retailbus trace` reads while the service writes) or PostgreSQL.
@@ -62,16 +63,17 @@ def write(conn: Connection, batch: JournalHopsV1, service: str) -> int:
     """Insert a batch of hops in the caller's transaction; returns how many."""
     plain, batched = [], []
     for hop in batch.hops:
+        items = hop.all_items()  # a compact chunk of file rows is stored as its items
         row = dict(id=hop.id, correlationid=hop.correlationid, subject=hop.subject, hop=hop.hop,
                    outcome=hop.outcome, time=hop.time, service=hop.service or service,
                    detail=json.dumps(hop.detail, default=str) if hop.detail else None,
-                   items=json.dumps([i.model_dump(exclude_defaults=True) for i in hop.items]) if hop.items else None)
-        (batched if hop.items else plain).append((row, hop))
+                   items=json.dumps([i.model_dump(exclude_defaults=True) for i in items]) if items else None)
+        (batched if items else plain).append((row, items))
     if plain:
         conn.execute(HOPS.insert(), [row for row, _ in plain])
-    for row, hop in batched:
+    for row, items in batched:
         pk = conn.execute(HOPS.insert().values(**row)).inserted_primary_key[0]
-        refs = {(name, n) for n, item in enumerate(hop.items) for name in (item.key, *item.refs) if name}
+        refs = {(name, n) for n, item in enumerate(items) for name in (item.key, *item.refs) if name}
         conn.execute(REFS.insert(), [dict(ref=name, hop_pk=pk, item=n) for name, n in sorted(refs)])
     return len(batch.hops)
 

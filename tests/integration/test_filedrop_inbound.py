@@ -82,6 +82,20 @@ def test_bad_rows_are_reported_and_skipped(files):
 
 
 @pytest.mark.timeout(60)
+def test_a_quoted_value_spanning_lines_is_counted_exactly_for_the_trailer(files):
+    """Such a file leaves pass 1's count on blocks of bytes for the exact reader (count.py)."""
+    root, _, tap, ledger = files
+    folder = root / "drops" / "customers"
+    rows = list(customer_rows(5))
+    rows[2][1] = 'Two "line"\r\nname'  # quoted by the writer, across two lines
+    write_customer_export(folder / "customers_quoted.csv", rows)  # trailer count 5
+    assert wait_for(lambda: archived(folder) == ["customers_quoted.csv"], timeout=20)
+    assert wait_for(lambda: len(tap.drain()) == 5, timeout=20)
+    assert len(set(tap.keys)) == 5 and list((folder / "error").iterdir()) == []
+    assert ledger.counts_since("customers", "") == {"done": 1}
+
+
+@pytest.mark.timeout(60)
 def test_reject_file_publishes_nothing(files):
     root, _, tap, ledger = files
     folder = root / "drops" / "stock"

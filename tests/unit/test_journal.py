@@ -39,14 +39,18 @@ def test_a_process_without_a_journal_records_nothing():
 def test_record_keeps_only_what_is_given(buffer):
     journal.record("posted", id="E1", correlationid="C1", subject="S001-1", detail={"doc_no": "S0001"}, at=12.5)
     journal.record("written", items=[{"key": "k", "row": 2, "refs": ["C1"]}])
-    first, second = buffer.hops
+    journal.record("read", file_rows={"sha256": "ab" * 32, "runs": [(2, 3)], "names": ["C2", "Zoë \"Q\""]})
+    first, second, third = buffer.hops
     assert first == {"hop": "posted", "outcome": "ok", "time": 12.5, "id": "E1", "correlationid": "C1",
                      "subject": "S001-1", "detail": {"doc_no": "S0001"}}
     assert second["items"] == [{"key": "k", "row": 2, "refs": ["C1"]}] and "id" not in second
     # what a flush sends is a valid journal.hops.v1 event
-    event = CloudEvent.from_json(journal.hops_event(list(buffer.hops), "erp").to_json())
+    sent = journal.hops_event(list(buffer.hops), "erp")
+    assert sent.to_json() == CloudEvent.to_json(sent)  # orjson writes what pydantic would, byte for byte
+    event = CloudEvent.from_json(sent.to_json())
     assert event.type == "journal.hops.v1" and event.source == "journal/erp"
     assert isinstance(event.payload(), JournalHopsV1) and event.payload().hops[1].items[0].row == 2
+    assert [i.refs for i in event.payload().hops[2].all_items()] == [["C2"], ['Zoë "Q"']]
 
 
 def test_a_full_buffer_drops_and_counts_instead_of_growing(buffer):

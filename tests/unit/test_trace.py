@@ -21,7 +21,8 @@ def hops(*records) -> JournalHopsV1:
 
 @pytest.fixture
 def journal_db(tmp_path):
-    """A journal with a sale's path and a customer file's path, written as the services send them."""
+    """A journal with a sale's path and a customer file's path, written as the services send them:
+    the erp's hop of a chunk names its rows one by one, the files service's compactly."""
     (tmp_path / "var").mkdir()
     engine = store.open_engine(f"sqlite:///{tmp_path / 'var' / 'journal.db'}")
     sale, posted_event, chunk = "01SALE", "01POSTED", "01CHUNK"
@@ -48,7 +49,9 @@ def journal_db(tmp_path):
                        {"key": "erp.sale_posted.v1:S00000001", "row": 3,
                         "refs": [sale, posted_event, "S001-0001", "S00000001"]}]},
             {"id": chunk, "correlationid": chunk, "hop": "read", "outcome": "ok", "time": 20.0,
-             "detail": {"file": "customers_1.csv", "chunk": 0, "rows": "2-501"}, "items": other_rows}), "files")
+             "detail": {"file": "customers_1.csv", "chunk": 0, "rows": "2-501"},  # compact, as the files service sends
+             "file_rows": {"sha256": SHA, "runs": [[2, 501]], "names": [f"C{n:04d}" for n in range(2, 502)]}}),
+            "files")
     yield tmp_path, engine
     engine.dispose()
 
@@ -110,3 +113,28 @@ def test_the_trace_command_prints_the_path_or_says_nothing_is_known(journal_db):
     assert unknown.exit_code == 1 and "nothing is known about 'S999-0404'" in unknown.output
     missing = runner.invoke(main, ["trace", "X", "--config", str(write_config(root, "sqlite:///var/none.db"))])
     assert missing.exit_code == 1 and "no journal at" in missing.output
+
+
+def test_compact_file_rows_are_stored_as_the_rows_they_stand_for(journal_db):
+    _, engine = journal_db
+    with engine.begin() as conn:  # a skipped bad row (4) splits the runs; a row without a name has only its key
+        store.write(conn, hops({"id": "01GAPS", "hop": "read", "outcome": "ok", "time": 30.0,
+                                "detail": {"file": "customers_2.csv"},
+                                "file_rows": {"sha256": "cd" * 32, "runs": [[2, 3], [5, 5]],
+                                              "names": ["C9002", None, "C9005"]}}), "files")
+    with engine.connect() as conn:
+        [read] = trace(conn, "C9005")
+        assert read.rows == [{"key": f"{'cd' * 32}:5", "row": 5, "refs": ["C9005"]}]
+        assert read.where() == "customers_2.csv line 5"
+        assert [h.rows[0]["row"] for h in trace(conn, f"{'cd' * 32}:3")] == [3]
+        assert trace(conn, f"{'cd' * 32}:4") == []
+
+
+@pytest.mark.parametrize("file_rows, where", [
+    ({"sha256": SHA, "runs": [[2, 3]], "names": ["C1"]}, "names: 1 names for 2 rows"),
+    ({"sha256": SHA, "runs": [[5, 3]], "names": []}, "first row comes after its last"),
+    ({"sha256": "x", "runs": [[2, 2]], "names": ["C1"]}, "sha256"),
+])
+def test_compact_file_rows_that_do_not_add_up_are_refused(file_rows, where):
+    with pytest.raises(ValueError, match=where):
+        hops({"hop": "read", "outcome": "ok", "time": 1.0, "file_rows": file_rows})

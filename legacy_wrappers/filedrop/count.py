@@ -1,0 +1,102 @@
+"""Pass 1 of a file at the speed of reading it: sha256 and record count on blocks of bytes.
+
+The first look at a file that needs no validation only wants its hash, its
+record count (for the trailer check) and its first and last records (header
+and trailer). Decoding it into lines and handing each line to Python costs
+several times the read; for a plain file the count is `block.count(b"\\n")`.
+Plain means every line is one non-empty record, as `Layout.scan` reads it:
+no quote character (a quoted CSV value may span lines), every line ended by
+`\\n` or every one by `\\r\\n` (no lone `\\r`: csv and text mode end a line
+there too), no empty line, no line near csv's field size limit, no
+trailer-looking line but the last (a trailer in the middle is a bad row),
+an encoding whose ASCII bytes mean themselves. For any other
+file `quick_count` answers None and the exact pass counts it. The content is
+still decoded, so an undecodable file fails here as it does there.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+from dataclasses import dataclass
+
+BLOCK = 1 << 20
+# Every ASCII character is its one byte, and no byte of another character is an ASCII byte.
+ASCII_SAFE = {"utf-8", "ascii", "latin-1", "iso8859-1", "iso8859-15", "cp1252"}
+
+
+@dataclass
+class QuickCount:
+    sha256: str
+    bytes: int
+    lines: int  # every one a non-empty record
+    first: str  # the first two lines and the last, without their line ends
+    second: str
+    last: str
+    marked: int  # lines that start with the trailer prefix (counted conservatively: maybe more)
+
+
+def quick_count(binary, encoding: str, quotechar: str | None, trailer_prefix: str | None) -> QuickCount | None:
+    """Read `binary` from the start: a QuickCount of a plain file of 3 lines or more, None
+    for any other (the caller then counts it exactly, from the start again)."""
+    if codecs.lookup(encoding).name not in ASCII_SAFE:
+        return None
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder(encoding)()
+    quote = quotechar.encode(encoding) if quotechar else None
+    marker = b"\n" + trailer_prefix.encode(encoding) if trailer_prefix else None
+    # A line longer than the field size limit (in bytes at least) leaves a newline out of at
+    # least one whole window aligned on the block (blocks are whole windows).
+    window = csv.field_size_limit() // 4
+    if 2 * window > BLOCK:  # a limit raised that far: the exact pass knows best
+        return None
+    keep = max(2, len(marker) - 1 if marker else 0)  # bytes of a block to look at with the next one
+    size = newlines = crs = crlfs = marked = 0
+    head = carry = previous = block = b""
+    undecoded = False
+    while chunk := _read(binary):
+        previous, block = block, chunk
+        size += len(block)
+        digest.update(block)
+        if undecoded or not block.isascii():
+            decoder.decode(block)
+            undecoded = bool(decoder.getstate()[0])
+        data = carry + block
+        # Lines end in \n or all in \r\n (checked at the end), so an empty line is one of these.
+        cr = block.count(b"\r")
+        if (b"\n\r\n" if cr else b"\n\n") in data or (quote is not None and quote in block) \
+                or any(block.find(b"\n", a, a + window) < 0 for a in range(0, len(block) - window + 1, window)):
+            return None
+        newlines += block.count(b"\n")
+        crs += cr
+        crlfs += (carry[-1:] + block).count(b"\r\n") if cr or carry.endswith(b"\r") else 0
+        if marker is not None:
+            marked += data.count(marker)
+        head = head or block
+        carry = block[-keep:]
+    decoder.decode(b"", final=True)
+    if crs != crlfs or crs not in (0, newlines) or head.startswith((b"\n", b"\r\n")):
+        return None
+    lines = newlines + (not block.endswith(b"\n"))
+    if lines < 3:
+        return None
+    end = previous[-(4 * window + 8):] + block
+    end = end[:-2] if end.endswith(b"\r\n") else end[:-1] if end.endswith(b"\n") else end
+    first, second = head.split(b"\n", 2)[:2]
+    return QuickCount(digest.hexdigest(), size, lines, _text(first, encoding), _text(second, encoding),
+                      _text(end[end.rfind(b"\n") + 1:], encoding), marked)
+
+
+def _read(binary) -> bytes:
+    """BLOCK bytes, fewer only at the end (an unbuffered read may return less)."""
+    block = binary.read(BLOCK)
+    while block and len(block) < BLOCK:
+        more = binary.read(BLOCK - len(block))
+        if not more:
+            break
+        block += more
+    return block
+
+
+def _text(line: bytes, encoding: str) -> str:
+    return line.removesuffix(b"\r").decode(encoding)
