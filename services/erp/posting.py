@@ -4,8 +4,8 @@ caller's transaction, so all of them commit together or none does.
 The event path and the RPC path share the inbox consumer and the store
 agent's key (`<type>:<store>:<pos_txn_id>`), so a sale that arrives both ways
 posts once; a repeat answers with the document already posted. Many postings
-are written together (`post_many`, one statement per table), which is what
-lets one process post a thousand sales a second; one is a batch of one.
+are written together (`post_many`, one statement per table: ~160 -> ~800
+sales a second for one process on SQLite here); one is a batch of one.
 """
 from __future__ import annotations
 
