@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+import orjson
 from ulid import ULID
 
 from contracts import registry
@@ -117,3 +118,21 @@ class CloudEvent(BaseModel):
 
     def payload(self) -> BaseModel:
         return registry.parse(self.type, self.data)
+
+
+class AssembledEvent(CloudEvent):
+    """An envelope we assembled ourselves (`model_construct`) around plain-dict `data`
+    (a file chunk's 500 items, a journal batch), written by orjson: pydantic inspects
+    the type of every value of such data as it serialises (~3 us a file row, more than
+    reading and validating the row); orjson writes the same JSON several times faster."""
+
+    def to_json(self) -> bytes:
+        envelope = {"specversion": self.specversion, "id": self.id, "source": self.source, "type": self.type,
+                    "time": self.time, "subject": self.subject, "datacontenttype": self.datacontenttype,
+                    "data": self.data, "correlationid": self.correlationid, "idempotencykey": self.idempotencykey}
+        if self.subject is None:  # as CloudEvent.to_json: an absent attribute is left out, not null
+            del envelope["subject"]
+        try:
+            return orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
+        except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits, which pydantic writes
+            return super().to_json()

@@ -26,12 +26,11 @@ from collections import deque
 from datetime import datetime, timezone
 
 import eventlet
-import orjson
 from nameko.extensions import DependencyProvider, SharedExtension
 from prometheus_client import Counter
 from ulid import ULID
 
-from contracts.envelope import CloudEvent
+from contracts.envelope import AssembledEvent, CloudEvent
 from contracts.journal import JournalHopsV1
 from services.bus import topology
 from services.bus.extensions import container_settings
@@ -108,26 +107,11 @@ def failed(properties: dict, queue: str, outcome: str, target: str, attempts: in
                        "error": f"{type(error).__name__}: {error}"[:300]})
 
 
-class HopsEvent(CloudEvent):
-    """A `journal.hops.v1` envelope written by orjson: its `data` is plain dicts, whose
-    every value pydantic would inspect as it serialises (a file's chunks carry 500
-    names each); orjson writes the same JSON several times faster."""
-
-    def to_json(self) -> bytes:
-        envelope = {"specversion": self.specversion, "id": self.id, "source": self.source, "type": self.type,
-                    "time": self.time, "datacontenttype": self.datacontenttype, "data": self.data,
-                    "correlationid": self.correlationid, "idempotencykey": self.idempotencykey}
-        try:
-            return orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
-        except orjson.JSONEncodeError:  # a detail value orjson cannot write (pydantic may)
-            return super().to_json()
-
-
 def hops_event(hops: list[dict], service: str) -> CloudEvent:
     """The envelope of one batch (no subject); assembled, not validated (every field is
     ours), the journal service validates it on arrival."""
     event_id = str(ULID())
-    return HopsEvent.model_construct(
+    return AssembledEvent.model_construct(
         id=event_id, source=f"journal/{service}", type=HOPS_TYPE, time=datetime.now(timezone.utc),
         subject=None, data={"hops": hops}, correlationid=event_id, idempotencykey=f"journal:{event_id}")
 
