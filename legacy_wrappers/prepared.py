@@ -11,6 +11,8 @@ differently.
 """
 from __future__ import annotations
 
+from operator import itemgetter
+
 from sqlalchemy.engine import Connection, CursorResult
 
 
@@ -25,7 +27,7 @@ class Prepared:
         compiled = self.statement.compile(dialect=conn.dialect, column_keys=list(keys))
         if any(compiled._bind_processors.get(name) for name in compiled.bind_names.values()):
             return None
-        order = tuple(compiled.positiontup) if compiled.positional else None
+        order = _row_getter(compiled.positiontup) if compiled.positional else None
         fixed = {name: value for name, value in compiled.params.items() if name not in keys}
         return compiled.string, order, fixed
 
@@ -49,5 +51,12 @@ class Prepared:
         if order is None:
             return conn.exec_driver_sql(sql, params)
         if many:
-            return conn.exec_driver_sql(sql, [tuple(p[k] for k in order) for p in params])
-        return conn.exec_driver_sql(sql, tuple(params[k] for k in order))
+            return conn.exec_driver_sql(sql, list(map(order, params)))
+        return conn.exec_driver_sql(sql, order(params))
+
+
+def _row_getter(names: list[str]):
+    """A row dict -> its values as a tuple in `names`' order (itemgetter of one name
+    returns the bare value, not a 1-tuple)."""
+    get = itemgetter(*names)
+    return get if len(names) > 1 else lambda row: (get(row),)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
 
-from sqlalchemy import Table, bindparam, select, tuple_, update
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
@@ -57,16 +58,23 @@ class _Statements:
         self.bump_doc_no = Prepared(update(t.doc_seq).where(seq.SEQ_NAME == bindparam("seq_name"))
                                     .values(NEXT_NO=seq.NEXT_NO + bindparam("count")))
         self.read_doc_no = Prepared(select(seq.NEXT_NO).where(seq.SEQ_NAME == bindparam("seq_name")))
-        self.stock_rows = select(stock.STORE_NO, stock.SKU).where(  # not Prepared: IN lists expand
-            tuple_(stock.STORE_NO, stock.SKU).in_(bindparam("pairs", expanding=True)))
-        self.move_stock = Prepared(
-            update(t.stock).where(stock.STORE_NO == bindparam("store"), stock.SKU == bindparam("sku"))
-            .values(ON_HAND=stock.ON_HAND + bindparam("delta"), UPD_TS=bindparam("now")))
+        self.move_stock = {name: _stock_upsert(insert, t.stock) for name, insert in
+                           (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))}
         self.find_document = Prepared(
             select(hdr.DOC_NO).where(hdr.STORE_NO == bindparam("store"), hdr.DOC_TYPE == bindparam("doc_type"),
                                      hdr.POS_TXN_ID == bindparam("pos_txn_id")).order_by(hdr.DOC_NO).limit(1))
-        self.insert = {table.name: Prepared(table.insert())
-                       for table in (t.header, t.lines, t.tenders, t.gl, t.stock)}
+        self.insert = {table.name: Prepared(table.insert()) for table in (t.header, t.lines, t.tenders, t.gl)}
+
+
+def _stock_upsert(insert, stock: Table) -> Prepared:
+    """Every stock move of a batch in one statement: a store/SKU row not there yet
+    starts at the move (as the legacy posting program does), an existing one moves
+    by it. A SELECT for the existing rows and then UPDATEs cost more than every
+    other statement of a batch together (and on PostgreSQL one round trip each)."""
+    statement = insert(stock)
+    return Prepared(statement.on_conflict_do_update(
+        index_elements=[stock.c.STORE_NO, stock.c.SKU],
+        set_={"ON_HAND": stock.c.ON_HAND + statement.excluded.ON_HAND, "UPD_TS": statement.excluded.UPD_TS}))
 
 
 def _stamp() -> str:
@@ -144,14 +152,8 @@ def write_many(conn: Connection, t: LegacyTables,
     insert[t.lines.name](conn, [line for r in rows for line in r.lines])
     insert[t.tenders.name](conn, [tender for r in rows for tender in r.tenders])
     insert[t.gl.name](conn, [gl for r in rows for gl in r.gl])
-    keys = sorted(moves)
-    existing = {(store, sku) for store, sku in conn.execute(t.sql.stock_rows, {"pairs": keys})}
-    updates = [{"store": s, "sku": k, "delta": moves[(s, k)], "now": now} for s, k in keys if (s, k) in existing]
-    if updates:
-        t.sql.move_stock(conn, updates)
-    new = [{"STORE_NO": s, "SKU": k, "ON_HAND": moves[(s, k)], "UPD_TS": now} for s, k in keys if (s, k) not in existing]
-    if new:
-        insert[t.stock.name](conn, new)
+    t.sql.move_stock[conn.dialect.name](conn, [
+        {"STORE_NO": store, "SKU": sku, "ON_HAND": moves[(store, sku)], "UPD_TS": now} for store, sku in sorted(moves)])
     return [r.header["DOC_NO"] for r in rows]
 
 

@@ -274,3 +274,11 @@ def test_a_value_the_legacy_table_cannot_hold_fails_alone_and_the_batch_commits(
     assert [h[1] for h in headers(db)] == ["A", "B"]
     assert ("erp.on_pos_sale", "pos.sale.v1:S001:BAD") not in inbox_keys(db)  # a fixed message can post
     assert outbox_types(db) == ["erp.sale_posted.v1", "erp.sale_posted.v1"]
+
+
+def test_stock_the_erp_never_held_starts_at_the_move_and_moves_on_from_there(db):
+    """As the legacy posting program books it: an unknown store/SKU row is created, negative."""
+    _batch(db, sale("A", sku="NEW-SKU", qty=3), sale("B", qty=1))
+    assert (on_hand(db, "NEW-SKU"), on_hand(db, "100001")) == (-3, DEMO_ON_HAND - 1)
+    _batch(db, sale("C", sku="NEW-SKU", qty=2), refund("R1", orig="A", sku="NEW-SKU"))
+    assert on_hand(db, "NEW-SKU") == -3 - 2 + 1
