@@ -14,6 +14,7 @@ import logging
 import threading
 from datetime import datetime, timezone
 
+from eventlet import tpool
 from nameko.extensions import DependencyProvider
 from prometheus_client import Counter
 from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bindparam, select, update
@@ -62,13 +63,16 @@ def add(conn: Connection, events: list[CloudEvent]) -> None:
 
 
 class _Writer:
-    def __init__(self, provider: "Outbox", worker_ctx):
-        self._provider, self._worker_ctx = provider, worker_ctx
+    """Knows nothing of its worker context: that would be a reference cycle per message
+    (context -> service -> this -> context), left to the cyclic collector."""
+
+    def __init__(self):
+        self.used = False
 
     def added(self) -> None:
         """This worker's effect added events (`add`, in its transaction): wake the
         relay once the worker has ended."""
-        self._provider.touched.add(self._worker_ctx)
+        self.used = True
 
 
 class Outbox(DependencyProvider):
@@ -86,7 +90,7 @@ class Outbox(DependencyProvider):
         self.config_key = config_key
         self.batch = batch
         self.interval = interval
-        self.touched: set = set()
+        self._writers: dict = {}
         self._wake = threading.Event()
         self._running = False
 
@@ -109,11 +113,12 @@ class Outbox(DependencyProvider):
         self._thread.kill()
 
     def get_dependency(self, worker_ctx):
-        return _Writer(self, worker_ctx)
+        writer = self._writers[worker_ctx] = _Writer()
+        return writer
 
     def worker_teardown(self, worker_ctx):
-        if worker_ctx in self.touched:  # teardown follows every worker_result: committed by now
-            self.touched.discard(worker_ctx)
+        writer = self._writers.pop(worker_ctx, None)
+        if writer is not None and writer.used:  # teardown follows every worker_result: committed by now
             self._wake.set()
 
     def _relay(self):
@@ -159,8 +164,10 @@ class Outbox(DependencyProvider):
             else:
                 RELAYED.labels(self.exchange, "failed").inc()
         if done:
-            with self.engine.begin() as conn:
+            with self.engine.connect() as conn:
+                tx = conn.begin()
                 conn.execute(_MARK_SENT, {"ids": done, "now": _now()})
+                tpool.execute(tx.commit)  # the fsync in an OS thread: the hub goes on meanwhile
         if len(done) < len(rows):
             raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
         return len(rows)

@@ -80,7 +80,7 @@ class Worker(SimpleNamespace):
 
 
 def worker(**attrs):
-    return Worker(context_data={"event_id": "E1", "correlation_id": "C1"}, **attrs)
+    return Worker(data={"event_id": "E1", "correlation_id": "C1"}, **attrs)
 
 
 def test_worker_hops_count_only_when_the_worker_and_its_commit_succeeded(buffer):
