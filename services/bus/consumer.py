@@ -27,6 +27,7 @@ from services.bus import metrics, topology
 from services.bus import journal
 from services.bus import retry as retry_policy
 from services.bus.extensions import BusConnection, container_settings
+from services.bus.framing import ack_frame
 from services.bus.publisher import OutgoingMessage, PublishError, connect
 from services.bus.wire import CoalescingWriter, buffered_reads
 
@@ -179,7 +180,7 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
             return
         try:  # no I/O here: the coalescing writer sends the frame
             if ack:
-                channel.basic_ack(message.delivery_tag)
+                self._writer.write(ack_frame(channel.channel_id, message.delivery_tag))
             else:
                 channel.basic_reject(message.delivery_tag, requeue=True)
         except Exception as exc:  # the reader notices the dead connection

@@ -68,3 +68,12 @@ def publish_frames(channel_id: int, frame_max: int, exchange: str, routing_key: 
         piece = body[start:start + chunk]
         parts += (_FRAME.pack(3, channel_id, len(piece)), piece, FRAME_END)
     return b"".join(parts)
+
+
+_ACK = Struct(">BHIHHQB")  # method frame: type 1, channel, size 13; class 60, method 80 (ack), tag, multiple
+
+
+def ack_frame(channel_id: int, delivery_tag: int) -> bytes:
+    """`basic.ack` of one delivery: what `channel.basic_ack(tag)` sends, without its
+    generic serialiser (a consumer acks every message)."""
+    return _ACK.pack(1, channel_id, 13, 60, 80, delivery_tag, 0) + FRAME_END

@@ -89,6 +89,17 @@ def valid_payloads() -> dict[str, dict]:
     }
 
 
+def test_a_process_builds_only_the_models_it_looks_up():
+    """The registry imports a model's module on first use (each process uses a few types)."""
+    import subprocess
+    import sys
+    code = ("import sys; from contracts import registry; from contracts.envelope import CloudEvent; "
+            "assert 'pos.sale.v1' in registry.REGISTRY and 'contracts.pos' not in sys.modules; "
+            "assert registry.model_for('pos.sale.v1').TYPE == 'pos.sale.v1' and 'contracts.pos' in sys.modules; "
+            "assert 'contracts.control' not in sys.modules and len(registry.REGISTRY) == len(registry.types())")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def paths_of(type_name: str, data: dict) -> list[str]:
     with pytest.raises(ContractError) as info:
         registry.parse(type_name, data)
@@ -323,6 +334,26 @@ def test_envelope_round_trips_through_json_with_exact_money():
     assert sale.lines[0].unit_price_minor == BIG
     assert sale.total_minor == 3 * BIG - 7 == 299_999_999_990
     assert json.loads(raw)["data"]["total_minor"] == 299_999_999_990
+
+
+def test_envelope_beyond_what_the_fast_json_reader_takes_is_read_or_named():
+    """orjson reads envelopes; pydantic takes what orjson refuses and names what is wrong."""
+    wire = json.loads(new_event().to_json())
+    wire["data"]["lines"][0]["unit_price_minor"] = 2**70  # valid JSON, beyond 64 bits
+    event = CloudEvent.from_json(json.dumps(wire))
+    assert event.data["lines"][0]["unit_price_minor"] == 2**70
+    with pytest.raises(ContractError) as refused:
+        event.payload()
+    assert refused.value.paths == ["data.lines.0.unit_price_minor"]
+    with pytest.raises(ContractError, match="invalid event: .*[Ii]nvalid JSON"):
+        CloudEvent.from_json(b'{"specversion": "1.0", ')
+    with pytest.raises(ContractError) as no_object:
+        CloudEvent.from_json(b"[1, 2]")
+    assert no_object.value.paths == ["<root>"]
+    wire.pop("source")
+    with pytest.raises(ContractError) as missing:
+        CloudEvent.from_json(json.dumps(wire).encode())
+    assert missing.value.paths == ["source"]
 
 
 def test_new_validates_registered_dict_payload():

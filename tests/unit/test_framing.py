@@ -1,10 +1,10 @@
-"""Our publish frames are byte for byte what py-amqp would send."""
+"""Our publish and ack frames are byte for byte what py-amqp would send."""
 import amqp
 import pytest
 from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 
-from services.bus.framing import publish_frames
+from services.bus.framing import ack_frame, publish_frames
 
 pytestmark = pytest.mark.unit
 
@@ -41,3 +41,10 @@ def test_frames_equal_py_amqp(size, headers):
 def test_a_name_longer_than_amqp_allows_is_named():
     with pytest.raises(ValueError, match="routing key is 256 bytes"):
         publish_frames(1, 4096, "x", "k" * 256, b"", content_type=None, message_id="m")
+
+
+@pytest.mark.parametrize("tag", [1, 300, 2**40 + 7])
+def test_ack_frame_equals_py_amqps_basic_ack(tag):
+    sink = _Sink()
+    frame_writer(sink, sink)(1, 5, (60, 80), dumps("Lb", (tag, False)), None)
+    assert ack_frame(5, tag) == b"".join(sink.data)
