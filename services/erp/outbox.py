@@ -47,8 +47,9 @@ OUTBOX = Table(
 )
 # Built once: building a Core statement costs more than running it.
 _INSERT = Prepared(OUTBOX.insert())
-_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.ID.in_(bindparam("ids", expanding=True)))
-              .values(SENT_TS=bindparam("now")))
+_MARK_SENT = Prepared(update(OUTBOX).where(OUTBOX.c.ID == bindparam("id")).values(SENT_TS=bindparam("now")))
+_UNSENT = (select(OUTBOX.c.ID, OUTBOX.c.EVENT_ID, OUTBOX.c.TYPE, OUTBOX.c.CORRELATION_ID, OUTBOX.c.BODY)
+           .where(OUTBOX.c.SENT_TS.is_(None)).order_by(OUTBOX.c.ID).limit(bindparam("batch")))
 
 
 def _now() -> str:
@@ -137,10 +138,8 @@ class Outbox(DependencyProvider):
 
     def relay_once(self) -> int:
         """Publish up to `batch` unsent rows; returns how many were read."""
-        o = OUTBOX.c
         with self.engine.connect() as conn:
-            rows = conn.execute(select(o.ID, o.EVENT_ID, o.TYPE, o.CORRELATION_ID, o.BODY)
-                                .where(o.SENT_TS.is_(None)).order_by(o.ID).limit(self.batch)).all()
+            rows = conn.execute(_UNSENT, {"batch": self.batch}).all()
             conn.rollback()
         if not rows:
             return 0
@@ -166,7 +165,8 @@ class Outbox(DependencyProvider):
         if done:
             with self.engine.connect() as conn:
                 tx = conn.begin()
-                conn.execute(_MARK_SENT, {"ids": done, "now": _now()})
+                now = _now()
+                _MARK_SENT(conn, [{"id": row_id, "now": now} for row_id in done])
                 tpool.execute(tx.commit)  # the fsync in an OS thread: the hub goes on meanwhile
         if len(done) < len(rows):
             raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
