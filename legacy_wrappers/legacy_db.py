@@ -19,12 +19,14 @@ message instead of acking it.
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider, SharedExtension
 from sqlalchemy import MetaData, String, Table, create_engine, event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,19 @@ log = logging.getLogger(__name__)
 EFFECT_ERRORS = "effect_errors"
 
 
+# A pooled connection idle longer than this is pinged before use (the server may have
+# restarted meanwhile); one in steady use is not: a ping on every checkout was a round
+# trip for every batch of postings, every capture poll and every outbox relay round.
+PING_IDLE_SECONDS = 1.0
+
+
 def engine_for(dsn: str, **kwargs) -> Engine:
     if not dsn.startswith("sqlite"):
         # values_plus_batch: an executemany UPDATE is one round trip per page, not per row
-        return create_engine(dsn, pool_pre_ping=True, executemany_mode="values_plus_batch", **kwargs)
+        engine = create_engine(dsn, executemany_mode="values_plus_batch", **kwargs)
+        event.listen(engine, "checkin", _note_idle)
+        event.listen(engine, "checkout", _ping_if_idle)
+        return engine
     engine = create_engine(dsn, pool_size=1, max_overflow=0, pool_timeout=60,
                            connect_args={"check_same_thread": False}, **kwargs)  # BatchedWrites commits in tpool
 
@@ -54,6 +65,25 @@ def engine_for(dsn: str, **kwargs) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _note_idle(_dbapi_conn, record) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, for idle connections only: a dead
+    one is replaced (the pool retries the checkout on DisconnectionError). A connection
+    that dies while in steady use fails its statement, which SQLAlchemy recognises as a
+    disconnect (the pool is refreshed) and our callers retry."""
+    if time.monotonic() - record.info.get("idle_since", time.monotonic()) < PING_IDLE_SECONDS:
+        return
+    try:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+    except Exception as exc:
+        raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
 
 
 class LegacyValueError(ValueError):
