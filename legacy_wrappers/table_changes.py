@@ -15,7 +15,11 @@ already captured, behind the watermark. Every `interval` the rows of the last
 `overlap` seconds before the watermark are read again and the versions not
 yet emitted (remembered per key: timestamp and values) are handed on as
 well. A commit later than `overlap` is missed: set it above the longest
-legacy transaction. Deletions are seen only where the legacy table marks
+legacy transaction. So once the watermark has stood still for `overlap`
+seconds (of our clock: a row stamped before the watermark's row was stamped
+before we saw that row), one more rescan finds every late row there can be,
+and rescans pause until the watermark moves: a quiet table after a batch job
+that touched every row in one second is not re-read every interval forever. Deletions are seen only where the legacy table marks
 them (`deleted=(column, value)`); a physically deleted row leaves no trace
 a poller could find.
 
@@ -96,6 +100,7 @@ class TableChanges(Entrypoint):
         self._wake = threading.Event()
         self._last_rescan = 0.0
         self._rescan_low = None
+        self._settles_at = 0.0  # our clock: no late row behind the watermark can commit after this
         super().__init__(**kwargs)
 
     def setup(self):
@@ -151,6 +156,7 @@ class TableChanges(Entrypoint):
             if self._ts.type.python_type is datetime:
                 ts = datetime.fromisoformat(ts)
             self.watermark = (ts, *json.loads(saved.ROW_KEY))
+            self._settles_at = time.monotonic() + self.overlap
 
     def poll_once(self) -> int:
         """Hand on the next batch after the watermark, then (every `interval`) late rows.
@@ -170,6 +176,8 @@ class TableChanges(Entrypoint):
         elif self.watermark is not None:
             LAG.labels(self.table_name).set(self._age(self.watermark[0]))
         if self.watermark is None or time.monotonic() - self._last_rescan < self.interval:
+            return len(rows)
+        if self._last_rescan > self._settles_at:  # a rescan after the watermark settled found them all
             return len(rows)
         low = shift(self.watermark[0], self.overlap)
         self._rescan_low = low if self._rescan_low is None else min(self._rescan_low, low)
@@ -255,6 +263,7 @@ class TableChanges(Entrypoint):
                 conn.execute(WATERMARKS.insert().values(
                     NAME=self.name, TS=stored, ROW_KEY=json.dumps(key), SAVED_TS=now))
         self.watermark = position
+        self._settles_at = time.monotonic() + self.overlap
 
 
 table_changes = TableChanges.decorator
