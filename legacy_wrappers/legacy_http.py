@@ -16,12 +16,20 @@ response headers and the body in two segments without TCP_NODELAY, so Nagle
 holds the body until the headers are ACKed, and the client's delayed ACK
 waits up to 40 ms for that. The client asks the kernel for an immediate ACK
 (TCP_QUICKACK, Linux) once the request is out, which removes that stall.
+
+The wire format is written and read here rather than by `http.client`: the
+agent's legacy mode is one such call per sale while a till waits, and
+`http.client` parses the response headers with the `email` package and
+sends the request headers and body in two writes (bench/README.md,
+bench_routing). A call is one write; the answer is read by Content-Length,
+chunked, or up to the close.
 """
 from __future__ import annotations
 
 import http.client
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 _select = patcher.original("select").select  # a zero-timeout poll, without a trip through the hub
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_LINE = 65536  # status and header lines, as http.client
+MAX_HEADERS = 100
 
 BREAKER_STATE = Gauge("retailbus_breaker_open", "1 while the breaker to a legacy system is open",
                       ["system"])
@@ -75,6 +85,9 @@ class LegacyHttpClient:
         self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
         self.https = parts.scheme == "https"
         self.prefix = parts.path.rstrip("/")
+        default_port = 443 if self.https else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.timeout = timeout
         self.system = system
         self.breaker = pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout,
@@ -98,25 +111,27 @@ class LegacyHttpClient:
         LEGACY_CALLS.labels(self.system, "ok").inc()
         return response
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> tuple[Connection, bool]:
         """(a connection, whether it was idle in the pool); closed idle ones are dropped."""
         while True:
             try:
                 conn = self._idle.get_nowait()
             except Empty:
                 break
-            if conn.sock is not None and not _select([conn.sock], [], [], 0)[0]:
+            if not _select([conn.sock], [], [], 0)[0]:
                 return conn, True
             conn.close()  # readable while idle: the ERP closed it (EOF) or sent junk
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout), False
+        return Connection(self.host, self.port, self.timeout, self.https), False
 
     def _send(self, method, path, body, content_type) -> LegacyResponse:
-        headers = {"Content-Type": content_type} if body is not None else {}
+        head = f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nAccept-Encoding: identity\r\n"
+        if body is not None:
+            head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        request = (head + "\r\n").encode("latin-1") + (body or b"")
         while True:  # bounded: each retry takes another pooled connection, then a fresh one raises
             conn, pooled = self._connection()
             try:
-                conn.request(method, self.prefix + path, body=body, headers=headers)
+                conn.sock.sendall(request)
             except (ConnectionResetError, BrokenPipeError):
                 conn.close()
                 if pooled:
@@ -128,8 +143,7 @@ class LegacyHttpClient:
             if TCP_QUICKACK is not None:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
             try:
-                raw = conn.getresponse()
-                data = raw.read()
+                status, content_type, data, will_close = conn.read_response(method)
                 break
             except http.client.RemoteDisconnected:
                 conn.close()
@@ -139,17 +153,102 @@ class LegacyHttpClient:
             except Exception:
                 conn.close()
                 raise
-        if raw.will_close:
+        if will_close or conn.has_leftover():
             conn.close()
         else:
             try:
                 self._idle.put_nowait(conn)
             except Full:
                 conn.close()
-        response = LegacyResponse(raw.status, data, raw.getheader("Content-Type") or "application/json")
-        if raw.status >= 500:
-            raise LegacyUnavailable(f"answered {raw.status}")
+        response = LegacyResponse(status, data, content_type or "application/json")
+        if status >= 500:
+            raise LegacyUnavailable(f"answered {status}")
         return response
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection to a legacy system: a socket and its reader."""
+
+    def __init__(self, host: str, port: int, timeout: float, https: bool):
+        sock = socket.create_connection((host, port), timeout)
+        if https:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        self.sock, self.rfile = sock, sock.makefile("rb")
+
+    def close(self):
+        self.rfile.close()
+        self.sock.close()
+
+    def has_leftover(self) -> bool:
+        """Bytes after the answer (an ERP sending more than its Content-Length): kept,
+        they would be read as the next call's answer, so the connection is not reused."""
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0)  # peek what is buffered or already arrived, never wait
+        try:
+            return bool(self.rfile.peek(1))
+        finally:
+            self.sock.settimeout(timeout)
+
+    def _line(self) -> bytes:
+        line = self.rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise http.client.LineTooLong("header line")
+        return line
+
+    def read_response(self, method: str) -> tuple[int, str | None, bytes, bool]:
+        """(status, Content-Type, body, whether the connection ends with this answer)."""
+        while True:
+            line = self._line()
+            if not line:
+                raise http.client.RemoteDisconnected("Remote end closed connection without response")
+            version, _, rest = line.decode("latin-1").partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or not code.isdigit():
+                raise http.client.BadStatusLine(line[:100].decode("latin-1"))
+            headers = {}
+            for _ in range(MAX_HEADERS + 1):
+                line = self._line()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            else:
+                raise http.client.HTTPException(f"more than {MAX_HEADERS} headers")
+            status = int(code)
+            if status >= 200 or status == 101:
+                break  # 1xx before the answer (100 Continue, 103) are skipped
+        connection = headers.get("connection", "").lower()
+        will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            data = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            data = self._chunked()
+        elif headers.get("content-length", "").isdigit():
+            length = int(headers["content-length"])
+            data = self.rfile.read(length)
+            if len(data) < length:
+                raise http.client.IncompleteRead(data, length - len(data))
+        else:  # no length: the body ends with the connection
+            data, will_close = self.rfile.read(), True
+        return status, headers.get("content-type"), data, will_close
+
+    def _chunked(self) -> bytes:
+        chunks = []
+        while True:
+            size_field = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_field, 16)
+            except ValueError:
+                raise http.client.HTTPException(f"malformed chunk size {size_field[:20]!r}") from None
+            if size == 0:
+                while self._line() not in (b"\r\n", b"\n", b""):  # trailers: ignored
+                    pass
+                return b"".join(chunks)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise http.client.IncompleteRead(chunk, size - len(chunk))
+            chunks.append(chunk)
+            self._line()
 
 
 class LegacyHttp(DependencyProvider):

@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 
 import eventlet
 from nameko.extensions import DependencyProvider
-from nameko.web.handlers import http
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
 from werkzeug.wrappers import Response
 
@@ -32,6 +31,7 @@ from routing.control_totals import ControlTotalsPublisher
 from routing.forwarder import OutboxForwarder
 from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
 from routing.outbox import Outbox, OutboxConflict, OutboxUnavailable
+from routing.pos_http import pos_http
 from routing.route_state import DECISION_SECONDS, END_TO_END_SECONDS, RouteTableHolder
 from routing.shadow import ShadowComparer
 from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
@@ -260,15 +260,15 @@ class StoreAgent:
         return _json(200, {"STATUS": "OK", "DOC_NO": "PENDING", "REF": accepted.event_id,
                            "DUPLICATE": accepted.duplicate})
 
-    @http("POST", "/erp/sales")
+    @pos_http("POST", "/erp/sales")
     def post_sale(self, request):
         return self._accept(request, "sales", "pos.sale.v1", legacy_payload.sale_from_legacy)
 
-    @http("POST", "/erp/returns")
+    @pos_http("POST", "/erp/returns")
     def post_return(self, request):
         return self._accept(request, "returns", "pos.return.v1", legacy_payload.return_from_legacy)
 
-    @http("GET", "/erp/stock")
+    @pos_http("GET", "/erp/stock")
     def get_stock(self, request):
         _, refused = self._authenticate(request, b"")
         if refused:
@@ -305,7 +305,7 @@ class StoreAgent:
         OUTBOX_OLDEST.labels(self.store.store_id).set(stats["oldest_unsent_seconds"])
         return stats
 
-    @http("GET", "/healthz")
+    @pos_http("GET", "/healthz")
     def healthz(self, request):
         forwarder = self.store.forwarder
         last = forwarder.last_confirm
@@ -323,7 +323,7 @@ class StoreAgent:
             "auth_required": self.store.config.auth_required,
         })
 
-    @http("GET", "/routes/mismatches")
+    @pos_http("GET", "/routes/mismatches")
     def mismatches(self, request):
         """Shadow mismatches kept by this agent (`retailbus routes mismatches ROUTE`)."""
         try:
@@ -333,7 +333,7 @@ class StoreAgent:
         return _json(200, {"store": self.store.store_id,
                            "mismatches": self.shadow.mismatches.read(request.args.get("route"), limit)})
 
-    @http("GET", "/metrics")
+    @pos_http("GET", "/metrics")
     def metrics(self, request):
         self._stats()
         return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ queues a dry-run comparison on the bus side that never delays the till;
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -35,6 +36,8 @@ def maybe_written(exc: BaseException) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (socket.timeout, TimeoutError, ConnectionResetError, BrokenPipeError)):
+            return True
+        if isinstance(exc, http.client.HTTPException):  # a garbled or cut answer: the call went out
             return True
         if type(exc).__name__ == "RemoteDisconnected":
             return True

@@ -21,7 +21,8 @@ class RawErp:
     """A minimal HTTP/1.1 server. `plan` says, per request in arrival order, what to do:
     "ok" (answer, keep the connection), "ok_close" (answer without a Connection header,
     then close: an idle keep-alive connection the ERP dropped), "drop" (read the whole
-    request, close without answering), "503"."""
+    request, close without answering), "503", "ok_overlong" (answer, then bytes beyond
+    its Content-Length)."""
 
     def __init__(self, plan: list[str]):
         self.plan = list(plan)
@@ -55,8 +56,9 @@ class RawErp:
                     return
                 status = "503 Service Unavailable" if action == "503" else "200 OK"
                 answer = json.dumps({"STATUS": "OK", "N": len(self.requests)}).encode()
+                extra = b'{"STATUS": "OK", "N": 999}' if action == "ok_overlong" else b""
                 conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: {len(answer)}\r\n\r\n".encode() + answer)
+                             f"Content-Length: {len(answer)}\r\n\r\n".encode() + answer + extra)
                 if action == "ok_close":
                     return
         finally:
@@ -98,6 +100,15 @@ def test_a_pooled_connection_the_erp_closed_is_not_used(erp):
     assert server.connections == 3
 
 
+def test_bytes_beyond_an_answers_length_are_never_read_as_the_next_answer(erp):
+    server = erp(["ok_overlong", "ok"])
+    client = LegacyHttpClient(server.url, timeout=5)
+    first = client.request("POST", "/erp/sales", b'{"n": 1}')
+    second = client.request("POST", "/erp/sales", b'{"n": 2}')
+    assert [json.loads(r.body)["N"] for r in (first, second)] == [1, 2]
+    assert server.connections == 2  # the connection with junk after its answer was not reused
+
+
 def test_a_post_that_went_out_whole_is_never_sent_again(erp):
     server = erp(["ok", "drop"])
     client = LegacyHttpClient(server.url, timeout=5)
@@ -136,3 +147,50 @@ def test_erp_down_is_unavailable_and_not_maybe_written(erp):
     with pytest.raises(LegacyUnavailable) as caught:
         LegacyHttpClient(url, timeout=5).request("POST", "/erp/sales", b"{}")
     assert not maybe_written(caught.value)  # refused: safe to queue (on_legacy_failure: queue)
+
+
+def one_shot_erp(answer: bytes) -> tuple[str, list]:
+    """A server that reads one request (head and Content-Length body), records it raw,
+    writes `answer` and closes."""
+    sock = eventlet.listen(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve():
+        conn, _ = sock.accept()
+        rfile = conn.makefile("rb")
+        head = b""
+        while (line := rfile.readline()) not in (b"\r\n", b""):
+            head += line
+        length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                       if h.lower().startswith(b"content-length")), 0)
+        seen.append(head + b"\r\n" + rfile.read(length))
+        conn.sendall(answer)
+        rfile.close()
+        conn.close()
+        sock.close()
+    eventlet.spawn(serve)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/base", seen
+
+
+@pytest.mark.parametrize("answer, body", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"4\r\n{\"a\"\r\n3;x=y\r\n: 1\r\n1\r\n}\r\n0\r\nX-Trailer: t\r\n\r\n", b'{"a": 1}'),
+    (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\": 1}", b'{"a": 1}'),  # ends at the close
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 8\r\nConnection: close\r\n\r\n{\"a\": 1}", b'{"a": 1}'),
+])
+def test_answers_are_read_by_chunks_by_close_and_after_1xx(answer, body):
+    url, seen = one_shot_erp(answer)
+    response = LegacyHttpClient(url, timeout=5).request("POST", "/erp/sales", b'{"n": 1}')
+    assert response.body == body and response.content_type == "application/json"
+    host = url.split("//")[1].split("/")[0]
+    assert seen == [f"POST /base/erp/sales HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: 8\r\n\r\n".encode() + b'{"n": 1}']
+
+
+def test_an_answer_cut_short_is_unavailable_and_maybe_written():
+    url, _ = one_shot_erp(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"a\"")
+    with pytest.raises(LegacyUnavailable) as caught:
+        LegacyHttpClient(url, timeout=5).request("POST", "/erp/sales", b"{}")
+    assert "IncompleteRead" in repr(caught.value.__cause__)
+    assert maybe_written(caught.value)  # the ERP had the whole sale: answered 504, never queued

@@ -1,0 +1,158 @@
+"""routing/pos_http.py and routing/http11.py: the store agent's HTTP entrypoint.
+
+A real nameko container serving a tiny service on a real socket; the client
+side is a raw socket (so the bytes on the wire are what is asserted) or
+`http.client` (what tills use).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import pytest
+from nameko.containers import ServiceContainer
+from werkzeug.wrappers import Response
+
+from routing import http11
+from routing.pos_http import pos_http
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.unit
+
+
+class Echo:
+    name = "echo"
+    seen: list = []
+
+    @pos_http("POST", "/echo")
+    def echo(self, request):
+        self.seen.append((request.content_length, request.headers.get("Transfer-Encoding")))
+        return Response(request.get_data(), mimetype=request.mimetype)
+
+    @pos_http("GET", "/hello")
+    def hello(self, request):
+        return Response(json.dumps({"args": request.args.to_dict()}), mimetype="application/json")
+
+    @pos_http("GET", "/boom")
+    def boom(self, request):
+        raise ValueError("broken on purpose")
+
+    @pos_http("POST", "/refuse")
+    def refuse(self, request):
+        """Answers from Content-Length alone, never reading the body (the agent's 413)."""
+        return Response(json.dumps({"length": request.content_length}), status=413, mimetype="application/json")
+
+
+@pytest.fixture
+def server():
+    port = free_port()
+    container = ServiceContainer(Echo, {"WEB_SERVER_ADDRESS": f"127.0.0.1:{port}"})
+    container.start()
+    Echo.seen.clear()
+    yield port
+    container.stop()
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_share_a_kept_alive_connection(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    bodies = []
+    for n in range(3):
+        conn.request("POST", "/echo", body=b'{"n": %d}' % n, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "application/json"
+        bodies.append(response.read())
+        if n == 0:
+            first_socket = conn.sock
+    assert bodies == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
+    assert conn.sock is first_socket  # never reconnected
+    conn.close()
+
+
+def test_query_string_and_head(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    conn.request("GET", "/hello?SKU=1%202&STORE=S001")
+    response = conn.getresponse()
+    assert json.loads(response.read()) == {"args": {"SKU": "1 2", "STORE": "S001"}}
+    conn.request("HEAD", "/hello")
+    response = conn.getresponse()
+    assert response.status == 200 and int(response.getheader("Content-Length")) > 0
+    assert response.read() == b""
+    conn.close()
+
+
+def test_a_chunked_body_after_100_continue_reaches_the_handler_whole(server):
+    raw = exchange(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                           b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+                           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert raw.endswith(b"\r\n\r\nhello world") and b"Connection: close" in raw
+    assert Echo.seen == [(11, None)]  # de-chunked: a body of known length
+
+
+def test_unknown_path_and_method_are_answered_in_the_agent_error_shape(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    conn.request("GET", "/nope")
+    response = conn.getresponse()
+    assert response.status == 404
+    assert json.loads(response.read()) == {"STATUS": "ERROR", "MESSAGE": "no such path: /nope"}
+    conn.request("DELETE", "/hello")
+    response = conn.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "GET"
+    assert json.loads(response.read())["STATUS"] == "ERROR"
+    conn.close()
+
+
+def test_a_failing_method_gets_500_and_the_connection_keeps_serving(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    conn.request("GET", "/boom")
+    response = conn.getresponse()
+    assert response.status == 500
+    assert "ValueError" in json.loads(response.read())["MESSAGE"]
+    conn.request("GET", "/hello")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"NONSENSE\r\n\r\n", 400),
+    (b"GET /hello HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"GET /hello HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: two\r\n\r\n", 400),
+])
+def test_unreadable_requests_are_refused_and_the_connection_closed(server, request_bytes, status):
+    raw = exchange(server, request_bytes)
+    assert raw.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"Connection: close" in raw and json.loads(raw.split(b"\r\n\r\n", 1)[1])["STATUS"] == "ERROR"
+
+
+def test_http10_closes_unless_asked_to_keep_alive(server):
+    raw = exchange(server, b"GET /hello HTTP/1.0\r\n\r\n")  # returns only because the server closes
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in raw
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as sock:
+        sock.sendall(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        first = sock.recv(65536)
+        assert b"Connection: keep-alive" in first
+        sock.sendall(b"GET /hello HTTP/1.0\r\n\r\n")  # the same connection still serves
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_body_over_the_read_limit_is_left_to_the_handler_then_the_connection_closes(server, monkeypatch):
+    monkeypatch.setattr(http11, "MAX_BODY", 10)
+    raw = exchange(server, b"POST /refuse HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 100)
+    assert raw.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in raw
+    assert json.loads(raw.split(b"\r\n\r\n", 1)[1]) == {"length": 100}
+    raw = exchange(server, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"b\r\nhello world\r\n0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 413 ") and b"body larger than 10 bytes" in raw
