@@ -30,7 +30,7 @@ SINK = "bench.filedrop.sink"
 def child_raw(uri: str, path: str):
     import amqp
     from bench.common import connect
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     conn = connect(uri)
     ch = conn.channel()
     ch.confirm_select()
@@ -64,7 +64,7 @@ def child_raw(uri: str, path: str):
     while acked[0] < sent:
         conn.drain_events(timeout=10)
     conn.close()
-    return rows, time.monotonic() - started
+    return rows, time.monotonic() - started, time.process_time() - cpu
 
 
 def child_idle(uri: str, path: str):
@@ -73,8 +73,9 @@ def child_idle(uri: str, path: str):
 
 
 def child_ours(uri: str, path: str | None):
+    from services.bus.runner import monkey_patch
+    monkey_patch()  # as `retailbus up` runs the service (services/bus/runner.py)
     import eventlet
-    eventlet.monkey_patch()
     import shutil
     import yaml
     from nameko.containers import ServiceContainer
@@ -97,19 +98,19 @@ def child_ours(uri: str, path: str | None):
         eventlet.sleep(0.5)
         container.stop()
         shutil.rmtree(root)
-        return 0, 1.0
+        return 0, 1.0, 0.0
     (root / "customers").mkdir(exist_ok=True)
     target = root / "customers" / Path(path).name
     shutil.copy(path, target)
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     Path(str(target) + ".done").touch()
     while not list((root / "customers" / "archive").rglob(target.name)):
         eventlet.sleep(0.01)
-    elapsed = time.monotonic() - started
+    elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
     container.stop()
     shutil.rmtree(root)
     rows = sum(1 for _ in open(path)) - 2
-    return rows, elapsed
+    return rows, elapsed, cpu
 
 
 def run_child(kind: str, uri: str, path: Path) -> dict:
@@ -142,8 +143,8 @@ def main():
     args = ap.parse_args()
     if args.child:
         child = {"raw": child_raw, "ours": child_ours, "idle": child_idle}[args.child]
-        rows, elapsed = child(args.uri, args.file)
-        print(json.dumps({"rows": rows, "seconds": elapsed,
+        rows, elapsed, cpu = child(args.uri, args.file)
+        print(json.dumps({"rows": rows, "seconds": elapsed, "cpu_seconds": cpu,
                           "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
     from bench.common import bench_broker, median
@@ -165,10 +166,13 @@ def main():
                     purge(uri)
                     runs.append(run_child(kind, uri, path))
                 rates = [r["rows"] / r["seconds"] for r in runs]
+                cpu = [round(r["cpu_seconds"], 2) for r in runs]
                 result[kind] = {"rows_per_s": median(rates), "runs": [round(x) for x in rates],
-                                "rss_mib": max(r["rss_mib"] for r in runs)}
+                                "rss_mib": max(r["rss_mib"] for r in runs), "cpu_seconds": cpu}
                 print(f"{size:>9} rows {kind:>4}: median {median(rates):>9,.0f} rows/s "
-                      f"runs {[round(x) for x in rates]}  peak RSS {result[kind]['rss_mib']:.1f} MiB", flush=True)
+                      f"runs {[round(x) for x in rates]}  CPU s {cpu}  peak RSS {result[kind]['rss_mib']:.1f} MiB"
+                      f"  load {os.getloadavg()[0]:.1f}",
+                      flush=True)
             result["ours_over_raw"] = result["ours"]["rows_per_s"] / result["raw"]["rows_per_s"]
             print(f"{size:>9} rows ratio ours/raw {result['ours_over_raw']:.2f}", flush=True)
             figures[str(size)] = result

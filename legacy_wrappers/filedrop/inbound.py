@@ -51,6 +51,13 @@ class RowChunk:
     index: int
     rows: list[tuple[int, dict]]  # each row's idempotency key is `<sha256>:<row number>`
 
+    def take_rows(self) -> list[tuple[int, dict]]:
+        """The rows, handed over once: the chunk lets go of them, so they are freed as
+        soon as the taker is done with them, not when the worker ends (after the confirm)."""
+        rows = self.rows[:]
+        self.rows.clear()
+        return rows
+
 
 class ChunkFailed(Exception):
     pass
@@ -225,7 +232,7 @@ class FileDrop(Entrypoint):
             return self._reject(name, st, outcome, f"{outcome.bad_rows} bad rows", rejects)
         record = self.ledger.begin(self.drop, outcome.sha256, name, outcome.records, outcome.bad_rows)
         try:
-            final = self._publish(name, outcome.sha256, record["CHUNKS_DONE"], rejects)
+            final = self._publish(name, outcome.sha256, record["CHUNKS_DONE"], rejects, outcome.line_end)
         except (ChunkFailed, OSError, FileProblem) as exc:
             return self._failed(name, st, outcome, record["ATTEMPTS"], str(exc))
         if final.bad_rows:
@@ -241,9 +248,10 @@ class FileDrop(Entrypoint):
                  final.bad_rows, extra={"id": outcome.sha256, "outcome": "done"})
         self._archive(name, st)
 
-    def _publish(self, name: str, sha256: str, chunks_done: int, rejects: Path):
+    def _publish(self, name: str, sha256: str, chunks_done: int, rejects: Path, line_end: str | None):
         """Pass 2: validated rows to the service method in chunks, `inflight_chunks` at a
-        time, checkpointed in order; bad rows to the reject report. Returns the pass's Outcome."""
+        time, checkpointed in order; bad rows to the reject report. Returns the pass's Outcome.
+        `line_end`: pass 1 found a plain file, which pass 2 reads on blocks (layout.py)."""
         inflight: deque[tuple[int, Event]] = deque()
         index = 0
         window = self.cfg.inflight_chunks
@@ -270,7 +278,7 @@ class FileDrop(Entrypoint):
 
         f, _ = open_regular(self.folder, name)
         with f, _RejectReport(rejects) as report:
-            again = self.layout.scan(f, submit, report.add, batch=self.cfg.chunk_rows)
+            again = self.layout.scan(f, submit, report.add, batch=self.cfg.chunk_rows, line_end=line_end)
         if again.sha256 != sha256:
             raise FileProblem("the file changed while it was being read")
         while inflight:

@@ -15,7 +15,9 @@ Per-row cost is the whole story at 100k+ rows/s, so: a CSV line without the
 quote character is split with `str.split` (exactly what `csv.reader` makes of
 it; quoted lines, which may span lines, still go through `csv.reader`), the
 converter is straight-line code with the timestamp check inlined, and good
-rows leave the pass in lists of `batch` rather than one call per row.
+rows leave the pass in lists of `batch` rather than one call per row. A file
+the first pass found plain (count.py) is read in pass 2 as blocks of text
+split at its line end, without a test or a generator step per line.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from itertools import repeat
 from typing import Callable
 
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
 from legacy_wrappers.filedrop.count import quick_count
 
 RECORD = "<record>"  # the column name a whole-record problem is reported under
+TEXT_BLOCK = 1 << 16  # characters a plain file's pass 2 reads at a time
 
 
 class FileProblem(Exception):
@@ -149,6 +153,8 @@ class Outcome:
     bad_rows: int = 0
     total: int = 0
     problems: list[str] = field(default_factory=list)
+    # A plain file's line end (pass 1 read it on blocks, count.py): pass 2 may read it on blocks too.
+    line_end: str | None = field(default=None, compare=False)
 
 
 class Layout:
@@ -248,6 +254,43 @@ class Layout:
             if line:
                 yield n, line.split(delimiter)
 
+    def _plain_csv_records(self, text, line_end: str):
+        """What `_csv_records` reads from a plain file (no quote character, no empty line,
+        no line near csv's field size limit, every line ended by `line_end`: pass 1 found
+        it so), read as blocks of text split at `line_end`: no per-line tests and no
+        per-line generator step. A block that is not plain means the file changed after
+        pass 1: FileProblem (the pass's sha256 would not match either)."""
+        d = self.drop.csv
+        delimiter, quotechar, limit = d.delimiter, d.quotechar, csv.field_size_limit()
+        crlf, split = line_end == "\r\n", str.split
+        n, rest, first = 0, "", d.header_row  # record 1, the column-name line, is not a record
+        while True:
+            block = text.read(TEXT_BLOCK)
+            if block:
+                block = rest + block
+                cut = block.rfind("\n")
+                if cut < 0:
+                    rest = block
+                    continue
+                if crlf and (cut == 0 or block[cut - 1] != "\r"):
+                    raise FileProblem("the file changed while it was being read (not plain any more)")
+                body, rest = block[:cut - crlf], block[cut + 1:]
+            elif rest:  # the last line, without a line end
+                body, rest = rest, ""
+            else:
+                return
+            lines = body.split(line_end)
+            seps = len(lines) - 1  # a lone \r or \n (or, in a \n file, any \r) is not plain
+            other_ends = body.count("\r") != seps or body.count("\n") != seps if crlf else "\r" in body
+            if other_ends or quotechar in body or "" in lines \
+                    or (len(body) > limit and max(map(len, lines)) > limit):
+                raise FileProblem("the file changed while it was being read (not plain any more)")
+            start = n + 1
+            n += len(lines)
+            if first:
+                first, lines, start = False, lines[1:], start + 1
+            yield from zip(range(start, n + 1), map(split, lines, repeat(delimiter)))
+
     def _control(self, prefix: str | None):
         """A test for a header/trailer record: CSV by its first column, fixed by its start."""
         if prefix is None:
@@ -256,7 +299,8 @@ class Layout:
             return lambda rec: rec[0] == prefix
         return lambda rec: rec.startswith(prefix)
 
-    def scan(self, binary, on_rows=None, on_bad=None, validate: bool = True, batch: int = 500) -> Outcome:
+    def scan(self, binary, on_rows=None, on_bad=None, validate: bool = True, batch: int = 500,
+             line_end: str | None = None) -> Outcome:
         """Read `binary` once: `on_rows([(n, values), ...])` per `batch` good rows (the
         last list may be shorter), `on_bad(n, problems)` per bad one.
 
@@ -264,6 +308,8 @@ class Layout:
         looking record is held back until the next record shows it was not the
         last one (then it is a bad row). A pass that only counts reads a plain
         file as blocks of bytes (count.py); any other file from the start again.
+        `line_end`: the file is a plain CSV file with these line ends (the first
+        pass's `Outcome.line_end`), read as blocks of text (`_plain_csv_records`).
         """
         if not validate and on_rows is None:
             out = self._quick_scan(binary)
@@ -281,7 +327,7 @@ class Layout:
         total_of = trailer.total_of if trailer else None
         held = None  # (n, record) of a trailer-looking record
         convert = self.convert
-        records = self._records(text)
+        records = self._plain_csv_records(text, line_end) if line_end else self._records(text)
         good: list[tuple[int, dict]] = []
         count = rows = total = 0
         try:
@@ -353,7 +399,8 @@ class Layout:
             return None  # a trailer-looking record before the last: a bad row, counted exactly
         has_header = header is not None and self._control(header.prefix)(first)
         held = trailer is not None and is_trailer(last)
-        out = Outcome(sha256=q.sha256, bytes=q.bytes, records=q.lines - column_names - has_header - held)
+        out = Outcome(sha256=q.sha256, bytes=q.bytes, records=q.lines - column_names - has_header - held,
+                      line_end=q.line_end if csv_format else None)
         if held:
             self._check_trailer(out, last, False)
         elif trailer is not None:

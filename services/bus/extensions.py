@@ -120,5 +120,10 @@ class _Publish:
     def publish(self, event: CloudEvent, routing_key: str | None = None) -> None:
         self._publisher.publish(event_message(event, self.exchange, routing_key))
 
+    def publish_message(self, message: OutgoingMessage) -> None:
+        """An event already written by `event_message(event, self.exchange)`: lets a caller
+        drop a large event's data before the confirm wait (the files service's chunks)."""
+        self._publisher.publish(message)
+
     def publish_many(self, events: list[CloudEvent]) -> list[Exception | None]:
         return self._publisher.publish_many([event_message(e, self.exchange) for e in events])

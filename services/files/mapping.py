@@ -26,14 +26,19 @@ def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, dict]:
     Rows are checked by `check_rows` (the first fully, the values of all), and the
     envelope is assembled, not validated: every field is ours, and a full pydantic
     validation of 500 items costs more than the rest of the pipeline per row.
+
+    The chunk's rows are taken from it (`RowChunk.take_rows`), so they live as long
+    as the event does (services/files/service.py writes it and lets go of it before
+    the publish waits for its confirm), not as long as the worker.
     """
     model = ROW_TYPES[chunk.drop]
-    rows, prefix = chunk.rows, chunk.sha256 + ":"  # row keys: `<sha256>:<row>` (RowChunk)
+    rows, prefix = chunk.take_rows(), chunk.sha256 + ":"  # row keys: `<sha256>:<row>` (RowChunk)
+    numbers = [n for n, _ in rows]
     values = [v for _, v in rows]
-    check_rows(model, values, [n for n, _ in rows], chunk.file)
+    check_rows(model, values, numbers, chunk.file)
     batch = {"item_type": model.TYPE, "file": chunk.file, "sha256": chunk.sha256,
              "items": [{"row": n, "idempotencykey": f"{prefix}{n}", "data": v} for n, v in rows]}
-    trace = {"sha256": chunk.sha256, "runs": row_runs(rows), "names": list(map(ROW_NAMES[chunk.drop], values))}
+    trace = {"sha256": chunk.sha256, "runs": row_runs(numbers), "names": list(map(ROW_NAMES[chunk.drop], values))}
     event_id = str(ULID())
     event = AssembledEvent.model_construct(
         id=event_id, source=source, type=EventBatchV1.TYPE, time=datetime.now(UTC), subject=model.TYPE,
@@ -41,14 +46,14 @@ def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, dict]:
     return event, trace
 
 
-def row_runs(rows: list[tuple[int, dict]]) -> list[tuple[int, int]]:
-    """The rows' numbers as runs of consecutive numbers [(first, last), ...]: one run for
-    a chunk without skipped rows or lines (a quoted value spanning lines splits it too)."""
-    first, last = rows[0][0], rows[-1][0]
-    if last - first + 1 == len(rows):
+def row_runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Row numbers (ascending) as runs of consecutive numbers [(first, last), ...]: one run
+    for a chunk without skipped rows or lines (a quoted value spanning lines splits it too)."""
+    first, last = numbers[0], numbers[-1]
+    if last - first + 1 == len(numbers):
         return [(first, last)]
     runs = []
-    for n, _ in rows:
+    for n in numbers:
         if runs and runs[-1][1] == n - 1:
             runs[-1][1] = n
         else:

@@ -201,6 +201,7 @@ def test_a_chunk_envelope_is_the_json_pydantic_would_write():
     rows = [(2, values), (4, {**values, "customer_id": "C2"})]
     chunk = RowChunk("customers", "customers_x.csv", "a" * 64, 3, rows)
     event, trace = batch_event(chunk, "legacy/filedrop/customers")
+    assert chunk.rows == []  # taken: they live as long as the event, not the worker
     assert event.to_json() == CloudEvent.to_json(event)  # byte for byte
     batch = EventBatchV1.model_validate(CloudEvent.from_json(event.to_json()).data)
     assert [i.idempotencykey for i in batch.items] == [f"{'a' * 64}:2", f"{'a' * 64}:4"]

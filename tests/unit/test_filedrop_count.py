@@ -119,3 +119,47 @@ def test_an_undecodable_file_is_a_file_problem_in_either_pass():
                  lambda: layout.scan(io.BytesIO(data), lambda rows: None, validate=False)):
         with pytest.raises(FileProblem, match="unreadable content"):
             scan()
+
+
+def pass_two(layout: Layout, data: bytes, line_end: str | None):
+    """Everything pass 2 hands on: good rows, bad rows with their problems, the Outcome."""
+    rows, bad = [], []
+    out = layout.scan(io.BytesIO(data), rows.extend, lambda n, problems: bad.append((n, problems)),
+                      batch=7, line_end=line_end)
+    return rows, bad, out
+
+
+@pytest.fixture(params=[1 << 16, 97], ids=["64k-text-blocks", "97-character-blocks"])
+def text_blocks(request, monkeypatch):
+    from legacy_wrappers.filedrop import layout
+    monkeypatch.setattr(layout, "TEXT_BLOCK", request.param)
+
+
+BAD_ROWS = [f"C{i:08d},,c{i}@example.com,,,2026-11-27T06:00:00+00:00" for i in range(3)] + [
+    "C9,Ann,,,,yesterday", "C10,Bob,,,", "C1234567890123,Cy,,,,2026-11-27T06:00:00Z"]  # no name, a bad time,
+# 5 columns, an id too long
+
+
+@pytest.mark.parametrize("case", [*PLAIN, "bad rows", "bad rows, lf"])
+def test_pass_two_reads_a_plain_file_on_blocks_as_the_exact_pass_reads_it(case, blocks, text_blocks):
+    layout = Layout(fd_config.load(fd_config.DEFAULT_PATH).inbound["customers"])
+    data = PLAIN.get(case) or csv_file(customers(50) + BAD_ROWS + customers(50, start=60),
+                                       end="\n" if "lf" in case else "\r\n")
+    first = layout.scan(io.BytesIO(data), validate=False)
+    assert first.line_end == ("\n" if case in ("lf", "bad rows, lf") else "\r\n")
+    on_blocks, exact = pass_two(layout, data, first.line_end), pass_two(layout, data, None)
+    assert on_blocks == exact and on_blocks[2].sha256 == first.sha256
+    assert exact[0] and (exact[1] or case != "bad rows")
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_a_file_no_longer_plain_in_pass_two_is_a_file_problem_not_another_reading(case, text_blocks):
+    layout = Layout(fd_config.load(fd_config.DEFAULT_PATH).inbound["customers"])
+    data = EXACT[case]
+    for line_end in ("\r\n", "\n"):
+        try:
+            on_blocks = pass_two(layout, data, line_end)
+        except FileProblem as problem:
+            assert "changed while it was being read" in str(problem)
+            continue
+        assert on_blocks == pass_two(layout, data, None)  # e.g. a trailer in the middle: read alike
