@@ -135,6 +135,14 @@ class StoreStock(DependencyProvider):
         return self
 
 
+EVENT_TYPES = ("pos.sale.v1", "pos.return.v1")  # what POST /v1/events takes
+
+
+def idempotency_key(message_type: str, txn) -> str:
+    """One key per store transaction, however it reaches the agent (as the erp's RPC path)."""
+    return f"{message_type}:{txn.store_id}:{txn.pos_txn_id}"
+
+
 def _json(status: int, body: dict) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
@@ -185,17 +193,24 @@ class StoreAgent:
                         extra={"id": request.headers.get("X-Retailbus-Nonce"), "correlationid": None})
             return None, _error(401, str(exc))
 
+    def _body(self, request, mimetypes: tuple[str, ...]) -> tuple[bytes, Response | None]:
+        """(the body, None) when its size and type are acceptable, else (b"", the refusal)."""
+        limit = self.store.config.max_body
+        if (request.content_length or 0) > limit:
+            return b"", _error(413, f"body larger than {limit} bytes")
+        if request.mimetype not in mimetypes:
+            return b"", _error(415, f"Content-Type must be {' or '.join(mimetypes)}, got {request.mimetype!r}")
+        body = request.get_data(cache=False)
+        if len(body) > limit:  # a chunked body has no Content-Length
+            return b"", _error(413, f"body larger than {limit} bytes")
+        return body, None
+
     def _accept(self, request, route: str, message_type: str, parse) -> Response:
         """Checks common to every mode, then the mode of the table read once for this request."""
         started = time.monotonic()
-        limit = self.store.config.max_body
-        if (request.content_length or 0) > limit:
-            return _error(413, f"body larger than {limit} bytes")
-        if request.mimetype != "application/json":
-            return _error(415, f"Content-Type must be application/json, got {request.mimetype!r}")
-        body = request.get_data(cache=False)
-        if len(body) > limit:  # a chunked body has no Content-Length
-            return _error(413, f"body larger than {limit} bytes")
+        body, refused = self._body(request, ("application/json",))
+        if refused:
+            return refused
         terminal, refused = self._authenticate(request, body)
         if refused:
             return refused
@@ -232,33 +247,39 @@ class StoreAgent:
             return _error(400, "body: not valid UTF-8")
         except ContractError as exc:
             return _error(400, str(exc))
-        if txn.store_id != self.store.store_id:
-            return _error(400, f"STORE: this agent serves store {self.store.store_id}, not {txn.store_id}")
-        if terminal is not None and txn.terminal_id != terminal:
-            return _error(403, f"TERMINAL: signed by terminal {terminal}, payload says {txn.terminal_id}")
         event = CloudEvent.new(
             message_type, f"store/{txn.store_id}/pos/{txn.terminal_id}", txn,
-            subject=txn.pos_txn_id,
-            idempotencykey=f"{message_type}:{txn.store_id}:{txn.pos_txn_id}")
+            subject=txn.pos_txn_id, idempotencykey=idempotency_key(message_type, txn))
+        accepted, refused = self._enqueue(event, txn, terminal, route, started)
+        if refused:
+            return refused
+        return _json(200, {"STATUS": "OK", "DOC_NO": "PENDING", "REF": accepted.event_id,
+                           "DUPLICATE": accepted.duplicate})
+
+    def _enqueue(self, event: CloudEvent, txn, terminal, route: str, started):
+        """(accepted, None) once `event` is committed to the store's outbox, else (None, the refusal)."""
+        if txn.store_id != self.store.store_id:
+            return None, _error(400, f"STORE: this agent serves store {self.store.store_id}, not {txn.store_id}")
+        if terminal is not None and txn.terminal_id != terminal:
+            return None, _error(403, f"TERMINAL: signed by terminal {terminal}, payload says {txn.terminal_id}")
         try:
             accepted = self.store.outbox.accept(event)
         except OutboxConflict as exc:
             log.warning("conflicting retry: %s", exc, extra={"id": exc.first_event_id, "correlationid": None})
-            return _error(409, f"TXN_ID: {txn.pos_txn_id} was already accepted with different content "
-                               f"(REF {exc.first_event_id}); a new transaction needs a new TXN_ID")
+            return None, _error(409, f"TXN_ID: {txn.pos_txn_id} was already accepted with different content "
+                                     f"(REF {exc.first_event_id}); a new transaction needs a new TXN_ID")
         except OutboxUnavailable as exc:
             log.error("outbox write failed: %s", exc, extra={"id": event.id, "correlationid": event.correlationid})
-            return _error(503, "store outbox unavailable; the sale was NOT recorded, retry")
+            return None, _error(503, "store outbox unavailable; the sale was NOT recorded, retry")
         self.store.forwarder.wake()
         ACCEPT_SECONDS.labels(route).observe(time.monotonic() - started)
         journal.record("accepted", "duplicate" if accepted.duplicate else "ok", id=accepted.event_id,
                        correlationid=None if accepted.duplicate else event.correlationid,
                        subject=txn.pos_txn_id, detail={"store": txn.store_id, "terminal": txn.terminal_id})
-        log.info("accepted %s %s", message_type, txn.pos_txn_id, extra={
+        log.info("accepted %s %s", event.type, txn.pos_txn_id, extra={
             "id": accepted.event_id, "correlationid": event.correlationid,
             "outcome": "duplicate" if accepted.duplicate else "accepted"})
-        return _json(200, {"STATUS": "OK", "DOC_NO": "PENDING", "REF": accepted.event_id,
-                           "DUPLICATE": accepted.duplicate})
+        return accepted, None
 
     @pos_http("POST", "/erp/sales")
     def post_sale(self, request):
@@ -267,6 +288,34 @@ class StoreAgent:
     @pos_http("POST", "/erp/returns")
     def post_return(self, request):
         return self._accept(request, "returns", "pos.return.v1", legacy_payload.return_from_legacy)
+
+    @pos_http("POST", "/v1/events")
+    def post_event(self, request):
+        """A POS that speaks the bus contract: one CloudEvent (structured JSON) of a sale or
+        a return, taken into the outbox whatever the route's mode (there is no legacy payload
+        to forward). Its idempotency key must be the one the legacy paths give the same
+        transaction, so a sale sent both ways is still posted once."""
+        started = time.monotonic()
+        body, refused = self._body(request, ("application/cloudevents+json", "application/json"))
+        if refused:
+            return refused
+        terminal, refused = self._authenticate(request, body)
+        if refused:
+            return refused
+        try:
+            event = CloudEvent.from_json(body)
+            if event.type not in EVENT_TYPES:
+                return _error(400, f"type: {event.type!r} is not taken here; this path takes {', '.join(EVENT_TYPES)}")
+            txn = event.payload()
+        except ContractError as exc:
+            return _error(400, str(exc))
+        key = idempotency_key(event.type, txn)
+        if event.idempotencykey != key:
+            return _error(400, f"idempotencykey: {event.idempotencykey!r} should be {key!r} (type:store:pos_txn_id)")
+        accepted, refused = self._enqueue(event, txn, terminal, "events", started)
+        if refused:
+            return refused
+        return _json(202, {"id": accepted.event_id, "duplicate": accepted.duplicate})
 
     @pos_http("GET", "/erp/stock")
     def get_stock(self, request):

@@ -1,6 +1,7 @@
 """The store agent against a real RabbitMQ: its broker user may publish nothing but
-its own `pos.*` messages; forwarded messages carry the store order; the stock
-cache answers (marked stale) when the ERP cannot."""
+its own `pos.*` messages; forwarded messages carry the store order; a CloudEvent
+posted to /v1/events is forwarded once; the stock cache answers (marked stale)
+when the ERP cannot."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from nameko.rpc import rpc
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpStockChangedV1
 from routing import broker_user
+from routing.legacy_payload import sale_from_legacy
 from routing.edge_auth import TerminalKeys, signed_headers
 from services.bus import topology
 from services.bus.publisher import ConfirmingPublisher, connection_params
@@ -128,9 +130,10 @@ def agent(container_factory, amqp_uri, tmp_path, monkeypatch):
     return base, key
 
 
-def call(base: str, method: str, path: str, key: bytes, body: dict | None = None) -> tuple[int, dict]:
+def call(base: str, method: str, path: str, key: bytes, body: dict | None = None,
+         content_type: str = "application/json") -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else b""
-    headers = {"Content-Type": "application/json", **signed_headers("07", key, method, path, data)}
+    headers = {"Content-Type": content_type, **signed_headers("07", key, method, path, data)}
     req = urllib.request.Request(base + path, data=data if body is not None else None,
                                  method=method, headers=headers)
     try:
@@ -204,3 +207,42 @@ def test_forwarded_sale_carries_store_sequence_and_user(agent, amqp_uri):
     assert health, "outbox never drained"
     assert health["broker_connected"] is True and health["breaker_state"] == "closed"
     assert health["last_confirm_time"]
+
+
+@pytest.mark.timeout(120)
+def test_a_cloudevent_posted_to_v1_events_is_forwarded_once_and_bad_ones_are_named(agent, amqp_uri):
+    base, key = agent
+    queue = "t.agent-v1-events"
+    admin_queue(amqp_uri, queue, "store_agent.events", "pos.sale.v1")
+    sale = sale_from_legacy(legacy_sale("S001-07-EV1"))
+    event = CloudEvent.new("pos.sale.v1", "store/S001/pos/07", sale, subject=sale.pos_txn_id,
+                           idempotencykey="pos.sale.v1:S001:S001-07-EV1")
+    wire = json.loads(event.to_json())
+
+    def post(body: dict) -> tuple[int, dict]:
+        return call(base, "POST", "/v1/events", key, body, content_type="application/cloudevents+json")
+
+    assert post(wire) == (202, {"id": event.id, "duplicate": False})
+    assert post(wire) == (202, {"id": event.id, "duplicate": True})  # a retry: accepted once
+    refusals = [
+        ({**wire, "idempotencykey": "mine-1"}, "idempotencykey: 'mine-1' should be 'pos.sale.v1:S001:S001-07-EV1'"),
+        ({**wire, "type": "erp.sale_posted.v1"}, "type: 'erp.sale_posted.v1' is not taken here"),
+        ({**wire, "data": {**wire["data"], "total_minor": 1}}, "data.total_minor"),
+        ({k: v for k, v in wire.items() if k != "source"}, "source"),
+        ({**wire, "data": {**wire["data"], "store_id": "S002"}, "idempotencykey": "pos.sale.v1:S002:S001-07-EV1"},
+         "STORE: this agent serves store S001, not S002"),
+    ]
+    for body, named in refusals:
+        status, answer = post(body)
+        assert status == 400 and named in answer["MESSAGE"], (named, answer)
+    conn = connect(amqp_uri)
+    try:
+        ch = conn.channel()
+        assert wait_for(lambda: ch.queue_declare(queue, passive=True).message_count == 1, timeout=10)
+        forwarded = ch.basic_get(queue, no_ack=True)
+        time.sleep(0.5)
+        assert ch.queue_declare(queue, passive=True).message_count == 0  # once, not per retry
+    finally:
+        conn.close()
+    assert json.loads(forwarded.body)["id"] == event.id
+    assert forwarded.properties["application_headers"]["x-retailbus-store"] == "S001"
