@@ -215,6 +215,7 @@ class ConfirmingPublisher:
         self._conn = None
         self._channel = None
         self._writer: CoalescingWriter | None = None
+        self._reader = None  # the greenthread of _read_loop
         self._tags = None
         self._counters: dict[tuple[str, str], object] = {}
         self._next_expiry_check = 0.0
@@ -360,7 +361,7 @@ class ConfirmingPublisher:
                 BrokerUnavailable(f"connection lost: {exc}"), conn))
             buffered_reads(conn)
             self._channel = channel
-            eventlet.spawn(self._read_loop, conn)
+            self._reader = eventlet.spawn(self._read_loop, conn)
             metrics.BROKER_CONNECTED.labels("publisher").set(1)
             return channel
 
@@ -440,6 +441,12 @@ class ConfirmingPublisher:
             entry.error = entry.error or error
             entry.latch.count_down()
         metrics.BROKER_CONNECTED.labels("publisher").set(0)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not eventlet.getcurrent():
+            # Stopped before its socket closes: a greenthread left waiting on a closed
+            # descriptor blocks the next socket that gets that number ("Second
+            # simultaneous read"), e.g. a database connection of the same process.
+            reader.kill()
         if conn is not None:
             try:
                 conn.collect()
