@@ -48,7 +48,9 @@ def test_sigkill_mid_file_applies_every_row_once(container_factory, amqp_uri, tm
     dsn = f"sqlite:///{tmp_path / 'legacy_erp.db'}"
     engine = engine_for(dsn)
     create_schema(engine)
-    write_drops(tmp_path, customers={"inflight_chunks": 2})  # slow enough to be caught mid-file
+    # 1,000 chunks of 100, one confirm at a time: slow enough to be caught mid-file however
+    # fast the rows are read (with 200 chunks, 2 in flight, the file was done before the kill)
+    write_drops(tmp_path, customers={"inflight_chunks": 1, "chunk_rows": 100})
     config = write_config(tmp_path, amqp_uri, legacy_db=dsn)
     sink = container_factory(CustomerSink, {"AMQP_URI": amqp_uri, "max_workers": 16, "LEGACY_DB_URI": dsn,
                                             "RETAILBUS": {"root": str(tmp_path)}})
@@ -69,7 +71,7 @@ def test_sigkill_mid_file_applies_every_row_once(container_factory, amqp_uri, tm
         first.send_signal(signal.SIGKILL)
         first.wait()
         killed_at = chunks_done()
-        assert killed_at < 200, "the file finished before the kill"
+        assert killed_at < 1000, "the file finished before the kill"
         second = nameko_run(config, "services.files", tmp_path / "files-2.log")
         try:
             assert wait_for(lambda: (folder / "archive").exists()
