@@ -19,9 +19,10 @@ legacy transaction. So once the watermark has stood still for `overlap`
 seconds (of our clock: a row stamped before the watermark's row was stamped
 before we saw that row), one more rescan finds every late row there can be,
 and rescans pause until the watermark moves: a quiet table after a batch job
-that touched every row in one second is not re-read every interval forever. Deletions are seen only where the legacy table marks
-them (`deleted=(column, value)`); a physically deleted row leaves no trace
-a poller could find.
+that touched every row in one second is not re-read every interval forever.
+Deletions are seen only where the legacy table marks them
+(`deleted=(column, value)`); a physically deleted row leaves no trace a
+poller could find.
 
 Handlers get a list of `RowChange`; an exception (or an effect that failed
 to commit) makes the same batch come again after `interval`.
