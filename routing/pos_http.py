@@ -51,6 +51,7 @@ class PosHttpServer(ProviderCollector, SharedExtension):
     def __init__(self):
         super().__init__()
         self._sock = None
+        self._acceptor = None
         self._accepting = False
         self._routes: dict[str, dict[str, "PosRoute"]] = {}
         self._base: dict = {}
@@ -67,7 +68,7 @@ class PosHttpServer(ProviderCollector, SharedExtension):
                       "wsgi.version": (1, 0), "wsgi.multithread": True, "wsgi.multiprocess": False,
                       "wsgi.run_once": False, "wsgi.errors": sys.stderr}
         self._accepting = True
-        self.container.spawn_managed_thread(self._accept, identifier="pos_http")
+        self._acceptor = self.container.spawn_managed_thread(self._accept, identifier="pos_http")
 
     def _accept(self):
         while self._accepting:
@@ -131,6 +132,8 @@ class PosHttpServer(ProviderCollector, SharedExtension):
 
     def stop(self):
         self._accepting = False
+        if self._acceptor is not None:  # waiting in accept: closing the socket would not wake it
+            self._acceptor.kill()
         if self._sock is not None:
             self._sock.close()
         super().stop()

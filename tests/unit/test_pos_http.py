@@ -156,3 +156,14 @@ def test_a_body_over_the_read_limit_is_left_to_the_handler_then_the_connection_c
     raw = exchange(server, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                            b"b\r\nhello world\r\n0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 413 ") and b"body larger than 10 bytes" in raw
+
+
+def test_a_stop_ends_the_server_without_killing_its_threads(caplog):
+    port = free_port()
+    container = ServiceContainer(Echo, {"WEB_SERVER_ADDRESS": f"127.0.0.1:{port}"})
+    container.start()
+    assert exchange(port, b"GET /hello HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
+    container.stop()
+    assert "killing managed thread" not in caplog.text  # nameko's warning for threads left running
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
