@@ -154,6 +154,12 @@ class PosReturnV1(_PosTransaction):
     reason: str | None = None
 
 
+def idempotency_key(txn: PosSaleV1 | PosReturnV1) -> str:
+    """The one key of a store transaction, however it travels (the store agent's legacy
+    paths and /v1/events, the erp's RPC path): a sale sent two ways posts once."""
+    return f"{txn.TYPE}:{txn.store_id}:{txn.pos_txn_id}"
+
+
 class PosStockQueryV1(BaseModel):
     """A till asking for on-hand quantities; bounded so one query stays one cheap RPC."""
 

@@ -23,6 +23,7 @@ from werkzeug.wrappers import Response
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from contracts.ops import RouteTableAppliedV1
+from contracts.pos import idempotency_key
 from legacy_wrappers.legacy_http import LegacyHttp
 from routing import legacy_payload, modes
 from routing.broker_user import credentials_path, store_uri
@@ -138,11 +139,6 @@ class StoreStock(DependencyProvider):
 EVENT_TYPES = ("pos.sale.v1", "pos.return.v1")  # what POST /v1/events takes
 
 
-def idempotency_key(message_type: str, txn) -> str:
-    """One key per store transaction, however it reaches the agent (as the erp's RPC path)."""
-    return f"{message_type}:{txn.store_id}:{txn.pos_txn_id}"
-
-
 def _json(status: int, body: dict) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
@@ -249,7 +245,7 @@ class StoreAgent:
             return _error(400, str(exc))
         event = CloudEvent.new(
             message_type, f"store/{txn.store_id}/pos/{txn.terminal_id}", txn,
-            subject=txn.pos_txn_id, idempotencykey=idempotency_key(message_type, txn))
+            subject=txn.pos_txn_id, idempotencykey=idempotency_key(txn))
         accepted, refused = self._enqueue(event, txn, terminal, route, started)
         if refused:
             return refused
@@ -309,7 +305,7 @@ class StoreAgent:
             txn = event.payload()
         except ContractError as exc:
             return _error(400, str(exc))
-        key = idempotency_key(event.type, txn)
+        key = idempotency_key(txn)
         if event.idempotencykey != key:
             return _error(400, f"idempotencykey: {event.idempotencykey!r} should be {key!r} (type:store:pos_txn_id)")
         accepted, refused = self._enqueue(event, txn, terminal, "events", started)

@@ -20,10 +20,6 @@ from services.erp import events, ledger, outbox
 CONSUMERS = {PosSaleV1.TYPE: "erp.on_pos_sale", PosReturnV1.TYPE: "erp.on_pos_return"}
 
 
-def idempotency_key(txn: PosSaleV1 | PosReturnV1) -> str:
-    return f"{txn.TYPE}:{txn.store_id}:{txn.pos_txn_id}"
-
-
 @dataclass(frozen=True)
 class Posting:
     tables: ledger.LegacyTables

@@ -11,7 +11,7 @@ from ulid import ULID
 
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
-from contracts.pos import PosReturnV1, PosSaleV1
+from contracts.pos import PosReturnV1, PosSaleV1, idempotency_key
 from legacy_wrappers.batched_writes import BatchedWrites
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyValueError
 from legacy_wrappers.table_changes import table_changes
@@ -73,7 +73,7 @@ class ErpService:
         except ValidationError as exc:
             raise ContractError.from_validation(exc, model.TYPE) from None
         [(doc_no, duplicate)] = posting.post_many(self.db.conn, [posting.Posting(
-            ledger.LegacyTables.of(self.db.tables), txn, posting.idempotency_key(txn), str(ULID()), None)])
+            ledger.LegacyTables.of(self.db.tables), txn, idempotency_key(txn), str(ULID()), None)])
         self.db.end(success=True)
         if not duplicate:
             self.outbox.added()
