@@ -26,7 +26,7 @@ from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider, SharedExtension
 from sqlalchemy import MetaData, String, Table, create_engine, event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,28 @@ def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
         cursor.close()
     except Exception as exc:
         raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
+
+
+CREATE_ATTEMPTS = 3
+
+
+def create_tables(engine: Engine, metadata: MetaData) -> None:
+    """`metadata.create_all`, safe while other processes create the same tables.
+
+    create_all looks before it creates, and the two steps are not atomic: two erp
+    processes starting together on a fresh database both see a table missing and
+    both create it. PostgreSQL then refuses the second (a duplicate pg_type row),
+    SQLite says "already exists", and the worker or thread that asked died with
+    it. The loser looks again and finds the table; an error that persists (no
+    rights, say) is raised from the last attempt."""
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            metadata.create_all(engine)
+            return
+        except DBAPIError as exc:
+            if attempt == CREATE_ATTEMPTS:
+                raise
+            log.info("creating tables raced another process (%s); looking again", type(exc.orig).__name__)
 
 
 class LegacyValueError(ValueError):
@@ -199,7 +221,7 @@ class LegacyDatabase(DependencyProvider):
             with self._lock:
                 if self._tables is None:
                     for metadata in self.create:
-                        metadata.create_all(self.engine)
+                        create_tables(self.engine, metadata)
                     md = MetaData()
                     md.reflect(self.engine, only=self.reflect)
                     self._tables = dict(md.tables)

@@ -44,7 +44,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import Column, MetaData, String, Table, Text, and_, or_, select, update
 from sqlalchemy.engine import Engine
 
-from legacy_wrappers.legacy_db import EFFECT_ERRORS, LegacyEngines
+from legacy_wrappers.legacy_db import EFFECT_ERRORS, LegacyEngines, create_tables
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class TableChanges(Entrypoint):
                 self._wake.clear()
 
     def _prepare(self):
-        metadata.create_all(self.engine)
+        create_tables(self.engine, metadata)
         md = MetaData()
         md.reflect(self.engine, only=[self.table_name])
         self.table = md.tables[self.table_name]

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.envelope import CloudEvent
+from legacy_wrappers.legacy_db import create_tables
 from legacy_wrappers.prepared import Prepared
 from services.bus import metrics
 from services.bus.consumer import DUPLICATE
@@ -36,7 +37,7 @@ def ensure_inbox(engine: Engine) -> None:
     """Create RB_INBOX once per engine (never while this greenthread holds a connection
     of a one-connection SQLite pool: create_all needs one of its own)."""
     if engine not in _ready:
-        metadata.create_all(engine)
+        create_tables(engine, metadata)
         _ready.add(engine)
 
 

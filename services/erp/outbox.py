@@ -21,7 +21,7 @@ from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bi
 from sqlalchemy.engine import Connection
 
 from contracts.envelope import CloudEvent
-from legacy_wrappers.legacy_db import LegacyEngines
+from legacy_wrappers.legacy_db import LegacyEngines, create_tables
 from legacy_wrappers.prepared import Prepared
 from services.bus import topology
 from services.bus.extensions import BusConnection
@@ -129,7 +129,7 @@ class Outbox(DependencyProvider):
             self._wake.clear()
             try:
                 if not created:  # a fresh legacy DB has no RB_OUTBOX until the first posting
-                    metadata.create_all(self.engine)
+                    create_tables(self.engine, metadata)
                     created = True
                 while self._running and self.relay_once() == self.batch:
                     pass

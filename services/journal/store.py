@@ -17,6 +17,7 @@ from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, 
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.journal import JournalHopsV1
+from legacy_wrappers.legacy_db import create_tables
 
 metadata = MetaData()
 HOPS = Table(
@@ -55,7 +56,7 @@ def open_engine(dsn: str, create: bool = True) -> Engine:
             dbapi_conn.execute("PRAGMA journal_mode=WAL")
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
     if create:
-        metadata.create_all(engine)
+        create_tables(engine, metadata)
     return engine
 
 

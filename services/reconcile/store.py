@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import BigInteger, Column, Engine, MetaData, String, Table, Text, create_engine, func, select, update
 
 from contracts.control import StoreControlTotalsV1
+from legacy_wrappers.legacy_db import create_tables
 
 metadata = MetaData()
 
@@ -27,7 +28,7 @@ def open_engine(dsn: str) -> Engine:
     if dsn.startswith("sqlite:///"):
         Path(dsn[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(dsn, pool_pre_ping=not dsn.startswith("sqlite"))
-    metadata.create_all(engine)
+    create_tables(engine, metadata)
     return engine
 
 
