@@ -64,7 +64,7 @@ def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
     return False
 
 
-_CLAIM_MANY = {name: insert(INBOX).on_conflict_do_nothing().returning(INBOX.c.CONSUMER, INBOX.c.IDEM_KEY)
+_CLAIM_MANY = {name: Prepared(insert(INBOX).on_conflict_do_nothing().returning(INBOX.c.CONSUMER, INBOX.c.IDEM_KEY))
                for name, insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))}
 
 
@@ -76,7 +76,7 @@ def claim_many(conn: Connection, claims: list[tuple[str, str, str]]) -> list[boo
     for consumer, key, message_id in claims:
         first.setdefault((consumer, key), message_id)
     rows = [dict(CONSUMER=c, IDEM_KEY=k, MESSAGE_ID=m, RECEIVED_TS=now) for (c, k), m in first.items()]
-    taken = {tuple(r) for r in conn.execute(_CLAIM_MANY[conn.dialect.name], rows)}
+    taken = {tuple(r) for r in _CLAIM_MANY[conn.dialect.name](conn, rows)}
     result, seen = [], set()
     for consumer, key, _ in claims:
         fresh = (consumer, key) in taken and (consumer, key) not in seen

@@ -47,7 +47,7 @@ OUTBOX = Table(
 )
 # Built once: building a Core statement costs more than running it.
 _INSERT = Prepared(OUTBOX.insert())
-_MARK_SENT = Prepared(update(OUTBOX).where(OUTBOX.c.ID == bindparam("id")).values(SENT_TS=bindparam("now")))
+_MARK_SENT = update(OUTBOX).where(OUTBOX.c.ID.in_(bindparam("ids", expanding=True))).values(SENT_TS=bindparam("now"))
 _UNSENT = (select(OUTBOX.c.ID, OUTBOX.c.EVENT_ID, OUTBOX.c.TYPE, OUTBOX.c.CORRELATION_ID, OUTBOX.c.BODY)
            .where(OUTBOX.c.SENT_TS.is_(None)).order_by(OUTBOX.c.ID).limit(bindparam("batch")))
 
@@ -165,8 +165,7 @@ class Outbox(DependencyProvider):
         if done:
             with self.engine.connect() as conn:
                 tx = conn.begin()
-                now = _now()
-                _MARK_SENT(conn, [{"id": row_id, "now": now} for row_id in done])
+                conn.execute(_MARK_SENT, {"ids": done, "now": _now()})  # one statement, not one per row
                 tpool.execute(tx.commit)  # the fsync in an OS thread: the hub goes on meanwhile
         if len(done) < len(rows):
             raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
