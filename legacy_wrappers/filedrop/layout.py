@@ -1,11 +1,13 @@
 """Records of a CSV or fixed-width file, streamed, typed by the declared layout.
 
-A pass reads the file once, hashes every byte and yields rows, so memory
-stays flat whatever the file size. A row comes out either as its values or as
-the list of (column, value, reason) problems that make it bad. Conversion is a
-converter per field compiled from the layout (which pydantic validates, see
-config.py) rather than a pydantic model per row: at ~300k rows/s a model per
-row would cost more than the rest of the pipeline together.
+A pass reads the file once, hashes every byte and hands on good rows, already
+written as the JSON items a chunk carries, `batch` at a time, so memory stays
+flat whatever the file size. A bad row is reported with the list of (column,
+value, reason) problems that make it bad. Rows are converted by a loop
+generated from the layout (rowcode.py; the layout is validated by pydantic,
+see config.py) rather than by a pydantic model per row: at ~300k rows/s a model
+per row would cost more than the rest of the pipeline together. `Layout.row`
+is the reference that explains a row the loop refused.
 
 A pass may skip conversion (`validate=False`): it then only hashes and counts
 records, which is all the first look at a file needs when its trailer checks
@@ -13,11 +15,10 @@ a count only and bad rows are skipped rather than rejecting the file.
 
 Per-row cost is the whole story at 100k+ rows/s, so: a CSV line without the
 quote character is split with `str.split` (exactly what `csv.reader` makes of
-it; quoted lines, which may span lines, still go through `csv.reader`), the
-converter is straight-line code with the timestamp check inlined, and good
-rows leave the pass in lists of `batch` rather than one call per row. A file
-the first pass found plain (count.py) is read in pass 2 as blocks of text
-split at its line end, without a test or a generator step per line.
+it; quoted lines, which may span lines, still go through `csv.reader`), and
+records reach the row loop in blocks. A file the first pass found plain
+(count.py) is read in pass 2 as blocks of text split at its line end, without
+a test or a generator step per line: the row loop splits each line itself.
 """
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ import csv
 import hashlib
 import io
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from itertools import repeat
+from datetime import datetime
+from itertools import islice
 from typing import Callable
 
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
 from legacy_wrappers.filedrop.count import quick_count
+from legacy_wrappers.filedrop.rowcode import GoodRows, day, json_safe, json_text, row_function
 
 RECORD = "<record>"  # the column name a whole-record problem is reported under
 TEXT_BLOCK = 1 << 16  # characters a plain file's pass 2 reads at a time
+RECORD_BLOCK = 512  # records of any other file handed to the row function at a time
 
 
 class FileProblem(Exception):
@@ -62,15 +65,6 @@ def _integer(v: str) -> int:
         raise ValueError("not an integer") from None
 
 
-def _day(v: str) -> str:
-    try:
-        if len(v) != 8 or not v.isdigit():
-            raise ValueError
-        return date(int(v[:4]), int(v[4:6]), int(v[6:])).isoformat()
-    except ValueError:
-        raise ValueError("not a date (YYYYMMDD)") from None
-
-
 def _stamp(v: str) -> str:
     try:
         parsed = datetime.fromisoformat(v)
@@ -83,61 +77,11 @@ def _stamp(v: str) -> str:
 
 # Applied to the stripped, non-empty text; "str" needs nothing beyond the length check.
 _CONVERTERS: dict[str, Callable[[str], object] | None] = {
-    "str": None, "int": _integer, "date": _day, "timestamp": _stamp}
+    "str": None, "int": _integer, "date": day, "timestamp": _stamp}
 
 
 def _compiled(spec: FieldSpec) -> tuple[str, bool, int, Callable[[str], object] | None]:
     return spec.name, spec.required, spec.max_length or 0, _CONVERTERS[spec.type]
-
-
-def _canonical_stamp(v: str) -> str:
-    """The test that `v`, a value `datetime.fromisoformat` took with an offset, is
-    already what `.isoformat()` would give (`YYYY-MM-DDTHH:MM:SS+HH:MM`, hour < 24,
-    not `-00:00`): then the value is kept as it is, saving the isoformat call (the
-    dearest step of a row). Anything else (fractions, `Z`, a space) is rewritten."""
-    return (f"len({v}) == 25 and {v}[4] == {v}[7] == '-' and {v}[10] == 'T' and {v}[13] == {v}[16] == ':'"
-            f" and {v}[22] == ':' and ({v}[11] < '2' or {v}[12] < '4')"
-            f" and ({v}[19] == '+' or ({v}[19] == '-' and {v}[20:] != '00:00'))")
-
-
-def _fast_converter(drop: DropIn) -> Callable[[object], dict | None]:
-    """A row function generated from the layout: the values of a good record, None for a bad one.
-
-    Straight-line code, one block per field, no per-field calls for text,
-    integers and timestamps. It only says *whether* a record is good;
-    `Layout.row` (the reference) explains a bad one, and a unit test keeps the
-    two in agreement. Field names are identifiers (config.py), used via repr().
-    """
-    fixed = drop.format == "fixed"
-    width = max(f.end for f in drop.fields) if fixed else 0
-    lines = ["def convert(rec):",
-             f"    if len(rec) != {width if fixed else len(drop.fields)}:", "        return None",
-             "    try:"]
-    env: dict[str, object] = {"fromiso": datetime.fromisoformat}
-    for i, spec in enumerate(drop.fields):
-        source = f"rec[{spec.start - 1}:{spec.end}]" if fixed else f"rec[{i}]"
-        v = f"v{i}"
-        lines.append(f"        {v} = {source}.strip()")
-        lines.append(f"        if not {v}:")
-        lines.append("            return None" if spec.required else f"            {v} = None")
-        if spec.max_length:
-            lines.append(f"        elif len({v}) > {spec.max_length}:")
-            lines.append("            return None")
-        if spec.type == "int":
-            lines += ["        else:", f"            {v} = int({v})"]
-        elif spec.type == "timestamp":
-            lines += ["        else:", f"            d = fromiso({v})", "            if d.tzinfo is None:",
-                      "                return None", f"            if not ({_canonical_stamp(v)}):",
-                      f"                {v} = d.isoformat()"]
-        elif spec.type == "date":
-            env[f"c{i}"] = _day
-            lines += ["        else:", f"            {v} = c{i}({v})"]
-    lines.append("    except ValueError:")
-    lines.append("        return None")
-    pairs = ", ".join(f"{spec.name!r}: v{i}" for i, spec in enumerate(drop.fields))
-    lines.append(f"    return {{{pairs}}}")
-    exec(compile("\n".join(lines), f"<layout {drop.folder.name}>", "exec"), env)
-    return env["convert"]
 
 
 @dataclass
@@ -158,10 +102,17 @@ class Outcome:
 
 
 class Layout:
-    def __init__(self, drop: DropIn):
+    """`values_schema`: the JSON schema a consumer checks row values against
+    (rowcode.py: rows that break it are reported as doubtful, not refused);
+    `name_fields`: the fields whose values, joined by "/", name a row."""
+
+    def __init__(self, drop: DropIn, values_schema: dict | None = None, name_fields: tuple[str, ...] = ()):
         self.drop = drop
         self._fields = tuple(_compiled(f) for f in drop.fields)
-        self.convert = _fast_converter(drop)
+        # (records are unsplit lines, every value is JSON-safe) -> the generated row loop
+        forms = (False, True) if drop.format == "csv" else (False,)
+        self.row_loops = {(lines, safe): row_function(drop, values_schema, name_fields, lines, safe)
+                     for lines in forms for safe in (False, True)}
         if drop.format == "fixed":
             self.width = max(f.end for f in drop.fields)
             self._slices = tuple(slice(f.start - 1, f.end) for f in drop.fields)
@@ -254,15 +205,17 @@ class Layout:
             if line:
                 yield n, line.split(delimiter)
 
-    def _plain_csv_records(self, text, line_end: str):
+    def _plain_csv_blocks(self, text, line_end: str):
         """What `_csv_records` reads from a plain file (no quote character, no empty line,
         no line near csv's field size limit, every line ended by `line_end`: pass 1 found
-        it so), read as blocks of text split at `line_end`: no per-line tests and no
-        per-line generator step. A block that is not plain means the file changed after
-        pass 1: FileProblem (the pass's sha256 would not match either)."""
+        it so), read as blocks of text split at `line_end`: (row numbers, lines) per
+        block, each line a record the row loop splits, and whether the block is
+        `json_safe`. A block that is not
+        plain means the file changed after pass 1: FileProblem (the pass's sha256
+        would not match either)."""
         d = self.drop.csv
-        delimiter, quotechar, limit = d.delimiter, d.quotechar, csv.field_size_limit()
-        crlf, split = line_end == "\r\n", str.split
+        quotechar, limit = d.quotechar, csv.field_size_limit()
+        crlf = line_end == "\r\n"
         n, rest, first = 0, "", d.header_row  # record 1, the column-name line, is not a record
         while True:
             block = text.read(TEXT_BLOCK)
@@ -289,7 +242,14 @@ class Layout:
             n += len(lines)
             if first:
                 first, lines, start = False, lines[1:], start + 1
-            yield from zip(range(start, n + 1), map(split, lines, repeat(delimiter)))
+            yield range(start, n + 1), lines, json_safe(body, lines=True)
+
+    def _blocks(self, records):
+        """(row numbers, records, json-safe) of up to RECORD_BLOCK `(n, record)` pairs at a time."""
+        text = "".join if self.drop.format == "fixed" else lambda recs: "".join(map("".join, recs))
+        while block := list(islice(records, RECORD_BLOCK)):
+            numbers, recs = zip(*block)
+            yield numbers, recs, json_safe(text(recs))
 
     def _control(self, prefix: str | None):
         """A test for a header/trailer record: CSV by its first column, fixed by its start."""
@@ -300,16 +260,19 @@ class Layout:
         return lambda rec: rec.startswith(prefix)
 
     def scan(self, binary, on_rows=None, on_bad=None, validate: bool = True, batch: int = 500,
-             line_end: str | None = None) -> Outcome:
-        """Read `binary` once: `on_rows([(n, values), ...])` per `batch` good rows (the
-        last list may be shorter), `on_bad(n, problems)` per bad one.
+             line_end: str | None = None, key_prefix: str = "") -> Outcome:
+        """Read `binary` once: `on_rows(rows, doubtful)` per `batch` good rows (the last
+        may be fewer): `GoodRows` whose items are `{"row", "idempotencykey": key_prefix
+        + row, "data": values}` as JSON text, and `doubtful` the numbers of those rows
+        whose values break the `values_schema`; `on_bad(n, problems)` per bad row.
 
-        Header and trailer records are recognised and checked here. A trailer-
-        looking record is held back until the next record shows it was not the
-        last one (then it is a bad row). A pass that only counts reads a plain
-        file as blocks of bytes (count.py); any other file from the start again.
-        `line_end`: the file is a plain CSV file with these line ends (the first
-        pass's `Outcome.line_end`), read as blocks of text (`_plain_csv_records`).
+        Records go to the generated row loop (rowcode.py) a block at a time; what it
+        does not take (bad rows, header- and trailer-looking records) is judged here,
+        in file order. A trailer-looking record is the trailer only when it is the
+        last record; anywhere else it is a bad row. A pass that only counts reads a
+        plain file as blocks of bytes (count.py); any other file from the start
+        again. `line_end`: the file is a plain CSV file with these line ends (the
+        first pass's `Outcome.line_end`), read as blocks of text (`_plain_csv_blocks`).
         """
         if not validate and on_rows is None:
             out = self._quick_scan(binary)
@@ -321,54 +284,65 @@ class Layout:
         raw = _HashingRaw(binary, digest)
         text = io.TextIOWrapper(io.BufferedReader(raw, 1 << 16), encoding=self.drop.encoding, newline="")
         header, trailer = self.drop.header, self.drop.trailer
-        check_header = header is not None
         is_header = self._control(header.prefix if header else None)
         is_trailer = self._control(trailer.prefix if trailer else None)
-        total_of = trailer.total_of if trailer else None
-        held = None  # (n, record) of a trailer-looking record
-        convert = self.convert
-        records = self._plain_csv_records(text, line_end) if line_end else self._records(text)
-        good: list[tuple[int, dict]] = []
-        count = rows = total = 0
+        lines = bool(line_end) and validate
+        blocks = self._plain_csv_blocks(text, line_end) if lines else self._blocks(self._records(text))
+        prefix = json_text(key_prefix)[1:-1]  # written into the items' JSON as it is
+        held = None  # (n, record) of a trailer-looking last record
+        good, others, doubtful = GoodRows(), [], []
+        first, count, rows, total = True, 0, 0, 0
+
+        def hand_over(chunk: GoodRows):
+            nonlocal doubtful
+            last = chunk.numbers[-1]
+            on_rows(chunk, [n for n in doubtful if n <= last])
+            doubtful = [n for n in doubtful if n > last]
+
         try:
-            if header is not None:
-                first = next(records, None)
-                if first is not None and is_header(first[1]):
-                    header = None  # seen
-                elif first is not None:
-                    records = _chain(first, records)
-            for n, rec in records:
+            for numbers, recs, safe in blocks:
+                if first and recs:
+                    first = False
+                    if header is not None:
+                        rec = recs[0].split(self.drop.csv.delimiter) if lines else recs[0]
+                        if is_header(rec):
+                            header, numbers, recs = None, numbers[1:], recs[1:]  # seen, not a record
+                if not recs:
+                    continue
                 if held is not None:
                     count += 1
                     self._bad(out, on_bad, held[0], "trailer record in the middle of the file")
                     held = None
-                if is_trailer(rec):
-                    held = (n, rec)
-                    continue
-                count += 1
-                if not validate:
-                    continue
-                if check_header and is_header(rec):
-                    self._bad(out, on_bad, n, "header record in the middle of the file")
-                    continue
-                values = convert(rec)
-                if values is None:
-                    out.bad_rows += 1
-                    if on_bad is not None:
-                        on_bad(n, self.row(rec)[1])
-                    continue
-                rows += 1
-                if total_of:
-                    total += values[total_of] or 0
-                if on_rows is not None:
-                    good.append((n, values))
-                    if len(good) >= batch:
-                        on_rows(good)
-                        good = []
+                count += len(recs)
+                if validate:
+                    total += self.row_loops[lines, safe](numbers, recs, prefix, good, others, doubtful)
+                else:
+                    others = [(n, rec) for n, rec in zip(numbers, recs) if is_trailer(rec)]
+                last = numbers[-1]
+                for n, rec in others:
+                    if is_trailer(rec):
+                        if n == last:
+                            held, count = (n, rec), count - 1
+                        else:
+                            self._bad(out, on_bad, n, "trailer record in the middle of the file")
+                    elif is_header(rec):
+                        self._bad(out, on_bad, n, "header record in the middle of the file")
+                    else:
+                        out.bad_rows += 1
+                        if on_bad is not None:
+                            on_bad(n, self.row(rec)[1])
+                others.clear()
+                if on_rows is None:
+                    rows += len(good)
+                    good, doubtful = GoodRows(), []
+                while on_rows is not None and len(good) >= batch:
+                    rows += batch
+                    hand_over(good.cut(batch))
         except (UnicodeDecodeError, csv.Error) as exc:
             raise FileProblem(f"unreadable content: {exc}") from None
         if good:
-            on_rows(good)
+            rows += len(good)
+            hand_over(good)
         out.records, out.rows, out.total = count, rows, total
         if held is not None:
             self._check_trailer(out, held[1], validate)
@@ -436,8 +410,3 @@ class Layout:
             if not ok and not out.bad_rows:  # with bad rows the total cannot be checked
                 out.problems.append(
                     f"trailer control total {v!r} does not match {out.total} (sum of {t.total_of})")
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest

@@ -2,19 +2,27 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from operator import itemgetter
 
+import orjson
 from ulid import ULID
 
-from contracts.batch import EventBatchV1, check_rows
+from contracts.batch import EventBatchV1, validate_rows
 from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
 from contracts.envelope import AssembledEvent, CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk
 
 ROW_TYPES = {"customers": CustomerUpdatedV1, "stock": ErpStockChangedV1}
-# The business name of a row, by which `retailbus trace` finds it (fields the contract requires).
-ROW_NAMES = {"customers": itemgetter("customer_id"), "stock": lambda v: f"{v['store_id']}/{v['sku']}"}
+# The business name of a row, by which `retailbus trace` finds it: these fields (the contract
+# requires them), joined by "/"; the drop's row loop writes it (`file_drop(name_fields=...)`).
+NAME_FIELDS = {"customers": ("customer_id",), "stock": ("store_id", "sku")}
+
+
+def drop_options(drop: str) -> dict:
+    """The `file_drop` options of a drop: its contract's JSON schema, for the row loop
+    to test every row's values against (legacy_wrappers/filedrop/rowcode.py), and
+    the fields that name a row."""
+    return {"values_schema": ROW_TYPES[drop].model_json_schema(), "name_fields": NAME_FIELDS[drop]}
 
 
 def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, dict]:
@@ -23,22 +31,24 @@ def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, dict]:
     contracts/journal.py: the row numbers as runs and each row's business name).
 
     A row the contract refuses raises ContractError naming the row: the file fails.
-    Rows are checked by `check_rows` (the first fully, the values of all), and the
-    envelope is assembled, not validated: every field is ours, and a full pydantic
-    validation of 500 items costs more than the rest of the pipeline per row.
+    The chunk's rows arrive as the batch's items, already JSON, their values tested
+    against the contract's schema in the drop's row loop: the first row is validated
+    fully here (the shape is the same for every row of a layout), every row when the
+    loop doubted any. The envelope is assembled, not validated: every field is ours,
+    and a full pydantic validation of 500 items costs more than the rest of the
+    pipeline per row; the items' JSON goes into it as it is (`orjson.Fragment`).
 
     The chunk's rows are taken from it (`RowChunk.take_rows`), so they live as long
     as the event does (services/files/service.py writes it and lets go of it before
     the publish waits for its confirm), not as long as the worker.
     """
     model = ROW_TYPES[chunk.drop]
-    rows, prefix = chunk.take_rows(), chunk.sha256 + ":"  # row keys: `<sha256>:<row>` (RowChunk)
-    numbers = [n for n, _ in rows]
-    values = [v for _, v in rows]
-    check_rows(model, values, numbers, chunk.file)
-    batch = {"item_type": model.TYPE, "file": chunk.file, "sha256": chunk.sha256,
-             "items": [{"row": n, "idempotencykey": f"{prefix}{n}", "data": v} for n, v in rows]}
-    trace = {"sha256": chunk.sha256, "runs": row_runs(numbers), "names": list(map(ROW_NAMES[chunk.drop], values))}
+    rows = chunk.take_rows()
+    checked = [orjson.loads(item) for item in (rows.items if chunk.doubtful else rows.items[:1])]
+    validate_rows(model, [i["data"] for i in checked], [i["row"] for i in checked], chunk.file)
+    items = orjson.Fragment("[" + ",".join(rows.items) + "]")
+    batch = {"item_type": model.TYPE, "file": chunk.file, "sha256": chunk.sha256, "items": items}
+    trace = {"sha256": chunk.sha256, "runs": row_runs(rows.numbers), "names": rows.names}
     event_id = str(ULID())
     event = AssembledEvent.model_construct(
         id=event_id, source=source, type=EventBatchV1.TYPE, time=datetime.now(UTC), subject=model.TYPE,

@@ -12,7 +12,7 @@ from legacy_wrappers.filedrop.outbound import BatchFileWriter, batch_file_consum
 from services.bus.extensions import EventPublisher, event_message
 from services.bus.journal import JournalHops
 from services.bus.metrics_http import MetricsHttp
-from services.files.mapping import batch_event, points_record
+from services.files.mapping import batch_event, drop_options, points_record
 
 
 class FilesService:
@@ -23,11 +23,11 @@ class FilesService:
     metrics = MetricsHttp()
     hops = JournalHops()
 
-    @file_drop("customers")
+    @file_drop("customers", **drop_options("customers"))
     def on_customer_export(self, chunk: RowChunk):
         self._publish_rows(chunk, "legacy/filedrop/customers")
 
-    @file_drop("stock")
+    @file_drop("stock", **drop_options("stock"))
     def on_stock_snapshot(self, chunk: RowChunk):
         self._publish_rows(chunk, "legacy/filedrop/stock")
 

@@ -5,6 +5,7 @@ import csv
 import io
 from datetime import datetime, timezone
 
+import orjson
 import pytest
 from sqlalchemy import MetaData, text
 
@@ -15,6 +16,7 @@ from contracts.journal import FileRows
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.layout import FileProblem, Layout
+from legacy_wrappers.filedrop.rowcode import GoodRows, json_safe
 from services.bus.inbox import metadata as inbox_tables
 from services.bus.consumer import DUPLICATE
 from services.erp.customers import on_file_rows, upsert_customer
@@ -41,9 +43,10 @@ def test_fixed_width_scan_checks_types_widths_and_trailer():
     data = "\n".join(["HDR", good, good[:-1], good.replace("000000005", "00000000X"),
                       "TRL000000003000000000000005"]) + "\n"
     rows, bad = [], []
-    out = Layout.scan(layout, io.BytesIO(data.encode()), rows.extend,
-                      lambda n, p: bad.append((n, [c for c, _, _ in p])))
-    assert [n for n, _ in rows] == [2] and rows[0][1]["on_hand"] == 5
+    out = Layout.scan(layout, io.BytesIO(data.encode()), lambda good, doubtful: rows.extend(good.items),
+                      lambda n, p: bad.append((n, [c for c, _, _ in p])), key_prefix="f:")
+    assert list(map(orjson.loads, rows)) == [{"row": 2, "idempotencykey": "f:2", "data": {
+        "store_id": "S001", "sku": "100001", "on_hand": 5, "changed_at": "2026-11-27T06:00:00+00:00"}}]
     assert bad == [(3, ["<record>"]), (4, ["on_hand"])]
     assert out.problems == [] and len(out.sha256) == 64
 
@@ -114,27 +117,123 @@ def test_a_redelivered_chunk_applies_no_row_twice(engine):
                f"{'':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:00",        # missing store
                f"{'S001':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:0"]),   # a character short
 ])
-def test_generated_converter_agrees_with_the_reference_row(drop, records):
+def test_generated_row_loop_agrees_with_the_reference_row(drop, records):
     layout = Layout(drops().inbound[drop])
     for rec in records:
         values, problems = layout.row(rec)
-        assert layout.convert(rec) == values, rec
+        assert fast_row(layout, rec) == values, rec
         assert (values is None) == bool(problems)
-    assert layout.convert(records[0]) is not None and all(layout.convert(r) is None for r in records[1:])
+    assert fast_row(layout, records[0]) is not None and all(fast_row(layout, r) is None for r in records[1:])
 
 
-def test_row_values_are_checked_against_the_contract_naming_the_rows():
-    from contracts.batch import check_rows, value_check
+def fast_row(layout: Layout, rec, doubts: list | None = None) -> dict | None:
+    """What the generated row loop makes of one record: its values, or None when it
+    leaves the record to `scan` (refused, or a header/trailer look-alike). Its item is
+    the JSON orjson writes of the item's dict, from the loop for JSON-safe blocks too."""
+    good, others, doubtful = GoodRows(), [], []
+    layout.row_loops[False, False]([7], [rec], "k:", good, others, doubtful)
+    assert len(good) + len(others) == 1 and (others == [] or others == [(7, rec)])
+    if doubts is not None:
+        doubts.extend(doubtful)
+    if not good:
+        return None
+    item = orjson.loads(good.items[0])
+    assert good.items[0] == orjson.dumps(item).decode() and good.numbers == [7]
+    if json_safe("".join(rec)):
+        safe = GoodRows()
+        layout.row_loops[False, True]([7], [rec], "k:", safe, [], [])
+        assert safe == good
+    return item["data"]
+
+
+CUSTOMER_ROWS = [  # the layout takes every one; the contract only the first two
+    ["C1", "Ann", "a@b.c", "", "", "2026-11-27T06:00:00+00:00"],
+    ["C1", "Ann", "", "+49 30 1", "LC1", "2026-11-27T06:00:00Z"],
+    ["C1", "Ann", "not-an-email", "", "", "2026-11-27T06:00:00+00:00"],
+    ["C1", "Ann", "x@y", "", "", "2026-11-27T06:00:00+00:00"],
+    ["C1", "Ann", "a b@c.d", "", "", "2026-11-27T06:00:00+00:00"],
+]
+STOCK_ROWS = [  # the contract's store id: ^[A-Z0-9]{1,8}$
+    f"{'S001':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:00",
+    f"{'s001':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:00",
+    f"{'S0-1':<8}{'100001':<20}{5:09d}2026-11-27T06:00:00+00:00",
+]
+
+
+@pytest.mark.parametrize("drop, records", [("customers", CUSTOMER_ROWS), ("stock", STOCK_ROWS)])
+def test_the_row_loop_doubts_exactly_the_values_the_contract_refuses(drop, records):
+    from pydantic import ValidationError
+    from services.files.mapping import ROW_TYPES, drop_options
+    layout = Layout(drops().inbound[drop], drop_options(drop)["values_schema"])
+    for rec in records:
+        doubts: list[int] = []
+        values = fast_row(layout, rec, doubts)
+        try:
+            ROW_TYPES[drop].model_validate(values)
+            valid = True
+        except ValidationError:
+            valid = False
+        assert doubts == ([] if valid else [7]), rec
+    doubts = []
+    assert fast_row(Layout(drops().inbound[drop]), records[-1], doubts) and doubts == []  # no schema, no doubt
+
+
+@pytest.mark.parametrize("prop, layout_field, tests", [
+    ({"type": "string"}, {"required": False}, ["v0 is not None"]),   # an empty value, a field not nullable
+    ({"type": "string", "maxLength": 3}, {"max_length": 5}, ["(len(v0) <= 3)"]),
+    ({"type": "string", "maxLength": 9}, {"max_length": 5}, []),     # the layout proves it
+    ({"type": "string", "minLength": 1, "pattern": r"\S"}, {}, []),  # a stripped required value has both
+    ({"type": "string", "minLength": 3}, {}, ["(len(v0) >= 3)"]),
+    ({"anyOf": [{"type": "string", "pattern": "^a"}, {"type": "null"}]}, {"required": False},
+     ["(v0 is None or (p0(v0) is not None))"]),
+    ({"type": "string", "format": "date-time"}, {}, ["False"]),      # a str layout cannot prove a format
+    ({"type": "string", "format": "date-time"}, {"type": "timestamp"}, []),
+    ({"type": "integer", "minimum": 0}, {"type": "int"}, ["False"]),  # an unknown constraint: doubt every row
+    ({"type": "integer"}, {"type": "str"}, ["False"]),                # another type
+])
+def test_schema_constraints_the_layout_does_not_prove_are_tested(prop, layout_field, tests):
+    from legacy_wrappers.filedrop.rowcode import _schema_checks
+    spec = fd_config.FieldSpec(name="v", **layout_field)
+    assert _schema_checks([spec], {"properties": {"v": prop}}, {}) == tests
+
+
+@pytest.mark.parametrize("text, lines, safe", [
+    ("C1,Zoë Müller,a@b.c\r\nC2,Ann,", True, True),  # line ends between lines are cut away
+    ("C1,Ann\r\n", False, False), ('C1,"Ann"', True, False), ("C1,A\\nn", True, False),
+    ("C1,A\tnn", True, False), ("C1,A\x1fnn", True, False), ("C1,A\x7fnn 😀", True, True),
+])
+def test_json_safe_text_is_what_orjson_writes_between_quotes(text, lines, safe):
+    assert json_safe(text, lines) == safe
+    values = text.replace("\r\n", ",").split(",") if lines else [text]
+    assert safe == all(orjson.dumps(v) == f'"{v}"'.encode() for v in values)
+
+
+def test_a_plain_file_is_read_by_the_loop_for_json_safe_blocks(monkeypatch):
+    layout = Layout(drops().inbound["customers"])
+    taken = []
+    for key, loop in list(layout.row_loops.items()):
+        monkeypatch.setitem(layout.row_loops, key, lambda *a, key=key, loop=loop: taken.append(key) or loop(*a))
+    data = ("customer_id,name,email,phone,loyalty_card,updated_at\r\n"
+            + "".join(f"C{i},Zoë {i},,,,2026-11-27T06:00:00+00:00\r\n" for i in range(5)) + "TRL,5,,,,\r\n")
+    first = layout.scan(io.BytesIO(data.encode()), validate=False)
+    out = layout.scan(io.BytesIO(data.encode()), lambda good, doubtful: None, line_end=first.line_end)
+    assert out.rows == 5 and set(taken) == {(True, True)}
+
+
+def test_a_doubted_chunk_is_validated_in_full_naming_the_rows():
     from contracts.errors import ContractError
-    good = {"customer_id": "C1", "name": "Ann", "email": None, "phone": None, "loyalty_card": None,
-            "updated_at": "2026-11-27T06:00:00+00:00"}
-    ok = value_check(CustomerUpdatedV1)
-    assert ok([good, good]) and not ok([good, {**good, "email": "not-an-email"}]) and not ok([{**good, "name": None}])
-    check_rows(CustomerUpdatedV1, [good, good], [2, 3], "f.csv")
-    with pytest.raises(ContractError, match=r"f.csv: rows \[4\].*email"):
-        check_rows(CustomerUpdatedV1, [good, good, {**good, "email": "x@y"}], [2, 3, 4], "f.csv")
-    with pytest.raises(ContractError, match=r"rows \[2, 3\].*extra"):  # the shape, from the first row
-        check_rows(CustomerUpdatedV1, [{**good, "extra": 1}] * 2, [2, 3], "f.csv")
+    from legacy_wrappers.filedrop.inbound import RowChunk
+    from services.files.mapping import batch_event, drop_options
+    layout = Layout(drops().inbound["customers"], **drop_options("customers"))
+    good = GoodRows()
+    recs = [["C1", "Ann", "", "", "", "2026-11-27T06:00:00+00:00"],
+            ["C2", "Bo", "x@y", "", "", "2026-11-27T06:00:00Z"]]  # not an email the contract takes
+    doubtful = []
+    layout.row_loops[False, False]([2, 3], recs, "k:", good, [], doubtful)
+    assert doubtful == [3] and good.names == ["C1", "C2"]
+    chunk = RowChunk("customers", "f.csv", "a" * 64, 0, good, doubtful)
+    with pytest.raises(ContractError, match=r"f.csv: rows \[3\].*email"):
+        batch_event(chunk, "legacy/filedrop/customers")
 
 
 def test_a_cheap_first_look_counts_records_for_the_trailer_without_validating():
@@ -146,7 +245,7 @@ def test_a_cheap_first_look_counts_records_for_the_trailer_without_validating():
     first = layout.scan(io.BytesIO(data.encode()), validate=False)
     assert (first.records, first.rows, first.bad_rows, first.problems) == (2, 0, 0, [])
     rows, bad = [], []
-    full = layout.scan(io.BytesIO(data.encode()), lambda good: rows.extend(n for n, _ in good),
+    full = layout.scan(io.BytesIO(data.encode()), lambda good, doubtful: rows.extend(good.numbers),
                        lambda n, p: bad.append(n))
     assert (full.sha256, rows, bad) == (first.sha256, [2], [3])
     wrong = layout.scan(io.BytesIO(data.replace("TRL,2", "TRL,3").encode()), validate=False)
@@ -168,9 +267,10 @@ def test_csv_lines_without_quotes_are_split_as_csv_reader_reads_them():
                  if rec and n > 1]
     assert list(layout._records(io.StringIO(data, newline=""))) == reference
     rows, bad = [], []
-    out = layout.scan(io.BytesIO(data.encode()), rows.extend, lambda n, p: bad.append(n))
-    assert [n for n, _ in rows] == [2, 4, 5, 6, 8] and bad == [7] and out.problems == []
-    assert rows[2][1]["name"] == "two\nlines" and rows[2][1]["phone"] == 'say "hi"'
+    out = layout.scan(io.BytesIO(data.encode()), lambda good, doubtful: rows.extend(map(orjson.loads, good.items)),
+                      lambda n, p: bad.append(n))
+    assert [i["row"] for i in rows] == [2, 4, 5, 6, 8] and bad == [7] and out.problems == []
+    assert rows[2]["data"]["name"] == "two\nlines" and rows[2]["data"]["phone"] == 'say "hi"'
 
 
 def test_a_quoted_field_left_open_makes_the_file_unreadable():
@@ -190,27 +290,31 @@ def test_the_inlined_timestamp_check_agrees_with_isoformat(stamp):
     layout = Layout(drops().inbound["customers"])
     rec = ["C1", "Ann", "", "", "", stamp]
     values, _ = layout.row(rec)
-    assert layout.convert(rec) == values
+    assert fast_row(layout, rec) == values
 
 
 def test_a_chunk_envelope_is_the_json_pydantic_would_write():
     from legacy_wrappers.filedrop.inbound import RowChunk
-    from services.files.mapping import batch_event
-    values = {"customer_id": "C1", "name": "Zoë \"Q\" Müller", "email": None, "phone": "+49 30 1",
-              "loyalty_card": None, "updated_at": "2026-11-27T06:00:00+00:00"}
-    rows = [(2, values), (4, {**values, "customer_id": "C2"})]
-    chunk = RowChunk("customers", "customers_x.csv", "a" * 64, 3, rows)
-    event, trace = batch_event(chunk, "legacy/filedrop/customers")
-    assert chunk.rows == []  # taken: they live as long as the event, not the worker
-    assert event.to_json() == CloudEvent.to_json(event)  # byte for byte
-    batch = EventBatchV1.model_validate(CloudEvent.from_json(event.to_json()).data)
+    from services.files.mapping import batch_event, drop_options
+    layout = Layout(drops().inbound["customers"], **drop_options("customers"))
+    data = ("customer_id,name,email,phone,loyalty_card,updated_at\n"
+            'C1,"Zoë ""Q"" Müller\\",,+49 30 1,,2026-11-27T06:00:00+00:00\n'  # quotes, a backslash
+            "C0,,,,,2026-11-27T06:00:00+00:00\n"                                 # skipped
+            "C2,Ann\tTab,a@b.c,,,2026-11-27T07:00:00Z\n")                       # a tab, another form
+    chunks = []
+    layout.scan(io.BytesIO(data.encode()), lambda good, doubtful: chunks.append(RowChunk(
+        "customers", "customers_x.csv", "a" * 64, 3, good, doubtful)), key_prefix=f"{'a' * 64}:")
+    event, trace = batch_event(chunks[0], "legacy/filedrop/customers")
+    assert not chunks[0].rows  # taken: they live as long as the event, not the worker
+    parsed = CloudEvent.from_json(event.to_json())
+    assert event.to_json() == parsed.to_json()  # byte for byte what pydantic writes of it
+    batch = EventBatchV1.model_validate(parsed.data)
     assert [i.idempotencykey for i in batch.items] == [f"{'a' * 64}:2", f"{'a' * 64}:4"]
-    assert [c.customer_id for c in batch.typed_items()] == ["C1", "C2"]
+    assert [(c.customer_id, c.name, c.updated_at.isoformat()) for c in batch.typed_items()] == [
+        ("C1", 'Zoë "Q" Müller\\', "2026-11-27T06:00:00+00:00"), ("C2", "Ann\tTab", "2026-11-27T07:00:00+00:00")]
     assert trace == {"sha256": "a" * 64, "runs": [(2, 2), (4, 4)], "names": ["C1", "C2"]}  # a row skipped
     assert [i.model_dump() for i in FileRows.model_validate(trace).items()] == [
         {"key": f"{'a' * 64}:2", "row": 2, "refs": ["C1"]}, {"key": f"{'a' * 64}:4", "row": 4, "refs": ["C2"]}]
-    huge = event.model_copy(update={"data": {**event.data, "extra": 2 ** 70}})  # beyond orjson: pydantic writes it
-    assert b"1180591620717411303424" in huge.to_json()
 
 
 def test_the_ledger_keeps_checkpoints_and_outcomes_across_reopening(tmp_path):

@@ -53,7 +53,7 @@ EXACT = {  # files it leaves to the exact pass
 def outcomes(layout: Layout, data: bytes):
     """(quick pass's Outcome, exact pass's Outcome); an on_rows callback forces the exact pass."""
     quick = layout.scan(io.BytesIO(data), validate=False)
-    exact = layout.scan(io.BytesIO(data), lambda rows: None, validate=False)
+    exact = layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)
     return quick, exact
 
 
@@ -91,9 +91,9 @@ def test_any_other_file_is_left_to_the_exact_pass(case, blocks):
         quick = layout.scan(io.BytesIO(data), validate=False)
     except FileProblem as problem:
         with pytest.raises(FileProblem, match=str(problem)[:20]):
-            layout.scan(io.BytesIO(data), lambda rows: None, validate=False)
+            layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)
         return
-    assert quick == layout.scan(io.BytesIO(data), lambda rows: None, validate=False)
+    assert quick == layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)
     if case == "a trailer in the middle":
         assert quick.bad_rows == 1 and quick.records == 1201
 
@@ -116,7 +116,7 @@ def test_an_undecodable_file_is_a_file_problem_in_either_pass():
     layout = Layout(fd_config.load(fd_config.DEFAULT_PATH).inbound["customers"])
     data = csv_file(customers(600) + ["C1,\xff\xfe,,,,2026-11-27T06:00:00Z"]).replace(b"\xc3\xbf", b"\xff")
     for scan in (lambda: layout.scan(io.BytesIO(data), validate=False),
-                 lambda: layout.scan(io.BytesIO(data), lambda rows: None, validate=False)):
+                 lambda: layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)):
         with pytest.raises(FileProblem, match="unreadable content"):
             scan()
 
@@ -124,8 +124,8 @@ def test_an_undecodable_file_is_a_file_problem_in_either_pass():
 def pass_two(layout: Layout, data: bytes, line_end: str | None):
     """Everything pass 2 hands on: good rows, bad rows with their problems, the Outcome."""
     rows, bad = [], []
-    out = layout.scan(io.BytesIO(data), rows.extend, lambda n, problems: bad.append((n, problems)),
-                      batch=7, line_end=line_end)
+    out = layout.scan(io.BytesIO(data), lambda good, doubtful: rows.append((good, doubtful)),
+                      lambda n, problems: bad.append((n, problems)), batch=7, line_end=line_end, key_prefix="k:")
     return rows, bad, out
 
 
