@@ -14,9 +14,7 @@ import eventlet  # noqa: E402
 
 eventlet.monkey_patch()  # nameko runs services on eventlet; tests host containers in-process
 
-import socket  # noqa: E402
-
-import pytest
+import pytest  # noqa: E402
 
 from services.broker import start_on_free_ports as start_broker  # noqa: E402,F401
 from services.broker_setup import free_ports  # noqa: E402

@@ -17,7 +17,6 @@ from prometheus_client import Gauge
 
 from services.bus.extensions import container_settings
 from services.bus.metrics_http import MetricsHttp
-from services.bus.metrics_http import MetricsHttp
 from services.dlq.store import DeadLetterStore, handler_queues
 
 log = logging.getLogger(__name__)

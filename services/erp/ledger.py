@@ -54,7 +54,7 @@ class _Statements:
     Core statement costs five times running it, and a posting runs a dozen."""
 
     def __init__(self, t: LegacyTables):
-        seq, stock, hdr = t.doc_seq.c, t.stock.c, t.header.c
+        seq, hdr = t.doc_seq.c, t.header.c
         self.bump_doc_no = Prepared(update(t.doc_seq).where(seq.SEQ_NAME == bindparam("seq_name"))
                                     .values(NEXT_NO=seq.NEXT_NO + bindparam("count")))
         self.read_doc_no = Prepared(select(seq.NEXT_NO).where(seq.SEQ_NAME == bindparam("seq_name")))

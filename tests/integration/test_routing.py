@@ -4,7 +4,6 @@ guard. Tests run in file order on one estate; each leaves it running, with
 the sales route back in legacy mode, for the next."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
