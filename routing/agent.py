@@ -381,4 +381,4 @@ class StoreAgent:
     @pos_http("GET", "/metrics")
     def metrics(self, request):
         self._stats()
-        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)  # as is: it names its charset

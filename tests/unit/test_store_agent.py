@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import eventlet
 import pytest
 from nameko.testing.services import worker_factory
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.test import EnvironBuilder
 
 from contracts.envelope import CloudEvent
@@ -246,6 +247,7 @@ def test_metrics_exposes_accept_latency(service):
     service.post_sale(request(body=legacy_sale()))
     response = service.metrics(request("/metrics", method="GET"))
     assert response.status_code == 200
+    assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST  # charset named once
     assert b'retailbus_agent_accept_seconds_count{route="sales"}' in response.get_data()
 
 
