@@ -112,7 +112,7 @@ class Layout:
         # (records are unsplit lines, every value is JSON-safe) -> the generated row loop
         forms = (False, True) if drop.format == "csv" else (False,)
         self.row_loops = {(lines, safe): row_function(drop, values_schema, name_fields, lines, safe)
-                     for lines in forms for safe in (False, True)}
+                          for lines in forms for safe in (False, True)}
         if drop.format == "fixed":
             self.width = max(f.end for f in drop.fields)
             self._slices = tuple(slice(f.start - 1, f.end) for f in drop.fields)
