@@ -29,7 +29,7 @@ from services.bus import retry as retry_policy
 from services.bus.extensions import BusConnection, container_settings
 from services.bus.framing import ack_frame
 from services.bus.publisher import OutgoingMessage, PublishError, connect
-from services.bus.wire import CoalescingWriter, buffered_reads
+from services.bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
             conn = None
             try:
                 conn = self._connect()
+                reader = FrameReader(conn)
                 backoff = 0.2
                 while self._running:
                     try:
-                        conn.drain_events(timeout=1)
+                        reader.drain(timeout=1)
                     except TimeoutError:
                         pass
                     conn.heartbeat_tick()  # only queues a frame: the writer sends it

@@ -27,7 +27,7 @@ from eventlet.semaphore import Semaphore
 
 from services.bus import metrics
 from services.bus.framing import publish_frames
-from services.bus.wire import CoalescingWriter, buffered_reads
+from services.bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
 
@@ -366,10 +366,11 @@ class ConfirmingPublisher:
             return channel
 
     def _read_loop(self, conn):
+        reader = FrameReader(conn)
         try:
             while self._conn is conn:
                 try:
-                    conn.drain_events(timeout=0.5)
+                    reader.drain(timeout=0.5)
                 except TimeoutError:
                     pass
                 conn.heartbeat_tick()  # only queues a frame: the writer sends it
