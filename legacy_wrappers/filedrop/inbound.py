@@ -1,7 +1,8 @@
 """`file_drop`: the entrypoint that turns complete legacy batch files into row chunks.
 
-Per drop (config/filedrops.yaml) one greenthread watches the folder and takes
-a file only once its completion rule holds. Row keys are `<sha256>:<row>` and
+Per drop (config/filedrops.yaml) one greenthread watches the folder (woken by
+inotify where it can, else every `poll_seconds`: wakeup.py) and takes a file
+only once its completion rule holds. Row keys are `<sha256>:<row>` and
 a file seen before (same sha256) publishes nothing, so the hash must be known
 before the first row leaves: pass 1 streams the file for its sha256, its
 header/trailer and record count, and validates every row only when the
@@ -36,6 +37,7 @@ from legacy_wrappers.filedrop.files import Refused, archive_folder, move_unique,
 from legacy_wrappers.filedrop.layout import FileProblem, Layout
 from legacy_wrappers.filedrop.ledger import Ledger, identity
 from legacy_wrappers.filedrop.rowcode import GoodRows
+from legacy_wrappers.filedrop.wakeup import FolderWakeup
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +147,18 @@ class FileDrop(Entrypoint):
 
     def start(self):
         self._running = True
+        self._wakeup = FolderWakeup(self.folder)
         self._thread = self.container.spawn_managed_thread(self._watch, identifier=f"file_drop:{self.drop}")
 
     def stop(self):
         self._running = False
         self._thread.wait()
+        self._wakeup.close()
 
     def kill(self):
         self._running = False
         self._thread.kill()
+        self._wakeup.close()
 
     # -- watching ---------------------------------------------------------------
 
@@ -166,7 +171,7 @@ class FileDrop(Entrypoint):
                     self.take(name)
             except Exception:  # one bad poll must not end the watcher
                 log.exception("file drop %s: poll failed", self.drop)
-            eventlet.sleep(self.cfg.poll_seconds)
+            self._wakeup.wait(self.cfg.poll_seconds)  # a change in the folder ends it early
 
     def complete_files(self) -> list[str]:
         """Names in the folder whose completion rule holds, oldest first; refuses the rest."""

@@ -29,6 +29,7 @@ from datetime import date, datetime
 from typing import Callable
 
 import orjson
+from pydantic_core import SchemaError, SchemaValidator, ValidationError, core_schema
 
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
 
@@ -50,14 +51,13 @@ def day(v: str) -> str:
         raise ValueError("not a date (YYYYMMDD)") from None
 
 
-def canonical_stamp(v: str) -> str:
-    """The test that `v`, a value `datetime.fromisoformat` took with an offset, is
-    already what `.isoformat()` would give (`YYYY-MM-DDTHH:MM:SS+HH:MM`, hour < 24,
-    not `-00:00`): then the value is kept as it is, saving the isoformat call (the
-    dearest step of a row). Anything else (fractions, `Z`, a space) is rewritten."""
-    return (f"len({v}) == 25 and {v}[4] == {v}[7] == '-' and {v}[10] == 'T' and {v}[13] == {v}[16] == ':'"
-            f" and {v}[22] == ':' and ({v}[11] < '2' or {v}[12] < '4')"
-            f" and ({v}[19] == '+' or ({v}[19] == '-' and {v}[20:] != '00:00'))")
+# Whether a value `datetime.fromisoformat` took is already what `.isoformat()` gives
+# for it (`YYYY-MM-DDTHH:MM:SS+HH:MM`, hour < 24, not `-00:00`): then it is kept as it
+# is, saving the isoformat call (the dearest step of a row). Anything else (fractions,
+# `Z`, a space, no offset) is rewritten, or refused when it has no offset. The parse
+# proved the digits, so `.` stands for them here: one C call instead of a chain of
+# index comparisons, at about half their cost.
+CANONICAL_STAMP = re.compile(r"....-..-..T(?:[01].|2[0-3]):..:..(?:\+|-(?!00:00))..:..", re.DOTALL).fullmatch
 
 
 @dataclass
@@ -108,7 +108,8 @@ def row_function(drop: DropIn, values_schema: dict | None = None, name_fields: t
     block), so a string is written between quotes without `json_text`.
     `name_fields`: a row's name is these values, joined by "/"."""
     fixed = drop.format == "fixed"
-    env: dict[str, object] = {"fromiso": datetime.fromisoformat, "day": day, "js": json_text}
+    env: dict[str, object] = {"fromiso": datetime.fromisoformat, "day": day, "js": json_text,
+                              "canonical": CANONICAL_STAMP}
     out = ["def rows(ns, recs, prefix, good, others, doubtful):",
            "    item, number, name, total = good.items.append, good.numbers.append, good.names.append, 0",
            "    for n, rec in zip(ns, recs):"]
@@ -120,9 +121,13 @@ def row_function(drop: DropIn, values_schema: dict | None = None, name_fields: t
     out += [f"        if {' or '.join(tests)}:", *_refuse(12)]
     for i, spec in enumerate(drop.fields):
         out += _field(i, spec, fixed)
-    checks = _schema_checks(drop.fields, values_schema, env)
+    checks, patterned = _schema_checks(drop.fields, values_schema, env)
     if checks:
         out += [f"        if not ({' and '.join(checks)}):", "            doubtful.append(n)"]
+    if patterned:  # s<i>: the block's values of field i, in the order of its good rows
+        out[2:2] = ["    first = len(good.numbers)",
+                    *(f"    s{i} = []; keep{i} = s{i}.append" for i in patterned)]
+        out += [f"        keep{i}(v{i})" for i in patterned]
     total_of = drop.trailer.total_of if drop.trailer else None
     if total_of:
         out.append(f"        total += v{[f.name for f in drop.fields].index(total_of)} or 0")
@@ -136,6 +141,7 @@ def row_function(drop: DropIn, values_schema: dict | None = None, name_fields: t
     if name_fields:
         index = [f.name for f in drop.fields].index
         out.append("        name(" + " + '/' + ".join(f"str(v{index(f)})" for f in name_fields) + ")")
+    out += [f"    p{i}(s{i}, good.numbers, first, doubtful)" for i in patterned]
     out.append("    return total")
     exec(compile("\n".join(out), f"<rows {drop.folder.name}>", "exec"), env)
     return env["rows"]
@@ -172,20 +178,22 @@ def _field(i: int, spec: FieldSpec, fixed: bool) -> list[str]:
     if convert:
         out += ["        else:", "            try:", f"                {convert}",
                 "            except ValueError:", *_refuse(16)]
-    if spec.type == "timestamp":
-        out += ["            if d.tzinfo is None:", *_refuse(16),
-                f"            if not ({canonical_stamp(v)}):", f"                {v} = d.isoformat()"]
+    if spec.type == "timestamp":  # a canonical value has its offset
+        out += [f"            if canonical({v}) is None:", "                if d.tzinfo is None:",
+                *_refuse(20), f"                {v} = d.isoformat()"]
     return out
 
 
-def _schema_checks(fields: list[FieldSpec], schema: dict | None, env: dict) -> list[str]:
+def _schema_checks(fields: list[FieldSpec], schema: dict | None, env: dict) -> tuple[list[str], list[int]]:
     """Tests of `schema`'s per-value constraints (JSON schema of the row object) that
-    the layout's own checks do not imply. The shape (keys, types of a present value)
-    is the consumer's to check on a first row; what can differ from row to row is
-    tested here: null or not, and a string's length and pattern."""
+    the layout's own checks do not imply: (per-row tests, the fields whose pattern is
+    tested on a block's values at once, as `p<i>` in `env`: `BlockPattern`). The shape
+    (keys, types of a present value) is the consumer's to check on a first row; what
+    can differ from row to row is tested here: null or not, and a string's length and
+    pattern."""
     if not schema:
-        return []
-    properties, tests = schema.get("properties", {}), []
+        return [], []
+    properties, tests, patterned = schema.get("properties", {}), [], []
     for i, spec in enumerate(fields):
         prop = properties.get(spec.name)
         if prop is None:
@@ -207,11 +215,37 @@ def _schema_checks(fields: list[FieldSpec], schema: dict | None, env: dict) -> l
             parts.append(f"len({v}) <= {int(alt['maxLength'])}")
         pattern = alt.get("pattern")
         if pattern is not None and pattern != r"\S":  # a stripped, non-empty value has a non-space
-            # anchored and without alternatives, `search` can only match where `match` does (cheaper)
-            anchored = pattern.startswith("^") and "|" not in pattern
-            env[f"p{i}"] = re.compile(pattern).match if anchored else re.compile(pattern).search
-            parts.append(f"p{i}({v}) is not None")
+            env[f"p{i}"] = BlockPattern(pattern)
+            patterned.append(i)
         if parts:
             ok = " and ".join(parts)
             tests.append(f"({v} is None or ({ok}))" if may_be_none else f"({ok})")
-    return tests
+    return tests, patterned
+
+
+class BlockPattern:
+    """A contract's `pattern` for one field, tested on the values of a block of rows in
+    one call by pydantic-core: the regular expression engine the contract itself is
+    validated with (Rust's; Python's for a pattern Rust's cannot compile, as pydantic
+    does with `regex_engine="python-re"`). ~90 ns a value, against ~450 for a `re`
+    call per row. None passes: whether a value may be null is a test of its own."""
+
+    def __init__(self, pattern: str):
+        try:
+            self._validate = _list_of_matches(pattern, "rust-regex")
+        except SchemaError:  # e.g. a look-around
+            self._validate = _list_of_matches(pattern, "python-re")
+
+    def __call__(self, values: list, numbers: list[int], first: int, doubtful: list[int]):
+        """`values[k]` is row `numbers[first + k]`'s: add the rows whose value breaks the
+        pattern to `doubtful` (kept in row order)."""
+        try:
+            self._validate(values)
+        except ValidationError as exc:
+            broken = {numbers[first + e["loc"][0]] for e in exc.errors()}
+            doubtful[:] = sorted(broken.union(doubtful))
+
+
+def _list_of_matches(pattern: str, engine: str):
+    string = core_schema.str_schema(pattern=pattern, regex_engine=engine)
+    return SchemaValidator(core_schema.list_schema(core_schema.nullable_schema(string))).validate_python

@@ -16,7 +16,8 @@ from contracts.journal import FileRows
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.layout import FileProblem, Layout
-from legacy_wrappers.filedrop.rowcode import GoodRows, json_safe
+from legacy_wrappers.filedrop.rowcode import CANONICAL_STAMP, GoodRows, json_safe
+from legacy_wrappers.filedrop.wakeup import FolderWakeup
 from services.bus.inbox import metadata as inbox_tables
 from services.bus.consumer import DUPLICATE
 from services.erp.customers import on_file_rows, upsert_customer
@@ -178,23 +179,50 @@ def test_the_row_loop_doubts_exactly_the_values_the_contract_refuses(drop, recor
     assert fast_row(Layout(drops().inbound[drop]), records[-1], doubts) and doubts == []  # no schema, no doubt
 
 
-@pytest.mark.parametrize("prop, layout_field, tests", [
-    ({"type": "string"}, {"required": False}, ["v0 is not None"]),   # an empty value, a field not nullable
-    ({"type": "string", "maxLength": 3}, {"max_length": 5}, ["(len(v0) <= 3)"]),
-    ({"type": "string", "maxLength": 9}, {"max_length": 5}, []),     # the layout proves it
-    ({"type": "string", "minLength": 1, "pattern": r"\S"}, {}, []),  # a stripped required value has both
-    ({"type": "string", "minLength": 3}, {}, ["(len(v0) >= 3)"]),
-    ({"anyOf": [{"type": "string", "pattern": "^a"}, {"type": "null"}]}, {"required": False},
-     ["(v0 is None or (p0(v0) is not None))"]),
-    ({"type": "string", "format": "date-time"}, {}, ["False"]),      # a str layout cannot prove a format
-    ({"type": "string", "format": "date-time"}, {"type": "timestamp"}, []),
-    ({"type": "integer", "minimum": 0}, {"type": "int"}, ["False"]),  # an unknown constraint: doubt every row
-    ({"type": "integer"}, {"type": "str"}, ["False"]),                # another type
+@pytest.mark.parametrize("prop, layout_field, tests, patterned", [
+    ({"type": "string"}, {"required": False}, ["v0 is not None"], []),  # an empty value, a field not nullable
+    ({"type": "string", "maxLength": 3}, {"max_length": 5}, ["(len(v0) <= 3)"], []),
+    ({"type": "string", "maxLength": 9}, {"max_length": 5}, [], []),     # the layout proves it
+    ({"type": "string", "minLength": 1, "pattern": r"\S"}, {}, [], []),  # a stripped required value has both
+    ({"type": "string", "minLength": 3}, {}, ["(len(v0) >= 3)"], []),
+    ({"anyOf": [{"type": "string", "pattern": "^a"}, {"type": "null"}]}, {"required": False}, [], [0]),  # per block
+    ({"type": "string", "format": "date-time"}, {}, ["False"], []),      # a str layout cannot prove a format
+    ({"type": "string", "format": "date-time"}, {"type": "timestamp"}, [], []),
+    ({"type": "integer", "minimum": 0}, {"type": "int"}, ["False"], []),  # an unknown constraint: doubt every row
+    ({"type": "integer"}, {"type": "str"}, ["False"], []),                # another type
 ])
-def test_schema_constraints_the_layout_does_not_prove_are_tested(prop, layout_field, tests):
+def test_schema_constraints_the_layout_does_not_prove_are_tested(prop, layout_field, tests, patterned):
     from legacy_wrappers.filedrop.rowcode import _schema_checks
     spec = fd_config.FieldSpec(name="v", **layout_field)
-    assert _schema_checks([spec], {"properties": {"v": prop}}, {}) == tests
+    env = {}
+    assert _schema_checks([spec], {"properties": {"v": prop}}, env) == (tests, patterned)
+    assert sorted(env) == [f"p{i}" for i in patterned]
+
+
+def test_a_pattern_is_tested_on_a_block_and_names_exactly_the_rows_that_break_it():
+    from legacy_wrappers.filedrop.rowcode import BlockPattern
+    email = BlockPattern(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    numbers, doubtful = [1, 2, 3, 4, 5, 6], [3]  # rows 1-2 from an earlier block; 3 doubted for another test
+    email(["a@b.c", None, "not-an-email", "x y@z.c"], numbers, 2, doubtful)
+    assert doubtful == [3, 5, 6]
+    email(["a@b.c", None], numbers, 4, doubtful)
+    assert doubtful == [3, 5, 6]
+    look_around = BlockPattern(r"^(?!tmp)[a-z]+$")  # Rust's engine has no look-around: Python's
+    doubtful = []
+    look_around(["abc", "tmpx", "ABC"], [7, 8, 9], 0, doubtful)
+    assert doubtful == [8, 9]
+
+
+def test_the_row_loop_doubts_the_rows_of_a_block_whose_values_break_the_pattern():
+    from services.files.mapping import drop_options
+    layout = Layout(drops().inbound["customers"], drop_options("customers")["values_schema"])
+    stamp = "2026-11-27T06:00:00+00:00"
+    recs = [["C1", "Ann", "a@b.c", "", "", stamp], ["", "Bob", "bad", "", "", stamp],  # refused: no id
+            ["C3", "Cy", "not-an-email", "", "", stamp], ["C4", "Di", "", "", "", stamp],
+            ["C5", "Ed", "e@f", "", "", stamp]]
+    good, others, doubtful = GoodRows(["earlier"], [1], ["C0"]), [], []
+    layout.row_loops[False, False]([2, 3, 4, 5, 6], recs, "k:", good, others, doubtful)
+    assert good.numbers == [1, 2, 4, 5, 6] and [n for n, _ in others] == [3] and doubtful == [4, 6]
 
 
 @pytest.mark.parametrize("text, lines, safe", [
@@ -291,6 +319,42 @@ def test_the_inlined_timestamp_check_agrees_with_isoformat(stamp):
     rec = ["C1", "Ann", "", "", "", stamp]
     values, _ = layout.row(rec)
     assert fast_row(layout, rec) == values
+
+
+@pytest.mark.parametrize("stamp", [
+    "2026-11-27T00:00:00+00:00", "2026-11-27T09:59:59+23:59", "2026-11-27T10:00:00-23:59",
+    "2026-11-27T19:00:00+05:30", "2026-11-27T20:00:00-00:01", "2026-11-27T23:59:59-01:00",
+    "2026-11-27T06:00:00-00:00", "2026-11-27T06:00:00+00:00:00", "2026-11-27T06:00+00:00",
+    "2026-11-27T06:00:00.100+00:00", "2026-11-27T06:00:00Z", "2026-11-27 06:00:00+00:00",
+    "2026-11-27T06:00:00+0000", "20261127T060000+00:00", "2026-11-27T06:00:00",
+])
+def test_a_value_is_kept_as_it_is_exactly_when_isoformat_would_write_it_so(stamp):
+    parsed = datetime.fromisoformat(stamp)  # what the row loop asks CANONICAL_STAMP about
+    assert (CANONICAL_STAMP(stamp) is not None) == (parsed.tzinfo is not None and parsed.isoformat() == stamp)
+
+
+def test_a_drop_folder_wakes_its_watcher_when_a_file_is_written_renamed_or_touched(tmp_path):
+    folder, elsewhere = tmp_path / "drop", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    wakeup = FolderWakeup(folder)
+    try:
+        assert wakeup.wait(0.01) is False  # nothing changed
+        (folder / "customers_1.csv").write_text("x\n")
+        assert wakeup.wait(30) is True
+        (elsewhere / "customers_2.csv").write_text("x\n")
+        (elsewhere / "customers_2.csv").rename(folder / "customers_2.csv")
+        assert wakeup.wait(30) is True
+        (folder / "customers_1.csv.done").touch()
+        assert wakeup.wait(30) is True
+        assert wakeup.wait(0.01) is False  # the events were drained
+    finally:
+        wakeup.close()
+
+
+def test_a_folder_inotify_cannot_watch_is_polled(tmp_path):
+    wakeup = FolderWakeup(tmp_path / "missing")  # inotify_add_watch fails: ENOENT
+    assert wakeup.wait(0.01) is False
+    wakeup.close()
 
 
 def test_a_chunk_envelope_is_the_json_pydantic_would_write():
