@@ -78,15 +78,16 @@ class FrameReader:
 
     py-amqp reads a frame as three exact reads (header, payload, end byte),
     each through a timeout context and a copy of the rest of its read buffer;
-    at a thousand deliveries a second (three frames each) that was ~6 % of a
-    consumer's CPU. Here one `recv` takes whatever has arrived and a loop cuts
+    at a thousand deliveries a second (three frames each) that was ~5 % of the
+    erp's CPU. Here one `recv` takes whatever has arrived and a loop cuts
     every complete frame out of it; the frames go to py-amqp's own frame
     handler (`on_inbound_frame`), which assembles messages, counts traffic for
     heartbeats and dispatches methods exactly as it does for its own reads.
 
     Only the greenthread that owns the connection's reading uses this, once
-    the connection is set up. Bytes not yet a whole frame stay in py-amqp's
-    own read buffer, so its reads (set-up before, close-ok after) go on from
+    the connection is set up, and nothing a frame's handling calls may wait on
+    the connection itself. Bytes not yet a whole frame stay in py-amqp's own
+    read buffer, so its reads (set-up before, close-ok after) go on from
     exactly where this left off.
     """
 
