@@ -13,7 +13,6 @@ import datetime
 import json
 import platform
 import resource
-import socket
 import statistics
 import tempfile
 import time

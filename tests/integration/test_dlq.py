@@ -156,7 +156,7 @@ def test_poison_sale_parked_after_attempts_fixed_by_edit_and_posted_once(amqp_ur
         info = show(config, event.id)
         assert info["attempts"] == 3
         assert info["error_type"] and info["error"], info
-        assert f"attempts:         3\n" in shown.stdout
+        assert "attempts:         3\n" in shown.stdout
         error_line = next(line for line in shown.stdout.splitlines() if line.startswith("error:"))
         assert info["error_type"] in error_line and info["error"].splitlines()[0] in error_line
         assert ("too large" if "sqlite" in dsn else "out of range") in error_line
