@@ -3,13 +3,13 @@
 A commit is an fsync (SQLite `synchronous=FULL`, PostgreSQL's WAL flush) and
 every statement a round trip or a pass through SQLAlchemy, so one transaction
 per message caps a process at a few hundred postings a second whatever the
-CPU could do. Here a worker hands its item over (`self.postings(item)`) and
+CPU could do. Here a worker hands its items over (`self.postings(items)`) and
 waits; one writer greenthread takes every item waiting (up to `max_batch`),
 runs `write_many(conn, items)` in one transaction (set-based: one statement
 per table for the whole batch), commits in an OS thread (eventlet tpool, so
 the hub goes on reading and validating the next messages during the fsync)
-and wakes each worker with its own result. A worker returns only once its
-item is durable, so its message is acked only then.
+and wakes each worker with its items' results. A worker returns only once its
+items are durable, so their messages are acked only then.
 
 A batch that fails (one item's bad value, a deadlock, a constraint) is
 rolled back and its items are written again one by one, each in a
@@ -75,8 +75,8 @@ def _commit(tx, results: list) -> list[Any]:
 
 
 class BatchedWrites(DependencyProvider):
-    """`self.<name>(item)` in a worker: `write_many([.., item, ..])`'s result for it,
-    durable when it returns (raises the item's error)."""
+    """`self.<name>(items)` in a worker: `write_many([.., item, ..])`'s result for each
+    item, durable when it returns; an item that failed has its error in its place."""
 
     engines = LegacyEngines()
 
@@ -105,13 +105,13 @@ class BatchedWrites(DependencyProvider):
     def get_dependency(self, worker_ctx):
         return self.submit
 
-    def submit(self, item):
-        done = Event()
-        self._queue.put((item, done))
-        result = done.wait()
-        if isinstance(result, BaseException):
-            raise result
-        return result
+    def submit(self, items: list) -> list:
+        waiting = []
+        for item in items:
+            done = Event()
+            self._queue.put((item, done))
+            waiting.append(done)
+        return [done.wait() for done in waiting]
 
     def _writer(self):
         while True:

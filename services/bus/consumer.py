@@ -197,7 +197,7 @@ class ReliableHandler(Entrypoint):
 
     def __init__(self, source_service: str, event_type: str, *, exchange: str | None = None,
                  exchange_type: str = topology.EVENTS_EXCHANGE_TYPE, queue: str | None = None,
-                 ordered: bool = False, **kwargs):
+                 ordered: bool = False, batch: int = 1, **kwargs):
         """`exchange`/`exchange_type` override nameko's `<source>.events` topic exchange;
         `queue` overrides the queue name and may name config keys, e.g. `routes.{STORE_ID}`
         for a queue of its own per store agent.
@@ -205,9 +205,20 @@ class ReliableHandler(Entrypoint):
         `ordered`: messages of one store (header `x-retailbus-store`, else the event's
         source) are handled one at a time in queue order, stores in parallel; a failure
         is retried in place (the store's later messages wait) before it is parked; the
-        queue has a single active consumer, so a second process is a hot standby."""
+        queue has a single active consumer, so a second process is a hot standby.
+
+        `batch`: the method takes a list of (payload, event) and returns one result per
+        item, an exception in the place of an item that failed; the messages ready in
+        one pass of the event loop (one socket read holds dozens) share a worker, up to
+        `batch` each. A nameko worker costs about as much CPU as reading, validating
+        and settling its message, so at hundreds of messages a second one per message
+        is a third of the process. Each message is still acked, retried or parked on
+        its own."""
         self.source_service = source_service
         self.ordered = ordered
+        self.batch = batch
+        self._ready: list = []
+        self._stopping = False
         self.event_type = event_type
         self._exchange = exchange
         self.exchange_type = exchange_type
@@ -232,6 +243,7 @@ class ReliableHandler(Entrypoint):
         self.consumer.register_provider(self)
 
     def stop(self):
+        self._stopping = True  # messages not yet in a worker stay unacked: redelivered
         self.consumer.unregister_provider(self)
 
     def handle_message(self, message: amqp.Message):
@@ -253,23 +265,46 @@ class ReliableHandler(Entrypoint):
         self._spawn(message, payload, event, key, 1)
 
     def _spawn(self, message, payload, event, key, attempt):
+        item = (message, payload, event, key, attempt)
+        if self.batch > 1:
+            self._ready.append(item)
+            if len(self._ready) == 1:
+                self.container.spawn_managed_thread(self._spawn_batches, identifier="reliable_batch")
+            return
         context = {"correlation_id": event.correlationid, "event_id": event.id}
         self.container.spawn_worker(
             self, (payload, event), {}, context_data=context,
-            handle_result=partial(self._handle_result, message, time.monotonic(), key, attempt))
+            handle_result=partial(self._handle_result, [item], time.monotonic()))
 
-    def _handle_result(self, message, started, key, attempt, worker_ctx, result, exc_info):
+    def _spawn_batches(self):
+        eventlet.sleep(0)  # what the reader hands over in this pass of the event loop joins
+        while self._ready and not self._stopping:
+            items, self._ready = self._ready[:self.batch], self._ready[self.batch:]
+            self.container.spawn_worker(self, ([(payload, event) for _, payload, event, _, _ in items],), {},
+                                        handle_result=partial(self._handle_result, items, time.monotonic()))
+
+    def _handle_result(self, items, started, worker_ctx, result, exc_info):
         """Settle only once the worker has fully ended: dependencies commit their
         effects in `worker_result`, which nameko runs after this hook."""
         worker_ctx.reliable_outcome = (result, exc_info[1] if exc_info else None)
-        eventlet.getcurrent().link(self._settle, message, worker_ctx, started, key, attempt)
+        eventlet.getcurrent().link(self._settle, items, worker_ctx, started)
         return result, exc_info
 
-    def _settle(self, _thread, message, worker_ctx, started, key, attempt):
-        self._seconds.observe(time.monotonic() - started)
-        result, error = worker_ctx.reliable_outcome
+    def _settle(self, _thread, items, worker_ctx, started):
+        results, error = worker_ctx.reliable_outcome
         error = error or next(iter(getattr(worker_ctx, EFFECT_ERRORS, [])), None)
-        event = worker_ctx.args[1]
+        if self.batch == 1:
+            results = [results]
+        elif error is None and (not isinstance(results, list) or len(results) != len(items)):
+            got = f"{len(results)} results" if isinstance(results, list) else type(results).__name__
+            error = TypeError(f"{self.method_name} returned {got} for {len(items)} messages")
+        for n, (message, payload, event, key, attempt) in enumerate(items):
+            result = None if error is not None else results[n]
+            failed = error if error is not None else result if isinstance(result, BaseException) else None
+            self._settle_one(message, payload, event, key, attempt, result, failed, started)
+
+    def _settle_one(self, message, payload, event, key, attempt, result, error, started):
+        self._seconds.observe(time.monotonic() - started)
         if error is not None:
             retry = not isinstance(error, (Permanent, ContractError)) and self.policy.retries(error)
             if key is None:
@@ -281,7 +316,7 @@ class ReliableHandler(Entrypoint):
                 log.warning("retrying in place after attempt %d: %s", attempt, error,
                             extra={"id": event.id, "correlationid": event.correlationid, "outcome": "retried"})
                 self.container.spawn_managed_thread(partial(
-                    self._respawn, self.delays[attempt - 1], message, *worker_ctx.args, key, attempt + 1))
+                    self._respawn, self.delays[attempt - 1], message, payload, event, key, attempt + 1))
                 return
             self._fail(message, error, retry=False, attempts=attempt)
         else:
@@ -299,10 +334,13 @@ class ReliableHandler(Entrypoint):
         self._spawn(message, payload, event, key, attempt)
 
     def _next(self, key):
-        """The store's next message, off the worker pool (a full pool must not wait on itself)."""
+        """The store's next message, off the worker pool (a full pool must not wait on
+        itself); a batching handler's `_spawn` only queues it."""
         chain = self._chains[key]
         chain.popleft()
-        if chain:
+        if chain and self.batch > 1:
+            self._spawn(*chain[0], key, 1)
+        elif chain:
             self.container.spawn_managed_thread(partial(self._spawn, *chain[0], key, 1))
         else:
             del self._chains[key]

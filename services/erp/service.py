@@ -25,6 +25,11 @@ from services.erp.outbox import Outbox
 from services.erp.outbox import metadata as outbox_tables
 
 
+# POS messages per worker (services/bus/consumer.py, `batch`); the writer commits them
+# with other workers' in batches of up to 64 anyway.
+BATCH = 64
+
+
 class ErpService:
     name = "erp"
 
@@ -36,27 +41,37 @@ class ErpService:
     metrics = MetricsHttp()
     hops = JournalHops()
 
-    @reliable_handler("store_agent", "pos.sale.v1", ordered=True)
-    def on_pos_sale(self, sale: PosSaleV1, event: CloudEvent):
-        return self._post_event(sale, event)
+    @reliable_handler("store_agent", "pos.sale.v1", ordered=True, batch=BATCH)
+    def on_pos_sale(self, sales: list[tuple[PosSaleV1, CloudEvent]]):
+        return self._post_events(sales)
 
-    @reliable_handler("store_agent", "pos.return.v1")
-    def on_pos_return(self, ret: PosReturnV1, event: CloudEvent):
-        return self._post_event(ret, event)
+    @reliable_handler("store_agent", "pos.return.v1", batch=BATCH)
+    def on_pos_return(self, returns: list[tuple[PosReturnV1, CloudEvent]]):
+        return self._post_events(returns)
 
-    def _post_event(self, txn, event: CloudEvent):
-        """Committed, with the postings of other workers, when `postings` returns; a
-        value the legacy columns cannot hold is parked at once (retrying cannot fix it)."""
-        try:
-            doc_no, duplicate = self.postings(posting.Posting(
-                ledger.LegacyTables.of(self.db.tables), txn, event.idempotencykey, event.id, event.correlationid))
-        except LegacyValueError as exc:
-            raise Permanent(str(exc)) from exc
-        if not duplicate:
-            self.outbox.added()
-        self.hops.add("posted", "duplicate" if duplicate else "ok", subject=txn.pos_txn_id,
-                      detail={"doc_no": doc_no, "store": txn.store_id})
-        return DUPLICATE if duplicate else doc_no
+    def _post_events(self, items: list) -> list:
+        """One result per (txn, event), committed with the postings of other workers when
+        `postings` returns: the document number, DUPLICATE, or the item's error; a value
+        the legacy columns cannot hold is parked at once (retrying cannot fix it)."""
+        tables = ledger.LegacyTables.of(self.db.tables)
+        written = self.postings([posting.Posting(tables, txn, event.idempotencykey, event.id, event.correlationid)
+                                 for txn, event in items])
+        results = []
+        for (txn, event), outcome in zip(items, written):
+            if isinstance(outcome, LegacyValueError):
+                results.append(Permanent(str(outcome)))
+                continue
+            if isinstance(outcome, BaseException):
+                results.append(outcome)
+                continue
+            doc_no, duplicate = outcome
+            if not duplicate:
+                self.outbox.added()
+            self.hops.add("posted", "duplicate" if duplicate else "ok", id=event.id,
+                          correlationid=event.correlationid, subject=txn.pos_txn_id,
+                          detail={"doc_no": doc_no, "store": txn.store_id})
+            results.append(DUPLICATE if duplicate else doc_no)
+        return results
 
     @rpc
     def post_sale(self, sale: dict) -> dict:

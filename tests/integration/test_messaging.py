@@ -114,19 +114,41 @@ class Recorder:
     attempts: dict[str, list[float]] = {}
 
 
+def handle_query(query: PosStockQueryV1):
+    sku = query.skus[0]
+    Recorder.attempts.setdefault(sku, []).append(time.monotonic())
+    if sku.startswith("POISON"):
+        raise RuntimeError(f"cannot handle {sku}")
+    if sku.startswith("FATAL"):
+        raise Permanent(f"will never handle {sku}")
+    Recorder.handled.append(sku)
+
+
 class FlakyService:
     name = "flaky"
     events = EventPublisher()
 
     @reliable_handler("pos_tills", "pos.stock_query.v1")
     def on_query(self, query: PosStockQueryV1, event: CloudEvent):
-        sku = query.skus[0]
-        Recorder.attempts.setdefault(sku, []).append(time.monotonic())
-        if sku.startswith("POISON"):
-            raise RuntimeError(f"cannot handle {sku}")
-        if sku.startswith("FATAL"):
-            raise Permanent(f"will never handle {sku}")
-        Recorder.handled.append(sku)
+        handle_query(query)
+
+
+class BatchingFlakyService:
+    """FlakyService's messages in batches: each item's error in its place, not raised."""
+    name = "flaky"
+    events = EventPublisher()
+
+    @reliable_handler("pos_tills", "pos.stock_query.v1", batch=8)
+    def on_query(self, queries: list[tuple[PosStockQueryV1, CloudEvent]]):
+        if any(query.skus[0].startswith("SHORT") for query, _ in queries):
+            return []  # a handler bug: not one result per message
+        results = []
+        for query, _ in queries:
+            try:
+                results.append(handle_query(query))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
 
 def service_config(amqp_uri: str, tmp_path, **retailbus) -> dict:
@@ -143,18 +165,23 @@ def purge(uri: str, *queues: str):
         conn.close()
 
 
-@pytest.fixture
-def flaky(container_factory, amqp_uri, tmp_path):
+def start_flaky(service, container_factory, amqp_uri, tmp_path):
     queue = topology.handler_queue("pos_tills", "pos.stock_query.v1", "flaky", "on_query")
     delays = [0.3, 0.6, 1.2]
     purge(amqp_uri, queue, topology.dead_letter_queue(queue),
           *[topology.retry_queue(queue, d) for d in delays])
     Recorder.handled, Recorder.attempts = [], {}
-    container = container_factory(FlakyService, service_config(
+    container = container_factory(service, service_config(
         amqp_uri, tmp_path, retry={"delays": delays, "prefetch": 8}))
     container.start()
     consumer = next(e for e in container.subextensions if type(e).__name__ == "ReliableConsumer")
     consumer.ready.wait()
+    return queue, delays
+
+
+@pytest.fixture(params=[FlakyService, BatchingFlakyService], ids=["one by one", "in batches"])
+def flaky(request, container_factory, amqp_uri, tmp_path):
+    queue, delays = start_flaky(request.param, container_factory, amqp_uri, tmp_path)
     publisher = ConfirmingPublisher(amqp_uri)
     yield queue, delays, publisher
     publisher.close()
@@ -230,3 +257,21 @@ def test_invalid_and_permanent_failures_are_parked_at_once(flaky, amqp_uri):
     assert parked["raw-1"][H_ATTEMPTS] == 1 and "json" in parked["raw-1"][H_ERROR].lower()
     assert "X" not in Recorder.attempts  # the invalid one never reached the handler
     assert len(Recorder.attempts["FATAL-1"]) == 1
+
+
+def test_a_batch_handler_without_one_result_per_message_retries_them_then_parks_them(
+        container_factory, amqp_uri, tmp_path):
+    queue, delays = start_flaky(BatchingFlakyService, container_factory, amqp_uri, tmp_path)
+    short = stock_query("SHORT-1")
+    publisher = ConfirmingPublisher(amqp_uri)
+    try:
+        publisher.publish(OutgoingMessage(topology.events_exchange("pos_tills"), short.type, short.to_json(),
+                                          message_id=short.id))
+    finally:
+        publisher.close()
+    assert wait_for(lambda: depth(amqp_uri, topology.dead_letter_queue(queue)) == 1, timeout=15)
+    [parked] = get_all(amqp_uri, topology.dead_letter_queue(queue))
+    headers = parked.properties["application_headers"]
+    assert headers[H_ATTEMPTS] == 1 + len(delays)
+    assert "on_query returned 0 results for 1 messages" in headers[H_ERROR]
+    assert Recorder.handled == [] and depth(amqp_uri, queue) == 0

@@ -1,6 +1,6 @@
 """BatchedWrites in a real container on a real SQLite file: concurrent workers' items
 share one transaction, each worker gets its own result only once it is committed,
-and a bad item fails alone while the rest of its batch commits."""
+and a bad item fails alone (its error in its place) while the rest of its batch commits."""
 from __future__ import annotations
 
 import eventlet
@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from eventlet.event import Event
 from nameko.extensions import Entrypoint
-from nameko.testing.services import dummy
+from nameko.testing.services import dummy, entrypoint_hook
 from nameko.testing.utils import get_extension
 
 from legacy_wrappers.batched_writes import BatchedWrites
@@ -36,7 +36,12 @@ class Service:
 
     @dummy
     def write(self, item):
-        return self.writes(item)
+        [result] = self.writes([item])
+        return result
+
+    @dummy
+    def write_many(self, items):
+        return self.writes(items)
 
 
 @pytest.fixture
@@ -87,3 +92,12 @@ def test_a_bad_item_fails_alone_and_its_batch_commits(container):
     assert [r for i, r in enumerate(results) if i != 2] == ["stored 1", "stored 2", "stored 3", "stored 4"]
     assert stored(engine) == [1, 2, 3, 4]
     assert [0] in BATCHES  # the failed batch was written again item by item
+
+
+def test_one_worker_hands_over_many_items_and_gets_each_result_in_place(container):
+    container, engine = container
+    with entrypoint_hook(container, "write_many") as write_many:
+        results = write_many([1, 0, 2])
+    assert results[0] == "stored 1" and results[2] == "stored 2"
+    assert isinstance(results[1], ValueError) and "0 cannot be stored" in str(results[1])
+    assert stored(engine) == [1, 2]
