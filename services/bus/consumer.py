@@ -300,7 +300,10 @@ class ReliableHandler(Entrypoint):
             error = TypeError(f"{self.method_name} returned {got} for {len(items)} messages")
         for n, (message, payload, event, key, attempt) in enumerate(items):
             result = None if error is not None else results[n]
-            failed = error if error is not None else result if isinstance(result, BaseException) else None
+            if isinstance(result, BaseException):  # this message's own failure
+                result, failed = None, result
+            else:
+                failed = error
             self._settle_one(message, payload, event, key, attempt, result, failed, started)
 
     def _settle_one(self, message, payload, event, key, attempt, result, error, started):
@@ -338,12 +341,12 @@ class ReliableHandler(Entrypoint):
         itself); a batching handler's `_spawn` only queues it."""
         chain = self._chains[key]
         chain.popleft()
-        if chain and self.batch > 1:
-            self._spawn(*chain[0], key, 1)
-        elif chain:
-            self.container.spawn_managed_thread(partial(self._spawn, *chain[0], key, 1))
-        else:
+        if not chain:
             del self._chains[key]
+        elif self.batch > 1:
+            self._spawn(*chain[0], key, 1)
+        else:
+            self.container.spawn_managed_thread(partial(self._spawn, *chain[0], key, 1))
 
     def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None):
         headers = dict(message.properties.get("application_headers") or {})

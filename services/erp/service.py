@@ -58,11 +58,8 @@ class ErpService:
                                  for txn, event in items])
         results = []
         for (txn, event), outcome in zip(items, written):
-            if isinstance(outcome, LegacyValueError):
-                results.append(Permanent(str(outcome)))
-                continue
             if isinstance(outcome, BaseException):
-                results.append(outcome)
+                results.append(Permanent(str(outcome)) if isinstance(outcome, LegacyValueError) else outcome)
                 continue
             doc_no, duplicate = outcome
             if not duplicate:
