@@ -19,7 +19,8 @@ expects, e.g. a contract's) adds its per-value constraints that the layout has
 not already proved; a row that breaks one still becomes an item and its number
 goes to `doubtful`, so the schema's owner can validate that chunk in full and
 name the row. Constraints this generator does not know make every row doubtful:
-slower, never wrong.
+slower, never wrong. A clean block of a plain CSV file is done a column at a time
+instead (columns.py); this loop stays the reference for every other block.
 """
 from __future__ import annotations
 
@@ -184,39 +185,62 @@ def _field(i: int, spec: FieldSpec, fixed: bool) -> list[str]:
     return out
 
 
-def _schema_checks(fields: list[FieldSpec], schema: dict | None, env: dict) -> tuple[list[str], list[int]]:
-    """Tests of `schema`'s per-value constraints (JSON schema of the row object) that
-    the layout's own checks do not imply: (per-row tests, the fields whose pattern is
-    tested on a block's values at once, as `p<i>` in `env`: `BlockPattern`). The shape
-    (keys, types of a present value) is the consumer's to check on a first row; what
-    can differ from row to row is tested here: null or not, and a string's length and
-    pattern."""
+@dataclass(frozen=True)
+class ValueRule:
+    """What a `values_schema` asks of field `i`'s values that the layout's own checks do
+    not imply. The shape (keys, types of a present value) is the consumer's to check on
+    a first row; what can differ from row to row is tested per row or per block: null
+    or not, and a string's length and pattern."""
+
+    i: int
+    not_null: bool = False  # the layout lets the value be empty (None), the schema does not
+    min_length: int = 0  # tested only above 1: a stripped non-empty value has one character
+    max_length: int | None = None  # only below the layout's own
+    pattern: str | None = None
+    unknown: bool = False  # a constraint without a fast test: every present value is doubtful
+
+
+def value_rules(fields: list[FieldSpec], schema: dict | None) -> list[ValueRule]:
+    """The `ValueRule`s of `schema` (JSON schema of the row object), for the fields it names."""
     if not schema:
-        return [], []
-    properties, tests, patterned = schema.get("properties", {}), [], []
+        return []
+    properties, rules = schema.get("properties", {}), []
     for i, spec in enumerate(fields):
         prop = properties.get(spec.name)
         if prop is None:
             continue  # an unknown key: the consumer's first-row check refuses the shape
-        v = f"v{i}"
         alternatives = prop.get("anyOf", [prop])
-        may_be_none = not spec.required
-        if may_be_none and not any(a.get("type") == "null" for a in alternatives):
-            tests.append(f"{v} is not None")
+        not_null = not spec.required and not any(a.get("type") == "null" for a in alternatives)
         alt = next((a for a in alternatives if a.get("type") == _JSON_TYPE[spec.type]
                     and a.get("format") in (None, _FORMAT_OF.get(spec.type))), None)
         if alt is None or set(alt) - _KNOWN:
+            rules.append(ValueRule(i, not_null, unknown=True))
+            continue
+        min_length = int(alt.get("minLength", 0))
+        shorter = "maxLength" in alt and (spec.max_length is None or spec.max_length > alt["maxLength"])
+        pattern = alt.get("pattern")
+        rules.append(ValueRule(i, not_null, min_length if min_length > 1 else 0,
+                               int(alt["maxLength"]) if shorter else None,
+                               pattern if pattern != r"\S" else None))  # a stripped, non-empty value has a non-space
+    return rules
+
+
+def _schema_checks(fields: list[FieldSpec], schema: dict | None, env: dict) -> tuple[list[str], list[int]]:
+    """The row loop's tests of `value_rules(fields, schema)`: (per-row tests, the fields
+    whose pattern is tested on a block's values at once, as `p<i>` in `env`: `BlockPattern`)."""
+    tests, patterned = [], []
+    for rule in value_rules(fields, schema):
+        v, may_be_none = f"v{rule.i}", not fields[rule.i].required
+        if rule.not_null:
+            tests.append(f"{v} is not None")
+        if rule.unknown:
             tests.append(f"{v} is None" if may_be_none else "False")  # no fast test: doubt every value
             continue
-        parts = []
-        if alt.get("minLength", 0) > 1:
-            parts.append(f"len({v}) >= {int(alt['minLength'])}")
-        if "maxLength" in alt and (spec.max_length is None or spec.max_length > alt["maxLength"]):
-            parts.append(f"len({v}) <= {int(alt['maxLength'])}")
-        pattern = alt.get("pattern")
-        if pattern is not None and pattern != r"\S":  # a stripped, non-empty value has a non-space
-            env[f"p{i}"] = BlockPattern(pattern)
-            patterned.append(i)
+        parts = ([f"len({v}) >= {rule.min_length}"] if rule.min_length else []) \
+            + ([f"len({v}) <= {rule.max_length}"] if rule.max_length is not None else [])
+        if rule.pattern is not None:
+            env[f"p{rule.i}"] = BlockPattern(rule.pattern)
+            patterned.append(rule.i)
         if parts:
             ok = " and ".join(parts)
             tests.append(f"({v} is None or ({ok}))" if may_be_none else f"({ok})")
