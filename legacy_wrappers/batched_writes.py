@@ -6,9 +6,9 @@ per message caps a process at a few hundred postings a second whatever the
 CPU could do. Here a worker hands its items over (`self.postings(items)`) and
 waits; one writer greenthread takes every item waiting (up to `max_batch`),
 runs `write_many(conn, items)` in one transaction (set-based: one statement
-per table for the whole batch), commits in an OS thread (eventlet tpool, so
-the hub goes on reading and validating the next messages during the fsync)
-and wakes each worker with its items' results. A worker returns only once its
+per table for the whole batch), commits without stopping the hub (so it goes
+on reading and validating the next messages during the fsync:
+`commit_off_hub`) and wakes each worker with its items' results. A worker returns only once its
 items are durable, so their messages are acked only then.
 
 A batch that fails (one item's bad value, a deadlock, a constraint) is
@@ -22,13 +22,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from eventlet import tpool
 from eventlet.event import Event
 from eventlet.queue import LightQueue
 from nameko.extensions import DependencyProvider
 from sqlalchemy.engine import Connection, Engine
 
-from legacy_wrappers.legacy_db import LegacyEngines
+from legacy_wrappers.legacy_db import LegacyEngines, commit_off_hub
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def _one_by_one(conn: Connection, write_many: WriteMany, items: list) -> list[An
 
 def _commit(tx, results: list) -> list[Any]:
     try:
-        tpool.execute(tx.commit)
+        commit_off_hub(tx)
     except Exception as exc:
         log.error("commit of %d writes failed; they are retried: %s", len(results), exc)
         return [exc] * len(results)

@@ -22,10 +22,11 @@ import logging
 import time
 from functools import lru_cache
 
+from eventlet import tpool
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider, SharedExtension
 from sqlalchemy import MetaData, String, Table, create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,21 @@ def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
         cursor.close()
     except Exception as exc:
         raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
+
+
+def commit_off_hub(tx: RootTransaction) -> None:
+    """Commit without stopping the event loop for the flush to disk.
+
+    SQLite's commit is a blocking C call (its fsync), so it runs in an OS thread
+    (eventlet tpool) while the hub goes on. A network driver that eventlet made
+    green (psycopg2) yields to the hub while it waits anyway, so it commits in
+    the greenthread: through tpool its thread also waited for the GIL twice, up
+    to the interpreter's 5 ms switch interval each time while the hub was busy,
+    which made the erp's postings writer ~5 % slower on PostgreSQL."""
+    if tx.connection.dialect.name == "sqlite":
+        tpool.execute(tx.commit)
+    else:
+        tx.commit()
 
 
 CREATE_ATTEMPTS = 3

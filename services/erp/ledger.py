@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
 from legacy_wrappers.legacy_db import check_row
-from legacy_wrappers.prepared import Prepared
+from legacy_wrappers.prepared import Prepared, Statements, run_together
 
 CHANNEL = "RBUS"
 REVENUE_ACCOUNT = "4000"
@@ -55,9 +55,8 @@ class _Statements:
 
     def __init__(self, t: LegacyTables):
         seq, hdr = t.doc_seq.c, t.header.c
-        self.bump_doc_no = Prepared(update(t.doc_seq).where(seq.SEQ_NAME == bindparam("seq_name"))
-                                    .values(NEXT_NO=seq.NEXT_NO + bindparam("count")))
-        self.read_doc_no = Prepared(select(seq.NEXT_NO).where(seq.SEQ_NAME == bindparam("seq_name")))
+        self.take_doc_nos = Prepared(update(t.doc_seq).where(seq.SEQ_NAME == bindparam("seq_name"))
+                                     .values(NEXT_NO=seq.NEXT_NO + bindparam("count")).returning(seq.NEXT_NO))
         self.move_stock = {name: _stock_upsert(insert, t.stock) for name, insert in
                            (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))}
         self.find_document = Prepared(
@@ -82,9 +81,9 @@ def _stamp() -> str:
 
 
 def next_doc_nos(conn: Connection, t: LegacyTables, seq_name: str, prefix: str, count: int) -> list[str]:
-    """`count` consecutive document numbers, as the legacy posting program takes them."""
-    t.sql.bump_doc_no(conn, {"seq_name": seq_name, "count": count})
-    after = t.sql.read_doc_no(conn, {"seq_name": seq_name}).scalar_one()
+    """`count` consecutive document numbers, as the legacy posting program takes them
+    (its UPDATE and SELECT as one statement: the row is locked by the UPDATE either way)."""
+    after = t.sql.take_doc_nos(conn, {"seq_name": seq_name, "count": count}).scalar_one()
     return [f"{prefix}{number:08d}" for number in range(after - count, after)]
 
 
@@ -132,10 +131,20 @@ SEQUENCES = {"S": "SLS", "R": "RTN"}
 
 def write_many(conn: Connection, t: LegacyTables,
                docs: list[tuple[PosSaleV1 | PosReturnV1, str, str | None]]) -> list[str]:
-    """Write documents (txn, doc type 'S'/'R', original doc no) with one statement per
-    table, not per document: many postings cost little more than one. Every row is
-    checked before anything is written; stock rows are moved once per store and SKU,
-    in key order (two writers then never wait on each other in a cycle)."""
+    """Write documents (txn, doc type 'S'/'R', original doc no); see `documents`."""
+    doc_nos, statements = documents(conn, t, docs)
+    run_together(conn, statements)
+    return doc_nos
+
+
+def documents(conn: Connection, t: LegacyTables,
+              docs: list[tuple[PosSaleV1 | PosReturnV1, str, str | None]]) -> tuple[list[str], Statements]:
+    """Take the documents' numbers and return them with the statements that write the
+    documents, for the caller to run (`run_together`, with statements of its own in the
+    same round trip): one statement per table, not per document, so many postings cost
+    little more than one. Every row is checked before anything is written; stock rows
+    are moved once per store and SKU, in key order (two writers then never wait on each
+    other in a cycle)."""
     now = _stamp()
     numbers = {kind: iter(next_doc_nos(conn, t, SEQUENCES[kind], kind, count))
                for kind in SEQUENCES if (count := sum(1 for _, k, _ in docs if k == kind))}
@@ -149,13 +158,13 @@ def write_many(conn: Connection, t: LegacyTables,
         for sku, delta in r.stock_moves:
             moves[(txn.store_id, sku)] = moves.get((txn.store_id, sku), 0) + delta
     insert = t.sql.insert
-    insert[t.header.name](conn, [r.header for r in rows])
-    insert[t.lines.name](conn, [line for r in rows for line in r.lines])
-    insert[t.tenders.name](conn, [tender for r in rows for tender in r.tenders])
-    insert[t.gl.name](conn, [gl for r in rows for gl in r.gl])
-    t.sql.move_stock[conn.dialect.name](conn, [
-        {"STORE_NO": store, "SKU": sku, "ON_HAND": moves[(store, sku)], "UPD_TS": now} for store, sku in sorted(moves)])
-    return [r.header["DOC_NO"] for r in rows]
+    return [r.header["DOC_NO"] for r in rows], [
+        (insert[t.header.name], [r.header for r in rows]),
+        (insert[t.lines.name], [line for r in rows for line in r.lines]),
+        (insert[t.tenders.name], [tender for r in rows for tender in r.tenders]),
+        (insert[t.gl.name], [gl for r in rows for gl in r.gl]),
+        (t.sql.move_stock[conn.dialect.name], [{"STORE_NO": store, "SKU": sku, "ON_HAND": moves[(store, sku)],
+                                                "UPD_TS": now} for store, sku in sorted(moves)])]
 
 
 def post_sale(conn: Connection, t: LegacyTables, sale: PosSaleV1) -> str:

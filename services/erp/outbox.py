@@ -14,14 +14,12 @@ import logging
 import threading
 from datetime import datetime, timezone
 
-from eventlet import tpool
 from nameko.extensions import DependencyProvider
 from prometheus_client import Counter
 from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bindparam, select, update
-from sqlalchemy.engine import Connection
 
 from contracts.envelope import CloudEvent
-from legacy_wrappers.legacy_db import LegacyEngines, create_tables
+from legacy_wrappers.legacy_db import LegacyEngines, commit_off_hub, create_tables
 from legacy_wrappers.prepared import Prepared
 from services.bus import topology
 from services.bus.extensions import BusConnection
@@ -56,11 +54,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def add(conn: Connection, events: list[CloudEvent]) -> None:
-    """Queue `events` in the caller's transaction; they leave once it commits."""
-    _INSERT(conn, [
-        dict(EVENT_ID=e.id, TYPE=e.type, CORRELATION_ID=e.correlationid,
-             BODY=e.to_json().decode(), CREATED_TS=_now()) for e in events])
+def insert(events: list[CloudEvent]) -> tuple[Prepared, list[dict]]:
+    """The statement that queues `events` in the caller's transaction (they leave once
+    it commits), for the caller to run with its own (`run_together`)."""
+    now = _now()
+    return _INSERT, [dict(EVENT_ID=e.id, TYPE=e.type, CORRELATION_ID=e.correlationid,
+                          BODY=e.to_json().decode(), CREATED_TS=now) for e in events]
 
 
 class _Writer:
@@ -77,7 +76,7 @@ class _Writer:
 
 
 class Outbox(DependencyProvider):
-    """`add(conn, events)` in a worker's transaction, then `self.outbox.added()`; a relay thread publishes.
+    """`insert(events)` run in a worker's transaction, then `self.outbox.added()`; a relay thread publishes.
 
     The relay is woken when a worker that added events has ended (its
     transaction is then committed) and polls every `interval` seconds for
@@ -166,7 +165,7 @@ class Outbox(DependencyProvider):
             with self.engine.connect() as conn:
                 tx = conn.begin()
                 conn.execute(_MARK_SENT, {"ids": done, "now": _now()})  # one statement, not one per row
-                tpool.execute(tx.commit)  # the fsync in an OS thread: the hub goes on meanwhile
+                commit_off_hub(tx)
         if len(done) < len(rows):
             raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
         return len(rows)

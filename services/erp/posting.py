@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
+from legacy_wrappers.prepared import run_together
 from services.bus import inbox
 from services.erp import events, ledger, outbox
 
@@ -35,19 +36,23 @@ def post_many(conn: Connection, postings: list[Posting]) -> list[tuple[str | Non
     t = postings[0].tables
     fresh = inbox.claim_many(conn, [(CONSUMERS[p.txn.TYPE], p.key, p.message_id) for p in postings])
     doc_nos: dict[int, str] = {}
-    posted = []
+    posted, statements = [], []
     for kind in ("S", "R"):
         todo = [(i, p) for i, p in enumerate(postings) if fresh[i] and _kind(p) == kind]
         if not todo:
             continue
+        if kind == "R":  # written now, so that a return finds the sale it refers to
+            run_together(conn, statements)
+            statements = []
         originals = [ledger.original_of(conn, t, p.txn) if kind == "R" else None for _, p in todo]
-        written = ledger.write_many(conn, t, [(p.txn, kind, o) for (_, p), o in zip(todo, originals)])
+        written, writes = ledger.documents(conn, t, [(p.txn, kind, o) for (_, p), o in zip(todo, originals)])
+        statements += writes
         for (i, p), doc_no, original in zip(todo, written, originals):
             doc_nos[i] = doc_no
             posted.append(events.sale_posted(p.txn, doc_no, p.correlationid) if kind == "S"
                           else events.return_posted(p.txn, doc_no, original, p.correlationid))
     if posted:
-        outbox.add(conn, posted)
+        run_together(conn, [*statements, outbox.insert(posted)])  # the documents and their events: one round trip
     return [(doc_nos[i], False) if fresh[i]
             else (ledger.find_document(conn, t, p.txn.store_id, _kind(p), p.txn.pos_txn_id), True)
             for i, p in enumerate(postings)]

@@ -16,7 +16,7 @@ from demo.legacy_erp import schema
 from services.bus import topology
 from services.bus.extensions import event_message
 from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
-from services.erp import ledger
+from services.erp import posting
 from services.erp.outbox import OUTBOX
 from services.erp.service import ErpService
 from tests.integration.test_change_capture import Subscriber
@@ -122,13 +122,13 @@ def test_rpcs_post_query_and_refuse_hostile_input(erp):
 @pytest.mark.timeout(120)
 def test_a_worker_failing_halfway_leaves_no_rows_and_no_event(erp, monkeypatch):
     container, engine, _, posted, _ = erp
-    real = ledger.write_many
+    real = posting.run_together
 
-    def post_then_fail(conn, tables, docs):
-        real(conn, tables, docs)
+    def post_then_fail(conn, statements):  # every row and the event written, then the worker dies
+        real(conn, statements)
         raise RuntimeError("posting died half-way")
 
-    monkeypatch.setattr(ledger, "write_many", post_then_fail)
+    monkeypatch.setattr(posting, "run_together", post_then_fail)
     incoming = CloudEvent.new("pos.sale.v1", "store/S001/pos/07", sale("T-9"),
                               idempotencykey="pos.sale.v1:S001:T-9")
     with entrypoint_hook(container, "on_pos_sale") as post:
@@ -140,7 +140,7 @@ def test_a_worker_failing_halfway_leaves_no_rows_and_no_event(erp, monkeypatch):
         assert conn.execute(sa.select(schema.STK_LVL.c.ON_HAND).where(
             schema.STK_LVL.c.STORE_NO == "S001", schema.STK_LVL.c.SKU == "100001")).scalar() == schema.DEMO_ON_HAND
 
-    monkeypatch.setattr(ledger, "write_many", real)  # the retry posts it, with its event
+    monkeypatch.setattr(posting, "run_together", real)  # the retry posts it, with its event
     with entrypoint_hook(container, "on_pos_sale") as post:
         assert post([(incoming.payload(), incoming)]) == ["S00000001"]
     assert wait_for(lambda: (posted.drain(), posted.events)[1], timeout=15)

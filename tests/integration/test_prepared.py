@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from legacy_wrappers.legacy_db import engine_for
-from legacy_wrappers.prepared import Prepared
+from legacy_wrappers.prepared import Prepared, run_together
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +97,32 @@ def test_a_statement_keeps_its_own_values_beside_the_bound_ones(engine):
         bump(conn, [{"key": "a"}, {"key": "b"}])
     with engine.connect() as conn:
         assert dict(conn.execute(sa.select(COUNTS.c.K, COUNTS.c.N)).all()) == {"a": 3, "b": 6}
+
+
+def test_statements_run_together_in_order_in_one_round_trip_on_postgresql(engine):
+    sent = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+    notes = [{"K": f"n{i}", "TXT": HOSTILE[i]} for i in range(len(HOSTILE))]
+    with engine.begin() as conn:
+        run_together(conn, [(Prepared(NOTES.insert()), notes), (upsert(engine.dialect.name), [{"K": "a", "N": 1}]),
+                            (Prepared(NOTES.insert()), []),  # nothing to write: left out
+                            (upsert(engine.dialect.name), [{"K": "a", "N": 2}, {"K": "%s;", "N": 3}])])
+    if engine.dialect.name == "postgresql":
+        assert len(sent) == 1 and sent[0].count("json_populate_recordset") == 3
+    with engine.connect() as conn:
+        assert [(r.K, r.TXT) for r in conn.execute(sa.select(NOTES.c.K, NOTES.c.TXT).order_by(NOTES.c.ID))] == \
+            [(n["K"], n["TXT"]) for n in notes]
+        assert dict(conn.execute(sa.select(COUNTS.c.K, COUNTS.c.N)).all()) == {"a": 3, "%s;": 3}  # in order
+
+
+def test_statements_that_cannot_run_together_run_one_by_one_and_fail_alone(engine):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the JSON form is PostgreSQL's")
+    sent = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+    with pytest.raises(sa.exc.DBAPIError), engine.begin() as conn:
+        run_together(conn, [(Prepared(NOTES.insert()), [{"K": "x", "TXT": "y"}]),
+                            (Prepared(COUNTS.insert()), [{"K": "big", "N": 2 ** 70}])])  # beyond JSON
+    assert len(sent) == 2  # each on its own: the first ran, the second was refused
+    with engine.connect() as conn:  # and the transaction took neither
+        assert conn.execute(sa.select(sa.func.count()).select_from(NOTES)).scalar() == 0

@@ -182,13 +182,13 @@ def test_return_posts_once_and_references_the_sale(service, db):
 
 
 def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, monkeypatch):
-    real_write_many = ledger.write_many
+    real_run_together = posting.run_together
 
-    def post_then_fail(conn, tables, docs):
-        real_write_many(conn, tables, docs)  # header, lines, stock, GL written...
+    def post_then_fail(conn, statements):
+        real_run_together(conn, statements)  # header, lines, stock, GL and the event written...
         raise RuntimeError("ERP posting failed half-way")  # ...then the handler dies
 
-    monkeypatch.setattr(ledger, "write_many", post_then_fail)
+    monkeypatch.setattr(posting, "run_together", post_then_fail)
     txn = sale()
     ev = envelope(txn)
     failed = post(service.on_pos_sale, txn, ev)
@@ -201,7 +201,7 @@ def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, m
     assert scalar(db, sa.select(seq.c.NEXT_NO).where(seq.c.SEQ_NAME == "SLS")) == 1
 
     # the retry of the same message (the key was not consumed) posts it, once
-    monkeypatch.setattr(ledger, "write_many", real_write_many)
+    monkeypatch.setattr(posting, "run_together", real_run_together)
     assert post(service.on_pos_sale, txn, ev) == "S00000001"
     assert post(service.on_pos_sale, txn, ev) is DUPLICATE
     assert len(headers(db)) == 1
