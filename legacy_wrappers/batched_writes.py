@@ -8,8 +8,8 @@ waits; one writer greenthread takes every item waiting (up to `max_batch`),
 runs `write_many(conn, items)` in one transaction (set-based: one statement
 per table for the whole batch), commits without stopping the hub (so it goes
 on reading and validating the next messages during the fsync:
-`commit_off_hub`) and wakes each worker with its items' results. A worker returns only once its
-items are durable, so their messages are acked only then.
+`commit_off_hub`) and wakes each worker with its items' results. A worker
+returns only once its items are durable, so their messages are acked only then.
 
 A batch that fails (one item's bad value, a deadlock, a constraint) is
 rolled back and its items are written again one by one, each in a
