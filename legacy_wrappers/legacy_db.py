@@ -19,6 +19,8 @@ message instead of acking it.
 from __future__ import annotations
 
 import logging
+import random
+import sqlite3
 import time
 from functools import lru_cache
 
@@ -41,6 +43,9 @@ EFFECT_ERRORS = "effect_errors"
 # trip for every batch of postings, every capture poll and every outbox relay round.
 PING_IDLE_SECONDS = 1.0
 
+# How long a SQLite connection waits for another process's lock before "database is locked".
+SQLITE_BUSY_SECONDS = 30.0
+
 
 def engine_for(dsn: str, **kwargs) -> Engine:
     if not dsn.startswith("sqlite"):
@@ -56,8 +61,8 @@ def engine_for(dsn: str, **kwargs) -> Engine:
     def _on_connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
+        switch_to_wal(cur)
         cur.execute("PRAGMA synchronous=FULL")
         cur.close()
 
@@ -66,6 +71,26 @@ def engine_for(dsn: str, **kwargs) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def switch_to_wal(cur) -> None:
+    """Put a SQLite database in WAL mode (`cur`: a DB-API cursor or connection).
+
+    WAL is written into the database file, so only its first connections switch.
+    The switch takes an exclusive lock, and while processes open a fresh file
+    together SQLite answers "database is locked" at once, without its busy wait,
+    where waiting could deadlock (one process in CI lost all its connect attempts
+    that way). Another moment is free: the switch is tried again until the busy
+    timeout has passed."""
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
 
 
 def _note_idle(_dbapi_conn, record) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, 
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.journal import JournalHopsV1
-from legacy_wrappers.legacy_db import create_tables
+from legacy_wrappers.legacy_db import create_tables, switch_to_wal
 
 metadata = MetaData()
 HOPS = Table(
@@ -53,7 +53,7 @@ def open_engine(dsn: str, create: bool = True) -> Engine:
     if sqlite:
         @event.listens_for(engine, "connect")
         def _wal(dbapi_conn, _record):
-            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            switch_to_wal(dbapi_conn)
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
     if create:
         create_tables(engine, metadata)
