@@ -11,8 +11,8 @@ handed to the row loop whole, which finds and explains its rows exactly as befor
 the result is the same either way (unit tests compare the two on blocks of every kind
 of row).
 
-It takes the lines of a JSON-safe block of a plain file (layout.py:
-`_plain_csv_blocks`), so a value is written between quotes as it is.
+It takes the lines of a JSON-safe block of a plain file (records.py:
+`plain_csv_blocks`), so a value is written between quotes as it is.
 """
 from __future__ import annotations
 

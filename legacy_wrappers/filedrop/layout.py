@@ -13,14 +13,10 @@ A pass may skip conversion (`validate=False`): it then only hashes and counts
 records, which is all the first look at a file needs when its trailer checks
 a count only and bad rows are skipped rather than rejecting the file.
 
-Per-row cost is the whole story at 100k+ rows/s, so: a CSV line without the
-quote character is split with `str.split` (exactly what `csv.reader` makes of
-it; quoted lines, which may span lines, still go through `csv.reader`), and
-records reach the row loop in blocks. A file the first pass found plain
-(count.py) is read in pass 2 as blocks of text split at its line end, without
-a test or a generator step per line: the row loop splits each line itself, and
-a clean block (JSON-safe, nothing to refuse, strip or doubt) is validated and
-written a column at a time, with no Python per row (columns.py).
+Per-row cost is the whole story at 100k+ rows/s, so records reach the row
+loop in blocks (records.py), and a clean block of a plain CSV file (JSON-safe,
+nothing to refuse, strip or doubt) is validated and written a column at a
+time, with no Python per row (columns.py).
 """
 from __future__ import annotations
 
@@ -29,36 +25,15 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
 from typing import Callable
 
 from legacy_wrappers.filedrop.columns import column_function
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
 from legacy_wrappers.filedrop.count import quick_count
-from legacy_wrappers.filedrop.rowcode import GoodRows, day, json_safe, json_text, row_function
+from legacy_wrappers.filedrop.records import FileProblem, HashingReader, blocks, plain_csv_blocks, records
+from legacy_wrappers.filedrop.rowcode import GoodRows, day, json_text, row_function
 
 RECORD = "<record>"  # the column name a whole-record problem is reported under
-TEXT_BLOCK = 1 << 16  # characters a plain file's pass 2 reads at a time
-RECORD_BLOCK = 512  # records of any other file handed to the row function at a time
-
-
-class FileProblem(Exception):
-    """The file as a whole cannot be taken (undecodable, bad trailer, ...)."""
-
-
-class _HashingRaw(io.RawIOBase):
-    def __init__(self, raw, digest):
-        self._raw, self.digest, self.bytes = raw, digest, 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        n = self._raw.readinto(buffer)
-        if n:
-            self.digest.update(memoryview(buffer)[:n])
-            self.bytes += n
-        return n
 
 
 def _integer(v: str) -> int:
@@ -164,104 +139,6 @@ class Layout:
 
     # -- the pass -----------------------------------------------------------------
 
-    def _records(self, text):
-        """(record number, record) of every non-empty record but a CSV column-name line."""
-        if self.drop.format == "fixed":
-            return ((n, line.rstrip("\r\n")) for n, line in enumerate(text, start=1)
-                    if line not in ("\n", "\r\n", "\r"))
-        return self._csv_records(text)
-
-    def _csv_records(self, text):
-        """CSV records numbered as `enumerate(csv.reader(...), 1)` numbers them, empty ones
-        left out. `text` splits lines where csv.reader does (newline=""); a line without
-        the quote character is one record whose fields are its `split(delimiter)`, and
-        one with it (or too long for csv's field limit) is parsed by csv.reader, which
-        may take the following lines too (a quoted field spanning lines)."""
-        d = self.drop.csv
-        delimiter, quotechar = d.delimiter, d.quotechar
-        pending: list[str] = []
-
-        def feed():
-            while True:
-                line = pending.pop() if pending else next(text, None)
-                if line is None:
-                    return
-                yield line
-
-        reader = csv.reader(feed(), delimiter=delimiter, quotechar=quotechar, strict=True)
-        limit = csv.field_size_limit()
-        n = 0
-        if d.header_row:  # record 1, whatever it holds, is the column-name line
-            line = next(text, None)
-            if line is None:
-                return
-            n = 1
-            if quotechar in line or len(line) > limit:
-                pending.append(line)
-                next(reader, None)
-        for line in text:
-            n += 1
-            if quotechar in line or len(line) > limit:
-                pending.append(line)
-                rec = next(reader)
-                if rec:
-                    yield n, rec
-                continue
-            line = line.rstrip("\r\n")
-            if line:
-                yield n, line.split(delimiter)
-
-    def _plain_csv_blocks(self, text, line_end: str):
-        """What `_csv_records` reads from a plain file (no quote character, no empty line,
-        no line near csv's field size limit, every line ended by `line_end`: pass 1 found
-        it so), read as blocks of text split at `line_end`: (row numbers, lines) per
-        block, each line a record the row loop splits, and whether the block is
-        `json_safe`. A block that is not
-        plain means the file changed after pass 1: FileProblem (the pass's sha256
-        would not match either)."""
-        d = self.drop.csv
-        quotechar, limit = d.quotechar, csv.field_size_limit()
-        crlf = line_end == "\r\n"
-        n, rest, first = 0, "", d.header_row  # record 1, the column-name line, is not a record
-        while True:
-            block = text.read(TEXT_BLOCK)
-            if block:
-                block = rest + block
-                cut = block.rfind("\n")
-                if cut < 0:
-                    rest = block
-                    continue
-                if crlf and (cut == 0 or block[cut - 1] != "\r"):
-                    raise FileProblem("the file changed while it was being read (not plain any more)")
-                body, rest = block[:cut - crlf], block[cut + 1:]
-            elif rest:  # the last line, without a line end
-                body, rest = rest, ""
-            else:
-                return
-            lines = body.split(line_end)
-            # A lone \r or \n (or, in a \n file, any \r) is not plain. `in` runs at memchr
-            # speed, 8x faster than counting them (and the joined text costs less than a count).
-            if crlf:
-                joined = "".join(lines)
-                other_ends = "\r" in joined or "\n" in joined
-            else:
-                other_ends = "\r" in body
-            if other_ends or quotechar in body or "" in lines \
-                    or (len(body) > limit and max(map(len, lines)) > limit):
-                raise FileProblem("the file changed while it was being read (not plain any more)")
-            start = n + 1
-            n += len(lines)
-            if first:
-                first, lines, start = False, lines[1:], start + 1
-            yield range(start, n + 1), lines, json_safe(body, lines=True)
-
-    def _blocks(self, records):
-        """(row numbers, records, json-safe) of up to RECORD_BLOCK `(n, record)` pairs at a time."""
-        text = "".join if self.drop.format == "fixed" else lambda recs: "".join(map("".join, recs))
-        while block := list(islice(records, RECORD_BLOCK)):
-            numbers, recs = zip(*block)
-            yield numbers, recs, json_safe(text(recs))
-
     def _control(self, prefix: str | None):
         """A test for a header/trailer record: CSV by its first column, fixed by its start."""
         if prefix is None:
@@ -283,7 +160,7 @@ class Layout:
         last record; anywhere else it is a bad row. A pass that only counts reads a
         plain file as blocks of bytes (count.py); any other file from the start
         again. `line_end`: the file is a plain CSV file with these line ends (the
-        first pass's `Outcome.line_end`), read as blocks of text (`_plain_csv_blocks`).
+        first pass's `Outcome.line_end`), read as blocks of text (`records.plain_csv_blocks`).
         """
         if not validate and on_rows is None:
             out = self._quick_scan(binary)
@@ -292,13 +169,13 @@ class Layout:
             binary.seek(0)
         out = Outcome()
         digest = hashlib.sha256()
-        raw = _HashingRaw(binary, digest)
+        raw = HashingReader(binary, digest)
         text = io.TextIOWrapper(io.BufferedReader(raw, 1 << 16), encoding=self.drop.encoding, newline="")
         header, trailer = self.drop.header, self.drop.trailer
         is_header = self._control(header.prefix if header else None)
         is_trailer = self._control(trailer.prefix if trailer else None)
         lines = bool(line_end) and validate
-        blocks = self._plain_csv_blocks(text, line_end) if lines else self._blocks(self._records(text))
+        numbered = plain_csv_blocks(self.drop, text, line_end) if lines else blocks(self.drop, records(self.drop, text))
         prefix = json_text(key_prefix)[1:-1]  # written into the items' JSON as it is
         held = None  # (n, record) of a trailer-looking last record
         good, others, doubtful = GoodRows(), [], []
@@ -311,7 +188,7 @@ class Layout:
             doubtful = [n for n in doubtful if n > last]
 
         try:
-            for numbers, recs, safe in blocks:
+            for numbers, recs, safe in numbered:
                 if first and recs:
                     first = False
                     if header is not None:

@@ -16,6 +16,7 @@ from contracts.journal import FileRows
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.layout import FileProblem, Layout
+from legacy_wrappers.filedrop.records import records
 from legacy_wrappers.filedrop.rowcode import CANONICAL_STAMP, GoodRows, json_safe
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
 from services.bus.inbox import metadata as inbox_tables
@@ -293,7 +294,7 @@ def test_csv_lines_without_quotes_are_split_as_csv_reader_reads_them():
             'TRL,6,,,,')                                            # no newline at the end
     reference = [(n, rec) for n, rec in enumerate(csv.reader(io.StringIO(data, newline="")), start=1)
                  if rec and n > 1]
-    assert list(layout._records(io.StringIO(data, newline=""))) == reference
+    assert list(records(layout.drop, io.StringIO(data, newline=""))) == reference
     rows, bad = [], []
     out = layout.scan(io.BytesIO(data.encode()), lambda good, doubtful: rows.extend(map(orjson.loads, good.items)),
                       lambda n, p: bad.append(n))

@@ -131,8 +131,8 @@ def pass_two(layout: Layout, data: bytes, line_end: str | None):
 
 @pytest.fixture(params=[1 << 16, 97], ids=["64k-text-blocks", "97-character-blocks"])
 def text_blocks(request, monkeypatch):
-    from legacy_wrappers.filedrop import layout
-    monkeypatch.setattr(layout, "TEXT_BLOCK", request.param)
+    from legacy_wrappers.filedrop import records
+    monkeypatch.setattr(records, "TEXT_BLOCK", request.param)
 
 
 BAD_ROWS = [f"C{i:08d},,c{i}@example.com,,,2026-11-27T06:00:00+00:00" for i in range(3)] + [
