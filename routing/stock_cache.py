@@ -20,6 +20,7 @@ from pathlib import Path
 
 import amqp
 import eventlet
+from nameko.exceptions import RpcTimeout
 from nameko.standalone.rpc import ClusterRpcProxy
 from pydantic import ValidationError
 
@@ -125,6 +126,14 @@ class StockFeed:
                 log.warning("stock feed disconnected (%s); retrying in %.1fs", exc, backoff)
                 eventlet.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 15.0)
+            except BaseException:
+                # killed (the container kills its managed threads right after stop()):
+                # drop the socket, or the broker keeps this consumer, and the messages
+                # prefetched to it, until the heartbeat times out
+                self.connected = False
+                if conn is not None:
+                    conn.collect()
+                raise
 
     def stop(self):
         self._running = False
@@ -146,8 +155,14 @@ class StockFeed:
 
 
 def ask_erp(uri: str, store_id: str, sku: str, timeout: float) -> dict | None:
-    """`erp.stock_level` over RPC; raises on timeout or when the bus is down."""
-    with eventlet.Timeout(timeout):
+    """`erp.stock_level` over RPC; raises an Exception on timeout or when the bus is down.
+
+    The timeout raises nameko's `RpcTimeout`, never eventlet's `Timeout` itself: that
+    is a BaseException, so it would escape the caller's `except Exception` (the cache
+    answer) and kill the worker with the POS request left unanswered. It fires when
+    the erp is down but its durable `rpc-erp` queue is still bound (any broker an erp
+    has ever run on): the request is routed there, not refused as UnknownService."""
+    with eventlet.Timeout(timeout, RpcTimeout(f"erp.stock_level: no answer within {timeout}s")):
         with ClusterRpcProxy({"AMQP_URI": uri}, timeout=timeout) as rpc:
             return rpc.erp.stock_level(store_id, sku)
 

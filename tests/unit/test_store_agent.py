@@ -420,3 +420,29 @@ def test_stop_runs_the_notes_still_waiting(tmp_path):
     store.later(store.outbox.record_accepted, "pos.sale.v1", txn)
     store.stop()
     assert _accepted_txn(tmp_path / "outbox.db") == ["S001-07-000009"]
+
+
+def test_a_stock_rpc_that_times_out_raises_an_exception_the_cache_answer_catches(monkeypatch):
+    """An erp that is down while its durable `rpc-erp` queue stays bound takes the request
+    and never answers: the timeout must be an Exception (the handler then answers from the
+    cache), not eventlet's Timeout, a BaseException that killed the worker mid-request."""
+    from nameko.exceptions import RpcTimeout
+
+    from routing import stock_cache
+
+    class SilentErp:
+        def __init__(self, config, timeout=None):
+            pass
+
+        def __enter__(self):
+            return SimpleNamespace(erp=SimpleNamespace(stock_level=lambda store, sku: eventlet.sleep(30)))
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(stock_cache, "ClusterRpcProxy", SilentErp)
+    started = time.monotonic()
+    with pytest.raises(RpcTimeout) as raised:
+        stock_cache.ask_erp("amqp://unused", "S001", "100001", 0.2)
+    assert isinstance(raised.value, Exception) and "0.2" in str(raised.value)
+    assert time.monotonic() - started < 2
