@@ -117,23 +117,20 @@ class StockFeed:
                     conn.heartbeat_tick()
                 self.connected = False
                 conn.close()
-            except Exception as exc:
+            except BaseException as exc:
                 self.connected = False
                 if conn is not None:
                     conn.collect()
+                if not isinstance(exc, Exception):
+                    # killed (the container kills its managed threads right after stop()):
+                    # the socket is dropped above, or the broker would keep this consumer,
+                    # and the messages prefetched to it, until the heartbeat times out
+                    raise
                 if not self._running:
                     return
                 log.warning("stock feed disconnected (%s); retrying in %.1fs", exc, backoff)
                 eventlet.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 15.0)
-            except BaseException:
-                # killed (the container kills its managed threads right after stop()):
-                # drop the socket, or the broker keeps this consumer, and the messages
-                # prefetched to it, until the heartbeat times out
-                self.connected = False
-                if conn is not None:
-                    conn.collect()
-                raise
 
     def stop(self):
         self._running = False
