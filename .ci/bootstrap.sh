@@ -59,6 +59,8 @@ else
                 tests/integration/test_dashboards.py tests/integration/test_trace.py)
   ignores=(--ignore tests/chaos); for suite in "${agent_suites[@]}"; do ignores+=(--ignore "$suite"); done
   status=0
+  # The layers (setup.cfg [importlinter]): a violation names the offending import.
+  .venv/bin/lint-imports || status=$?
   "${pytest[@]}" tests/chaos || status=$?
   agents_log=$(mktemp)
   "${pytest[@]}" "${agent_suites[@]}" >"$agents_log" 2>&1 & agents=$!

@@ -39,9 +39,9 @@ from contracts.pos import PosSaleV1  # noqa: E402
 from demo.legacy_erp import schema  # noqa: E402
 from legacy_wrappers.legacy_db import engine_for  # noqa: E402
 from legacy_wrappers.table_changes import ROWS, _after  # noqa: E402
-from services.bus import topology  # noqa: E402
-from services.bus.extensions import event_message  # noqa: E402
-from services.bus.publisher import ConfirmingPublisher  # noqa: E402
+from bus import topology  # noqa: E402
+from bus.extensions import event_message  # noqa: E402
+from bus.publisher import ConfirmingPublisher  # noqa: E402
 from services.erp import ledger  # noqa: E402
 from services.erp.outbox import OUTBOX, RELAYED as relayed  # noqa: E402
 from services.erp.service import ErpService  # noqa: E402

@@ -73,8 +73,8 @@ def child_idle(uri: str, path: str):
 
 
 def child_ours(uri: str, path: str | None):
-    from services.bus.runner import monkey_patch
-    monkey_patch()  # as `retailbus up` runs the service (services/bus/runner.py)
+    from bus.runner import monkey_patch
+    monkey_patch()  # as `retailbus up` runs the service (bus/runner.py)
     import eventlet
     import shutil
     import yaml
@@ -123,7 +123,7 @@ def run_child(kind: str, uri: str, path: Path) -> dict:
 
 def purge(uri: str, declare: bool = False):
     from bench.common import connect
-    from services.bus import topology
+    from bus import topology
     conn = connect(uri)
     ch = conn.channel()
     ch.queue_declare(SINK, durable=True, auto_delete=False)

@@ -31,9 +31,9 @@ from nameko.extensions import Entrypoint  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.common import (SAMPLE_TYPE, bench_broker, connect, emit_json, environment,  # noqa: E402
                           median, peak_rss_kib, process_hwm_kib, sample_event, sample_events)
-from services.bus import topology  # noqa: E402
-from services.bus.consumer import ReliableConsumer, reliable_handler  # noqa: E402
-from services.bus.extensions import EventPublisher  # noqa: E402
+from bus import topology  # noqa: E402
+from bus.consumer import ReliableConsumer, reliable_handler  # noqa: E402
+from bus.extensions import EventPublisher  # noqa: E402
 
 WINDOW = 500          # unconfirmed publishes in flight (raw) / concurrent publishing workers (ours)
 PREFETCH = 500        # unacked deliveries per consumer, raw and ours

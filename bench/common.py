@@ -22,8 +22,8 @@ import amqp
 from ulid import ULID
 
 from contracts.envelope import CloudEvent
-from services.broker import start_on_free_ports
-from services.bus.publisher import connection_params
+from services.broker.node import start_on_free_ports
+from bus.publisher import connection_params
 
 SAMPLE_TYPE = "pos.stock_query.v1"
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 
-class ContractError(ValueError):
+class RetailbusError(Exception):
+    """The root of every exception retailbus raises on purpose: `except RetailbusError`
+    catches ours and lets a programming error (TypeError, KeyError ...) through."""
+
+
+class ContractError(RetailbusError, ValueError):
     """Input that does not satisfy a contract; `errors` holds (path, reason) pairs."""
 
     def __init__(self, message: str, errors: list[tuple[str, str]] | None = None):

@@ -26,8 +26,8 @@ import yaml
 
 from routing.control import RouteRegistry, apply_table
 from routing.route_table import store_bucket
-from services.broker import resolve_amqp_uri
-from services.settings import load_config, retailbus_settings
+from services.broker.node import resolve_amqp_uri
+from bus.settings import load_config, retailbus_settings
 
 STORES = ("S001", "S002")
 PHASES = (

@@ -30,10 +30,11 @@ from nameko.extensions import DependencyProvider, SharedExtension
 from sqlalchemy import MetaData, String, Table, create_engine, event
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.exc import DBAPIError, DisconnectionError
+from contracts.errors import RetailbusError
 
 log = logging.getLogger(__name__)
 
-# The worker-context attribute named by services.bus.consumer.EFFECT_ERRORS; spelled
+# The worker-context attribute named by bus.consumer.EFFECT_ERRORS; spelled
 # out here because legacy_wrappers must not import the bus (layering, see DESIGN.md).
 EFFECT_ERRORS = "effect_errors"
 
@@ -149,7 +150,7 @@ def create_tables(engine: Engine, metadata: MetaData) -> None:
             log.info("creating tables raced another process (%s); looking again", type(exc.orig).__name__)
 
 
-class LegacyValueError(ValueError):
+class LegacyValueError(RetailbusError, ValueError):
     """A value the legacy column cannot hold as given: refused, never truncated."""
 
 

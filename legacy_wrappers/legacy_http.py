@@ -38,6 +38,7 @@ from eventlet import patcher
 from eventlet.queue import Empty, Full, LightQueue
 from nameko.extensions import DependencyProvider
 from prometheus_client import Counter, Gauge
+from contracts.errors import RetailbusError
 
 log = logging.getLogger(__name__)
 _select = patcher.original("select").select  # a zero-timeout poll, without a trip through the hub
@@ -52,7 +53,7 @@ LEGACY_CALLS = Counter("retailbus_legacy_calls_total", "Calls to a legacy HTTP A
                        ["system", "outcome"])
 
 
-class LegacyUnavailable(Exception):
+class LegacyUnavailable(RetailbusError):
     """The legacy system did not answer usefully (down, timed out, 5xx, breaker open)."""
 
 

@@ -19,7 +19,7 @@ import amqp
 
 from contracts.envelope import CloudEvent
 from routing.route_table import RouteTable, RouteTableError, parse_route_table
-from services.bus.publisher import connection_params
+from bus.publisher import connection_params
 
 ROUTES_EXCHANGE = "retailbus.routes"
 TABLE_APPLIED = "routing.table_applied.v1"

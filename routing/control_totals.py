@@ -30,9 +30,9 @@ from nameko.extensions import Extension
 
 from contracts.control import ControlTxn, KindTotals, StoreControlTotalsV1
 from contracts.envelope import CloudEvent
-from services.bus import topology
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, Unroutable
-from services.settings import PublisherSettings
+from bus import topology
+from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, UnroutableError
+from bus.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class ControlTotalsPublisher(Extension):
             totals = self._read(day_totals, self.store_id, day, as_of)
             try:
                 self.publisher.publish(self._message(totals))
-            except Unroutable:
+            except UnroutableError:
                 log.info("control totals of %s: no one is bound to receive them yet", day,
                          extra={"id": self.store_id, "correlationid": None})
                 continue

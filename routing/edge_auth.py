@@ -30,6 +30,7 @@ import secrets
 import time
 from collections import OrderedDict
 from pathlib import Path
+from contracts.errors import RetailbusError
 
 H_TERMINAL = "X-Retailbus-Terminal"
 H_TIMESTAMP = "X-Retailbus-Timestamp"
@@ -39,7 +40,7 @@ NONCE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 MAX_NONCES = 500_000
 
 
-class AuthError(Exception):
+class AuthError(RetailbusError):
     """Why a request is not authenticated (the message goes back to the POS)."""
 
 

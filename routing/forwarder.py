@@ -34,9 +34,9 @@ from prometheus_client import Counter
 
 from legacy_wrappers.legacy_http import BreakerMetrics
 from routing.outbox import Entry, Outbox, OutboxUnavailable
-from services.bus import journal, topology
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
-from services.settings import PublisherSettings
+from bus import journal, topology
+from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
+from bus.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
 

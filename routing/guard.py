@@ -22,8 +22,8 @@ from prometheus_client import Counter
 
 from routing.control import RouteRegistry, apply_table
 from routing.route_table import Guard, Route, RouteTable, RouteTableError, parse_route_table
-from services.bus.extensions import container_settings
-from services.bus.metrics_http import MetricsHttp
+from bus.extensions import container_settings
+from bus.metrics_http import MetricsHttp
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import io
 import time
 from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
+from contracts.errors import RetailbusError
 
 MAX_LINE = 8192  # request line and each header line, as eventlet.wsgi
 MAX_HEADERS = 100
@@ -22,7 +23,7 @@ MAX_BODY = 16 * 1024 * 1024  # read before the handler runs; larger bodies strea
 SKIPPED = frozenset({"content-length", "connection", "transfer-encoding", "keep-alive"})
 
 
-class BadRequest(Exception):
+class BadRequestError(RetailbusError):
     """The request cannot be read; answered with `status` and the connection closed."""
 
     def __init__(self, status: int, message: str):
@@ -33,7 +34,7 @@ class BadRequest(Exception):
 def _line(rfile) -> bytes:
     line = rfile.readline(MAX_LINE + 1)
     if len(line) > MAX_LINE:
-        raise BadRequest(431, "header line too long")
+        raise BadRequestError(431, "header line too long")
     return line
 
 
@@ -47,10 +48,10 @@ def read_request(rfile, continue_) -> dict | None:
     if not line:
         return None
     if len(line) > MAX_LINE:
-        raise BadRequest(414, "request line too long")
+        raise BadRequestError(414, "request line too long")
     parts = line.rstrip(b"\r\n").split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
-        raise BadRequest(400, f"malformed request line {line[:100]!r}")
+        raise BadRequestError(400, f"malformed request line {line[:100]!r}")
     method, target, version = (p.decode("latin-1") for p in parts)
     path, _, query = target.partition("?")
     environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "QUERY_STRING": query,
@@ -62,14 +63,14 @@ def read_request(rfile, continue_) -> dict | None:
             break
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep or not name or name != name.strip():
-            raise BadRequest(400, f"malformed header line {line[:100]!r}")
+            raise BadRequestError(400, f"malformed header line {line[:100]!r}")
         key = name.upper().replace("-", "_")
         if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             key = "HTTP_" + key
         value = value.strip()
         environ[key] = f"{environ[key]},{value}" if key in environ else value
     else:
-        raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
+        raise BadRequestError(431, f"more than {MAX_HEADERS} header lines")
     _body(rfile, environ, continue_)
     return environ
 
@@ -78,11 +79,11 @@ def _body(rfile, environ: dict, continue_) -> None:
     chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     length = environ.get("CONTENT_LENGTH")
     if chunked and length is not None:
-        raise BadRequest(400, "Content-Length and Transfer-Encoding together")
+        raise BadRequestError(400, "Content-Length and Transfer-Encoding together")
     if chunked and chunked != "chunked":
-        raise BadRequest(501, f"Transfer-Encoding {chunked!r} not supported")
+        raise BadRequestError(501, f"Transfer-Encoding {chunked!r} not supported")
     if length is not None and not length.isdigit():
-        raise BadRequest(400, f"Content-Length: not a number: {length!r}")
+        raise BadRequestError(400, f"Content-Length: not a number: {length!r}")
     if (chunked or (length and length != "0")) and \
             environ.get("HTTP_EXPECT", "").lower() == "100-continue" and environ["SERVER_PROTOCOL"] == "HTTP/1.1":
         continue_()
@@ -108,14 +109,14 @@ def _dechunk(rfile) -> bytes:
         try:
             size = int(size_line, 16)
         except ValueError:
-            raise BadRequest(400, f"malformed chunk size {size_line[:20]!r}") from None
+            raise BadRequestError(400, f"malformed chunk size {size_line[:20]!r}") from None
         if size == 0:
             while _line(rfile) not in (b"\r\n", b"\n", b""):  # trailers: ignored
                 pass
             return b"".join(chunks)
         total += size
         if total > MAX_BODY:
-            raise BadRequest(413, f"body larger than {MAX_BODY} bytes")
+            raise BadRequestError(413, f"body larger than {MAX_BODY} bytes")
         chunk = rfile.read(size)
         if len(chunk) < size:
             raise ConnectionResetError("client closed the connection inside a chunk")

@@ -29,6 +29,7 @@ import eventlet
 from eventlet import tpool
 from eventlet.event import Event
 
+from contracts.errors import RetailbusError
 from contracts.envelope import CloudEvent
 from routing import control_totals
 
@@ -49,11 +50,11 @@ COLUMNS = {"payload_hash": "TEXT", "stream_seq": "INTEGER"}
 MAX_GROUP = 512
 
 
-class OutboxUnavailable(Exception):
+class OutboxUnavailable(RetailbusError):
     """The outbox could not commit (disk full, read-only, locked): the POS must retry."""
 
 
-class OutboxConflict(Exception):
+class OutboxConflict(RetailbusError):
     """The idempotency key was accepted before with a different payload."""
 
     def __init__(self, idem_key: str, first_event_id: str):

@@ -90,7 +90,7 @@ class PosHttpServer(ProviderCollector, SharedExtension):
             while True:
                 try:
                     environ = http11.read_request(rfile, continue_)
-                except http11.BadRequest as exc:
+                except http11.BadRequestError as exc:
                     response = error(exc.status, str(exc))
                     sock.sendall(http11.response_bytes(response.status, response.headers.to_wsgi_list(),
                                                        response.get_data(), keep=False))

@@ -17,7 +17,7 @@ from nameko.extensions import DependencyProvider
 from prometheus_client import Counter, Gauge, Histogram
 
 from routing.route_table import RouteTable, RouteTableError, load_route_table, parse_route_table
-from services.settings import retailbus_settings
+from bus.settings import retailbus_settings
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contracts.errors import RetailbusError
 from contracts import registry
 from contracts.pos import StoreId
 
@@ -119,7 +120,7 @@ class RouteTable(_Strict):
         return cached
 
 
-class RouteTableError(ValueError):
+class RouteTableError(RetailbusError, ValueError):
     """A routes file that cannot become the running table; says where and why."""
 
 

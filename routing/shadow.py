@@ -61,7 +61,7 @@ class ShadowComparer(DependencyProvider):
     """The agent's comparison queue, its RPC worker and its mismatch log."""
 
     def setup(self):
-        from routing.agent import configured_store  # the agent module owns store resolution
+        from routing.store_agent import configured_store  # the agent module owns store resolution
 
         store, settings, self.uri = configured_store(self.container)
         self.store_id = store.id

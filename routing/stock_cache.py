@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
-from services.bus import topology
-from services.bus.publisher import connection_params
+from bus import topology
+from bus.publisher import connection_params
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services import broker_users
-from services.broker import ManagedBroker
-from services.broker_cluster import BrokerCluster
-from services.settings import RetailbusSettings, load_config, retailbus_settings
+from services.broker import users as broker_users
+from services.broker.node import ManagedBroker
+from services.broker.cluster import BrokerCluster
+from bus.settings import RetailbusSettings, load_config, retailbus_settings
 
 log = logging.getLogger("retailbus.up")
 
@@ -105,8 +105,8 @@ class Supervisor:
             [sys.executable, "-m", "demo.legacy_erp", "serve", "--init", "--db", dsn,
              "--host", host, "--port", port],
             env, health_url=f"http://{s.legacy_erp.http}/erp/health")]
-        # `nameko run`, psycopg2 made green only in a process that imports it (services/bus/runner.py)
-        nameko = [sys.executable, "-m", "services.bus.runner", "--config", str(self.config_path)]
+        # `nameko run`, psycopg2 made green only in a process that imports it (bus/runner.py)
+        nameko = [sys.executable, "-m", "bus.runner", "--config", str(self.config_path)]
         # The bus services resolve only the broker's and databases' hosts, once per
         # connect, so they run eventlet without its green DNS (dnspython, ~7-11 MiB per
         # process); a lookup then blocks the hub for its duration. The store agents,

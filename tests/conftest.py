@@ -16,8 +16,8 @@ eventlet.monkey_patch()  # nameko runs services on eventlet; tests host containe
 
 import pytest  # noqa: E402
 
-from services.broker import start_on_free_ports as start_broker  # noqa: E402,F401
-from services.broker_setup import free_ports  # noqa: E402
+from services.broker.node import start_on_free_ports as start_broker  # noqa: E402,F401
+from services.broker.setup import free_ports  # noqa: E402
 
 
 def free_port() -> int:
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def make_broker(folder):
     """A ManagedBroker in `folder` on three free ports (not started)."""
-    from services.broker import ManagedBroker
+    from services.broker.node import ManagedBroker
 
     port, dist_port, management_port = free_ports(3)
     return ManagedBroker(folder, port=port, dist_port=dist_port, management_port=management_port)

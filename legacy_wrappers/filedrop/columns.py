@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 from itertools import repeat
 
+from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop.config import DropIn
 from legacy_wrappers.filedrop.rowcode import (
     CANONICAL_STAMP, BlockPattern, GoodRows, RowFunction, ValueRule, day, value_rules)
@@ -29,7 +30,7 @@ WIDE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2
               "\u2028\u2029\u202f\u205f\u3000"
 
 
-class Unfit(Exception):
+class UnfitBlockError(RetailbusError):
     """The block needs a row's attention somewhere: the row loop takes it."""
 
 
@@ -49,13 +50,13 @@ def column_function(drop: DropIn, values_schema: dict | None, name_fields: tuple
     def rows(ns, lines, prefix, good: GoodRows, others: list, doubtful: list) -> int:
         try:
             return block.take(ns, lines, prefix, good, doubtful)
-        except Unfit:
+        except UnfitBlockError:
             return row_loop(ns, lines, prefix, good, others, doubtful)
     return rows
 
 
 class _ColumnBlock:
-    """A layout's column path: `take` does a clean block or raises Unfit before it adds a row."""
+    """A layout's column path: `take` does a clean block or raises UnfitBlockError before it adds a row."""
 
     def __init__(self, drop: DropIn, rules: list[ValueRule], name_fields: tuple[str, ...]):
         self.fields = drop.fields
@@ -74,27 +75,27 @@ class _ColumnBlock:
         text = (d + LINE + d).join(lines)
         if (" " + d) in text or (d + " ") in text or text[:1] == " " or text[-1:] == " " \
                 or (not text.isascii() and any(space in text for space in WIDE_SPACES)):
-            raise Unfit("a value to strip")
+            raise UnfitBlockError("a value to strip")
         flat = text.split(d)
         step, n = self.width + 1, len(lines)  # a line's fields, then LINE as a field of its own
         # Each line has exactly its fields when LINE is every `step`-th field and nowhere else.
         if len(flat) != step * n - 1 or flat[self.width::step] != [LINE] * (n - 1):
-            raise Unfit("a line with other fields")
+            raise UnfitBlockError("a line with other fields")
         columns = [flat[i::step] for i in range(self.width)]
         if any(prefix_ in columns[0] for prefix_ in self.controls):
-            raise Unfit("a header or trailer look-alike")
+            raise UnfitBlockError("a header or trailer look-alike")
         texts, total = [], 0  # each field's JSON text: None when it is the column between quotes
         for i, (spec, col) in enumerate(zip(self.fields, columns)):
             empty = "" in col
             if empty and (spec.required or spec.type != "str" or i in self.name_at):
-                raise Unfit("a missing value")
+                raise UnfitBlockError("a missing value")
             if spec.max_length and max(map(len, col)) > spec.max_length:
-                raise Unfit("a value too long")
+                raise UnfitBlockError("a value too long")
             if spec.type == "int":
                 try:
                     values = list(map(int, col))
                 except ValueError:
-                    raise Unfit("not an integer") from None
+                    raise UnfitBlockError("not an integer") from None
                 total += sum(values) if i == self.total_at else 0
                 texts.append(list(map(str, values)))
                 columns[i] = texts[-1]  # a row's name writes the integer too
@@ -120,11 +121,11 @@ class _ColumnBlock:
     def _check(self, rule: ValueRule, col: list[str], empty: bool):
         """A block whose values break `rule` has doubtful rows: the row loop names them."""
         if rule.not_null and empty:
-            raise Unfit("a null the schema refuses")
+            raise UnfitBlockError("a null the schema refuses")
         present = [v for v in col if v] if empty else col
         if present and (rule.min_length and min(map(len, present)) < rule.min_length
                         or rule.max_length is not None and max(map(len, present)) > rule.max_length):
-            raise Unfit("a length the schema refuses")
+            raise UnfitBlockError("a length the schema refuses")
 
     def _items(self, ns, prefix: str, columns: list[list[str]], texts: list):
         """Each row's item, `{"row":n,"idempotencykey":"<prefix>n","data":{...}}`, as the
@@ -152,11 +153,11 @@ def _stamps(col: list[str]) -> list[str]:
     try:
         parsed = list(map(datetime.fromisoformat, values))
     except ValueError:
-        raise Unfit("not a timestamp") from None
+        raise UnfitBlockError("not a timestamp") from None
     if all(map(CANONICAL_STAMP, values)):
         return col
     if any(d.tzinfo is None for d in parsed):
-        raise Unfit("a timestamp without an offset")
+        raise UnfitBlockError("a timestamp without an offset")
     seen = {v: v if CANONICAL_STAMP(v) else d.isoformat() for v, d in zip(values, parsed)}
     return list(map(seen.__getitem__, col))
 
@@ -166,5 +167,5 @@ def _dates(col: list[str]) -> list[str]:
     try:
         seen = {v: day(v) for v in set(col)}
     except ValueError:
-        raise Unfit("not a date") from None
+        raise UnfitBlockError("not a date") from None
     return list(map(seen.__getitem__, col))

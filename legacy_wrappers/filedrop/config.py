@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contracts.errors import format_validation_error
+from bus.settings import ConfigError
 
 DEFAULT_PATH = Path("config/filedrops.yaml")
 
@@ -134,8 +135,8 @@ class FileDrops(Strict):
     outbound: dict[str, DropOut] = Field(default_factory=dict)
 
 
-class FileDropConfigError(Exception):
-    pass
+class FileDropConfigError(ConfigError):
+    """Raised when filedrops.yaml is invalid: names the drop, the field and the reason."""
 
 
 def load(path: Path | str, root: Path | None = None) -> FileDrops:
@@ -166,7 +167,7 @@ def absolute(drops: FileDrops, root: Path) -> FileDrops:
 
 def for_container(config: dict) -> FileDrops:
     """The drops of a nameko container: FILEDROPS_CONFIG or config/filedrops.yaml under the root."""
-    from services.settings import retailbus_settings
+    from bus.settings import retailbus_settings
 
     root = retailbus_settings(config).root
     path = Path(config.get("FILEDROPS_CONFIG") or root / DEFAULT_PATH)

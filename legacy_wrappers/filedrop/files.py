@@ -6,9 +6,10 @@ import os
 import stat
 from datetime import datetime, timezone
 from pathlib import Path
+from contracts.errors import RetailbusError
 
 
-class Refused(Exception):
+class RefusedFileError(RetailbusError):
     """Not a regular file inside the drop folder: never read."""
 
 
@@ -19,15 +20,15 @@ def open_regular(folder: Path, name: str):
     looking at a name and reading it.
     """
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise Refused(f"{name!r} is not a plain file name")
+        raise RefusedFileError(f"{name!r} is not a plain file name")
     path = folder / name
     if path.is_symlink():
-        raise Refused(f"{name} is a symlink")
+        raise RefusedFileError(f"{name} is a symlink")
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise Refused(f"{name} is not a regular file")
+        raise RefusedFileError(f"{name} is not a regular file")
     return os.fdopen(fd, "rb", buffering=0), st
 
 

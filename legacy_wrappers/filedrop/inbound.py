@@ -31,10 +31,11 @@ from pathlib import Path
 from eventlet.event import Event
 from nameko.extensions import Entrypoint, SharedExtension
 
+from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop import metrics
-from legacy_wrappers.filedrop.files import Refused, archive_folder, move_unique, open_regular
-from legacy_wrappers.filedrop.layout import FileProblem, Layout
+from legacy_wrappers.filedrop.files import RefusedFileError, archive_folder, move_unique, open_regular
+from legacy_wrappers.filedrop.layout import FileProblemError, Layout
 from legacy_wrappers.filedrop.ledger import Ledger, identity
 from legacy_wrappers.filedrop.rowcode import GoodRows
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
@@ -66,8 +67,8 @@ class RowChunk:
         return rows
 
 
-class ChunkFailed(Exception):
-    pass
+class ChunkFailedError(RetailbusError):
+    """Raised when a chunk of rows could not be published; the file is retried from its last checkpoint."""
 
 
 class FileLedger(SharedExtension):
@@ -222,7 +223,7 @@ class FileDrop(Entrypoint):
         self._stable.pop(name, None)
         try:
             f, st = open_regular(self.folder, name)
-        except Refused as exc:
+        except RefusedFileError as exc:
             return self._refuse(name, identity(os.lstat(self.folder / name)), str(exc))
         except OSError as exc:
             st = os.lstat(self.folder / name)
@@ -233,7 +234,7 @@ class FileDrop(Entrypoint):
         try:
             with f, _RejectReport(rejects) as report:
                 outcome = self.layout.scan(f, None, report.add if validate else None, validate=validate)
-        except FileProblem as exc:
+        except FileProblemError as exc:
             return self._reject(name, st, None, str(exc), rejects)
         metrics.BYTES.labels(self.drop).inc(outcome.bytes)
         before = self.ledger.file(self.drop, outcome.sha256)
@@ -250,7 +251,7 @@ class FileDrop(Entrypoint):
         record = self.ledger.begin(self.drop, outcome.sha256, name, outcome.records, outcome.bad_rows)
         try:
             final = self._publish(name, outcome.sha256, record["CHUNKS_DONE"], rejects, outcome.line_end)
-        except (ChunkFailed, OSError, FileProblem) as exc:
+        except (ChunkFailedError, OSError, FileProblemError) as exc:
             return self._failed(name, st, outcome, record["ATTEMPTS"], str(exc))
         if final.bad_rows:
             move_unique(rejects, self.error)
@@ -277,7 +278,7 @@ class FileDrop(Entrypoint):
             settled, done = inflight.popleft()
             error = done.wait()
             if error is not None:
-                raise ChunkFailed(f"chunk {settled} failed: {error}")
+                raise ChunkFailedError(f"chunk {settled} failed: {error}")
             if (settled + 1) % window == 0:  # a ledger transaction per window: a restart
                 self.ledger.checkpoint(self.drop, sha256, settled + 1)  # sends two windows again at most
 
@@ -303,7 +304,7 @@ class FileDrop(Entrypoint):
             again = self.layout.scan(f, submit, report.add, batch=self.cfg.chunk_rows, line_end=line_end,
                                      key_prefix=f"{sha256}:")
         if again.sha256 != sha256:
-            raise FileProblem("the file changed while it was being read")
+            raise FileProblemError("the file changed while it was being read")
         while inflight:
             settle_oldest()
         return again

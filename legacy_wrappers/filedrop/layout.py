@@ -30,7 +30,7 @@ from typing import Callable
 from legacy_wrappers.filedrop.columns import column_function
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
 from legacy_wrappers.filedrop.count import quick_count
-from legacy_wrappers.filedrop.records import FileProblem, HashingReader, blocks, plain_csv_blocks, records
+from legacy_wrappers.filedrop.records import FileProblemError, HashingReader, blocks, plain_csv_blocks, records
 from legacy_wrappers.filedrop.rowcode import GoodRows, day, json_text, row_function
 
 RECORD = "<record>"  # the column name a whole-record problem is reported under
@@ -227,7 +227,7 @@ class Layout:
                     rows += batch
                     hand_over(good.cut(batch))
         except (UnicodeDecodeError, csv.Error) as exc:
-            raise FileProblem(f"unreadable content: {exc}") from None
+            raise FileProblemError(f"unreadable content: {exc}") from None
         if good:
             rows += len(good)
             hand_over(good)
@@ -249,7 +249,7 @@ class Layout:
             q = quick_count(binary, d.encoding, d.csv.quotechar if csv_format else None,
                             trailer.prefix if trailer else None)
         except UnicodeDecodeError as exc:
-            raise FileProblem(f"unreadable content: {exc}") from None
+            raise FileProblemError(f"unreadable content: {exc}") from None
         if q is None:
             return None
         column_names = csv_format and d.csv.header_row

@@ -32,9 +32,9 @@ from contracts.errors import ContractError
 from legacy_wrappers.filedrop import metrics
 from legacy_wrappers.filedrop.files import fsync_dir
 from legacy_wrappers.filedrop.inbound import FileLedger
-from services.bus import journal, topology
-from services.bus.extensions import BusConnection, container_settings
-from services.bus.publisher import OutgoingMessage, PublishError, connection_params
+from bus import journal, topology
+from bus.extensions import BusConnection, container_settings
+from bus.publisher import OutgoingMessage, PublishError, connection_params
 
 log = logging.getLogger(__name__)
 

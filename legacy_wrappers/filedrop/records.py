@@ -13,6 +13,7 @@ import csv
 import io
 from itertools import islice
 
+from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop.config import DropIn
 from legacy_wrappers.filedrop.rowcode import json_safe
 
@@ -20,7 +21,7 @@ TEXT_BLOCK = 1 << 16  # characters a plain file's pass 2 reads at a time
 RECORD_BLOCK = 512  # records of any other file handed to the row function at a time
 
 
-class FileProblem(Exception):
+class FileProblemError(RetailbusError):
     """The file as a whole cannot be taken (undecodable, bad trailer, ...)."""
 
 
@@ -95,7 +96,7 @@ def plain_csv_blocks(drop: DropIn, text, line_end: str):
     line near csv's field size limit, every line ended by `line_end`: pass 1 found it
     so), read as blocks of text split at `line_end`: (row numbers, lines) per block,
     each line a record the row loop splits, and whether the block is `json_safe`. A
-    block that is not plain means the file changed after pass 1: FileProblem (the
+    block that is not plain means the file changed after pass 1: FileProblemError (the
     pass's sha256 would not match either)."""
     d = drop.csv
     quotechar, limit = d.quotechar, csv.field_size_limit()
@@ -110,7 +111,7 @@ def plain_csv_blocks(drop: DropIn, text, line_end: str):
                 rest = block
                 continue
             if crlf and (cut == 0 or block[cut - 1] != "\r"):
-                raise FileProblem("the file changed while it was being read (not plain any more)")
+                raise FileProblemError("the file changed while it was being read (not plain any more)")
             body, rest = block[:cut - crlf], block[cut + 1:]
         elif rest:  # the last line, without a line end
             body, rest = rest, ""
@@ -126,7 +127,7 @@ def plain_csv_blocks(drop: DropIn, text, line_end: str):
             other_ends = "\r" in body
         if other_ends or quotechar in body or "" in lines \
                 or (len(body) > limit and max(map(len, lines)) > limit):
-            raise FileProblem("the file changed while it was being read (not plain any more)")
+            raise FileProblemError("the file changed while it was being read (not plain any more)")
         start = n + 1
         n += len(lines)
         if first:

@@ -15,8 +15,8 @@ from nameko.extensions import DependencyProvider
 from nameko.timer import Timer
 from prometheus_client import Gauge
 
-from services.bus.extensions import container_settings
-from services.bus.metrics_http import MetricsHttp
+from bus.extensions import container_settings
+from bus.metrics_http import MetricsHttp
 from services.dlq.store import DeadLetterStore, handler_queues
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ import amqp
 from nameko.cli.run import import_service
 from nameko.extensions import ENTRYPOINT_EXTENSIONS_ATTR
 
-from services.bus import topology
-from services.bus.consumer import (H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
+from bus import topology
+from bus.consumer import (H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
                                    H_LAST_FAILURE, H_QUEUE, H_ROUTING_KEY, H_USER, ReliableHandler)
-from services.bus.publisher import connect
-from services.settings import RetailbusSettings
+from bus.publisher import connect
+from bus.settings import RetailbusSettings
 
 STORE_AGENT_MODULE = "routing.store_agent"
 DLQ_SUFFIX = topology.dead_letter_queue("")

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from contracts.errors import RetailbusError
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from services.dlq.store import DeadLetter, DeadLetterStore
@@ -73,7 +74,7 @@ class Selection:
 
 # --- editing ----------------------------------------------------------------------------
 
-class EditRefused(ValueError):
+class EditRefused(RetailbusError, ValueError):
     """An edited body that is not a valid message; `errors` are (field path, reason)."""
 
     def __init__(self, message_id: str, errors: list[tuple[str, str]]):

@@ -16,8 +16,8 @@ from sqlalchemy.engine import Connection
 from contracts.batch import EventBatchV1
 from contracts.customer import CustomerUpdatedV1
 from contracts.envelope import CloudEvent
-from services.bus.consumer import DUPLICATE
-from services.bus.inbox import claim
+from bus.consumer import DUPLICATE
+from legacy_wrappers.inbox import claim
 
 
 def legacy_stamp(ts: datetime) -> str:

@@ -15,7 +15,7 @@ from ulid import ULID
 from contracts.envelope import AssembledEvent, CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from contracts.pos import PosReturnV1, PosSaleV1
-from services.bus.publisher import Unroutable
+from bus.publisher import UnroutableError
 
 log = logging.getLogger(__name__)
 SOURCE = "erp"
@@ -59,7 +59,7 @@ def publish_changes(publisher, changes, mapper, table: str, envelopes=list) -> i
 
     A row the contract refuses (legacy data the contract cannot carry) is
     logged and counted, not retried: no retry can change the row, and holding
-    it would stop the capture of every later change. Unroutable events (no
+    it would stop the capture of every later change. UnroutableError events (no
     subscriber yet) are not an error for the same reason. Any other publish
     failure raises, so the batch comes again.
     """
@@ -70,7 +70,7 @@ def publish_changes(publisher, changes, mapper, table: str, envelopes=list) -> i
         except (ValueError, TypeError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
             REFUSED.labels(table).inc()
             log.error("%s row refused by the contract: %s", table, exc, extra={"id": repr(change.row)[:200]})
-    errors = [e for e in publisher.publish_many(envelopes(out)) if e is not None and not isinstance(e, Unroutable)]
+    errors = [e for e in publisher.publish_many(envelopes(out)) if e is not None and not isinstance(e, UnroutableError)]
     if errors:
         raise errors[0]
     return len(out)

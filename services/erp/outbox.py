@@ -21,9 +21,9 @@ from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bi
 from contracts.envelope import CloudEvent
 from legacy_wrappers.legacy_db import LegacyEngines, commit_off_hub, create_tables
 from legacy_wrappers.prepared import Prepared
-from services.bus import topology
-from services.bus.extensions import BusConnection
-from services.bus.publisher import OutgoingMessage, Unroutable
+from bus import topology
+from bus.extensions import BusConnection
+from bus.publisher import OutgoingMessage, UnroutableError
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Outbox(DependencyProvider):
             if error is None:
                 RELAYED.labels(self.exchange, "confirmed").inc()
                 done.append(row.ID)
-            elif isinstance(error, Unroutable):
+            elif isinstance(error, UnroutableError):
                 # No queue is bound: no consumer has ever subscribed. Holding the event
                 # back would block the outbox forever; a subscriber's durable queue
                 # keeps everything published after it first started.

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
 from legacy_wrappers.prepared import run_together
-from services.bus import inbox
+from legacy_wrappers import inbox
 from services.erp import events, ledger, outbox
 
 CONSUMERS = {PosSaleV1.TYPE: "erp.on_pos_sale", PosReturnV1.TYPE: "erp.on_pos_return"}

@@ -15,17 +15,17 @@ from contracts.pos import PosReturnV1, PosSaleV1, idempotency_key
 from legacy_wrappers.batched_writes import BatchedWrites
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyValueError
 from legacy_wrappers.table_changes import table_changes
-from services.bus import inbox
-from services.bus.consumer import DUPLICATE, Permanent, reliable_handler
-from services.bus.extensions import EventPublisher
-from services.bus.journal import JournalHops
-from services.bus.metrics_http import MetricsHttp
+from legacy_wrappers import inbox
+from bus.consumer import DUPLICATE, PermanentError, reliable_handler
+from bus.extensions import EventPublisher
+from bus.journal import JournalHops
+from bus.metrics_http import MetricsHttp
 from services.erp import customer_master, events, ledger, posting, stock
 from services.erp.outbox import Outbox
 from services.erp.outbox import metadata as outbox_tables
 
 
-# POS messages per worker (services/bus/consumer.py, `batch`); the writer commits them
+# POS messages per worker (bus/consumer.py, `batch`); the writer commits them
 # with other workers' in batches of up to 64 anyway.
 BATCH = 64
 
@@ -59,7 +59,7 @@ class ErpService:
         results = []
         for (txn, event), outcome in zip(items, written):
             if isinstance(outcome, BaseException):
-                results.append(Permanent(str(outcome)) if isinstance(outcome, LegacyValueError) else outcome)
+                results.append(PermanentError(str(outcome)) if isinstance(outcome, LegacyValueError) else outcome)
                 continue
             doc_no, duplicate = outcome
             if not duplicate:

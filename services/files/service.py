@@ -9,9 +9,9 @@ from __future__ import annotations
 from contracts.envelope import CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk, file_drop
 from legacy_wrappers.filedrop.outbound import BatchFileWriter, batch_file_consumer
-from services.bus.extensions import EventPublisher, event_message
-from services.bus.journal import JournalHops
-from services.bus.metrics_http import MetricsHttp
+from bus.extensions import EventPublisher, event_message
+from bus.journal import JournalHops
+from bus.metrics_http import MetricsHttp
 from services.files.mapping import batch_event, drop_options, points_record
 
 

@@ -11,11 +11,11 @@ from nameko.extensions import DependencyProvider
 
 from contracts.envelope import CloudEvent
 from contracts.journal import JournalHopsV1
-from services.bus import inbox
-from services.bus.consumer import reliable_handler
-from services.bus.extensions import container_settings
-from services.bus.journal import HOPS_TYPE, SERVICE
-from services.bus.metrics_http import MetricsHttp
+from legacy_wrappers import inbox
+from bus.consumer import reliable_handler
+from bus.extensions import container_settings
+from bus.journal import HOPS_TYPE, SERVICE
+from bus.metrics_http import MetricsHttp
 from services.journal import store
 
 

@@ -13,7 +13,7 @@ from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.config import DropOut
 from services.reconcile import sources, store
 from services.reconcile.compare import StoreReport, reconcile
-from services.settings import ConfigError, retailbus_settings
+from bus.settings import ConfigError, retailbus_settings
 
 POINTS_DROP = "loyalty_points"
 

@@ -13,11 +13,11 @@ from prometheus_client import Gauge
 
 from contracts.control import StoreControlTotalsV1
 from contracts.envelope import CloudEvent
-from services.bus.consumer import DUPLICATE, reliable_handler
-from services.bus.metrics_http import MetricsHttp
+from bus.consumer import DUPLICATE, reliable_handler
+from bus.metrics_http import MetricsHttp
 from services.reconcile import store
 from services.reconcile.run import Estate, reconcile_day
-from services.settings import retailbus_settings
+from bus.settings import retailbus_settings
 
 log = logging.getLogger(__name__)
 

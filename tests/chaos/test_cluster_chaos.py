@@ -20,10 +20,10 @@ from sqlalchemy import text
 from contracts.envelope import CloudEvent
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.legacy_payload import sale_from_legacy
-from services.broker_cluster import BrokerCluster
-from services.bus import topology
-from services.bus.extensions import event_message
-from services.bus.publisher import ConfirmingPublisher, connect
+from services.broker.cluster import BrokerCluster
+from bus import topology
+from bus.extensions import event_message
+from bus.publisher import ConfirmingPublisher, connect
 from tests.integration.support import legacy_sale, nameko_run, stop, wait_for, write_config
 
 pytestmark = pytest.mark.chaos
@@ -89,7 +89,7 @@ def test_quorum_retry_queue_dead_letters_back_and_a_classic_queue_is_named(clust
         channel.basic_publish(amqp.Message(b"retry me", delivery_mode=2), "", topology.retry_queue(queue, 0.2))
         assert wait_for(lambda: channel.basic_get(queue, no_ack=True), timeout=30).body == b"retry me"
         channel.queue_declare("classic-already", durable=True, auto_delete=False)
-        with pytest.raises(topology.QueueTypeMismatch, match="queue 'classic-already'"):
+        with pytest.raises(topology.QueueTypeMismatchError, match="queue 'classic-already'"):
             topology.declare_queue(channel, "classic-already", "quorum")
     finally:
         conn.collect()

@@ -29,7 +29,7 @@ from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.edge_auth import TerminalKeys, signed_headers
 from routing.legacy_payload import sale_from_legacy
 from routing.outbox import Outbox
-from services.bus import topology
+from bus import topology
 from services.reconcile import store as reconcile_store
 from tests.conftest import free_ports, start_broker
 from tests.integration.filedrop_support import write_drops

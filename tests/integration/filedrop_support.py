@@ -9,8 +9,8 @@ from pathlib import Path
 import amqp
 import yaml
 
-from services.bus import topology
-from services.bus.publisher import connection_params
+from bus import topology
+from bus.publisher import connection_params
 
 SHIPPED = Path(__file__).parents[2] / "config" / "filedrops.yaml"
 

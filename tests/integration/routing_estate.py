@@ -18,7 +18,7 @@ import yaml
 
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.control import RouteRegistry, apply_table
-from services.bus import topology
+from bus import topology
 from tests.conftest import free_ports, start_broker
 from tests.integration.support import (legacy_sale, nameko_run, queue_state, read_config, stop, wait_for,
                                        write_config)

@@ -11,7 +11,7 @@ from pathlib import Path
 import amqp
 import yaml
 
-from services.bus.publisher import connection_params
+from bus.publisher import connection_params
 
 
 class _Unresolved(yaml.SafeLoader):

@@ -17,9 +17,9 @@ import yaml
 from click.testing import CliRunner
 from kombu import Connection, Exchange, Queue
 
-from services.broker import AMQP_URI_ENV, BrokerError, ManagedBroker, mask_uri, resolve_amqp_uri
-from services.cli_broker import broker as broker_cli
-from services.settings import BrokerSettings, RetailbusSettings
+from services.broker.node import AMQP_URI_ENV, BrokerError, ManagedBroker, mask_uri, resolve_amqp_uri
+from services.cli.broker import broker as broker_cli
+from bus.settings import BrokerSettings, RetailbusSettings
 from tests.conftest import make_broker, start_broker
 
 pytestmark = pytest.mark.integration

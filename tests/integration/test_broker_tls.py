@@ -11,11 +11,11 @@ import pytest
 from nameko.rpc import rpc
 from nameko.standalone.rpc import ClusterRpcProxy
 
-from services.broker import ManagedBroker
-from services.broker_setup import free_ports
-from services.bus import topology
-from services.bus.publisher import AMQP_SSL_ENV, ConfirmingPublisher, OutgoingMessage, connect
-from services.settings import TlsSettings
+from services.broker.node import ManagedBroker
+from services.broker.setup import free_ports
+from bus import topology
+from bus.publisher import AMQP_SSL_ENV, ConfirmingPublisher, OutgoingMessage, connect
+from bus.settings import TlsSettings
 
 pytestmark = pytest.mark.integration
 

@@ -16,14 +16,14 @@ from sqlalchemy import text
 
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing import broker_user
-from services import broker_users
-from services.bus import topology
-from services.bus.extensions import event_message
-from services.bus.publisher import ConfirmingPublisher, connection_params
-from services.broker import ManagedBroker
-from services.broker_setup import free_ports
+from services.broker import users as broker_users
+from bus import topology
+from bus.extensions import event_message
+from bus.publisher import ConfirmingPublisher, connection_params
+from services.broker.node import ManagedBroker
+from services.broker.setup import free_ports
 from services.cli import main
-from services.settings import load_config, retailbus_settings
+from bus.settings import load_config, retailbus_settings
 from tests.integration.support import legacy_sale, nameko_run, queue_state, stop, wait_for, write_config
 from tests.integration.test_erp_posting import sale_event
 from tests.integration.test_up import headers_for, healthy, post

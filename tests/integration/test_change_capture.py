@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from demo.legacy_erp.schema import STK_LVL, create_schema, engine_for, utc_stamp
-from services.bus import topology
-from services.bus.publisher import connection_params
+from bus import topology
+from bus.publisher import connection_params
 from tests.integration.stock_writer import keys
 from tests.integration.support import nameko_run, stop, wait_for, write_config
 

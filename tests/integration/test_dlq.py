@@ -18,9 +18,9 @@ from sqlalchemy import text
 from contracts.envelope import CloudEvent
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.legacy_payload import sale_from_legacy
-from services.bus import topology
-from services.bus.extensions import event_message
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
+from bus import topology
+from bus.extensions import event_message
+from bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
 from services.dlq.workbench import AuditLog
 from tests.integration.support import legacy_sale, nameko_run, queue_state, stop, wait_for, write_config
 
@@ -260,7 +260,7 @@ def test_dlq_service_exports_depth_and_oldest_age_without_taking_anything(contai
                                                                           queues, tmp_path):
     from datetime import datetime, timedelta, timezone
 
-    from services.bus.consumer import H_LAST_FAILURE, H_QUEUE
+    from bus.consumer import H_LAST_FAILURE, H_QUEUE
     from services.dlq.service import DEPTH, OLDEST_AGE, DlqService
 
     dlq = topology.dead_letter_queue(SALES)

@@ -12,9 +12,9 @@ from sqlalchemy import text
 from contracts.envelope import CloudEvent
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.legacy_payload import sale_from_legacy
-from services.bus import topology
-from services.bus.publisher import ConfirmingPublisher, connection_params
-from services.bus.extensions import event_message
+from bus import topology
+from bus.publisher import ConfirmingPublisher, connection_params
+from bus.extensions import event_message
 from tests.integration.support import legacy_sale, nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ from nameko.testing.services import entrypoint_hook
 
 from contracts.envelope import CloudEvent
 from demo.legacy_erp import schema
-from services.bus import topology
-from services.bus.extensions import event_message
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
+from bus import topology
+from bus.extensions import event_message
+from bus.publisher import ConfirmingPublisher, OutgoingMessage, connection_params
 from services.erp import posting
 from services.erp.outbox import OUTBOX
 from services.erp.service import ErpService

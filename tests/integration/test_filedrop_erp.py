@@ -11,8 +11,8 @@ from sqlalchemy import text
 
 from demo.batch.jobs import customer_rows, write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for
-from services.bus import topology
-from services.bus.publisher import connection_params
+from bus import topology
+from bus.publisher import connection_params
 from tests.integration.filedrop_support import write_drops
 from tests.integration.support import nameko_run, queue_state, stop, wait_for, write_config
 

@@ -17,12 +17,12 @@ from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from demo.batch.jobs import customer_rows, read_points_files, write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop.ledger import Ledger
-from services.bus import topology
-from services.bus.extensions import event_message
-from services.bus.publisher import ConfirmingPublisher
-from services.bus.consumer import reliable_handler
+from bus import topology
+from bus.extensions import event_message
+from bus.publisher import ConfirmingPublisher
+from bus.consumer import reliable_handler
 from legacy_wrappers.legacy_db import LegacyDatabase
-from services.bus import inbox
+from legacy_wrappers import inbox
 from services.erp.customers import on_file_rows
 from tests.integration.filedrop_support import Tap, write_drops
 from tests.integration.support import nameko_run, stop, wait_for, write_config

@@ -10,11 +10,11 @@ import pytest
 
 from contracts.envelope import CloudEvent
 from contracts.pos import PosStockQueryV1
-from services.bus import topology
-from services.bus.consumer import H_ATTEMPTS, H_ERROR, H_ROUTING_KEY, Permanent, reliable_handler
-from services.bus.extensions import EventPublisher
-from services.bus.publisher import (BrokerUnavailable, ConfirmingPublisher, OutgoingMessage,
-                                    PublishError, Unroutable, connection_params)
+from bus import topology
+from bus.consumer import H_ATTEMPTS, H_ERROR, H_ROUTING_KEY, PermanentError, reliable_handler
+from bus.extensions import EventPublisher
+from bus.publisher import (BrokerUnavailableError, ConfirmingPublisher, OutgoingMessage,
+                                    PublishError, UnroutableError, connection_params)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -70,9 +70,9 @@ def test_unroutable_publish_raises(amqp_uri):
     conn.close()
     publisher = ConfirmingPublisher(amqp_uri)
     try:
-        with pytest.raises(Unroutable, match="no-such-queue"):
+        with pytest.raises(UnroutableError, match="no-such-queue"):
             publisher.publish(message("no-such-queue"))
-        with pytest.raises(Unroutable, match="pos.sale.v1"):
+        with pytest.raises(UnroutableError, match="pos.sale.v1"):
             publisher.publish(message("pos.sale.v1", exchange="t.nobody-listens"))
         # the channel survives: a routable publish right after still confirms
         queue = fresh_queue(amqp_uri, "t.after-unroutable")
@@ -101,7 +101,7 @@ def test_publish_to_silent_broker_fails_within_timeout():
                                     connect_timeout=1)
     started = time.monotonic()
     try:
-        with pytest.raises(BrokerUnavailable):
+        with pytest.raises(BrokerUnavailableError):
             publisher.publish(message("q"))
     finally:
         silent.close()
@@ -120,7 +120,7 @@ def handle_query(query: PosStockQueryV1):
     if sku.startswith("POISON"):
         raise RuntimeError(f"cannot handle {sku}")
     if sku.startswith("FATAL"):
-        raise Permanent(f"will never handle {sku}")
+        raise PermanentError(f"will never handle {sku}")
     Recorder.handled.append(sku)
 
 

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import insert
 
 from demo.legacy_erp.schema import SLS_HDR, create_schema, engine_for, seed_demo_data
-from services.bus import topology
+from bus import topology
 from services.reconcile import sources
 from tests.conftest import free_ports, start_broker
 from tests.integration.filedrop_support import write_drops

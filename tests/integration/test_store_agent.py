@@ -21,9 +21,9 @@ from contracts.erp import ErpStockChangedV1
 from routing import broker_user
 from routing.legacy_payload import sale_from_legacy
 from routing.edge_auth import TerminalKeys, signed_headers
-from services.bus import topology
-from services.bus.publisher import ConfirmingPublisher, connection_params
-from services.bus.extensions import event_message
+from bus import topology
+from bus.publisher import ConfirmingPublisher, connection_params
+from bus.extensions import event_message
 from tests.conftest import free_port
 from tests.integration.support import legacy_sale, wait_for
 
@@ -112,7 +112,7 @@ class StandInErp:
 
 @pytest.fixture
 def agent(container_factory, amqp_uri, tmp_path, monkeypatch):
-    from routing.agent import StoreAgent
+    from routing.store_agent import StoreAgent
 
     monkeypatch.delenv("RETAILBUS_STORE", raising=False)
     port = free_port()

@@ -19,9 +19,9 @@ from nameko.containers import ServiceContainer
 
 from demo.batch.jobs import customer_rows, write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
-from services.bus import journal, topology
-from services.bus.journal import JournalHops
-from services.bus.publisher import connection_params
+from bus import journal, topology
+from bus.journal import JournalHops
+from bus.publisher import connection_params
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
 from tests.integration.routing_estate import table_text

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.broker import ManagedBroker
+from services.broker.node import ManagedBroker
 from tests.conftest import free_ports
 from tests.integration.support import legacy_sale, wait_for, write_config
 

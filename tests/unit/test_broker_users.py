@@ -13,13 +13,13 @@ from pathlib import Path
 from click.testing import CliRunner
 from nameko.rpc import rpc
 
-from services import broker_users
-from services.broker_setup import render_config
-from services.bus.consumer import reliable_handler
-from services.bus.extensions import EventPublisher
-from services.bus.publisher import AMQP_SSL_ENV, connection_params
+from services.broker import users as broker_users
+from services.broker.setup import render_config
+from bus.consumer import reliable_handler
+from bus.extensions import EventPublisher
+from bus.publisher import AMQP_SSL_ENV, connection_params
 from services.cli import main
-from services.settings import TlsSettings, retailbus_settings
+from bus.settings import TlsSettings, retailbus_settings
 
 CONFIG = {"AMQP_URI": "amqp://u:p@127.0.0.1:5682/retailbus", "RETAILBUS": {"root": "/tmp/rb"}}
 

@@ -1,4 +1,4 @@
-"""services/cli.py: `retailbus contracts list|schema` (click's CliRunner, no broker)."""
+"""services/cli/__init__.py: `retailbus contracts list|schema` (click's CliRunner, no broker)."""
 from __future__ import annotations
 
 import json

@@ -8,12 +8,12 @@ import socket
 import pytest
 from click.testing import CliRunner
 
-from services.broker import mask_uri, resolve_amqp_uri
-from services.broker_cluster import BrokerCluster, cluster_home
-from services.broker_setup import BrokerError
-from services.bus.publisher import cluster_nodes, connect, connection_params
-from services.cli_broker import broker
-from services.settings import ConfigError, retailbus_settings
+from services.broker.node import mask_uri, resolve_amqp_uri
+from services.broker.cluster import BrokerCluster, cluster_home
+from services.broker.setup import BrokerError
+from bus.publisher import cluster_nodes, connect, connection_params
+from services.cli.broker import broker
+from bus.settings import ConfigError, retailbus_settings
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """The dashboard and the alert rules name only metrics the code defines, and every
 service serves its metrics over HTTP on the port bus.yaml gives it
-(services/bus/metrics_http.py). Whether each query returns data from a running
+(bus/metrics_http.py). Whether each query returns data from a running
 bus is tests/integration/test_dashboards.py."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.bus import metrics as _bus_metrics  # noqa: F401  (its series are in the registry)
-from services.bus.metrics_http import ENV_PORT, MetricsHttp, metrics_port
-from services.settings import load_config
+from bus import metrics as _bus_metrics  # noqa: F401  (its series are in the registry)
+from bus.metrics_http import ENV_PORT, MetricsHttp, metrics_port
+from bus.settings import load_config
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.unit
@@ -48,7 +48,7 @@ def alert_rules() -> list[dict]:
 def defined_metrics() -> set[str]:
     """Metric names given to prometheus_client in the product code."""
     names = set()
-    for folder in ("services", "routing", "legacy_wrappers"):
+    for folder in ("services", "routing", "legacy_wrappers", "bus"):
         for path in (ROOT / folder).rglob("*.py"):
             names.update(re.findall(r"""["'](retailbus_[a-z0-9_]+)["']""", path.read_text()))
     return names
@@ -153,7 +153,7 @@ def test_a_taken_port_is_logged_and_the_service_still_runs(container_factory, mo
     taken = eventlet.listen(("127.0.0.1", port), reuse_port=False)
     try:
         container = container_factory(Probe, probe_config(port))
-        with caplog.at_level(logging.ERROR, logger="services.bus.metrics_http"):
+        with caplog.at_level(logging.ERROR, logger="bus.metrics_http"):
             container.start()
         assert f"metrics of probe not served: 127.0.0.1:{port}" in caplog.text
         assert container.started

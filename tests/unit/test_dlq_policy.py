@@ -1,12 +1,12 @@
-"""Retry policy per handler (services/bus/retry.py, RETAILBUS.handlers in bus.yaml):
+"""Retry policy per handler (bus/retry.py, RETAILBUS.handlers in bus.yaml):
 attempts, backoff schedule, errors that are not retried, and config errors by path."""
 from __future__ import annotations
 
 import pytest
 import sqlalchemy.exc
 
-from services.bus.retry import RetryPolicy, error_matches, policy_for
-from services.settings import ConfigError, RetailbusSettings, retailbus_settings
+from bus.retry import RetryPolicy, error_matches, policy_for
+from bus.settings import ConfigError, RetailbusSettings, retailbus_settings
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ from contracts.envelope import CloudEvent
 from contracts.pos import PosReturnV1, PosSaleV1
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, seed_demo_data
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, LegacyValueError, engine_for
-from services.bus import inbox
-from services.bus.consumer import DUPLICATE
+from legacy_wrappers import inbox
+from bus.consumer import DUPLICATE
 from legacy_wrappers.batched_writes import write_batch
 from services.erp import ledger, outbox, posting
 from services.erp.service import ErpService

@@ -15,12 +15,12 @@ from contracts.envelope import CloudEvent
 from contracts.journal import FileRows
 from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
-from legacy_wrappers.filedrop.layout import FileProblem, Layout
+from legacy_wrappers.filedrop.layout import FileProblemError, Layout
 from legacy_wrappers.filedrop.records import records
 from legacy_wrappers.filedrop.rowcode import CANONICAL_STAMP, GoodRows, json_safe
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
-from services.bus.inbox import metadata as inbox_tables
-from services.bus.consumer import DUPLICATE
+from legacy_wrappers.inbox import metadata as inbox_tables
+from bus.consumer import DUPLICATE
 from services.erp.customers import on_file_rows, upsert_customer
 
 pytestmark = pytest.mark.unit
@@ -305,7 +305,7 @@ def test_csv_lines_without_quotes_are_split_as_csv_reader_reads_them():
 def test_a_quoted_field_left_open_makes_the_file_unreadable():
     layout = Layout(drops().inbound["customers"])
     data = 'customer_id,name,email,phone,loyalty_card,updated_at\nC1,"Ann,,,,2026-11-27T06:00:00+00:00\n'
-    with pytest.raises(FileProblem, match="unreadable content"):
+    with pytest.raises(FileProblemError, match="unreadable content"):
         layout.scan(io.BytesIO(data.encode()), validate=False)
 
 

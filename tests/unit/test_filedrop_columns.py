@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from legacy_wrappers.filedrop import config as fd_config
-from legacy_wrappers.filedrop.columns import Unfit, _ColumnBlock, column_function
+from legacy_wrappers.filedrop.columns import UnfitBlockError, _ColumnBlock, column_function
 from legacy_wrappers.filedrop.rowcode import GoodRows, json_safe, row_function, value_rules
 from services.files.mapping import drop_options
 
@@ -45,7 +45,7 @@ def by_columns(drop, lines, values_schema=None, name_fields=()) -> bool:
         _ColumnBlock(drop, value_rules(drop.fields, values_schema), name_fields).take(
             range(2, 2 + len(lines)), lines, "k:", GoodRows(), [])
         return True
-    except Unfit:
+    except UnfitBlockError:
         return False
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop import count
-from legacy_wrappers.filedrop.layout import FileProblem, Layout
+from legacy_wrappers.filedrop.layout import FileProblemError, Layout
 
 COLUMNS = "customer_id,name,email,phone,loyalty_card,updated_at"
 
@@ -89,8 +89,8 @@ def test_any_other_file_is_left_to_the_exact_pass(case, blocks):
     assert layout._quick_scan(io.BytesIO(data)) is None
     try:
         quick = layout.scan(io.BytesIO(data), validate=False)
-    except FileProblem as problem:
-        with pytest.raises(FileProblem, match=str(problem)[:20]):
+    except FileProblemError as problem:
+        with pytest.raises(FileProblemError, match=str(problem)[:20]):
             layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)
         return
     assert quick == layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)
@@ -117,7 +117,7 @@ def test_an_undecodable_file_is_a_file_problem_in_either_pass():
     data = csv_file(customers(600) + ["C1,\xff\xfe,,,,2026-11-27T06:00:00Z"]).replace(b"\xc3\xbf", b"\xff")
     for scan in (lambda: layout.scan(io.BytesIO(data), validate=False),
                  lambda: layout.scan(io.BytesIO(data), lambda rows, doubtful: None, validate=False)):
-        with pytest.raises(FileProblem, match="unreadable content"):
+        with pytest.raises(FileProblemError, match="unreadable content"):
             scan()
 
 
@@ -159,7 +159,7 @@ def test_a_file_no_longer_plain_in_pass_two_is_a_file_problem_not_another_readin
     for line_end in ("\r\n", "\n"):
         try:
             on_blocks = pass_two(layout, data, line_end)
-        except FileProblem as problem:
+        except FileProblemError as problem:
             assert "changed while it was being read" in str(problem)
             continue
         assert on_blocks == pass_two(layout, data, None)  # e.g. a trailer in the middle: read alike

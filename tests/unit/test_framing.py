@@ -8,8 +8,8 @@ from amqp.exceptions import UnexpectedFrame
 from amqp.method_framing import frame_handler, frame_writer
 from amqp.serialization import dumps
 
-from services.bus.framing import ack_frame, publish_frames
-from services.bus.wire import FrameReader
+from bus.framing import ack_frame, publish_frames
+from bus.wire import FrameReader
 
 HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 

@@ -8,8 +8,8 @@ import pytest
 
 from contracts.envelope import CloudEvent
 from contracts.journal import JournalHopsV1
-from services.bus import journal
-from services.bus.consumer import EFFECT_ERRORS
+from bus import journal
+from bus.consumer import EFFECT_ERRORS
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""services/bus/logs.py: one JSON object per line, carrying id and correlationid."""
+"""bus/logs.py: one JSON object per line, carrying id and correlationid."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from services.bus.logs import JsonFormatter
+from bus.logs import JsonFormatter
 
 pytestmark = pytest.mark.unit
 

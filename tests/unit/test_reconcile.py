@@ -26,16 +26,16 @@ from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.outbound import fixed_record
 from legacy_wrappers.legacy_http import LegacyHttpClient
 from routing import control_totals
-from routing.agent import StoreAgent
+from routing.store_agent import StoreAgent
 from routing.legacy_payload import sale_from_legacy
 from routing.outbox import Outbox
 from routing.route_state import RouteStats
 from routing.route_table import parse_route_table
-from services.bus.publisher import Unroutable
+from bus.publisher import UnroutableError
 from services.cli import main
 from services.reconcile import sources, store
 from services.reconcile.compare import ErpDoc, PointsRow, reconcile, render
-from services.settings import AgentSettings, PublisherSettings
+from bus.settings import AgentSettings, PublisherSettings
 from tests.integration.support import legacy_sale, write_config
 
 pytestmark = pytest.mark.unit
@@ -300,7 +300,7 @@ def test_control_totals_leave_after_the_sales_they_count_and_only_when_changed(t
     try:
         box.accept(sale_event("S001-1"))
         box.accept(sale_event("S001-2", card="LC0000000001"))
-        totals_out.publisher = Recorder(Unroutable("no queue bound"))
+        totals_out.publisher = Recorder(UnroutableError("no queue bound"))
         assert totals_out.publish_changed() == 0  # the sales are not sent yet: nothing leaves
 
         box.mark_sent([1, 2])

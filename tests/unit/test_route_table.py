@@ -68,7 +68,7 @@ def test_a_bad_table_is_refused_with_its_line_and_reason(broken, line, reason):
 def test_env_placeholders_are_not_substituted(monkeypatch):
     """A route table is audited text: `${...}` must not be expanded from the environment."""
     monkeypatch.setenv("EVIL", "http://attacker")
-    from services.settings import load_config  # registers nameko's ${ENV} resolver on SafeLoader
+    from bus.settings import load_config  # registers nameko's ${ENV} resolver on SafeLoader
     assert load_config
     message = refused(TABLE.replace("http://127.0.0.1:8081", "${EVIL}"))
     assert "legacy.base_url" in message

@@ -1,4 +1,4 @@
-"""services/bus/runner.py: `nameko run` whose processes load psycopg2 only when they use it."""
+"""bus/runner.py: `nameko run` whose processes load psycopg2 only when they use it."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 GREEN_ON_IMPORT = """
 import sys
-from services.bus.runner import monkey_patch
+from bus.runner import monkey_patch
 monkey_patch()
 import eventlet.patcher, sqlalchemy
 assert eventlet.patcher.is_monkey_patched("socket") and eventlet.patcher.is_monkey_patched("thread")
@@ -27,7 +27,7 @@ def test_psycopg2_is_not_loaded_up_front_and_is_green_once_imported():
 
 
 def test_the_runner_takes_nameko_runs_arguments_and_refuses_others():
-    usage = subprocess.run([sys.executable, "-m", "services.bus.runner", "--help"], capture_output=True, text=True)
+    usage = subprocess.run([sys.executable, "-m", "bus.runner", "--help"], capture_output=True, text=True)
     assert usage.returncode == 0 and "--config" in usage.stdout and "module[:service class]" in usage.stdout
-    bad = subprocess.run([sys.executable, "-m", "services.bus.runner", "--bogus", "x"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "bus.runner", "--bogus", "x"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unrecognized arguments: --bogus" in bad.stderr

@@ -1,4 +1,4 @@
-"""services/settings.py: bus.yaml loads with ${ENV:default} like nameko does, the RETAILBUS
+"""bus/settings.py: bus.yaml loads with ${ENV:default} like nameko does, the RETAILBUS
 section validates with errors naming the field, relative paths hang off the project root."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import ConfigError, RetailbusSettings, load_config, retailbus_settings
+from bus.settings import ConfigError, RetailbusSettings, load_config, retailbus_settings
 
 pytestmark = pytest.mark.unit
 
@@ -147,7 +147,7 @@ def test_shipped_bus_yaml_loads_and_validates(monkeypatch):
     assert config["AMQP_URI"] is None
     assert config["STORE_ID"] == "S001"
     assert config["LEGACY_DB_URI"] == "sqlite:///var/legacy_erp.db"
-    assert config["LOGGING"]["formatters"]["json"]["()"] == "services.bus.logs.JsonFormatter"
+    assert config["LOGGING"]["formatters"]["json"]["()"] == "bus.logs.JsonFormatter"
     settings = retailbus_settings(config, SHIPPED)
     assert settings.root == PROJECT
     assert [s.id for s in settings.stores] == ["S001", "S002"]

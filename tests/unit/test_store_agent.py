@@ -1,4 +1,4 @@
-"""routing/agent.py: the store agent's HTTP handlers answer like the legacy ERP and commit
+"""routing/store_agent.py: the store agent's HTTP handlers answer like the legacy ERP and commit
 every accepted sale to the outbox first (worker_factory, a real outbox file, no broker)."""
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.test import EnvironBuilder
 
 from contracts.envelope import CloudEvent
-from routing import agent as agent_module
-from routing.agent import MAX_BODY, StoreAgent
+from routing import store_agent as agent_module
+from routing.store_agent import MAX_BODY, StoreAgent
 from routing.edge_auth import TerminalKeys, Verifier, signed_headers
 from routing.legacy_payload import sale_from_legacy
 from routing.outbox import Outbox
 from routing.stock_cache import StockCache
-from services.settings import AgentSettings
+from bus.settings import AgentSettings
 
 pytestmark = pytest.mark.unit
 

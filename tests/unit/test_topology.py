@@ -1,11 +1,11 @@
-"""services/bus/topology.py: every queue follows RETAILBUS.queue_type; quorum retry
+"""bus/topology.py: every queue follows RETAILBUS.queue_type; quorum retry
 queues dead-letter at-least-once; an existing queue of another type is named."""
 from __future__ import annotations
 
 import amqp
 import pytest
 
-from services.bus import topology
+from bus import topology
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +72,7 @@ def test_quorum_handler_retry_and_dead_letter_queues():
 
 def test_a_queue_of_another_type_is_named_in_the_error():
     ch = RecordingChannel(refuse=f"{QUEUE}.retry.1000ms")
-    with pytest.raises(topology.QueueTypeMismatch) as err:
+    with pytest.raises(topology.QueueTypeMismatchError) as err:
         declare(ch, "quorum")
     message = str(err.value)
     assert f"queue '{QUEUE}.retry.1000ms'" in message and "quorum" in message

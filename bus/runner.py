@@ -1,4 +1,4 @@
-"""`python -m services.bus.runner [nameko run's arguments]`: `nameko run`, with eventlet's
+"""`python -m bus.runner [nameko run's arguments]`: `nameko run`, with eventlet's
 psycopg2 patch made when psycopg2 is first imported instead of up front.
 
 `nameko run` calls `eventlet.monkey_patch()`, which imports psycopg2 (libpq and
@@ -40,7 +40,7 @@ class _GreenPsycopgOnImport(importlib.abc.MetaPathFinder):
 def monkey_patch() -> None:
     """`eventlet.monkey_patch()` as `nameko run` calls it, psycopg2 patched on import.
     Must run before anything imports sockets, threads or psycopg2."""
-    with warnings.catch_warnings():  # eventlet's deprecation notice is not news to an operator (services/cli.py)
+    with warnings.catch_warnings():  # eventlet's deprecation notice is not news to an operator (services/cli/__init__.py)
         warnings.simplefilter("ignore")
         import eventlet
 

@@ -16,8 +16,8 @@ from amqp.exceptions import AMQPError
 
 from routing.control import RouteRegistry, apply_table, rollback_text
 from routing.route_table import RouteTableError, load_route_table
-from services.broker import resolve_amqp_uri
-from services.settings import DEFAULT_CONFIG, ConfigError, RetailbusSettings, load_config, retailbus_settings
+from services.broker.node import resolve_amqp_uri
+from bus.settings import DEFAULT_CONFIG, ConfigError, RetailbusSettings, load_config, retailbus_settings
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                              default=DEFAULT_CONFIG, show_default=True)

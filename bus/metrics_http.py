@@ -22,7 +22,7 @@ from eventlet import wsgi
 from nameko.extensions import DependencyProvider
 from prometheus_client import make_wsgi_app
 
-from services.settings import retailbus_settings
+from bus.settings import retailbus_settings
 
 log = logging.getLogger(__name__)
 

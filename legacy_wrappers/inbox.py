@@ -16,8 +16,8 @@ from sqlalchemy.engine import Connection, Engine
 from contracts.envelope import CloudEvent
 from legacy_wrappers.legacy_db import create_tables
 from legacy_wrappers.prepared import Prepared
-from services.bus import metrics
-from services.bus.consumer import DUPLICATE
+from bus import metrics
+from bus.consumer import DUPLICATE
 
 T = TypeVar("T")
 

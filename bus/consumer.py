@@ -21,15 +21,16 @@ import eventlet
 from eventlet.event import Event
 from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 
+from contracts.errors import RetailbusError
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
-from services.bus import metrics, topology
-from services.bus import journal
-from services.bus import retry as retry_policy
-from services.bus.extensions import BusConnection, container_settings
-from services.bus.framing import ack_frame
-from services.bus.publisher import OutgoingMessage, PublishError, connect
-from services.bus.wire import CoalescingWriter, FrameReader, buffered_reads
+from bus import metrics, topology
+from bus import journal
+from bus import retry as retry_policy
+from bus.extensions import BusConnection, container_settings
+from bus.framing import ack_frame
+from bus.publisher import OutgoingMessage, PublishError, connect
+from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ H_STORE = "x-retailbus-store"
 EFFECT_ERRORS = "effect_errors"
 
 
-class Permanent(Exception):
+class PermanentError(RetailbusError):
     """Raised by a handler when retrying cannot help: the message is parked at once."""
 
 
@@ -309,7 +310,7 @@ class ReliableHandler(Entrypoint):
     def _settle_one(self, message, payload, event, key, attempt, result, error, started):
         self._seconds.observe(time.monotonic() - started)
         if error is not None:
-            retry = not isinstance(error, (Permanent, ContractError)) and self.policy.retries(error)
+            retry = not isinstance(error, (PermanentError, ContractError)) and self.policy.retries(error)
             if key is None:
                 self._fail(message, error, retry)
                 return

@@ -23,18 +23,13 @@ import string
 import threading
 from pathlib import Path
 
-from services.broker import ManagedBroker
-from services.broker_setup import BrokerError, free_ports, write_private
+from services.broker.node import ManagedBroker
+from bus.broker_uri import cluster_home
+from services.broker.setup import BrokerError, free_ports, write_private
 
 log = logging.getLogger(__name__)
 
 RPC_MIRROR_POLICY = ("retailbus-rpc-mirror", "^rpc-", '{"ha-mode":"all","ha-sync-mode":"automatic"}')
-
-
-def cluster_home(settings) -> Path:
-    """`var/broker` → `var/broker-cluster`: beside the single node, never inside it."""
-    home = settings.path(settings.broker.home)
-    return home.with_name(home.name + "-cluster")
 
 
 class BrokerCluster:

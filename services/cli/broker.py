@@ -1,6 +1,6 @@
 """`retailbus broker start|stop|status|uri`: the managed local RabbitMQ node.
 
-The main CLI (services/cli.py) mounts this group with `main.add_command(broker)`.
+The main CLI (services/cli/__init__.py) mounts this group with `main.add_command(broker)`.
 `--config` may be given to the group or to each command (default config/bus.yaml);
 if the main CLI put a `config` into `ctx.obj`, that is used when neither is given.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from services.broker import AMQP_URI_ENV, BrokerError, ManagedBroker, mask_uri
-from services.broker_cluster import BrokerCluster
-from services.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
+from services.broker.node import AMQP_URI_ENV, BrokerError, ManagedBroker, mask_uri
+from services.broker.cluster import BrokerCluster
+from bus.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -237,6 +237,6 @@ def _external_status(uri_: str) -> None:
     click.echo("queues:  not listed for an external broker (use its management UI or rabbitmqctl)")
 
 
-from services.cli_broker_users import users  # noqa: E402  (`retailbus broker users`)
+from services.cli.broker_users import users  # noqa: E402  (`retailbus broker users`)
 
 broker.add_command(users)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from services.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
+from bus.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
 COLUMNS = (("store", 6), ("status", 7), ("outbox_depth", 12), ("oldest_unsent_seconds", 21),
            ("breaker_state", 13), ("broker_connected", 16), ("route_table_version", 19),
@@ -100,7 +100,7 @@ def keys_add(config_path, store_id, terminal):
 def broker_user(config_path, store_id):
     """Create the store's own broker user (publish `pos.*` to store_agent.events only)."""
     from routing import broker_user as users
-    from services.broker import BrokerError, ManagedBroker
+    from services.broker.node import BrokerError, ManagedBroker
 
     settings = _settings(config_path)
     store = _store(settings, store_id)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from services.settings import ConfigError, load_config, retailbus_settings
+from bus.settings import ConfigError, load_config, retailbus_settings
 
 
 @click.command()

@@ -15,12 +15,13 @@ existing queue with another type fails with an error naming the queue.
 from __future__ import annotations
 
 import amqp
+from contracts.errors import RetailbusError
 
 EVENTS_EXCHANGE_TYPE = "topic"
 QUEUE_TYPES = ("classic", "quorum")
 
 
-class QueueTypeMismatch(Exception):
+class QueueTypeMismatchError(RetailbusError):
     """A queue exists on the broker with other arguments (e.g. classic, configured quorum)."""
 
 
@@ -62,12 +63,12 @@ def queue_arguments(queue_type: str = "classic", **arguments) -> dict | None:
 
 def declare_queue(channel, name: str, queue_type: str = "classic", **arguments) -> None:
     """A durable queue of `queue_type`. A queue of that name declared with other
-    arguments raises QueueTypeMismatch (the channel is closed by the broker)."""
+    arguments raises QueueTypeMismatchError (the channel is closed by the broker)."""
     try:
         channel.queue_declare(name, durable=True, auto_delete=False,
                               arguments=queue_arguments(queue_type, **arguments))
     except amqp.exceptions.PreconditionFailed as exc:
-        raise QueueTypeMismatch(
+        raise QueueTypeMismatchError(
             f"queue {name!r} exists with other arguments than a {queue_type} queue needs "
             f"({exc.reply_text}); a queue cannot change type: drain and delete it, "
             f"or set RETAILBUS.queue_type to what it is") from None

@@ -12,14 +12,14 @@ import click  # noqa: E402
 
 from contracts import registry  # noqa: E402
 from contracts.errors import ContractError
-from services.cli_agent import agent
-from services.cli_broker import broker
-from services.cli_dlq import dlq
-from services.cli_files import files
-from services.cli_reconcile import reconcile
-from services.cli_routes import routes
-from services.cli_trace import trace
-from services.settings import ConfigError
+from services.cli.agent import agent
+from services.cli.broker import broker
+from services.cli.dlq import dlq
+from services.cli.files import files
+from services.cli.reconcile import reconcile
+from services.cli.routes import routes
+from services.cli.trace import trace
+from bus.settings import ConfigError
 
 
 @click.group()

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from contracts.errors import RetailbusError
 from contracts.errors import format_validation_error
 
 DEFAULT_CONFIG = Path("config/bus.yaml")
@@ -105,7 +106,7 @@ class StoreSettings(Strict):
 
 
 class AgentSettings(Strict):
-    """What every store agent runs with (routing/agent.py); per-terminal keys live
+    """What every store agent runs with (routing/store_agent.py); per-terminal keys live
     beside the outbox in `terminal_keys.json` (`retailbus agent keys add`)."""
 
     auth_required: bool = Field(True, description="POS calls must carry a terminal HMAC signature")
@@ -125,7 +126,7 @@ class LegacyErpSettings(Strict):
 
 
 class JournalSettings(Strict):
-    """Message tracing (services/bus/journal.py, the journal service, `retailbus trace`)."""
+    """Message tracing (bus/journal.py, the journal service, `retailbus trace`)."""
 
     enabled: bool = Field(True, description="record every hop of every message in the journal")
     dsn: str = Field("sqlite:///var/journal.db", description="the journal database (SQLAlchemy URL)")
@@ -188,8 +189,8 @@ class RetailbusSettings(Strict):
         return self
 
 
-class ConfigError(Exception):
-    pass
+class ConfigError(RetailbusError):
+    """Raised when a config file (bus.yaml and the files it names) is missing or invalid; says where."""
 
 
 def load_config(path: Path | str = DEFAULT_CONFIG) -> dict:

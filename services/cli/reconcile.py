@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from services.settings import DEFAULT_CONFIG, ConfigError, load_config
+from bus.settings import DEFAULT_CONFIG, ConfigError, load_config
 
 
 class BadInput(click.ClickException):

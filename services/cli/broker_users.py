@@ -1,5 +1,5 @@
 """`retailbus broker users [--show] [--dry-run]`: one least-privilege broker user per
-component of the config (services/broker_users.py), created on the managed broker.
+component of the config (services/broker/users.py), created on the managed broker.
 
 Passwords stay in their 0600 files; `--show` prints each component's AMQP URI
 with its password (for running a component by hand), nothing else ever does.
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import click
 
-from services import broker_users
-from services.broker import AMQP_URI_ENV, BrokerError, ManagedBroker, resolve_amqp_uri
-from services.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
+from services.broker import users as broker_users
+from services.broker.node import AMQP_URI_ENV, BrokerError, ManagedBroker, resolve_amqp_uri
+from bus.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
 
 def managed_broker(settings) -> ManagedBroker:
     """The node to run rabbitmqctl against (any node of a local cluster will do)."""
     if settings.broker.nodes > 1:
-        from services.broker_cluster import BrokerCluster
+        from services.broker.cluster import BrokerCluster
 
         return BrokerCluster.from_settings(settings).nodes[0]
     return ManagedBroker.from_settings(settings)

@@ -3,13 +3,13 @@
 `RETAILBUS.retry` holds the defaults (delays, not_retried); `RETAILBUS.handlers
 ["<service>.<method>"]` overrides them per handler and may set `attempts`.
 The schedule is a plain list of delays because the consumer's retry ladder
-is one TTL queue per attempt (services/bus/topology.py).
+is one TTL queue per attempt (bus/topology.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.settings import RetailbusSettings
+from bus.settings import RetailbusSettings
 
 
 @dataclass(frozen=True)

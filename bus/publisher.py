@@ -4,7 +4,7 @@ Waiting for each confirm caps a publisher at about a tenth of what the broker
 takes, so many publishes are in flight on one channel and each caller (or
 group of messages, `publish_many`) is released when its own confirms (or
 returns, or nacks) arrive. One greenthread reads the socket, one writes it
-(services/bus/wire.py); publishing itself does no I/O, so delivery tags
+(bus/wire.py); publishing itself does no I/O, so delivery tags
 follow the order of the frames and py-amqp never sees two readers.
 """
 from __future__ import annotations
@@ -25,26 +25,27 @@ import yaml
 from eventlet.event import Event
 from eventlet.semaphore import Semaphore
 
-from services.bus import metrics
-from services.bus.framing import publish_frames
-from services.bus.wire import CoalescingWriter, FrameReader, buffered_reads
+from contracts.errors import RetailbusError
+from bus import metrics
+from bus.framing import publish_frames
+from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
 
 
-class PublishError(Exception):
+class PublishError(RetailbusError):
     """The broker did not take responsibility for the message."""
 
 
-class Unroutable(PublishError):
+class UnroutableError(PublishError):
     """Published with `mandatory` and no queue is bound for it: never a silent drop."""
 
 
-class Nacked(PublishError):
+class NackedError(PublishError):
     pass
 
 
-class BrokerUnavailable(PublishError):
+class BrokerUnavailableError(PublishError):
     pass
 
 
@@ -61,7 +62,7 @@ class OutgoingMessage:
     user_id: str | None = None
 
     def frames(self, channel_id: int, frame_max: int) -> bytes:
-        """Its persistent, mandatory basic.publish, framed (services/bus/framing.py)."""
+        """Its persistent, mandatory basic.publish, framed (bus/framing.py)."""
         return publish_frames(channel_id, frame_max, self.exchange, self.routing_key, self.body,
                               content_type=self.content_type, message_id=self.message_id,
                               correlation_id=self.correlation_id, type=self.type, user_id=self.user_id,
@@ -230,7 +231,7 @@ class ConfirmingPublisher:
     def publish(self, message: OutgoingMessage, timeout: float | None = None) -> None:
         """Publish and wait for the confirm; retries a lost connection a bounded number of times.
 
-        Raises Unroutable at once (retrying cannot help), PublishError when the
+        Raises UnroutableError at once (retrying cannot help), PublishError when the
         deadline passes: it never hangs on a dead connection.
         """
         error = self.publish_many([message], timeout)[0]
@@ -251,7 +252,7 @@ class ConfirmingPublisher:
             retry = []
             for i, error in zip(todo, errors):
                 results[i] = error
-                if isinstance(error, (BrokerUnavailable, Nacked)):
+                if isinstance(error, (BrokerUnavailableError, NackedError)):
                     retry.append(i)
             remaining = deadline - time.monotonic()
             if not retry or remaining <= 0 or attempt == self.attempts - 1:
@@ -261,7 +262,7 @@ class ConfirmingPublisher:
         outcomes: dict[tuple[str, str], int] = {}
         for message, error in zip(messages, results):
             key = (message.exchange, "confirmed" if error is None else
-                   "unroutable" if isinstance(error, Unroutable) else "failed")
+                   "unroutable" if isinstance(error, UnroutableError) else "failed")
             outcomes[key] = outcomes.get(key, 0) + 1
         for (exchange, outcome), n in outcomes.items():
             self._count(exchange, outcome, n)
@@ -269,7 +270,7 @@ class ConfirmingPublisher:
 
     def close(self):
         self._closed = True
-        self._teardown(BrokerUnavailable("publisher closed"))
+        self._teardown(BrokerUnavailableError("publisher closed"))
 
     @property
     def connected(self) -> bool:
@@ -298,7 +299,7 @@ class ConfirmingPublisher:
         try:
             try:
                 channel = self._ensure_connected(deadline)
-            except BrokerUnavailable as exc:
+            except BrokerUnavailableError as exc:
                 return [exc] * len(messages)
             latch = _Latch(len(messages))
             # The broker gets the whole span for these confirms from now: a slice that
@@ -319,7 +320,7 @@ class ConfirmingPublisher:
                     write(message.frames(channel.channel_id, frame_max))
                 except Exception as exc:
                     self._pending.pop(tag, None)
-                    error = BrokerUnavailable(f"publish failed: {exc}")
+                    error = BrokerUnavailableError(f"publish failed: {exc}")
                     for unsent in pendings[sent:]:
                         unsent.error = error
                         latch.count_down()
@@ -337,7 +338,7 @@ class ConfirmingPublisher:
         if channel is not None:
             return channel
         if self._closed:
-            raise BrokerUnavailable("publisher closed")
+            raise BrokerUnavailableError("publisher closed")
         with self._connect_lock:
             if self._channel is not None:
                 return self._channel
@@ -349,7 +350,7 @@ class ConfirmingPublisher:
                 if self._on_connect is not None:
                     self._on_connect(channel)
             except Exception as exc:
-                raise BrokerUnavailable(f"cannot connect to the broker: {exc}") from exc
+                raise BrokerUnavailableError(f"cannot connect to the broker: {exc}") from exc
             # We read the socket in one place only; py-amqp would otherwise
             # drain it inside basic_publish when the broker may block us.
             conn.client_properties.get("capabilities", {})["connection.blocked"] = False
@@ -358,7 +359,7 @@ class ConfirmingPublisher:
             channel.events["basic_return"].add(self._on_return)
             self._conn, self._tags, self._floor, self._nacked = conn, itertools.count(1), 0, False
             self._writer = CoalescingWriter(conn, lambda exc: self._teardown(
-                BrokerUnavailable(f"connection lost: {exc}"), conn))
+                BrokerUnavailableError(f"connection lost: {exc}"), conn))
             buffered_reads(conn)
             self._channel = channel
             self._reader = eventlet.spawn(self._read_loop, conn)
@@ -380,11 +381,11 @@ class ConfirmingPublisher:
                     # everything (RabbitMQ 3.10); a new connection (maybe to another
                     # node) recovers. The nacked publishes are retried on it.
                     self._nacked = False
-                    self._teardown(BrokerUnavailable("the broker nacked: reconnecting"), conn)
+                    self._teardown(BrokerUnavailableError("the broker nacked: reconnecting"), conn)
         except Exception as exc:
             if self._conn is conn:
                 log.warning("publisher connection lost: %s", exc)
-                self._teardown(BrokerUnavailable(f"connection lost: {exc}"), conn)
+                self._teardown(BrokerUnavailableError(f"connection lost: {exc}"), conn)
 
     def _expire(self, conn):
         """A confirm overdue means a dead or stuck connection: everyone in flight
@@ -394,7 +395,7 @@ class ConfirmingPublisher:
             return
         self._next_expiry_check = now + 0.5
         if any(entry.deadline <= now for entry in self._pending.values()):
-            self._teardown(BrokerUnavailable(
+            self._teardown(BrokerUnavailableError(
                 f"no confirm from the broker within {self.confirm_timeout:.1f}s"), conn)
 
     def _resolve(self, delivery_tag: int, multiple: bool, error_factory=None):
@@ -420,13 +421,13 @@ class ConfirmingPublisher:
         self._resolve(delivery_tag, multiple)
 
     def _on_nack(self, delivery_tag, multiple):
-        self._resolve(delivery_tag, multiple, lambda: Nacked("the broker refused the message (nack)"))
+        self._resolve(delivery_tag, multiple, lambda: NackedError("the broker refused the message (nack)"))
         self._nacked = True
 
     def _on_return(self, exc, exchange, routing_key, message):
         entry = self._by_message_id.get(message.properties.get("message_id"))
         if entry is not None:
-            entry.error = Unroutable(
+            entry.error = UnroutableError(
                 f"no queue bound for routing key {routing_key!r} on exchange {exchange!r}")
 
     def _teardown(self, error: PublishError, conn=None):

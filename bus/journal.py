@@ -32,9 +32,9 @@ from ulid import ULID
 
 from contracts.envelope import AssembledEvent, CloudEvent
 from contracts.journal import JournalHopsV1
-from services.bus import topology
-from services.bus.extensions import container_settings
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, Unroutable
+from bus import topology
+from bus.extensions import container_settings
+from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, UnroutableError
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Journal(SharedExtension):
                                       correlation_id=event.correlationid, type=HOPS_TYPE)
             try:
                 self.publisher.publish(message, timeout)
-            except Unroutable as exc:  # our own queue declaration makes this unexpected
+            except UnroutableError as exc:  # our own queue declaration makes this unexpected
                 DROPPED.inc(len(batch))
                 log.error("journal: %d hops dropped: %s", len(batch), exc)
                 continue
@@ -225,7 +225,7 @@ class JournalHops(DependencyProvider):
             self.pending.pop(worker_ctx, None)
 
     def worker_teardown(self, worker_ctx):
-        from services.bus.consumer import EFFECT_ERRORS  # consumer imports this module
+        from bus.consumer import EFFECT_ERRORS  # consumer imports this module
 
         hops = self.pending.pop(worker_ctx, None)
         if hops and not getattr(worker_ctx, EFFECT_ERRORS, None):

@@ -2,7 +2,7 @@
 package, with all its state (database, logs, config, pid file, Erlang cookie)
 in one project-local folder, on non-default ports, with its own user.
 
-`retailbus broker start|stop|status` drive it (services/cli_broker.py); tests
+`retailbus broker start|stop|status` drive it (services/cli/broker.py); tests
 start throw-away nodes in temporary folders (tests/conftest.py).
 
 Notes on the Debian package (3.10): `rabbitmq-server` is a shell script that
@@ -21,9 +21,8 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
-from services.broker_setup import (
+from services.broker.setup import (
     RABBITMQ_BIN,
     BrokerError,
     Credentials,
@@ -40,11 +39,12 @@ from services.broker_setup import (
     write_private,
 )
 
+from bus.broker_uri import AMQP_URI_ENV, mask_uri, node_uri, resolve_amqp_uri  # noqa: F401  (re-exported)
+
 __all__ = ["ManagedBroker", "BrokerError", "resolve_amqp_uri", "mask_uri", "AMQP_URI_ENV"]
 
 log = logging.getLogger(__name__)
 
-AMQP_URI_ENV = "RETAILBUS_AMQP_URI"
 PERMS = (".*", ".*", ".*")
 
 
@@ -147,17 +147,14 @@ class ManagedBroker:
         return self.pid() is not None
 
     def credentials(self) -> Credentials:
-        creds = load_credentials(self.layout)
+        creds = load_credentials(self.layout.credentials)
         if creds is None:
             raise BrokerError(f"no broker credentials in {self.layout.credentials}: "
                               "run `retailbus broker start` first (or set RETAILBUS_AMQP_URI)")
         return creds
 
     def uri(self, show_password: bool = True) -> str:
-        creds = self.credentials()
-        pw = quote(creds.password, safe="") if show_password else "***"
-        return (f"amqp://{quote(creds.user, safe='')}:{pw}@127.0.0.1:{self.port}/"
-                f"{quote(self.vhost, safe='')}")
+        return node_uri(self.home, self.port, self.vhost, show_password)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -175,7 +172,7 @@ class ManagedBroker:
                 raise BrokerError(f"cannot start {self.node}: {name} port {port} is already in use "
                                   "by another process (choose another port in config/bus.yaml)")
         prepare_home(self.layout)
-        creds = load_credentials(self.layout)
+        creds = load_credentials(self.layout.credentials)
         new_creds = creds is None
         if new_creds:
             creds = create_credentials(self.layout, self.user)
@@ -360,36 +357,6 @@ class ManagedBroker:
     def version(self) -> str:
         status = json.loads(self.rabbitmqctl("-q", "status", "--formatter", "json"))
         return str(status.get("rabbitmq_version", "?"))
-
-
-def mask_uri(uri: str) -> str:
-    """The URI with its password replaced by ***; each node's in a cluster URI (`;`)."""
-    if ";" in uri:
-        return ";".join(mask_uri(node) for node in uri.split(";"))
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def resolve_amqp_uri(config: dict, settings) -> str:
-    """Where the bus is: RETAILBUS_AMQP_URI, else a non-empty AMQP_URI in bus.yaml,
-    else the managed local broker or cluster (RETAILBUS.broker.nodes; started once)."""
-    env = os.environ.get(AMQP_URI_ENV, "").strip()
-    if env:
-        return env
-    configured = str((config or {}).get("AMQP_URI") or "").strip()
-    if configured:
-        return configured
-    if settings.broker.nodes > 1:
-        from services.broker_cluster import BrokerCluster  # it builds on this module
-
-        return BrokerCluster.from_settings(settings).uri()
-    return ManagedBroker.from_settings(settings).uri()
 
 
 PORT_CLASH = ("already in use", "already_used", "eaddrinuse")

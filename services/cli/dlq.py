@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 from amqp.exceptions import AMQPError
 
-from services.broker import resolve_amqp_uri
+from services.broker.node import resolve_amqp_uri
 from services.dlq.store import DeadLetterStore, handler_queues
 from services.dlq.workbench import AuditLog, Selection, Workbench, parse_since
-from services.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
+from bus.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                              default=DEFAULT_CONFIG, show_default=True)

@@ -38,9 +38,9 @@ from nameko.extensions import iter_extensions
 from nameko.rpc import Rpc, get_rpc_exchange
 
 from routing import broker_user
-from services.broker_setup import write_private
-from services.bus import topology
-from services.settings import RetailbusSettings
+from services.broker.setup import write_private
+from bus import topology
+from bus.settings import RetailbusSettings
 
 DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ checks `write` on for a publish to ""
 CREDENTIALS_DIR = Path("var/broker_users")
@@ -170,7 +170,7 @@ def _route_broadcast(ext, service: str, config: dict) -> Access:
 
 def _journal(ext, service: str, config: dict) -> Access:
     """Every process sends its hops to `journal.events`, declaring the journal's queue first."""
-    from services.bus.journal import EXCHANGE, HOPS_TYPE, QUEUE
+    from bus.journal import EXCHANGE, HOPS_TYPE, QUEUE
 
     access = _handler_queues(EXCHANGE, "topic", [HOPS_TYPE], QUEUE, retries=False)
     access.read.discard(lit(QUEUE))
@@ -183,7 +183,7 @@ def _journal(ext, service: str, config: dict) -> Access:
 def _dead_letters(ext, service: str, config: dict) -> Access:
     """The dlq service reads (never acks) every handler's `<queue>.dlq`."""
     from services.dlq.store import handler_queues
-    from services.settings import retailbus_settings
+    from bus.settings import retailbus_settings
 
     queues = handler_queues(config, retailbus_settings(config))
     return Access(read={lit(topology.dead_letter_queue(q)) for q in queues})
@@ -195,12 +195,12 @@ def _store_outbox(ext, service: str, config: dict) -> Access:
 
 def _describers() -> dict[type, Callable[..., Access]]:
     from legacy_wrappers.filedrop.outbound import BatchFileConsumer
-    from routing.agent import StoreOutbox, StoreStock
+    from routing.store_agent import StoreOutbox, StoreStock
     from routing.guard import GuardWatch
     from routing.shadow import ShadowComparer
-    from services.bus.consumer import ReliableHandler
-    from services.bus.extensions import EventPublisher
-    from services.bus.journal import Journal
+    from bus.consumer import ReliableHandler
+    from bus.extensions import EventPublisher
+    from bus.journal import Journal
     from services.dlq.service import DeadLetters
     from services.erp.outbox import Outbox
 
@@ -214,8 +214,8 @@ def _uses_broker(ext) -> bool:
     """An extension we have no description for that holds a broker connection."""
     from nameko.messaging import QueueConsumer
     from nameko.rpc import ReplyListener
-    from services.bus.consumer import ReliableConsumer
-    from services.bus.extensions import BusConnection
+    from bus.consumer import ReliableConsumer
+    from bus.extensions import BusConnection
 
     return any(isinstance(sub, (BusConnection, ReliableConsumer, QueueConsumer, ReplyListener))
                for sub in iter_extensions(ext))

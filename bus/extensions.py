@@ -9,9 +9,10 @@ import amqp
 from nameko.extensions import DependencyProvider, SharedExtension
 
 from contracts.envelope import CloudEvent
-from services.bus import topology
-from services.bus.publisher import ConfirmingPublisher, OutgoingMessage, connect
-from services.settings import RetailbusSettings, retailbus_settings
+from bus import topology
+from bus.broker_uri import resolve_amqp_uri
+from bus.publisher import ConfirmingPublisher, OutgoingMessage, connect
+from bus.settings import RetailbusSettings, retailbus_settings
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ def relax_gc() -> None:
 
 def container_settings(config: dict) -> tuple[str, RetailbusSettings]:
     """The broker URI and the RETAILBUS settings a service container runs with."""
-    from services.broker import resolve_amqp_uri
-
     settings = retailbus_settings(config)
     return resolve_amqp_uri(config, settings), settings
 
