@@ -94,7 +94,7 @@ class _PosTransaction(BaseModel):
     terminal_id: TerminalId
     pos_txn_id: PosTxnId
     business_day: date
-    occurred_at: AwareDatetime
+    occurred_at: AwareDatetime | None = None  # None: the till gave no time (the legacy ERP stores NULL)
     currency: Currency
     lines: list[SaleLine] = Field(min_length=1)
     total_minor: MinorUnits

@@ -7,7 +7,7 @@ ERP could not hold; errors use the POS's own field names, lines from 1.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,21 +47,25 @@ def _legacy_path(path: str) -> str:
     return out
 
 
-def _when(payload: dict) -> datetime:
-    day, clock = payload.get("TXN_DATE"), payload.get("TXN_TIME") or "000000"
+def _when(payload: dict) -> tuple[date, datetime | None]:
+    """The business day, and the moment when the till sent a TXN_TIME: without one the
+    legacy ERP stores no time (NULL), so the contract carries none either."""
+    day, clock = payload.get("TXN_DATE"), payload.get("TXN_TIME")
     try:
-        date = datetime.strptime(day, "%Y%m%d") if isinstance(day, str) and len(day) == 8 else None
+        on = datetime.strptime(day, "%Y%m%d").date() if isinstance(day, str) and len(day) == 8 else None
     except ValueError:
-        date = None
-    if date is None:
+        on = None
+    if on is None:
         _refuse("TXN_DATE", f"expected a date as YYYYMMDD, got {day!r}")
+    if clock is None or clock == "":
+        return on, None
     try:
         at = datetime.strptime(clock, "%H%M%S") if isinstance(clock, str) and len(clock) == 6 else None
     except ValueError:
         at = None
     if at is None:
         _refuse("TXN_TIME", f"expected a time as HHMMSS, got {clock!r}")
-    return datetime.combine(date.date(), at.time(), tzinfo=timezone.utc)
+    return on, datetime.combine(on, at.time(), tzinfo=timezone.utc)
 
 
 def _optional(payload: dict, key: str) -> Any:
@@ -103,10 +107,10 @@ def _tender(i: int, tender: Any) -> Any:
 def _common(payload: Any) -> dict:
     if not isinstance(payload, dict):
         _refuse("body", "expected a JSON object")
-    at = _when(payload)
+    day, at = _when(payload)
     return dict(
         store_id=payload.get("STORE"), terminal_id=payload.get("TERMINAL"),
-        pos_txn_id=payload.get("TXN_ID"), business_day=at.date(), occurred_at=at,
+        pos_txn_id=payload.get("TXN_ID"), business_day=day, occurred_at=at,
         currency=payload.get("CURRENCY"), total_minor=payload.get("TOTAL"),
         loyalty_card=_optional(payload, "LOYALTY_CARD"), customer_id=_optional(payload, "CUST_NO"),
         lines=[_line(i, line) for i, line in enumerate(_list(payload, "LINES"), start=1)],

@@ -109,7 +109,8 @@ def rows_for(txn: PosSaleV1 | PosReturnV1, doc_type: str, doc_no: str, orig_doc_
     header = dict(
         DOC_NO=doc_no, DOC_TYPE=doc_type, STORE_NO=txn.store_id, TERM_NO=txn.terminal_id,
         POS_TXN_ID=txn.pos_txn_id, TXN_DATE=post_date,
-        TXN_TIME=f"{at.hour:02d}{at.minute:02d}{at.second:02d}", TOTAL_CENTS=txn.total_minor,
+        TXN_TIME=None if at is None else f"{at.hour:02d}{at.minute:02d}{at.second:02d}",  # NULL, as legacy
+        TOTAL_CENTS=txn.total_minor,
         CURRENCY=txn.currency, LOYALTY_CARD=txn.loyalty_card, CUST_NO=txn.customer_id,
         ORIG_DOC_NO=orig_doc_no, CHANNEL=CHANNEL, CREATED_TS=now)
     lines = [dict(DOC_NO=doc_no, LINE_NO=line.line_no, SKU=line.sku, QTY=line.quantity,

@@ -284,14 +284,16 @@ def test_parity_detects_a_difference(tmp_path):
     bus_engine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN DIFFERENCE: a legacy sale without TXN_TIME is stored with TXN_TIME NULL by the legacy ERP but "
-    "'000000' by the bus (routing/legacy_payload.py:39 defaults the clock to 000000 and "
-    "services/erp/ledger.py:73 always formats occurred_at), so shadow parity reports a diff"))
-def test_parity_without_txn_time(tmp_path):
+@pytest.mark.parametrize("clock", [None, ""], ids=["absent", "empty"])
+def test_parity_without_txn_time(tmp_path, clock):
+    """A sale without TXN_TIME: both paths store no time (NULL), not midnight."""
     payload = legacy_sale()
-    del payload["TXN_TIME"]
+    if clock is None:
+        del payload["TXN_TIME"]
+    else:
+        payload["TXN_TIME"] = clock
     legacy, bus, _ = both_ways(tmp_path, [("S", payload)])
+    assert [row["TXN_TIME"] for row in legacy["header"]] == [None]
     assert bus["header"] == legacy["header"]
 
 

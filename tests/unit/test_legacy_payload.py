@@ -61,8 +61,10 @@ def test_sale_without_optional_fields():
     for key in ("TXN_TIME", "LOYALTY_CARD", "CUST_NO"):
         del payload[key]
     sale = sale_from_legacy(payload)
-    assert sale.occurred_at == datetime(2026, 11, 27, 0, 0, 0, tzinfo=timezone.utc)
+    assert sale.business_day == date(2026, 11, 27)
+    assert sale.occurred_at is None  # no time given: the legacy ERP stores none, nor do we
     assert sale.loyalty_card is None and sale.customer_id is None
+    assert sale_from_legacy(legacy_sale(TXN_TIME="")).occurred_at is None
 
 
 def test_payload_is_not_mutated():
