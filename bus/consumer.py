@@ -27,6 +27,8 @@ from contracts.errors import ContractError
 from bus import metrics, topology
 from bus import journal
 from bus import retry as retry_policy
+from bus.constants import (EFFECT_ERRORS, H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
+                           H_LAST_FAILURE, H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
 from bus.extensions import BusConnection, container_settings
 from bus.framing import ack_frame
 from bus.publisher import OutgoingMessage, PublishError, connect
@@ -34,22 +36,6 @@ from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
 
-H_ATTEMPTS = "x-retailbus-attempts"
-H_ERROR = "x-retailbus-error"
-H_ERROR_TYPE = "x-retailbus-error-type"
-H_FIRST_FAILURE = "x-retailbus-first-failure"
-H_LAST_FAILURE = "x-retailbus-last-failure"
-H_EXCHANGE = "x-retailbus-original-exchange"
-H_ROUTING_KEY = "x-retailbus-original-routing-key"
-H_QUEUE = "x-retailbus-queue"
-H_USER = "x-retailbus-original-user-id"
-H_STORE = "x-retailbus-store"
-
-
-# A dependency that makes a worker's effect durable in `worker_result` (a
-# database commit) and fails appends the error to this list on the worker
-# context; the message is then retried instead of acked.
-EFFECT_ERRORS = "effect_errors"
 
 
 class PermanentError(RetailbusError):

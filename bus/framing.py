@@ -15,7 +15,7 @@ from struct import Struct
 from amqp.serialization import dumps
 
 FRAME_END = b"\xce"
-_FRAME = Struct(">BHI")             # type, channel, payload size
+FRAME_HEADER = Struct(">BHI")       # type, channel, payload size
 _METHOD = Struct(">HHH")            # class 60 (basic), method 40 (publish), reserved short
 _HEADER = Struct(">HHQH")           # class 60, weight 0, body size, property flags
 _PUBLISH = _METHOD.pack(60, 40, 0)
@@ -61,12 +61,12 @@ def publish_frames(channel_id: int, frame_max: int, exchange: str, routing_key: 
         flags |= _USER_ID
         props.append(_shortstr(user_id, "user_id"))
     header = _HEADER.pack(60, 0, len(body), flags) + b"".join(props)
-    parts = [_FRAME.pack(1, channel_id, len(method)), method, FRAME_END,
-             _FRAME.pack(2, channel_id, len(header)), header, FRAME_END]
+    parts = [FRAME_HEADER.pack(1, channel_id, len(method)), method, FRAME_END,
+             FRAME_HEADER.pack(2, channel_id, len(header)), header, FRAME_END]
     chunk = frame_max - 8  # frame header (7) and end (1)
     for start in range(0, len(body), chunk):
         piece = body[start:start + chunk]
-        parts += (_FRAME.pack(3, channel_id, len(piece)), piece, FRAME_END)
+        parts += (FRAME_HEADER.pack(3, channel_id, len(piece)), piece, FRAME_END)
     return b"".join(parts)
 
 

@@ -33,6 +33,7 @@ from ulid import ULID
 from contracts.envelope import AssembledEvent, CloudEvent
 from contracts.journal import JournalHopsV1
 from bus import topology
+from bus.constants import EFFECT_ERRORS
 from bus.extensions import container_settings
 from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, UnroutableError
 
@@ -225,8 +226,6 @@ class JournalHops(DependencyProvider):
             self.pending.pop(worker_ctx, None)
 
     def worker_teardown(self, worker_ctx):
-        from bus.consumer import EFFECT_ERRORS  # consumer imports this module
-
         hops = self.pending.pop(worker_ctx, None)
         if hops and not getattr(worker_ctx, EFFECT_ERRORS, None):
             for hop, outcome, fields in hops:

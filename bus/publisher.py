@@ -28,7 +28,7 @@ from eventlet.semaphore import Semaphore
 from contracts.errors import RetailbusError
 from bus import metrics
 from bus.framing import publish_frames
-from bus.wire import CoalescingWriter, FrameReader, buffered_reads
+from bus.wire import CoalescingWriter, FrameReader, buffered_reads, no_reads_while_publishing
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +351,7 @@ class ConfirmingPublisher:
                     self._on_connect(channel)
             except Exception as exc:
                 raise BrokerUnavailableError(f"cannot connect to the broker: {exc}") from exc
-            # We read the socket in one place only; py-amqp would otherwise
-            # drain it inside basic_publish when the broker may block us.
-            conn.client_properties.get("capabilities", {})["connection.blocked"] = False
+            no_reads_while_publishing(conn)
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)

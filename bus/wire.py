@@ -1,4 +1,14 @@
-"""`CoalescingWriter`: all frames of one AMQP connection leave in as few system
+"""Where retailbus reaches into py-amqp's private parts, and only here.
+
+py-amqp (pinned to one minor version in setup.cfg) gives no public hooks for
+how a connection's frames are written and read; the three speed-ups below
+replace its writer, its socket reads and its read loop. Every private
+attribute they touch (`Connection.frame_writer`, `on_inbound_frame`,
+`client_properties`, `Transport._read_buffer`, `_quick_recv`) is asserted to
+exist by tests/unit/test_wire_internals.py, so an upgrade fails in CI, not in
+a store.
+
+`CoalescingWriter`: all frames of one AMQP connection leave in as few system
 calls as possible.
 
 With hundreds of greenthreads publishing (or acking) on one connection, a
@@ -12,7 +22,6 @@ event loop.
 """
 from __future__ import annotations
 
-import struct
 import time
 
 import amqp
@@ -21,8 +30,9 @@ from amqp.exceptions import UnexpectedFrame
 from amqp.method_framing import frame_writer
 from eventlet.event import Event
 
-_FRAME_HEADER = struct.Struct(">BHI")  # type, channel, payload size
-_FRAME_END = 0xCE
+from bus.framing import FRAME_END, FRAME_HEADER
+
+_FRAME_END = FRAME_END[0]
 # How long the reader handles frames before it lets other greenthreads run (see FrameReader).
 READ_SLICE_SECONDS = 0.001
 
@@ -62,6 +72,12 @@ class CoalescingWriter:
                     return
         except Exception as exc:  # the socket is gone: the owner tears the connection down
             self._on_error(exc)
+
+
+def no_reads_while_publishing(conn: amqp.Connection) -> None:
+    """Tell py-amqp the broker will not send connection.blocked: it would otherwise
+    drain the socket inside basic_publish, and we read the socket in one place only."""
+    conn.client_properties.get("capabilities", {})["connection.blocked"] = False
 
 
 def buffered_reads(conn: amqp.Connection, size: int = 32768) -> None:
@@ -125,7 +141,7 @@ class FrameReader:
         """Hand py-amqp every whole frame of its read buffer plus `data`; whether there was one."""
         transport = self._transport
         buf = transport._read_buffer + data if transport._read_buffer else data
-        pos, end, on_frame, unpack = 0, len(buf), self._on_frame, _FRAME_HEADER.unpack_from
+        pos, end, on_frame, unpack = 0, len(buf), self._on_frame, FRAME_HEADER.unpack_from
         clock = time.perf_counter
         until = clock() + READ_SLICE_SECONDS
         try:

@@ -30,13 +30,11 @@ from nameko.extensions import DependencyProvider, SharedExtension
 from sqlalchemy import MetaData, String, Table, create_engine, event
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.exc import DBAPIError, DisconnectionError
+from bus.constants import EFFECT_ERRORS
 from contracts.errors import RetailbusError
 
 log = logging.getLogger(__name__)
 
-# The worker-context attribute named by bus.consumer.EFFECT_ERRORS; spelled
-# out here because legacy_wrappers must not import the bus (layering, see DESIGN.md).
-EFFECT_ERRORS = "effect_errors"
 
 
 # A pooled connection idle longer than this is pinged before use (the server may have

@@ -44,7 +44,8 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import Column, MetaData, String, Table, Text, and_, or_, select, update
 from sqlalchemy.engine import Engine
 
-from legacy_wrappers.legacy_db import EFFECT_ERRORS, LegacyEngines, create_tables
+from bus.constants import EFFECT_ERRORS
+from legacy_wrappers.legacy_db import LegacyEngines, create_tables
 
 log = logging.getLogger(__name__)
 

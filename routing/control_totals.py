@@ -31,6 +31,7 @@ from nameko.extensions import Extension
 from contracts.control import ControlTxn, KindTotals, StoreControlTotalsV1
 from contracts.envelope import CloudEvent
 from bus import topology
+from bus.constants import H_STORE
 from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, UnroutableError
 from bus.settings import PublisherSettings
 
@@ -54,7 +55,6 @@ CREATE INDEX IF NOT EXISTS accepted_txn_day ON accepted_txn (business_day);
 CREATE INDEX IF NOT EXISTS accepted_txn_at ON accepted_txn (accepted_at);
 """
 KINDS = {"pos.sale.v1": "sale", "pos.return.v1": "return"}
-H_STORE = "x-retailbus-store"
 
 
 def record(db: sqlite3.Connection, message_type: str, data: dict, via: str, outbox_seq: int | None) -> None:

@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from legacy_wrappers.legacy_http import BreakerMetrics
 from routing.outbox import Entry, Outbox, OutboxUnavailable
 from bus import journal, topology
+from bus.constants import H_STORE, H_STORE_SEQ
 from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
 from bus.settings import PublisherSettings
 
@@ -46,8 +47,6 @@ RESET_SECONDS = 5.0
 BACKOFF_BASE, BACKOFF_CAP = 0.2, 15.0
 COMPACT_EVERY = 3600.0
 CHECKPOINT_EVERY = 1.0
-H_STORE = "x-retailbus-store"
-H_STORE_SEQ = "x-retailbus-store-seq"
 
 FORWARDED = Counter("retailbus_outbox_forwarded_total", "Outbox events published to the broker", ["store"])
 CONFIRMED = Counter("retailbus_outbox_confirmed_total", "Outbox events confirmed by the broker", ["store"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import gc
 import logging
 import os
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from eventlet.event import Event
 from nameko.extensions import Entrypoint, SharedExtension
 
+from bus.extensions import relax_gc
 from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop import metrics
@@ -41,8 +41,6 @@ from legacy_wrappers.filedrop.rowcode import GoodRows
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
 
 log = logging.getLogger(__name__)
-
-GC_FIRST_GENERATION = 50_000  # see FileLedger.setup
 
 
 @dataclass(frozen=True)
@@ -83,9 +81,8 @@ class FileLedger(SharedExtension):
         # scans them again and again and promotes them into older generations, whose
         # full collections follow: 3-5 s of CPU for 1M rows, ~0.1 s at 50,000. The
         # cycles it exists for (a few per chunk, the rows freed already) wait a little
-        # longer. The process's threshold is only ever raised here.
-        first, *older = gc.get_threshold()
-        gc.set_threshold(max(first, GC_FIRST_GENERATION), *older)
+        # longer. `relax_gc` raises the process's threshold (never lowers it).
+        relax_gc()
 
     @property
     def drops(self) -> fd_config.FileDrops:

@@ -33,6 +33,7 @@ from legacy_wrappers.filedrop import metrics
 from legacy_wrappers.filedrop.files import fsync_dir
 from legacy_wrappers.filedrop.inbound import FileLedger
 from bus import journal, topology
+from bus.constants import H_ERROR, H_ERROR_TYPE, H_QUEUE
 from bus.extensions import BusConnection, container_settings
 from bus.publisher import OutgoingMessage, PublishError, connection_params
 
@@ -270,8 +271,7 @@ class BatchFileConsumer(Entrypoint):
         """A message that cannot become a record goes to `<queue>.dlq` with the reason."""
         props = message.properties
         headers = dict(props.get("application_headers") or {})
-        headers.update({"x-retailbus-error": str(exc)[:2000], "x-retailbus-queue": self.queue,
-                        "x-retailbus-error-type": type(exc).__name__})
+        headers.update({H_ERROR: str(exc)[:2000], H_QUEUE: self.queue, H_ERROR_TYPE: type(exc).__name__})
         try:
             self.bus.publisher.publish(OutgoingMessage(
                 exchange="", routing_key=topology.dead_letter_queue(self.queue), body=message.body,

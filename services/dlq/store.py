@@ -27,8 +27,9 @@ from nameko.cli.run import import_service
 from nameko.extensions import ENTRYPOINT_EXTENSIONS_ATTR
 
 from bus import topology
-from bus.consumer import (H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
-                                   H_LAST_FAILURE, H_QUEUE, H_ROUTING_KEY, H_USER, ReliableHandler)
+from bus.constants import (H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE, H_LAST_FAILURE,
+                           H_QUEUE, H_ROUTING_KEY, H_USER)
+from bus.consumer import ReliableHandler
 from bus.publisher import connect
 from bus.settings import RetailbusSettings
 

@@ -260,7 +260,7 @@ def test_dlq_service_exports_depth_and_oldest_age_without_taking_anything(contai
                                                                           queues, tmp_path):
     from datetime import datetime, timedelta, timezone
 
-    from bus.consumer import H_LAST_FAILURE, H_QUEUE
+    from bus.constants import H_LAST_FAILURE, H_QUEUE
     from services.dlq.service import DEPTH, OLDEST_AGE, DlqService
 
     dlq = topology.dead_letter_queue(SALES)

@@ -11,7 +11,8 @@ import pytest
 from contracts.envelope import CloudEvent
 from contracts.pos import PosStockQueryV1
 from bus import topology
-from bus.consumer import H_ATTEMPTS, H_ERROR, H_ROUTING_KEY, PermanentError, reliable_handler
+from bus.constants import H_ATTEMPTS, H_ERROR, H_ROUTING_KEY
+from bus.consumer import PermanentError, reliable_handler
 from bus.extensions import EventPublisher
 from bus.publisher import (BrokerUnavailableError, ConfirmingPublisher, OutgoingMessage,
                                     PublishError, UnroutableError, connection_params)

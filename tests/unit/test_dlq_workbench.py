@@ -9,8 +9,8 @@ import pytest
 
 from contracts.envelope import CloudEvent
 from routing.legacy_payload import sale_from_legacy
-from bus.consumer import (H_ATTEMPTS, H_ERROR, H_EXCHANGE, H_FIRST_FAILURE, H_LAST_FAILURE,
-                                   H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
+from bus.constants import (H_ATTEMPTS, H_ERROR, H_EXCHANGE, H_FIRST_FAILURE, H_LAST_FAILURE,
+                           H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
 from services.dlq import service
 from services.dlq.store import DeadLetter
 from services.dlq.workbench import AuditLog, EditRefused, Selection, changes, check_edit, parse_since, pretty

@@ -9,7 +9,7 @@ import pytest
 from contracts.envelope import CloudEvent
 from contracts.journal import JournalHopsV1
 from bus import journal
-from bus.consumer import EFFECT_ERRORS
+from bus.constants import EFFECT_ERRORS
 
 
 @pytest.fixture
