@@ -79,3 +79,21 @@ def legacy_dsn(request, tmp_path):
     finally:
         engine.dispose()
     return base.rsplit("/", 1)[0] + "/" + name
+
+
+KINDS = ("unit", "integration", "chaos")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `pytest -m unit` must not drop an unmarked test
+def pytest_collection_modifyitems(config, items):
+    """Every test carries exactly one of the unit/integration/chaos markers, or the run fails
+    naming it: the README's `pytest -m unit` and CI's sessions select by these markers."""
+    wrong = []
+    for item in items:
+        kinds = sorted({mark.name for mark in item.iter_markers() if mark.name in KINDS})
+        if len(kinds) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(kinds) or 'no marker'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) need exactly one of the markers {', '.join(KINDS)} "
+            f"(usually a module-level pytestmark):\n" + "\n".join(wrong))

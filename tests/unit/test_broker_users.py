@@ -10,6 +10,7 @@ import re
 import ssl
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from nameko.rpc import rpc
 
@@ -20,6 +21,8 @@ from bus.extensions import EventPublisher
 from bus.publisher import AMQP_SSL_ENV, connection_params
 from services.cli import main
 from bus.settings import TlsSettings, retailbus_settings
+
+pytestmark = pytest.mark.unit
 
 CONFIG = {"AMQP_URI": "amqp://u:p@127.0.0.1:5682/retailbus", "RETAILBUS": {"root": "/tmp/rb"}}
 

@@ -9,6 +9,8 @@ from contracts.envelope import CloudEvent
 from contracts.pos import PosReturnV1, PosSaleV1
 from services.erp import events
 
+pytestmark = pytest.mark.unit
+
 LINES = [{"line_no": 1, "sku": "SKU-1", "quantity": 2, "unit_price_minor": 250, "line_total_minor": 500},
          {"line_no": 2, "sku": "Ä 'quoted\"", "quantity": -1, "unit_price_minor": 100, "line_total_minor": -100}]
 SALE = {"store_id": "S001", "terminal_id": "07", "pos_txn_id": "T-1 ; DROP", "business_day": "2026-11-27",

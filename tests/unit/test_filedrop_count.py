@@ -10,6 +10,8 @@ from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop import count
 from legacy_wrappers.filedrop.layout import FileProblemError, Layout
 
+pytestmark = pytest.mark.unit
+
 COLUMNS = "customer_id,name,email,phone,loyalty_card,updated_at"
 
 

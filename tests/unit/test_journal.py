@@ -11,6 +11,8 @@ from contracts.journal import JournalHopsV1
 from bus import journal
 from bus.constants import EFFECT_ERRORS
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def buffer():

@@ -12,6 +12,8 @@ from services.cli import main
 from services.journal import store
 from services.journal.trace import table, trace
 
+pytestmark = pytest.mark.unit
+
 SHA = "ab" * 32
 
 
