@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from datetime import datetime, timezone
 from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 
 import amqp
@@ -21,9 +22,8 @@ import eventlet
 from eventlet.event import Event
 from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 
-from contracts.errors import RetailbusError
 from contracts.envelope import CloudEvent
-from contracts.errors import ContractError
+from contracts.errors import ContractError, RetailbusError
 from bus import metrics, topology
 from bus import journal
 from bus import retry as retry_policy
@@ -36,6 +36,18 @@ from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message on its way through a handler: what was read off the queue, and,
+    for an ordered handler, the store whose chain it is in and its attempt in place."""
+
+    message: amqp.Message
+    payload: object
+    event: CloudEvent
+    key: str | None = None  # the store (ordered handlers only)
+    attempt: int = 1
 
 
 class PermanentError(RetailbusError):
@@ -241,33 +253,33 @@ class ReliableHandler(Entrypoint):
             self.container.spawn_managed_thread(
                 partial(self._fail, message, exc, retry=False), identifier="park_invalid")
             return
-        key = None
+        delivery = Delivery(message, payload, event)
         if self.ordered:
             headers = message.properties.get("application_headers") or {}
-            key = headers.get(H_STORE) or event.source
-            chain = self._chains.setdefault(key, deque())
-            chain.append((message, payload, event))
+            delivery.key = headers.get(H_STORE) or event.source
+            chain = self._chains.setdefault(delivery.key, deque())
+            chain.append(delivery)
             if len(chain) > 1:
                 return  # runs when the store's earlier messages are done
-        self._spawn(message, payload, event, key, 1)
+        self._spawn(delivery)
 
-    def _spawn(self, message, payload, event, key, attempt):
-        item = (message, payload, event, key, attempt)
+    def _spawn(self, delivery: Delivery):
         if self.batch > 1:
-            self._ready.append(item)
+            self._ready.append(delivery)
             if len(self._ready) == 1:
                 self.container.spawn_managed_thread(self._spawn_batches, identifier="reliable_batch")
             return
+        event = delivery.event
         context = {"correlation_id": event.correlationid, "event_id": event.id}
         self.container.spawn_worker(
-            self, (payload, event), {}, context_data=context,
-            handle_result=partial(self._handle_result, [item], time.monotonic()))
+            self, (delivery.payload, event), {}, context_data=context,
+            handle_result=partial(self._handle_result, [delivery], time.monotonic()))
 
     def _spawn_batches(self):
         eventlet.sleep(0)  # what the reader hands over in this pass of the event loop joins
         while self._ready and not self._stopping:
             items, self._ready = self._ready[:self.batch], self._ready[self.batch:]
-            self.container.spawn_worker(self, ([(payload, event) for _, payload, event, _, _ in items],), {},
+            self.container.spawn_worker(self, ([(d.payload, d.event) for d in items],), {},
                                         handle_result=partial(self._handle_result, items, time.monotonic()))
 
     def _handle_result(self, items, started, worker_ctx, result, exc_info):
@@ -285,16 +297,17 @@ class ReliableHandler(Entrypoint):
         elif error is None and (not isinstance(results, list) or len(results) != len(items)):
             got = f"{len(results)} results" if isinstance(results, list) else type(results).__name__
             error = TypeError(f"{self.method_name} returned {got} for {len(items)} messages")
-        for n, (message, payload, event, key, attempt) in enumerate(items):
+        for n, delivery in enumerate(items):
             result = None if error is not None else results[n]
             if isinstance(result, BaseException):  # this message's own failure
                 result, failed = None, result
             else:
                 failed = error
-            self._settle_one(message, payload, event, key, attempt, result, failed, started)
+            self._settle_one(delivery, result, failed, started)
 
-    def _settle_one(self, message, payload, event, key, attempt, result, error, started):
+    def _settle_one(self, delivery: Delivery, result, error, started):
         self._seconds.observe(time.monotonic() - started)
+        message, event, key, attempt = delivery.message, delivery.event, delivery.key, delivery.attempt
         if error is not None:
             retry = not isinstance(error, (PermanentError, ContractError)) and self.policy.retries(error)
             if key is None:
@@ -305,8 +318,8 @@ class ReliableHandler(Entrypoint):
                 journal.failed(message.properties, self.queue, "retried", "in place", attempt, error)
                 log.warning("retrying in place after attempt %d: %s", attempt, error,
                             extra={"id": event.id, "correlationid": event.correlationid, "outcome": "retried"})
-                self.container.spawn_managed_thread(partial(
-                    self._respawn, self.delays[attempt - 1], message, payload, event, key, attempt + 1))
+                delivery.attempt += 1
+                self.container.spawn_managed_thread(partial(self._respawn, self.delays[attempt - 1], delivery))
                 return
             self._fail(message, error, retry=False, attempts=attempt)
         else:
@@ -319,9 +332,9 @@ class ReliableHandler(Entrypoint):
         if key is not None:
             self._next(key)
 
-    def _respawn(self, delay, message, payload, event, key, attempt):
+    def _respawn(self, delay: float, delivery: Delivery):
         eventlet.sleep(delay)
-        self._spawn(message, payload, event, key, attempt)
+        self._spawn(delivery)
 
     def _next(self, key):
         """The store's next message, off the worker pool (a full pool must not wait on
@@ -331,9 +344,9 @@ class ReliableHandler(Entrypoint):
         if not chain:
             del self._chains[key]
         elif self.batch > 1:
-            self._spawn(*chain[0], key, 1)
+            self._spawn(chain[0])
         else:
-            self.container.spawn_managed_thread(partial(self._spawn, *chain[0], key, 1))
+            self.container.spawn_managed_thread(partial(self._spawn, chain[0]))
 
     def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None):
         headers = dict(message.properties.get("application_headers") or {})
