@@ -48,13 +48,19 @@ def load_credentials(path: Path) -> Credentials | None:
         raise BrokerError(f"{path}: expected keys 'user' and 'password'") from None
 
 
-def node_uri(home: Path, port: int, vhost: str, show_password: bool = True) -> str:
-    """The URI of the managed node living in `home` and listening on `port`."""
+def node_credentials(home: Path) -> Credentials:
+    """The credentials of the managed node living in `home`; BrokerError before its first start."""
     path = Path(home) / CREDENTIALS_FILE
     creds = load_credentials(path)
     if creds is None:
         raise BrokerError(f"no broker credentials in {path}: "
                           "run `retailbus broker start` first (or set RETAILBUS_AMQP_URI)")
+    return creds
+
+
+def node_uri(home: Path, port: int, vhost: str, show_password: bool = True) -> str:
+    """The URI of the managed node living in `home` and listening on `port`."""
+    creds = node_credentials(home)
     pw = quote(creds.password, safe="") if show_password else "***"
     return f"amqp://{quote(creds.user, safe='')}:{pw}@127.0.0.1:{port}/{quote(vhost, safe='')}"
 
@@ -65,13 +71,18 @@ def cluster_home(settings) -> Path:
     return home.with_name(home.name + "-cluster")
 
 
+def cluster_node_home(home: Path, number: int) -> Path:
+    """Where cluster node `number` (from 1) keeps its state."""
+    return Path(home) / f"node{number}"
+
+
 def managed_uri(settings, show_password: bool = True) -> str:
     """The managed node's URI, or every cluster node's joined by `;` (kombu's failover form).
     Cluster node i lives in `cluster_home/node<i>` on the configured port + i - 1."""
     b = settings.broker
     if b.nodes > 1:
         home = cluster_home(settings).absolute()
-        return ";".join(node_uri(home / f"node{i + 1}", b.port + i, b.vhost, show_password)
+        return ";".join(node_uri(cluster_node_home(home, i + 1), b.port + i, b.vhost, show_password)
                         for i in range(b.nodes))
     return node_uri(settings.path(b.home).absolute(), b.port, b.vhost, show_password)
 
@@ -88,6 +99,21 @@ def mask_uri(uri: str) -> str:
         host = f"[{host}]"
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def with_user(uri: str, user: str, password: str) -> str:
+    """`uri` logging in as `user` on EVERY node of a cluster URI (`;`): a component
+    that fails over must still be itself, never whoever the first node named."""
+    nodes = []
+    for node in uri.split(";"):
+        parts = urlsplit(node.strip())
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (
+            f":{parts.port}" if parts.port else "")
+        nodes.append(urlunsplit(parts._replace(netloc=netloc)))
+    return ";".join(nodes)
 
 
 def resolve_amqp_uri(config: dict, settings) -> str:

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from services.broker.node import ManagedBroker
-from bus.broker_uri import cluster_home
+from bus.broker_uri import cluster_home, cluster_node_home
 from services.broker.setup import BrokerError, free_ports, write_private
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class BrokerCluster:
             raise BrokerError("a cluster needs at least 2 nodes (use ManagedBroker for one)")
         self.home = Path(home).absolute()
         self.vhost = vhost
-        self.nodes = [ManagedBroker(self.home / f"node{i}", port=p, dist_port=d, management_port=m,
+        self.nodes = [ManagedBroker(cluster_node_home(self.home, i), port=p, dist_port=d, management_port=m,
                                     vhost=vhost, user=user, start_timeout=start_timeout)
                       for i, (p, d, m) in enumerate(ports, start=1)]
 

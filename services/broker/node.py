@@ -39,7 +39,7 @@ from services.broker.setup import (
     write_private,
 )
 
-from bus.broker_uri import AMQP_URI_ENV, mask_uri, node_uri, resolve_amqp_uri  # noqa: F401  (re-exported)
+from bus.broker_uri import AMQP_URI_ENV, mask_uri, node_credentials, node_uri, resolve_amqp_uri  # noqa: F401  (re-exported)
 
 __all__ = ["ManagedBroker", "BrokerError", "resolve_amqp_uri", "mask_uri", "AMQP_URI_ENV"]
 
@@ -147,11 +147,7 @@ class ManagedBroker:
         return self.pid() is not None
 
     def credentials(self) -> Credentials:
-        creds = load_credentials(self.layout.credentials)
-        if creds is None:
-            raise BrokerError(f"no broker credentials in {self.layout.credentials}: "
-                              "run `retailbus broker start` first (or set RETAILBUS_AMQP_URI)")
-        return creds
+        return node_credentials(self.home)
 
     def uri(self, show_password: bool = True) -> str:
         return node_uri(self.home, self.port, self.vhost, show_password)
