@@ -16,7 +16,8 @@ import os
 import re
 import secrets
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+
+from bus.broker_uri import with_user
 
 EXCHANGE = "store_agent.events"
 TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v1)$"  # its sales and returns, its control totals
@@ -48,12 +49,10 @@ def provision(broker, store_id: str, path: Path) -> str:
 
 
 def store_uri(bus_uri: str, path: Path) -> str:
-    """The bus URI with the store's own user, when it has been provisioned."""
+    """The bus URI with the store's own user on every node, once it has been provisioned
+    (a cluster URI names each node: failing over must not log in as anyone else)."""
     try:
         creds = json.loads(path.read_text())
     except FileNotFoundError:
         return bus_uri
-    parts = urlsplit(bus_uri)
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    netloc = f"{quote(creds['user'], safe='')}:{quote(creds['password'], safe='')}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return with_user(bus_uri, creds["user"], creds["password"])

@@ -31,7 +31,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from nameko.containers import ServiceContainer
 from nameko.extensions import iter_extensions
@@ -40,6 +39,7 @@ from nameko.rpc import Rpc, get_rpc_exchange
 from routing import broker_user
 from services.broker.setup import write_private
 from bus import topology
+from bus.broker_uri import with_user
 from bus.settings import RetailbusSettings
 
 DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ checks `write` on for a publish to ""
@@ -356,11 +356,4 @@ def own_uri(settings: RetailbusSettings, bus_uri: str, name: str) -> str | None:
 
 def _with_user(bus_uri: str, user: str, credentials: Path) -> str | None:
     password = load_password(credentials, user)
-    if password is None:
-        return None
-    nodes = []
-    for node in bus_uri.split(";"):  # a cluster's URI names every node
-        parts = urlsplit(node.strip())
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        nodes.append(urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
-    return ";".join(nodes)
+    return None if password is None else with_user(bus_uri, user, password)

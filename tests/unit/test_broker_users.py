@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from nameko.rpc import rpc
 
+from routing import broker_user
 from services.broker import users as broker_users
 from services.broker.setup import render_config
 from bus.consumer import reliable_handler
@@ -101,6 +102,24 @@ def test_up_uses_a_components_own_user_only_once_provisioned(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert broker_users.own_uri(settings, bus, "erp") == (
         "amqp://svc-erp:p%2Fw@127.0.0.1:5682/retailbus;amqp://svc-erp:p%2Fw@127.0.0.1:5683/retailbus")
+
+
+def test_a_store_agent_logs_in_as_its_store_user_on_every_node_of_a_cluster(tmp_path):
+    """Finding 4 of issue 17: on failover the forwarder must still be `store-S001`, and
+    no node of the URI it is handed may carry the admin user or password."""
+    admin = "amqp://retailbus:ADMINPW@127.0.0.11:5682/retailbus"
+    bus = ";".join([admin, "amqp://retailbus:ADMINPW@127.0.0.12:5683/retailbus",
+                    "amqps://retailbus:ADMINPW@[::1]:5684/retailbus"])
+    path = tmp_path / "broker_user.json"
+    path.write_text(json.dumps({"user": "store-S001", "password": "p@ss/w:rd"}))
+    nodes = broker_user.store_uri(bus, path).split(";")
+    assert nodes == ["amqp://store-S001:p%40ss%2Fw%3Ard@127.0.0.11:5682/retailbus",
+                     "amqp://store-S001:p%40ss%2Fw%3Ard@127.0.0.12:5683/retailbus",
+                     "amqps://store-S001:p%40ss%2Fw%3Ard@[::1]:5684/retailbus"]
+    for node in nodes:  # what the forwarder's failover connects with, node by node
+        params = connection_params(node, 5)
+        assert (params["userid"], params["password"]) == ("store-S001", "p@ss/w:rd")
+    assert "ADMINPW" not in broker_user.store_uri(bus, path) and "retailbus:" not in broker_user.store_uri(bus, path)
 
 
 def test_dry_run_prints_permissions_and_creates_nothing(tmp_path, monkeypatch):
