@@ -4,6 +4,8 @@ ever applied, and an append-only audit log of who applied what, when and why.
 Applying publishes the table on a fanout exchange; every store agent has a
 durable queue bound to it, so an agent that is offline picks the newest table
 up when it returns, and keeps the last one on disk for an offline start.
+The table the agents ran before the first apply is recorded as a version too
+(action `start-up`), so the first apply can be rolled back like any other.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import amqp
 
 from contracts.envelope import CloudEvent
+from routing.route_plan import BackwardMoveError, Move, Plan, plan, set_version
 from routing.route_table import RouteTable, RouteTableError, parse_route_table
 from bus.publisher import connection_params
 
@@ -48,6 +51,7 @@ class Applied:
     previous: int | None
     diff: list[str]
     delivered: bool
+    moves: tuple[Move, ...] = ()
 
 
 class RouteRegistry:
@@ -132,15 +136,38 @@ def broadcast(uri: str, event: CloudEvent, timeout: float = 10.0) -> bool:
         conn.collect()
 
 
-def apply_table(registry: RouteRegistry, uri: str, text: str, source: str, reason: str,
-                action: str = "apply", **extra) -> Applied:
-    """Broadcast first, then record: if the broker is down nothing is recorded and the
-    same version can simply be applied again (agents ignore a version they run)."""
+def planned(registry: RouteRegistry, text: str, source: str, stores, baseline: RouteTable | None = None) -> Plan:
+    """What applying `text` would do, over the active table (else `baseline`, what the
+    agents ran at start-up)."""
+    return plan(text, source, registry.active() or baseline, stores)
+
+
+def apply_table(registry: RouteRegistry, uri: str, text: str, source: str, reason: str, stores,
+                action: str = "apply", allow_backward: bool = False,
+                baseline: tuple[str, str] | None = None, **extra) -> Applied:
+    """Plan, then broadcast, then record: if the broker is down nothing is recorded and the
+    same file can simply be applied again (agents ignore a version they run). `baseline`
+    (text, source) is the table the agents run when nothing was applied yet; it is
+    recorded first, as a version of its own."""
+    start = start_up_table(*baseline) if baseline and registry.active() is None else None
+    todo = planned(registry, text, source, stores, start[0] if start else None)
+    if todo.backward and not allow_backward:
+        raise BackwardMoveError(todo)
+    delivered = broadcast(uri, table_event(todo.table, todo.text, reason))
+    if start is not None and registry.active() is None:
+        registry.record(start[0], start[1], "the table the agents ran before the first apply", "start-up")
+    applied = registry.record(todo.table, todo.text, reason, action, **extra)
+    return Applied(applied.version, applied.previous, applied.diff, delivered, tuple(todo.moves))
+
+
+def start_up_table(text: str, source: str) -> tuple[RouteTable, str]:
+    """The agents' start-up table as a version: numbered 1 when its file has no version
+    (as the agents number it)."""
     table = parse_route_table(text, source)
-    registry.check(table, source)
-    delivered = broadcast(uri, table_event(table, text, reason))
-    applied = registry.record(table, text, reason, action, **extra)
-    return Applied(applied.version, applied.previous, applied.diff, delivered)
+    if table.version is None:
+        text = set_version(text, 1, "the agents' start-up table")
+        table = parse_route_table(text, source)
+    return table, text
 
 
 def rollback_text(registry: RouteRegistry, to_version: int | None) -> tuple[int, str]:
@@ -154,12 +181,9 @@ def rollback_text(registry: RouteRegistry, to_version: int | None) -> tuple[int,
         if not earlier:
             raise RouteTableError(f"version {active.version} has no earlier version to roll back to")
         to_version = earlier[-1]
-    old = parse_route_table(registry.version_text(to_version), f"v{to_version}")
-    new_version = active.version + 1
+    if to_version == active.version:
+        raise RouteTableError(f"version {to_version} is the active table already")
     text = registry.version_text(to_version)
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("version:"):
-            lines[i] = f"version: {new_version}   # rollback to v{old.version}"
-            break
-    return to_version, "\n".join(lines) + "\n"
+    parse_route_table(text, f"v{to_version}")
+    text = f"# rollback to v{to_version}\n" + set_version(text, active.version + 1)
+    return to_version, text

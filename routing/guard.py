@@ -132,7 +132,8 @@ class GuardWatch(DependencyProvider):
             text = rolled_back_text(self.registry, active, route.name, reason)
             try:
                 applied = apply_table(self.registry, self.uri, text, "route-guard", reason,
-                                      action="guard-rollback", who="route-guard", route=route.name)
+                                      [s.id for s in self.settings.stores], action="guard-rollback",
+                                      allow_backward=True, who="route-guard", route=route.name)
             except Exception as exc:  # ops applied meanwhile, or the broker is down: next pass
                 log.error("route guard could not roll %s back: %s", route.name, exc)
                 continue

@@ -5,17 +5,22 @@ start of that request, then hands over here. `legacy` forwards the bytes to
 the legacy ERP and returns its answer verbatim; `shadow` does the same and
 queues a dry-run comparison on the bus side that never delays the till;
 `bus` is the outbox path the agent already has (passed in as `to_outbox`).
+
+A sale or return taken in legacy or shadow mode is journaled like a bus one
+(`retailbus trace TXN_ID`): accepted, legacy_forwarded, legacy_answered, and
+in shadow mode shadow_compared, under one id made for the call.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import logging
-import socket
+import time
 from typing import Callable
 
+from ulid import ULID
 from werkzeug.wrappers import Response
 
+from bus import journal
 from legacy_wrappers.legacy_http import LegacyUnavailable
 from routing.route_state import RouteStats
 from routing.route_table import Route, RouteTable
@@ -29,20 +34,12 @@ def _json(status: int, body: dict) -> Response:
 
 
 def maybe_written(exc: BaseException) -> bool:
-    """True when a failed legacy call may still have booked the sale (it timed out
-    or the connection broke after sending). Queueing such a call could book it
-    twice, so it is answered as an error and the till retries as it does today."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (socket.timeout, TimeoutError, ConnectionResetError, BrokenPipeError)):
-            return True
-        if isinstance(exc, http.client.HTTPException):  # a garbled or cut answer: the call went out
-            return True
-        if type(exc).__name__ == "RemoteDisconnected":
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    """True unless the failed legacy call surely booked nothing (`LegacyUnavailable.not_posted`:
+    breaker open, nothing sent, or the ERP answered that it took nothing). A timeout or a
+    broken connection after sending, a 500, a 502 or a 504 may come after the ERP booked
+    the sale: queueing it could book it twice, so it is answered as an error and the till
+    retries as it does today."""
+    return not getattr(exc, "not_posted", False)
 
 
 def _outcome(status: int) -> str:
@@ -56,6 +53,8 @@ class Call:
                  body: bytes | None, query: str = ""):
         self.route, self.name, self.mode = route, name, mode
         self.method, self.path, self.body, self.query = method, path, body, query
+        self.ref: str | None = None       # the journal id of a traced legacy/shadow call
+        self.subject: str | None = None   # its POS transaction id
 
     @classmethod
     def decide(cls, table: RouteTable, message_type: str, store_id: str, default_route: str,
@@ -71,9 +70,12 @@ def forward(client, call: Call, stats: RouteStats, to_outbox: Callable[[], Respo
         tuple[Response, bytes | None]:
     """Legacy (and the legacy half of shadow): (the answer for the till, the legacy body if it succeeded)."""
     target = call.path + (f"?{call.query}" if call.query else "")
+    _hop(call, "legacy_forwarded", "ok", {"call": f"{call.method} {call.path}"})
+    started = time.monotonic()
     try:
         answer = client.request(call.method, target, call.body)
     except LegacyUnavailable as exc:
+        _hop(call, "legacy_answered", "error", {"error": str(exc)[:200]})
         queue = call.route is not None and call.route.on_legacy_failure == "queue" and to_outbox is not None
         if queue and not maybe_written(exc):
             log.warning("legacy ERP unavailable (%s); %s accepted into the outbox", exc, call.name,
@@ -82,11 +84,45 @@ def forward(client, call: Call, stats: RouteStats, to_outbox: Callable[[], Respo
             stats.count(call.name, "legacy", "queued" if response.status_code < 400 else "error")
             return response, None
         stats.count(call.name, "legacy", "error")
-        status = 504 if maybe_written(exc) else 503
-        return _json(status, {"STATUS": "ERROR", "MESSAGE": f"ERP unavailable: {exc}"}), None
+        if maybe_written(exc):  # not queued: the till retries the same TXN_ID, as it does today
+            return _json(504, {"STATUS": "ERROR", "MESSAGE": f"ERP unavailable: {exc}; the sale may have been "
+                                                             f"posted: retry with the same TXN_ID"}), None
+        return _json(503, {"STATUS": "ERROR", "MESSAGE": f"ERP unavailable: {exc}"}), None
     stats.count(call.name, "legacy", _outcome(answer.status))
+    _hop(call, "legacy_answered", _outcome(answer.status), {
+        "status": answer.status, "doc_no": _doc_no(answer.body) if answer.status < 400 else None,
+        "seconds": round(time.monotonic() - started, 4)})
     response = Response(answer.body, status=answer.status, content_type=answer.content_type)
     return response, (answer.body if answer.status < 400 else None)
+
+
+def trace(call: Call, body: bytes, store: str, terminal: str | None) -> None:
+    """Give a legacy/shadow call a journal id and note it accepted (the bus path
+    journals its own, under the outbox event's id)."""
+    try:
+        data = json.loads(body)
+        txn = data.get("TXN_ID") if isinstance(data, dict) else None
+    except ValueError:
+        txn = None
+    call.subject = str(txn)[:100] if txn is not None else None
+    call.ref = str(ULID())
+    journal.record("accepted", "ok", id=call.ref, correlationid=call.ref, subject=call.subject,
+                   detail={"store": store, "mode": call.mode, "route": call.name,
+                           **({"terminal": terminal} if terminal else {})})
+
+
+def _hop(call: Call, hop: str, outcome: str, detail: dict) -> None:
+    if call.ref is not None:
+        journal.record(hop, outcome, id=call.ref, correlationid=call.ref, subject=call.subject,
+                       detail={k: v for k, v in detail.items() if v is not None})
+
+
+def _doc_no(body: bytes) -> str | None:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer.get("DOC_NO") if isinstance(answer, dict) else None
 
 
 def post(client, shadow: ShadowComparer, call: Call, stats: RouteStats, message_type: str, parse,
@@ -98,7 +134,7 @@ def post(client, shadow: ShadowComparer, call: Call, stats: RouteStats, message_
         return response
     response, legacy_body = forward(client, call, stats, to_outbox)
     if call.mode == "shadow" and legacy_body is not None:
-        shadow.submit_posting(stats, call.name, message_type, parse, call.body, legacy_body)
+        shadow.submit_posting(stats, call.name, message_type, parse, call.body, legacy_body, call.ref)
     return response
 
 

@@ -46,17 +46,23 @@ class RouteTableHolder(DependencyProvider):
         self.stats = RouteStats()
 
     def _initial(self, configured: Path) -> RouteTable:
+        """The saved table, else the configured file (version 1 when it has none, as the
+        control plane numbers it when it records the start-up table)."""
         if self.saved.exists():
             try:
-                return load_route_table(self.saved)
+                table = load_route_table(self.saved)
+                self.text = self.saved.read_text()
+                return table
             except RouteTableError as exc:
                 log.error("saved route table unusable, starting from %s: %s", configured, exc)
-        return load_route_table(configured)
+        table = load_route_table(configured)
+        self.text = configured.read_text()
+        return table if table.version is not None else table.model_copy(update={"version": 1})
 
     def install(self, text: str, source: str) -> bool:
         """Validate, save, swap. An older or equal version is ignored (redelivery, reordering)."""
         table = parse_route_table(text, source)
-        if table.version <= self.table.version:
+        if table.version is None or table.version <= self.table.version:
             log.info("route table v%d ignored: running v%d", table.version, self.table.version)
             return False
         self.saved.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,7 @@ class RouteTableHolder(DependencyProvider):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.saved)
-        self.table = table
+        self.table, self.text = table, text
         TABLE_VERSION.labels(self.store_id).set(table.version)
         log.info("route table v%d installed", table.version, extra={"store": self.store_id})
         return True
@@ -100,6 +106,11 @@ class RouteStats:
         seen[1] += int(matched)
         PARITY_RATIO.labels(route).set(seen[1] / seen[0])
         self.count(route, "shadow", "parity" if matched else "mismatch")
+
+    def parity_summary(self) -> dict[str, dict]:
+        """Per route: comparisons made, how many matched, and the rate (a rate alone hides
+        whether it rests on 3 sales or 3,000)."""
+        return {route: {"compared": n, "matched": ok, "rate": ok / n} for route, (n, ok) in self.parity.items()}
 
     def window(self, seconds: float) -> dict[str, dict[str, int]]:
         """Counts per route of `<mode>_<outcome>` over the last `seconds`."""

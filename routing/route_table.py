@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from contracts.errors import RetailbusError
 from contracts import registry
 from contracts.pos import StoreId
+from routing import route_messages as messages
 
 Mode = Literal["legacy", "shadow", "bus"]
 MODES: tuple[str, ...] = ("legacy", "shadow", "bus")
@@ -28,10 +29,18 @@ class _Strict(BaseModel):
 
 
 class Rollout(_Strict):
-    """Listed stores always take the route's mode; `percent` of the others take it too."""
+    """Listed stores always take the route's mode; `percent` of the others take it too;
+    the stores left run `others`. Left out, `others` means "what they run now": the
+    control plane writes that mode into the table it applies, so an applied table
+    always says it (see routing/control.py), and never falls back to legacy silently."""
 
     stores: tuple[StoreId, ...] = ()
     percent: float = Field(0, ge=0, le=100)
+    others: Mode | None = None
+
+    def takes(self, store_id: str) -> bool:
+        """True when `store_id` is in the rollout (listed, or its hash bucket is below `percent`)."""
+        return store_id in self.stores or store_bucket(store_id) < self.percent
 
 
 class Guard(_Strict):
@@ -81,7 +90,7 @@ def store_bucket(store_id: str) -> float:
 
 
 class RouteTable(_Strict):
-    version: int = Field(ge=1)
+    version: int | None = Field(None, ge=1, description="optional in a file: `routes apply` numbers it")
     legacy: LegacySystem
     routes: tuple[Route, ...] = ()
 
@@ -107,10 +116,7 @@ class RouteTable(_Strict):
         route = self._by_message().get(message_type)
         if route is None:
             return "legacy"
-        rollout = route.rollout
-        if rollout is None or store_id in rollout.stores:
-            return route.mode
-        return route.mode if store_bucket(store_id) < rollout.percent else "legacy"
+        return mode_of(route, store_id)
 
     def _by_message(self) -> dict[str, Route]:
         cached = self.__dict__.get("_index")
@@ -118,6 +124,18 @@ class RouteTable(_Strict):
             cached = {r.message: r for r in self.routes}
             object.__setattr__(self, "_index", cached)
         return cached
+
+
+def mode_of(route: Route | None, store_id: str) -> Mode:
+    """The mode `route` gives one store. No route: legacy (the call goes where it always
+    went). A rollout whose `others` was never resolved (a start-up file written so)
+    leaves the other stores on legacy, which is what ran before any table."""
+    if route is None:
+        return "legacy"
+    rollout = route.rollout
+    if rollout is None or rollout.takes(store_id):
+        return route.mode
+    return rollout.others or "legacy"
 
 
 class RouteTableError(RetailbusError, ValueError):
@@ -151,26 +169,56 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     return line
 
 
+def _duplicate_routes(data: dict, node: yaml.Node | None, source: str) -> list[str]:
+    """Two routes with one name, message or legacy call: pointed at the second one."""
+    routes = data.get("routes")
+    nodes = node.value if isinstance(node, yaml.MappingNode) else []
+    seq = next((v for k, v in nodes if k.value == "routes"), None)
+    if not isinstance(routes, list) or not isinstance(seq, yaml.SequenceNode):
+        return []
+    problems = []
+    for attr in ("name", "message", "legacy"):
+        first: dict[str, int] = {}
+        for i, route in enumerate(routes):
+            value = route.get(attr) if isinstance(route, dict) else None
+            if not isinstance(value, str):
+                continue
+            if value in first:
+                line = _line_of(node, ("routes", i, attr))
+                problems.append(f"{source}:{line}: route {attr} '{value}' is already used by the route "
+                                f"on line {first[value]}; each route needs its own {attr}")
+            else:
+                first[value] = _line_of(node, ("routes", i))
+    return problems
+
+
+def _problem(err: dict, data: dict, node: yaml.Node | None, source: str) -> str:
+    loc = tuple(err["loc"])
+    line = _line_of(node, loc)
+    where = messages.readable_path(data, loc)
+    if err["type"] == "extra_forbidden":
+        return f"{source}:{line}: " + messages.unknown_key(RouteTable, loc, messages.readable_path(data, loc[:-1]))
+    if err["type"] == "missing":
+        return f"{source}:{line}: {where}: required, missing"
+    return f"{source}:{line}: {where}: {err['msg']}"
+
+
 def parse_route_table(text: str, source: str = "routes.yaml") -> RouteTable:
+    """The validated table, or RouteTableError naming each problem's line in words."""
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise RouteTableError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise RouteTableError(messages.yaml_problem(exc, text, source)) from None
     if not isinstance(data, dict):
         raise RouteTableError(f"{source}:1: expected a mapping with version, legacy and routes")
+    problems = messages.duplicate_keys(node, source) + _duplicate_routes(data, node, source)
+    if problems:
+        raise RouteTableError("\n".join(problems))
     try:
         return RouteTable.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            path = tuple(err["loc"])
-            line = _line_of(node, path)
-            dotted = ".".join(str(p) for p in path) or "<root>"
-            problems.append(f"{source}:{line}: {dotted}: {err['msg']}")
-        raise RouteTableError("\n".join(problems)) from None
+        raise RouteTableError("\n".join(_problem(e, data, node, source) for e in exc.errors())) from None
 
 
 def load_route_table(path: Path | str) -> RouteTable:

@@ -7,6 +7,8 @@ overflow is counted as a shadow error) and one greenthread sends them to
 few calls in flight at a time. Mismatches are appended to a bounded JSONL
 file beside the outbox, with both sides and the differing fields, and read
 back by `retailbus routes mismatches ROUTE` through the agent's HTTP API.
+Each comparison of a sale or return is journaled (`shadow_compared`: parity,
+mismatch or error) under the call's id, so `retailbus trace` shows it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from eventlet.queue import Empty, Full, LightQueue
 from nameko.extensions import DependencyProvider
 from nameko.standalone.rpc import ClusterRpcProxy
 
+from bus import journal
 from routing.route_state import RouteStats
 
 log = logging.getLogger(__name__)
@@ -83,18 +86,19 @@ class ShadowComparer(DependencyProvider):
         return self
 
     def submit_posting(self, stats: RouteStats, route: str, message_type: str, parse,
-                       request_body: bytes, legacy_body: bytes) -> None:
+                       request_body: bytes, legacy_body: bytes, trace: str | None = None) -> None:
+        """Queue the comparison of one posting; `trace` is the call's journal id."""
         try:
             legacy = json.loads(legacy_body)
             doc_no = legacy["DOC_NO"]
             txn = parse(json.loads(request_body))
         except Exception as exc:  # the legacy ERP took what our contract refuses: a mismatch
             self._record(stats, route, "contract", [{"field": "contract", "bus": str(exc), "legacy": "accepted"}],
-                         None, legacy_body.decode(errors="replace"))
+                         None, legacy_body.decode(errors="replace"), trace)
             return
         data = txn.model_dump(mode="json")
         self._submit(stats, route, txn.pos_txn_id, ("shadow_compare", (message_type, data, doc_no)),
-                     lambda diffs: diffs, data, legacy)
+                     lambda diffs: diffs, data, legacy, trace)
 
     def submit_stock(self, stats: RouteStats, route: str, store: str, sku: str, legacy_body: bytes) -> None:
         legacy = json.loads(legacy_body)
@@ -105,15 +109,27 @@ class ShadowComparer(DependencyProvider):
                 {"field": "ON_HAND", "bus": ours, "legacy": legacy.get("ON_HAND")}]
         self._submit(stats, route, f"{store}/{sku}", ("stock_level", (store, sku)), diffs, None, legacy)
 
-    def _submit(self, stats, route, ref, call, to_diffs, bus_input, legacy):
+    def _submit(self, stats, route, ref, call, to_diffs, bus_input, legacy, trace=None):
         try:
-            self.pending.put_nowait((stats, route, ref, call, to_diffs, bus_input, legacy))
+            self.pending.put_nowait((stats, route, ref, call, to_diffs, bus_input, legacy, trace))
         except Full:
-            stats.count(route, "shadow", "error")
+            self._error(stats, route, ref, trace, "shadow queue full")
             log.warning("shadow queue full; comparison of %s skipped", ref, extra={"id": ref, "correlationid": None})
 
-    def _record(self, stats: RouteStats, route: str, ref: str, diffs: list[dict], bus, legacy) -> None:
+    @staticmethod
+    def _error(stats: RouteStats, route: str, ref: str, trace: str | None, why: str) -> None:
+        stats.count(route, "shadow", "error")
+        if trace is not None:
+            journal.record("shadow_compared", "error", id=trace, correlationid=trace, subject=ref,
+                           detail={"route": route, "error": why[:200]})
+
+    def _record(self, stats: RouteStats, route: str, ref: str, diffs: list[dict], bus, legacy,
+                trace: str | None = None) -> None:
         stats.shadowed(route, not diffs)
+        if trace is not None:
+            journal.record("shadow_compared", "mismatch" if diffs else "parity", id=trace, correlationid=trace,
+                           subject=ref, detail={"route": route, **({"fields": ", ".join(
+                               d["field"] for d in diffs)[:200]} if diffs else {})})
         if diffs:
             self.mismatches.add({"time": datetime.now(timezone.utc).isoformat(), "route": route, "ref": ref,
                                  "fields": [d["field"] for d in diffs], "diffs": diffs,
@@ -146,8 +162,8 @@ class ShadowComparer(DependencyProvider):
                         proxy = cluster.start()
                 replies = [getattr(proxy.erp, method).call_async(*args) for _, _, _, (method, args), *_ in batch]
             except Exception as exc:  # bus down: every comparison of the batch is a shadow error
-                for stats, route, ref, *_ in batch:
-                    stats.count(route, "shadow", "error")
+                for stats, route, ref, *_, trace in batch:
+                    self._error(stats, route, ref, trace, f"bus unavailable: {exc}")
                 log.warning("shadow comparisons failed (%s); %d counted as errors", exc, len(batch))
                 cluster, proxy = self._close(cluster), None
                 eventlet.sleep(backoff)
@@ -155,18 +171,18 @@ class ShadowComparer(DependencyProvider):
                 continue
             backoff = 0.5
             deadline = time.monotonic() + self.timeout
-            for (stats, route, ref, _, to_diffs, bus_input, legacy), reply in zip(batch, replies):
+            for (stats, route, ref, _, to_diffs, bus_input, legacy, trace), reply in zip(batch, replies):
                 if proxy is None:  # an earlier reply of this batch timed out: so will these
-                    stats.count(route, "shadow", "error")
+                    self._error(stats, route, ref, trace, "an earlier comparison timed out")
                     continue
                 try:
                     with eventlet.Timeout(max(0.1, deadline - time.monotonic())):
                         result = reply.result()
-                    self._record(stats, route, ref, to_diffs(result), bus_input, legacy)
+                    self._record(stats, route, ref, to_diffs(result), bus_input, legacy, trace)
                 except BaseException as exc:  # eventlet.Timeout is a BaseException
                     if isinstance(exc, (KeyboardInterrupt, SystemExit, eventlet.greenlet.GreenletExit)):
                         raise
-                    stats.count(route, "shadow", "error")
+                    self._error(stats, route, ref, trace, f"{type(exc).__name__}: {exc}")
                     log.warning("shadow comparison of %s failed: %s", ref, exc or type(exc).__name__,
                                 extra={"id": ref, "correlationid": None})
                     if isinstance(exc, eventlet.Timeout):

@@ -34,6 +34,7 @@ from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
 from routing.outbox import Outbox, OutboxConflict, OutboxUnavailable
 from routing.pos_http import pos_http
 from routing.route_state import DECISION_SECONDS, END_TO_END_SECONDS, RouteTableHolder
+from routing.route_table import mode_of
 from routing.shadow import ShadowComparer
 from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
 from bus import journal
@@ -212,6 +213,8 @@ class StoreAgent:
             return refused
         table = self.routes.table  # in flight, a request finishes on the table it started with
         call = self._decide(table, message_type, route, "POST", request, body)
+        if call.mode != "bus":
+            modes.trace(call, body, self.store.store_id, terminal)
         queued = []
         response = modes.post(self.legacy(table.legacy.base_url, table.legacy.timeout), self.shadow, call,
                               self.routes.stats, message_type, parse,
@@ -352,21 +355,39 @@ class StoreAgent:
 
     @pos_http("GET", "/healthz")
     def healthz(self, request):
+        """`status` is `degraded` (with `problems`) when the agent cannot reach the broker:
+        it still takes sales, but nothing leaves the store and no route table arrives."""
         forwarder = self.store.forwarder
         last = forwarder.last_confirm
+        table = self.routes.table
+        # The forwarder connects on its first publish; an idle agent's live link is its stock feed.
+        connected = forwarder.publisher.connected or self.stock.feed.connected
+        problems = [] if connected else ["broker not connected"]
+        if forwarder.breaker_state == "open":
+            problems.append("uplink breaker open")
         return _json(200, {
-            "status": "ok", "store": self.store.store_id, **self._stats(),
+            "status": "degraded" if problems else "ok", "problems": problems,
+            "store": self.store.store_id, **self._stats(),
             "breaker_state": forwarder.breaker_state,
-            "broker_connected": forwarder.publisher.connected,
+            "broker_connected": connected,
             "stock_feed_connected": self.stock.feed.connected,
-            "route_table_version": self.routes.table.version,
+            "route_table_version": table.version,
+            "route_modes": {r.name: mode_of(r, self.store.store_id) for r in table.routes},
             "routes": self.routes.stats.snapshot(),
             "routes_window": self.routes.stats.window(_window(request)),
-            "shadow_parity": {route: seen[1] / seen[0] for route, seen in self.routes.stats.parity.items()},
+            "shadow_parity": {route: p["rate"] for route, p in self.routes.stats.parity_summary().items()},
+            "shadow_compared": {route: p["compared"] for route, p in self.routes.stats.parity_summary().items()},
             "shadow_pending": self.shadow.pending.qsize(),
             "last_confirm_time": datetime.fromtimestamp(last, timezone.utc).isoformat() if last else None,
             "auth_required": self.store.config.auth_required,
         })
+
+    @pos_http("GET", "/routes/table")
+    def route_table(self, request):
+        """The table this agent runs, as text: what the control plane records as the
+        start-up version when nothing was applied yet."""
+        return _json(200, {"store": self.store.store_id, "version": self.routes.table.version,
+                           "table": self.routes.text})
 
     @pos_http("GET", "/routes/mismatches")
     def mismatches(self, request):

@@ -47,22 +47,39 @@ def test_the_shipped_routes_file_is_valid():
 
 
 @pytest.mark.parametrize(("broken", "line", "reason"), [
-    (TABLE.replace("mode: bus", "mode: buss"), 8, "routes.0.mode"),
+    (TABLE.replace("mode: bus", "mode: buss"), 8, "routes[sales].mode: Input should be"),
     (TABLE.replace("pos.stock_query.v1", "pos.stock_query.v7"), 11, "unknown message type"),
-    (TABLE.replace("percent: 25", "percent: 101"), 9, "routes.0.rollout.percent"),
-    (TABLE.replace("percent: 25", "percent: -1"), 9, "routes.0.rollout.percent"),
-    (TABLE.replace("name: stock", "name: sales"), 1, "two routes share name 'sales'"),
-    (TABLE.replace("pos.stock_query.v1", "pos.sale.v1"), 1, "two routes share message"),
-    (TABLE.replace("GET /erp/stock", "FETCH /erp/stock"), 12, "routes.1.legacy"),
+    (TABLE.replace("percent: 25", "percent: 101"), 9, "routes[sales].rollout.percent"),
+    (TABLE.replace("percent: 25", "percent: -1"), 9, "routes[sales].rollout.percent"),
+    (TABLE.replace("name: stock", "name: sales"), 10,
+     "route name 'sales' is already used by the route on line 5"),
+    (TABLE.replace("pos.stock_query.v1", "pos.sale.v1"), 11,
+     "route message 'pos.sale.v1' is already used by the route on line 5"),
+    (TABLE.replace("GET /erp/stock", "FETCH /erp/stock"), 12, "routes[stock].legacy"),
     (TABLE.replace("version: 4", "version: 0"), 1, "version"),
-    (TABLE.replace("    mode: shadow", "    mode: shadow\n    colour: red"), 14, "routes.1.colour"),
+    (TABLE.replace("    mode: shadow", "    mode: shadow\n    colour: red"), 14,
+     "routes[stock]: unknown key 'colour' (known keys: name, message, legacy, mode"),
+    (TABLE.replace("    mode: shadow", "    mode: shadow\n    on_legacy_falure: queue"), 14,
+     "routes[stock]: unknown key 'on_legacy_falure' (did you mean 'on_legacy_failure'?)"),
+    (TABLE.replace("percent: 25}", "percent: 25, other: bus}"), 9,
+     "routes[sales].rollout: unknown key 'other' (did you mean 'others'?)"),
+    (TABLE.replace("    mode: shadow", "    mode: shadow\n    mode: bus"), 14,
+     "routes[stock]: key 'mode' is given twice (first on line 13)"),
     (TABLE.replace("base_url: http://127.0.0.1:8081", "base_url: ftp://x"), 3, "legacy.base_url"),
-    ("version: 4\nlegacy: [\n", 3, "invalid YAML"),
+    (TABLE.replace("    legacy: GET /erp/stock", "    legacy: GET /erp/stock\n    mode"), 13,
+     "a key without ':' after it"),
+    (TABLE.replace("  - name: stock", "   - name: stock"), 10,
+     'the indentation does not line up: this line is indented differently from the keys around it '
+     '("- name: stock")'),
+    (TABLE.replace("    mode: shadow", "      mode: shadow"), 13, "a ':' where none may be"),
+    (TABLE.replace("    mode: shadow", "\tmode: shadow"), 13, "a tab: indent with spaces only"),
+    ("version: 4\nlegacy: [\n", 3, "the file ends where a value was expected"),
     ("- just\n- a list\n", 1, "expected a mapping"),
 ])
 def test_a_bad_table_is_refused_with_its_line_and_reason(broken, line, reason):
     message = refused(broken)
-    assert f"routes.yaml:{line}:" in message and reason in message
+    assert f"routes.yaml:{line}:" in message and reason in message, message
+    assert "<block" not in message and "routes.0" not in message and "routes.1" not in message
 
 
 def test_env_placeholders_are_not_substituted(monkeypatch):

@@ -1,0 +1,129 @@
+"""Why a routes file is refused, said the way an operator edits it.
+
+The YAML parser and pydantic speak their own jargon ("expected <block end>",
+`routes.0.on_legacy_falure`); ops read `routes.yaml:9` and want the route by
+its name, the offending line, and the key they probably meant. These are
+plain functions from a parser's or a validator's error to one line of text.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+# The YAML parser's problems, in words (matched by prefix, first match wins).
+_YAML_PROBLEMS = (
+    ("expected <block end>", "the indentation does not line up: this line is indented differently "
+                             "from the keys around it"),
+    ("mapping values are not allowed", "a ':' where none may be: indent the key under its parent, "
+                                       "or quote a value that contains ': '"),
+    ("found character '\\t'", "a tab: indent with spaces only"),
+    ("could not find expected ':'", "a key without ':' after it"),
+    ("expected ',' or ']'", "a [list] that is not closed with ']'"),
+    ("expected ',' or '}'", "a {mapping} that is not closed with '}'"),
+    ("found unexpected end of stream", "a quote that is never closed"),
+    ("found unexpected ':'", "a ':' inside a value: quote the value"),
+    ("expected <block mapping start>", "a list item or value where a 'key: value' was expected"),
+    ("expected the node content, but found '<stream end>'", "the file ends where a value was expected"),
+    ("expected the node content", "a value is missing here"),
+    ("found undefined alias", "an '*alias' with no '&anchor' before it"),
+)
+
+
+def yaml_problem(exc: yaml.YAMLError, text: str, source: str) -> str:
+    """`source:LINE: what is wrong in words (the line as written)`."""
+    problem = str(getattr(exc, "problem", None) or exc)
+    words = next((said for start, said in _YAML_PROBLEMS if problem.startswith(start)), None)
+    # A key left without ':' is noticed on the next line; the scanner's context is the key itself.
+    at_key = problem.startswith("could not find expected ':'")
+    mark = (getattr(exc, "context_mark", None) if at_key else None) or getattr(exc, "problem_mark", None)
+    if words is None:
+        words = f"not valid YAML ({problem})"
+    if mark is None:
+        return f"{source}: {words}"
+    lines = text.splitlines()
+    shown = f' ("{lines[mark.line].strip()}")' if mark.line < len(lines) and lines[mark.line].strip() else ""
+    return f"{source}:{mark.line + 1}: {words}{shown}"
+
+
+def duplicate_keys(node: yaml.Node | None, source: str, path: str = "") -> list[str]:
+    """YAML keeps the last of two equal keys without a word: a route with two `mode:`
+    lines would run the second. Each repeated key, with both lines."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if name in first:
+                found.append(f"{source}:{key.start_mark.line + 1}: {path or '<top>'}: key '{name}' "
+                             f"is given twice (first on line {first[name]}); remove one")
+            else:
+                first[name] = key.start_mark.line + 1
+            found += duplicate_keys(value, source, f"{path}.{name}" if path else name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += duplicate_keys(item, source, f"{path}[{_item_name(item) or i}]")
+    return found
+
+
+def _item_name(node: yaml.Node) -> str | None:
+    if isinstance(node, yaml.MappingNode):
+        return next((str(v.value) for k, v in node.value if k.value == "name" and isinstance(v, yaml.ScalarNode)),
+                    None)
+    return None
+
+
+def readable_path(data: Any, loc: tuple) -> str:
+    """`routes.0.rollout.percent` -> `routes[sales].rollout.percent` (the route's name when it has one)."""
+    out, node = "", data
+    for key in loc:
+        if isinstance(key, int):
+            name = node[key].get("name") if isinstance(node, list) and key < len(node) and \
+                isinstance(node[key], dict) else None
+            out += f"[{name}]" if isinstance(name, str) and name else f"[{key}]"
+        else:
+            out += f".{key}" if out else str(key)
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node = node[key]
+        else:
+            node = None
+    return out or "<top>"
+
+
+def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the last key of `loc` (to list what it does accept)."""
+    model: Any = root
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def unknown_key(root: type[BaseModel], loc: tuple, where: str) -> str:
+    """`routes[sales]: unknown key 'on_legacy_falure' (did you mean 'on_legacy_failure'?)`."""
+    key = str(loc[-1])
+    model = model_at(root, loc)
+    known = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}" if known else ""
+    return f"{where}: unknown key '{key}'" + (f" ({hint})" if hint else "")
