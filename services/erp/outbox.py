@@ -7,15 +7,21 @@ of the legacy database, and a relay publishes committed rows with the
 confirming publisher and marks them sent after the broker confirmed: never
 an effect without its event, never an event without its effect. A crash
 between confirm and mark re-sends, which consumers absorb by idempotencykey.
+
+An event the broker returns as unroutable (no queue bound: a subscriber's
+binding or queue was removed, or the setup step that declares them has not
+run) is not sent: it stays unsent, is retried with growing delay, and raises
+the alert `retailbus_outbox_unroutable_events` until a queue takes it.
 """
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from datetime import datetime, timezone
 
 from nameko.extensions import DependencyProvider
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bindparam, select, update
 
 from contracts.envelope import CloudEvent
@@ -30,6 +36,10 @@ log = logging.getLogger(__name__)
 RELAYED = Counter("retailbus_outbox_relayed_total",
                   "Outbox events relayed to the broker, by outcome (confirmed, unroutable, failed)",
                   ["exchange", "outcome"])
+UNROUTABLE = Gauge("retailbus_outbox_unroutable_events",
+                   "Events of the last relay round that no queue took: kept unsent and retried (alert when > 0)",
+                   ["exchange"])
+MAX_BACKOFF = 30.0  # seconds between relay rounds while the broker refuses events
 
 metadata = MetaData()
 OUTBOX = Table(
@@ -92,6 +102,7 @@ class Outbox(DependencyProvider):
         self.interval = interval
         self._writers: dict = {}
         self._wake = threading.Event()
+        self._halt = threading.Event()
         self._running = False
 
     def setup(self):
@@ -101,10 +112,12 @@ class Outbox(DependencyProvider):
 
     def start(self):
         self._running = True
+        self._halt.clear()
         self._thread = self.container.spawn_managed_thread(self._relay, identifier="outbox_relay")
 
     def stop(self):
         self._running = False
+        self._halt.set()
         self._wake.set()
         self._thread.wait()
 
@@ -122,9 +135,13 @@ class Outbox(DependencyProvider):
             self._wake.set()
 
     def _relay(self):
-        created = False
+        created, failures = False, 0
         while self._running:
-            self._wake.wait(self.interval)
+            # after a failed round, a new posting does not cut the backoff short
+            if failures:
+                self._halt.wait(min(MAX_BACKOFF, self.interval * 2 ** failures) * random.uniform(0.5, 1))
+            else:
+                self._wake.wait(self.interval)
             self._wake.clear()
             try:
                 if not created:  # a fresh legacy DB has no RB_OUTBOX until the first posting
@@ -132,8 +149,10 @@ class Outbox(DependencyProvider):
                     created = True
                 while self._running and self.relay_once() == self.batch:
                     pass
-            except Exception as exc:  # database or broker away: rows stay, next round retries
-                log.warning("outbox relay failed: %s", exc)
+                failures = 0
+            except Exception as exc:  # database or broker away, or no queue bound: rows stay
+                failures = min(failures + 1, 16)
+                log.warning("outbox relay failed (round %d): %s", failures, exc)
 
     def relay_once(self) -> int:
         """Publish up to `batch` unsent rows; returns how many were read."""
@@ -146,27 +165,27 @@ class Outbox(DependencyProvider):
                                     message_id=r.EVENT_ID, correlation_id=r.CORRELATION_ID, type=r.TYPE)
                     for r in rows]
         results = self.bus.publisher.publish_many(messages)
-        done = []
+        done, unroutable = [], 0
         for row, error in zip(rows, results):
             if error is None:
                 RELAYED.labels(self.exchange, "confirmed").inc()
                 done.append(row.ID)
             elif isinstance(error, UnroutableError):
-                # No queue is bound: no consumer has ever subscribed. Holding the event
-                # back would block the outbox forever; a subscriber's durable queue
-                # keeps everything published after it first started.
+                # No queue took it (a binding or queue removed, setup not run): marking it
+                # sent would lose it for every subscriber. It stays, and ops are told.
+                unroutable += 1
                 RELAYED.labels(self.exchange, "unroutable").inc()
-                log.warning("%s had no subscriber: %s", row.TYPE, error,
-                            extra={"id": row.EVENT_ID, "correlationid": row.CORRELATION_ID})
-                done.append(row.ID)
+                log.error("%s was not routed to any queue; kept and retried: %s", row.TYPE, error,
+                          extra={"id": row.EVENT_ID, "correlationid": row.CORRELATION_ID})
             else:
                 RELAYED.labels(self.exchange, "failed").inc()
+        UNROUTABLE.labels(self.exchange).set(unroutable)
         if done:
             with self.engine.connect() as conn:
                 tx = conn.begin()
                 conn.execute(_MARK_SENT, {"ids": done, "now": _now()})  # one statement, not one per row
                 commit_off_hub(tx)
         if len(done) < len(rows):
-            raise RuntimeError(f"{len(rows) - len(done)} events not confirmed; retrying")
+            raise RuntimeError(f"{len(rows) - len(done)} events not confirmed "
+                               f"({unroutable} unroutable); retrying")
         return len(rows)
-
