@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contracts.batch import EventBatchV1
-from contracts.control import StoreControlTotalsV1
+from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
 from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
@@ -39,6 +39,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     EventBatchV1,
     JournalHopsV1,
     StoreControlTotalsV1,
+    StoreControlTotalsV2,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}

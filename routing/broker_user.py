@@ -1,5 +1,5 @@
 """Each store agent publishes as its own broker user, allowed nothing but
-publishing `pos.*` messages (and its `store.control_totals.v1`) to
+publishing `pos.*` messages (and its `store.control_totals.v1`/`v2`) to
 `store_agent.events`; with AMQP `user_id`
 set to that user (the broker checks it), a consumer can trust which store
 sent a message (`x-retailbus-original-user-id` keeps it on parked ones).
@@ -20,7 +20,7 @@ from pathlib import Path
 from bus.broker_uri import with_user
 
 EXCHANGE = "store_agent.events"
-TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v1)$"  # its sales and returns, its control totals
+TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v[12])$"  # its sales and returns, its control totals
 
 
 def store_user(store_id: str) -> str:

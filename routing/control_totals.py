@@ -4,16 +4,17 @@ Each accepted transaction is noted in `accepted_txn`, in the outbox database:
 a bus-mode one inside the very transaction that commits its outbox row (one
 more INSERT, no extra fsync, so the accept path stays as fast as it was), a
 legacy- or shadow-mode one once the legacy ERP has answered it. The notes are
-the durable truth; the `store.control_totals.v1` messages are snapshots taken
-from them, so nothing about them has to survive a restart or a WAN outage:
-they are taken again.
+the durable truth; the `store.control_totals.v2` messages are digests kept up
+to date from them (routing/day_totals.py), so nothing about them has to survive
+a restart or a WAN outage: the agent counts again when it starts.
 
-`ControlTotalsPublisher` takes a snapshot of every business day touched in the
-last `days` days, at start and then every `interval` seconds, and publishes the
-days that changed since it last published them. A day's snapshot leaves only
-once every outbox row it covers has been confirmed by the broker, so the totals
-travel behind the sales they count. A snapshot nobody is bound to receive
-(no reconcile service yet) is simply taken again on the next round.
+`ControlTotalsPublisher` folds in new notes every `interval` seconds and
+publishes the days that changed since it last published them. A day's totals
+leave only once every outbox row they cover has been confirmed by the broker,
+so they travel behind the sales they count. Totals nobody is bound to receive
+(no reconcile service yet) are simply sent again on the next round. The day's
+list, which reconciliation asks for only when the digests differ, is read from
+the notes on demand (`day_totals`, `GET /control/transactions`).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from eventlet import tpool
 from eventlet.event import Event
 from nameko.extensions import Extension
 
-from contracts.control import ControlTxn, KindTotals, StoreControlTotalsV1
+from contracts.control import ControlTxn, KindTotals, StoreControlTotalsV1, StoreControlTotalsV2
 from contracts.envelope import CloudEvent
+from routing.day_totals import RunningTotals
 from bus import topology
 from bus.constants import H_STORE
 from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError, UnroutableError
@@ -73,25 +75,18 @@ def compact(db: sqlite3.Connection, cutoff: float) -> None:
     db.execute("DELETE FROM accepted_txn WHERE accepted_at < ?", (cutoff,))
 
 
-def recent_days(db: sqlite3.Connection, since: float) -> dict[str, tuple[int, int]]:
-    """Business day (YYYY-MM-DD) -> (its last note `n`, the last outbox seq its notes cover),
-    for every day with a transaction accepted after `since`. Cheap: no rows are built."""
-    return {day: (n, seq or 0) for day, n, seq in db.execute(
-        "SELECT business_day, max(n), max(outbox_seq) FROM accepted_txn WHERE business_day IN "
-        "(SELECT DISTINCT business_day FROM accepted_txn WHERE accepted_at >= ?) GROUP BY business_day",
-        (since,))}
-
-
 def day_totals(db: sqlite3.Connection, store_id: str, day: str, as_of: int) -> StoreControlTotalsV1:
-    """The control totals of `day` as of note `as_of` (later notes are left to the next round)."""
+    """The day's transactions as of note `as_of`, listed (the v1 shape): on demand only."""
     kinds: dict[str, list[ControlTxn]] = {"sale": [], "return": []}
-    for kind, txn_id, total, currency, card, via in db.execute(
-            "SELECT kind, pos_txn_id, total_minor, currency, loyalty_card, via FROM accepted_txn "
-            "WHERE business_day = ? AND n <= ? ORDER BY n", (day, as_of)):
+    last = 0
+    for n, kind, txn_id, total, currency, card, via in db.execute(
+            "SELECT n, kind, pos_txn_id, total_minor, currency, loyalty_card, via FROM accepted_txn "
+            "WHERE business_day = ? AND n <= ? ORDER BY n", (day, as_of)):  # the day's index, then n
+        last = n
         kinds[kind].append(ControlTxn(pos_txn_id=txn_id, total_minor=total, currency=currency,
                                       loyalty_card=bool(card), via=via))
     return StoreControlTotalsV1(
-        store_id=store_id, business_day=day, as_of=as_of, taken_at=datetime.now(UTC),
+        store_id=store_id, business_day=day, as_of=last, taken_at=datetime.now(UTC),
         sales=KindTotals.of(kinds["sale"]), returns=KindTotals.of(kinds["return"]))
 
 
@@ -108,12 +103,14 @@ class ControlTotalsPublisher(Extension):
         self.published: dict[str, int] = {}  # business day -> as_of last confirmed
         self._stopped = Event()
         self._db: sqlite3.Connection | None = None
+        self._counted = False
         self.publisher: ConfirmingPublisher | None = None
 
     def attach(self, outbox_path: Path, store_id: str, uri: str, pub: PublisherSettings,
                interval: float, days: float):
         """Called by the service's `setup`, after the outbox (and its tables) exist."""
         self.path, self.store_id, self.interval, self.days = outbox_path, store_id, interval, days
+        self.running = RunningTotals(days * 86400)
         self.user_id = unquote(urlparse(uri).username or "") or None
         self.publisher = ConfirmingPublisher(
             uri, window=100, confirm_timeout=pub.confirm_timeout, connect_timeout=pub.connect_timeout,
@@ -146,24 +143,40 @@ class ControlTotalsPublisher(Extension):
             self._db.close()
 
     def _read(self, fn, *args):
-        return tpool.execute(fn, self._db, *args)  # an OS thread: a big day never stalls a till
+        return tpool.execute(fn, self._db, *args)  # an OS thread: a long tail never stalls a till
+
+    def day_list(self, day: str, as_of: int) -> StoreControlTotalsV1:
+        """The day's transactions up to note `as_of` (what a reconciliation with a difference asks for)."""
+        db = sqlite3.connect(str(self.path), check_same_thread=False)
+        try:
+            return tpool.execute(day_totals, db, self.store_id, day, as_of)
+        finally:
+            db.close()
+
+    def fold_new(self) -> int:
+        """Count the days once (the first time), then fold in the notes committed since."""
+        if not self._counted:
+            self._read(self.running.recount, time.time())
+            self._counted = True
+        return self._read(self.running.tail, time.time())
 
     def publish_changed(self) -> int:
         """One round: publish each recent day whose totals changed; returns how many left."""
+        self.fold_new()
         sent = 0
-        for day, (as_of, last_seq) in sorted(self._read(recent_days, time.time() - self.days * 86400).items()):
-            if self.published.get(day) == as_of:
+        for day, totals in sorted(self.running.days.items()):
+            if self.published.get(day) == totals.as_of:
                 continue
             deadline = time.monotonic() + self.interval
-            while self._read(unsent_up_to, last_seq) and not self._stopped.ready():
+            while self._read(unsent_up_to, totals.last_seq) and not self._stopped.ready():
                 if time.monotonic() > deadline:
                     return sent  # the forwarder is behind (WAN down?): try again next round
                 self._stopped.wait(timeout=0.2)
             if self._stopped.ready():
                 return sent
-            totals = self._read(day_totals, self.store_id, day, as_of)
+            message = totals.message(self.store_id, day)  # as of now: what the wait above covered
             try:
-                self.publisher.publish(self._message(totals))
+                self.publisher.publish(self._message(message))
             except UnroutableError:
                 log.info("control totals of %s: no one is bound to receive them yet", day,
                          extra={"id": self.store_id, "correlationid": None})
@@ -172,15 +185,17 @@ class ControlTotalsPublisher(Extension):
                 log.warning("control totals of %s not published: %s", day, exc,
                             extra={"id": self.store_id, "correlationid": None})
                 return sent
-            self.published[day] = totals.as_of
+            self.published[day] = message.as_of
             sent += 1
+        for day in [day for day in self.published if day not in self.running.days]:
+            del self.published[day]  # past the window: kept neither here nor there
         return sent
 
-    def _message(self, totals: StoreControlTotalsV1) -> OutgoingMessage:
+    def _message(self, totals: StoreControlTotalsV2) -> OutgoingMessage:
         day = totals.business_day.isoformat()
         event = CloudEvent.new(
-            StoreControlTotalsV1.TYPE, f"store/{self.store_id}/agent", totals,
+            StoreControlTotalsV2.TYPE, f"store/{self.store_id}/agent", totals,
             subject=f"{self.store_id}/{day}",
-            idempotencykey=f"{StoreControlTotalsV1.TYPE}:{self.store_id}:{day}:{totals.as_of}")
+            idempotencykey=f"{StoreControlTotalsV2.TYPE}:{self.store_id}:{day}:{totals.as_of}")
         return OutgoingMessage(self.exchange, event.type, event.to_json(), message_id=event.id,
                                type=event.type, user_id=self.user_id, headers={H_STORE: self.store_id})

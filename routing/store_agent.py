@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import eventlet
 from nameko.extensions import DependencyProvider
@@ -403,3 +403,18 @@ class StoreAgent:
     def metrics(self, request):
         self._stats()
         return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)  # as is: it names its charset
+    @pos_http("GET", "/control/transactions")
+    def control_transactions(self, request):
+        """The day's accepted sales and returns, listed (`store.control_totals.v1` JSON), up to
+        note `as_of`: what reconciliation asks for when a day's digests differ."""
+        try:
+            day = date.fromisoformat(request.args.get("day", "")).isoformat()
+        except ValueError:
+            return _error(400, "day: required, YYYY-MM-DD")
+        try:
+            as_of = int(request.args.get("as_of", str(2 ** 62)))
+        except ValueError:
+            return _error(400, "as_of: not an integer")
+        listed = self.store.totals.day_list(day, as_of)
+        return Response(listed.model_dump_json(), mimetype="application/json")
+

@@ -13,6 +13,12 @@ Rules:
   Legacy-mode transactions never reach the points file: the legacy ERP API
   does not announce its postings.
 The gap is the number of findings; zero means the day reconciles.
+
+With v2 totals (digests) the day is first compared digest to digest
+(`digest_report`): when the ERP's and the points file's digests equal the
+agent's, nothing can be named and the list is never fetched. Otherwise the
+agent's list is fetched and compared as above; if the agent cannot be asked,
+each differing side is a `digest_mismatch` finding with the counts.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from contracts.control import ControlTxn, StoreControlTotalsV1
+from contracts.control import ControlTxn, StoreControlTotalsV1, StoreControlTotalsV2, TxnDigest
 from services.files.mapping import points_for
 
 ERP_KIND = {"S": "sale", "R": "return"}
@@ -82,9 +88,10 @@ class StoreReport(BaseModel):
     loyalty_missing: list[Finding] = Field(default_factory=list)
     loyalty_duplicated: list[Finding] = Field(default_factory=list)
     loyalty_unexpected: list[Finding] = Field(default_factory=list)
+    digest_mismatch: list[Finding] = Field(default_factory=list)
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("erp_missing", "erp_duplicated", "erp_unexpected", "amount_mismatch",
-                "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected")
+                "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected", "digest_mismatch")
 
     @computed_field
     @property
@@ -150,6 +157,38 @@ def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
             report.loyalty_duplicated.append(Finding(kind=kind, pos_txn_id=txn_id,
                                                      detail=f"{rows[key]} records in {', '.join(files)}"))
     return report
+
+
+KINDS = ("sale", "return")
+
+
+def _differing(totals: StoreControlTotalsV2, erp: dict[str, TxnDigest],
+               points: dict[str, TxnDigest] | None) -> list[tuple[str, str, TxnDigest, TxnDigest]]:
+    """(kind, side, agent's digest, the side's digest) for every side that differs."""
+    agent = {"sale": totals.sales, "return": totals.returns}
+    out = [(kind, "erp", agent[kind].txns(), erp[kind]) for kind in KINDS if not agent[kind].txns().same(erp[kind])]
+    if points is not None:
+        out += [(kind, "loyalty", agent[kind].loyalty(), points[kind]) for kind in KINDS
+                if not agent[kind].loyalty().same(points[kind])]
+    return out
+
+
+def digest_report(store_id: str, day: date, totals: StoreControlTotalsV2, erp: dict[str, TxnDigest],
+                  points: dict[str, TxnDigest] | None, unlisted: str | None = None) -> StoreReport | None:
+    """The report from digests alone: None when a side differs and the list is needed;
+    with `unlisted` (why the agent's list could not be had) each differing side is a finding."""
+    differing = _differing(totals, erp, points)
+    if differing and unlisted is None:
+        return None
+    agent = {"sale": totals.sales, "return": totals.returns}
+    return StoreReport(
+        store_id=store_id, business_day=day, totals_received=True, as_of=totals.as_of,
+        agent={k: Side(count=agent[k].count, amount_minor=dict(agent[k].amount_minor)) for k in KINDS},
+        erp={k: Side(count=erp[k].count, amount_minor=dict(erp[k].amount_minor)) for k in KINDS},
+        loyalty={k: points[k].count if points else 0 for k in KINDS},
+        digest_mismatch=[Finding(kind=kind, pos_txn_id="-", detail=f"{side} {theirs.count} vs agent {ours.count} "
+                                 f"transactions, digests differ; the agent's list: {unlisted}")
+                         for kind, side, ours, theirs in differing])
 
 
 def _doc_nos(docs: list[ErpDoc]) -> str:

@@ -1,19 +1,25 @@
 """Where the three sides live (from bus.yaml and filedrops.yaml) and one
 reconciliation of a business day over them; shared by the service's schedule
-and `retailbus reconcile`."""
+and `retailbus reconcile`. A store that sent digests (v2) is asked for its list
+(`GET /control/transactions` on its agent) only when a digest differs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import urllib.request
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlencode
 
 from sqlalchemy import Engine, create_engine
 
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.config import DropOut
 from services.reconcile import sources, store
-from services.reconcile.compare import StoreReport, reconcile
+from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
+from services.reconcile.compare import StoreReport, digest_report, reconcile
 from bus.settings import ConfigError, retailbus_settings
+from contracts.errors import RetailbusError
 
 POINTS_DROP = "loyalty_points"
 
@@ -24,6 +30,8 @@ class Estate:
     totals: Engine
     points: DropOut | None
     stores: tuple[str, ...]  # configured in RETAILBUS.stores
+    agents: dict[str, str] = field(default_factory=dict)  # store -> its agent's host:port
+    list_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, config: dict, config_path: Path | str | None = None,
@@ -45,7 +53,8 @@ class Estate:
             raise ConfigError(str(exc)) from None
         # plain engines: reading must never take the legacy writers' lock (no BEGIN IMMEDIATE)
         return cls(create_engine(legacy_dsn), store.open_engine(settings.absolute_dsn(settings.reconcile.dsn)),
-                   drops.outbound.get(POINTS_DROP), tuple(s.id for s in settings.stores))
+                   drops.outbound.get(POINTS_DROP), tuple(s.id for s in settings.stores),
+                   {s.id: s.http for s in settings.stores})
 
     def dispose(self):
         self.legacy.dispose()
@@ -58,6 +67,37 @@ def reconcile_day(estate: Estate, day: date, store_id: str | None = None) -> lis
     held = store.totals_for(estate.totals, day, store_id)
     stores = [store_id] if store_id else sorted(
         set(estate.stores) | held.keys() | sources.erp_stores(estate.legacy, day))
-    return [reconcile(s, day, held.get(s), sources.erp_docs(estate.legacy, s, day),
-                      sources.points_rows(estate.points, s, day) if estate.points else None)
-            for s in stores]
+    return [_one(estate, s, day, held.get(s)) for s in stores]
+
+
+def _one(estate: Estate, store_id: str, day: date,
+         totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None) -> StoreReport:
+    if isinstance(totals, StoreControlTotalsV2):
+        erp = sources.erp_digest(estate.legacy, store_id, day)
+        points = sources.points_digest(estate.points, store_id, day) if estate.points else None
+        agreed = digest_report(store_id, day, totals, erp, points)
+        if agreed is not None:
+            return agreed
+        try:
+            totals = agent_list(estate, store_id, day, totals.as_of)
+        except ListUnavailableError as exc:
+            return digest_report(store_id, day, totals, erp, points, unlisted=str(exc))
+    return reconcile(store_id, day, totals, sources.erp_docs(estate.legacy, store_id, day),
+                     sources.points_rows(estate.points, store_id, day) if estate.points else None)
+
+
+class ListUnavailableError(RetailbusError):
+    """Raised when a store agent cannot list a day's transactions (down, unknown, or a bad answer)."""
+
+
+def agent_list(estate: Estate, store_id: str, day: date, as_of: int) -> StoreControlTotalsV1:
+    """The store's accepted transactions of `day` up to note `as_of`, asked of its agent."""
+    address = estate.agents.get(store_id)
+    if address is None:
+        raise ListUnavailableError(f"store {store_id} is not in RETAILBUS.stores")
+    url = f"http://{address}/control/transactions?" + urlencode({"day": day.isoformat(), "as_of": as_of})
+    try:
+        with urllib.request.urlopen(url, timeout=estate.list_timeout) as answer:
+            return StoreControlTotalsV1.model_validate(json.load(answer))
+    except (OSError, ValueError) as exc:  # refused, timed out, HTTP error, not the contract
+        raise ListUnavailableError(f"{url}: {exc}") from None

@@ -11,7 +11,7 @@ from nameko.extensions import DependencyProvider
 from nameko.timer import Timer
 from prometheus_client import Gauge
 
-from contracts.control import StoreControlTotalsV1
+from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
 from contracts.envelope import CloudEvent
 from bus.consumer import DUPLICATE, reliable_handler
 from bus.metrics_http import MetricsHttp
@@ -59,7 +59,12 @@ class ReconcileService:
 
     @reliable_handler("store_agent", StoreControlTotalsV1.TYPE)
     def on_control_totals(self, totals: StoreControlTotalsV1, event: CloudEvent):
-        """Keep it unless a later snapshot of that store and day is held already."""
+        """Keep it unless a later snapshot of that store and day is held already (agents not on v2 yet)."""
+        return None if store.keep_latest(self.estate.totals, totals) else DUPLICATE
+
+    @reliable_handler("store_agent", StoreControlTotalsV2.TYPE)
+    def on_control_digests(self, totals: StoreControlTotalsV2, event: CloudEvent):
+        """The same for digests: a few hundred bytes per store and day."""
         return None if store.keep_latest(self.estate.totals, totals) else DUPLICATE
 
     @Schedule.decorator()

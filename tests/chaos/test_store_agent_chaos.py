@@ -65,7 +65,7 @@ class Estate:
     def start_reconcile(self):
         self.processes["reconcile"] = nameko_run(self.config, "services.reconcile", self.root / "reconcile.log",
                                                  **self.env())
-        queue = topology.handler_queue("store_agent", "store.control_totals.v1", "reconcile", "on_control_totals")
+        queue = topology.handler_queue("store_agent", "store.control_totals.v2", "reconcile", "on_control_digests")
         assert wait_for(lambda: self.queue(queue)[1] == 1, timeout=60), self.log("reconcile")
 
     def wait_totals(self, store: str, timeout: float = 60):

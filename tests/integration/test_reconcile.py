@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 DAY = "2026-11-27"  # legacy_sale's TXN_DATE
 CARD = "LC0000000001"
-TOTALS_QUEUE = topology.handler_queue("store_agent", "store.control_totals.v1", "reconcile", "on_control_totals")
+TOTALS_QUEUE = topology.handler_queue("store_agent", "store.control_totals.v2", "reconcile", "on_control_digests")
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
 POINTS_QUEUE = topology.handler_queue("erp", "batch", "files", "on_posted")
 

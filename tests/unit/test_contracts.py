@@ -81,6 +81,12 @@ def valid_payloads() -> dict[str, dict]:
                 {"pos_txn_id": "S001-07-000123", "total_minor": 2900, "currency": "EUR",
                  "loyalty_card": True, "via": "bus"}]},
             "returns": {"count": 0, "amount_minor": {}, "transactions": []}},
+        "store.control_totals.v2": {
+            "store_id": "S001", "business_day": "2024-03-01", "as_of": 7, "taken_at": "2024-03-01T22:00:00Z",
+            "sales": {"count": 1, "amount_minor": {"EUR": 2900}, "digest": "0123456789abcdef",
+                      "loyalty_count": 1, "loyalty_digest": "00000000000000ff"},
+            "returns": {"count": 0, "amount_minor": {}, "digest": "0000000000000000",
+                        "loyalty_count": 0, "loyalty_digest": "0000000000000000"}},
         "journal.hops.v1": {"hops": [{"id": "01J", "hop": "written", "outcome": "ok", "time": 1.5,
                                       "items": [{"key": "k:2", "row": 2, "refs": ["C1"]}]}]},
         "event.batch.v1": {"item_type": "customer.updated.v1", "file": "customers_1.csv",

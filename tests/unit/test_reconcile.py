@@ -26,6 +26,7 @@ from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.outbound import fixed_record
 from legacy_wrappers.legacy_http import LegacyHttpClient
 from routing import control_totals
+from routing.day_totals import RunningTotals
 from routing.store_agent import StoreAgent
 from routing.legacy_payload import sale_from_legacy
 from routing.outbox import Outbox
@@ -157,7 +158,10 @@ def test_outbox_notes_each_accepted_sale_once_in_the_same_commit(tmp_path):
     finally:
         box.close()
     db = sqlite3.connect(tmp_path / "outbox.db")
-    assert control_totals.recent_days(db, 0) == {"2026-11-27": (3, 2)}  # 3 notes, the last sale in outbox row 2
+    running = RunningTotals(86400)
+    running.recount(db, datetime.now().timestamp())
+    [(name, day_running)] = running.days.items()
+    assert (name, day_running.as_of, day_running.last_seq) == ("2026-11-27", 3, 2)  # the last sale in outbox row 2
     day = control_totals.day_totals(db, "S001", "2026-11-27", 3)
     assert [(t.pos_txn_id, t.via) for t in day.sales.transactions] == \
         [("S001-1", "bus"), ("S001-2", "bus"), ("S001-3", "legacy")]
@@ -309,9 +313,9 @@ def test_control_totals_leave_after_the_sales_they_count_and_only_when_changed(t
         assert totals_out.publish_changed() == 1
         [message] = totals_out.publisher.sent
         assert (message.exchange, message.routing_key, message.user_id) == \
-            ("store_agent.events", "store.control_totals.v1", "store-S001")
+            ("store_agent.events", "store.control_totals.v2", "store-S001")
         day = CloudEvent.from_json(message.body).payload()
-        assert day.sales.count == 2 and day.as_of == 2 and day.sales.transactions[1].loyalty_card
+        assert (day.sales.count, day.as_of, day.sales.loyalty_count) == (2, 2, 1)
         assert totals_out.publish_changed() == 0  # unchanged: not sent again
 
         box.record_accepted("pos.sale.v1", sale_from_legacy(legacy_sale("S001-3")).model_dump(mode="json"))
