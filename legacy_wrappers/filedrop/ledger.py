@@ -64,9 +64,10 @@ class Ledger:
         self._lock = threading.Lock()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=30000")
-        # NORMAL in WAL survives a process kill; a power cut may lose the
-        # last checkpoints, which only means re-publishing rows the inbox drops.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk when it returns. An outbound file's keys must be
+        # durable before its rename, or a power cut after the legacy job took the
+        # file would forget them and the redelivered events would be written again.
+        self._conn.execute("PRAGMA synchronous=FULL")
         with self._write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)

@@ -1,13 +1,15 @@
 """Events into batch files for a legacy job, acked only once the file is durable.
 
 `BatchFileWriter` (DependencyProvider) buffers rows and rolls a file by row
-count or age: write a hidden temp file, fsync, record its row keys in the
-ledger as pending, atomic rename, fsync the folder, then the done marker.
-`batch_file_consumer` (Entrypoint) holds every delivery until the file its
-row went into is durable and only then acks. A crash before the rename
-leaves only the hidden temp file (removed on start) and unacked messages that
-come back and are written again, whole; a crash after the rename finds the
-keys recorded, so redelivered events are not written twice.
+count or age: write a hidden temp file, fsync it and the folder, record its
+row keys in the ledger as pending, atomic rename, fsync the folder, then the
+done marker. `batch_file_consumer` (Entrypoint) holds every delivery until
+the file its row went into is durable and only then acks. A crash before the
+rename leaves the hidden temp file: its keys are dropped, the file removed,
+and the unacked messages come back and are written again, whole. A crash
+after the rename finds the keys recorded, so redelivered events are not
+written twice, even when the legacy job has taken the file away already: the
+temp name is what tells the two apart, never whether the file is still there.
 
 `reliable_handler` acks each message when its worker ends, which is right
 for one effect per message and wrong for a file of many: hence this small
@@ -93,14 +95,23 @@ class BatchFileWriter(DependencyProvider):
         return self
 
     def _recover(self):
-        """Finish what a crash interrupted: renamed files get their marker, the rest are undone."""
+        """Finish what a crash interrupted: a pending file still under its temp name was
+        never renamed, so no legacy job saw it: its keys are dropped (the temp file goes
+        with the strays). Any other pending file was renamed (a rename is atomic and the
+        temp name was durable before the keys were recorded): it keeps its keys and gets
+        its marker if it is still there; if it is gone, the legacy job took it."""
         ledger, folder = self.shared.ledger, self.cfg.folder
         for name in ledger.out_pending_files(self.name):
+            if (folder / f".{name}.tmp").exists():
+                ledger.out_abandon(self.name, name)  # before the temp file goes: never the reverse
+                continue
             if (folder / name).exists():
                 (folder / (name + self.cfg.marker_suffix)).touch()
-                ledger.out_written(self.name, name)
+                fsync_dir(folder)
             else:
-                ledger.out_abandon(self.name, name)
+                log.warning("batch file %s: %s was taken before its ledger entry was finished; "
+                            "its events are not written again", self.name, name)
+            ledger.out_written(self.name, name)
         for stray in folder.glob(f".{self.cfg.prefix}_*.tmp"):
             log.warning("batch file %s: removing unfinished %s", self.name, stray.name)
             stray.unlink()
@@ -156,6 +167,7 @@ class BatchFileWriter(DependencyProvider):
             f.write(f"{cfg.trailer_prefix}{len(rows):09d}{total:015d}\n")
             f.flush()
             os.fsync(f.fileno())
+        fsync_dir(folder)  # the temp name is durable before the ledger names the file (see _recover)
         self.shared.ledger.out_pending(self.name, name, list(rows))
         os.replace(tmp, final)
         fsync_dir(folder)

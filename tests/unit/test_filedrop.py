@@ -414,3 +414,14 @@ def test_the_ledger_keeps_checkpoints_and_outcomes_across_reopening(tmp_path):
     again.forget("customers", "evil.csv")
     assert again.seen("customers", "evil.csv", "1:2:3") is None
     again.close()
+
+
+def test_the_ledger_commits_to_disk_before_it_returns(tmp_path):
+    """An outbound file's keys must outlive a power cut after its rename (the legacy
+    job may have taken the file): every commit is synced, not only the WAL's checkpoints."""
+    from legacy_wrappers.filedrop.ledger import Ledger
+    ledger = Ledger(tmp_path / "var" / "filedrops.db")
+    try:
+        assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        ledger.close()
