@@ -403,6 +403,7 @@ class StoreAgent:
     def metrics(self, request):
         self._stats()
         return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)  # as is: it names its charset
+
     @pos_http("GET", "/control/transactions")
     def control_transactions(self, request):
         """The day's accepted sales and returns, listed (`store.control_totals.v1` JSON), up to
@@ -417,4 +418,3 @@ class StoreAgent:
             return _error(400, "as_of: not an integer")
         listed = self.store.totals.day_list(day, as_of)
         return Response(listed.model_dump_json(), mimetype="application/json")
-
