@@ -53,8 +53,22 @@ LEGACY_CALLS = Counter("retailbus_legacy_calls_total", "Calls to a legacy HTTP A
                        ["system", "outcome"])
 
 
+# An answer by which the legacy system says it took nothing: 503 Service Unavailable
+# (the demo ERP's "simulated failure, nothing posted"). Any other 5xx (500 at commit
+# time, 502/504 from a gateway in front of it) may come after the ERP booked the call.
+NOT_POSTED_STATUSES = frozenset({503})
+
+
 class LegacyUnavailable(RetailbusError):
     """The legacy system did not answer usefully (down, timed out, 5xx, breaker open)."""
+
+    # `not_posted` is True only when the call surely changed nothing there: the breaker
+    # was open, the connection could not be made, the request could not be sent whole, or
+    # the answer says so (NOT_POSTED_STATUSES). Anything else (a timeout or a cut
+    # connection after sending, a 500, 502 or 504) may have booked it.
+    def __init__(self, message: str, not_posted: bool = False):
+        super().__init__(message)
+        self.not_posted = not_posted
 
 
 @dataclass(frozen=True)
@@ -91,8 +105,11 @@ class LegacyHttpClient:
         self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.timeout = timeout
         self.system = system
+        # The call that trips the breaker raises its own error, not CircuitBreakerError:
+        # that one means "not sent", and the tripping call (a 500, a timeout) may have booked.
         self.breaker = pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_timeout,
-                                                listeners=[BreakerMetrics(system)], name=system)
+                                                listeners=[BreakerMetrics(system)], name=system,
+                                                throw_new_error_on_trip=False)
         self._idle: LightQueue = LightQueue(pool_size)
 
     @property
@@ -105,10 +122,11 @@ class LegacyHttpClient:
             response = self.breaker.call(self._send, method, path, body, content_type)
         except pybreaker.CircuitBreakerError:
             LEGACY_CALLS.labels(self.system, "breaker_open").inc()
-            raise LegacyUnavailable(f"{self.system}: circuit breaker open") from None
+            raise LegacyUnavailable(f"{self.system}: circuit breaker open", not_posted=True) from None
         except (OSError, http.client.HTTPException, LegacyUnavailable) as exc:
             LEGACY_CALLS.labels(self.system, "error").inc()
-            raise LegacyUnavailable(f"{self.system}: {exc}") from exc
+            not_posted = isinstance(exc, (RequestNotSentError, LegacyUnavailable)) and exc.not_posted
+            raise LegacyUnavailable(f"{self.system}: {exc}", not_posted=not_posted) from exc
         LEGACY_CALLS.labels(self.system, "ok").inc()
         return response
 
@@ -122,7 +140,10 @@ class LegacyHttpClient:
             if not _select([conn.sock], [], [], 0)[0]:
                 return conn, True
             conn.close()  # readable while idle: the ERP closed it (EOF) or sent junk
-        return Connection(self.host, self.port, self.timeout, self.https), False
+        try:
+            return Connection(self.host, self.port, self.timeout, self.https), False
+        except OSError as exc:  # refused, unreachable, connect timeout, TLS handshake: nothing was sent
+            raise RequestNotSentError(exc) from exc
 
     def _send(self, method, path, body, content_type) -> LegacyResponse:
         head = f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nAccept-Encoding: identity\r\n"
@@ -133,11 +154,11 @@ class LegacyHttpClient:
             conn, pooled = self._connection()
             try:
                 conn.sock.sendall(request)
-            except (ConnectionResetError, BrokenPipeError):
+            except (ConnectionResetError, BrokenPipeError) as exc:
                 conn.close()
                 if pooled:
                     continue  # the request did not go out whole: the ERP cannot have processed it
-                raise
+                raise RequestNotSentError(exc) from exc
             except Exception:
                 conn.close()
                 raise
@@ -163,8 +184,17 @@ class LegacyHttpClient:
                 conn.close()
         response = LegacyResponse(status, data, content_type or "application/json")
         if status >= 500:
-            raise LegacyUnavailable(f"answered {status}")
+            raise LegacyUnavailable(f"answered {status}", not_posted=status in NOT_POSTED_STATUSES)
         return response
+
+
+class RequestNotSentError(RetailbusError, OSError):
+    """The request never reached the legacy system whole (the connect failed or the send broke off)."""
+
+    not_posted = True  # whatever the cause, the legacy system cannot have processed it
+
+    def __init__(self, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
 
 
 class Connection:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
 from legacy_wrappers.legacy_db import check_row
 from legacy_wrappers.prepared import Prepared, Statements, run_together
+from services.erp import unknown_sku
 
 CHANNEL = "RBUS"
 REVENUE_ACCOUNT = "4000"
@@ -66,10 +67,10 @@ class _Statements:
 
 
 def _stock_upsert(insert, stock: Table) -> Prepared:
-    """Every stock move of a batch in one statement: a store/SKU row not there yet
-    starts at the move (as the legacy posting program does), an existing one moves
-    by it. A SELECT for the existing rows and then UPDATEs cost more than every
-    other statement of a batch together (and on PostgreSQL one round trip each)."""
+    """Every stock move of a batch in one statement, each existing store/SKU row moved
+    by it (as an upsert: one statement whatever the batch; UPDATEs cost one each, on
+    PostgreSQL a round trip each). Only rows known to exist are moved (`documents`);
+    should one vanish in between, the upsert starts it at the move, as legacy would."""
     statement = insert(stock)
     return Prepared(statement.on_conflict_do_update(
         index_elements=[stock.c.STORE_NO, stock.c.SKU],
@@ -89,6 +90,20 @@ def next_doc_nos(conn: Connection, t: LegacyTables, seq_name: str, prefix: str, 
 
 def find_document(conn: Connection, t: LegacyTables, store: str, doc_type: str, pos_txn_id: str) -> str | None:
     return t.sql.find_document(conn, {"store": store, "doc_type": doc_type, "pos_txn_id": pos_txn_id}).scalar()
+
+
+def existing_documents(conn: Connection, t: LegacyTables,
+                       keys: list[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    """Those of (store, doc type, POS transaction id) that already have a document, in
+    one statement: a sale the legacy API booked (a till's call that timed out, then
+    queued on the bus) is there under no RB_INBOX key, and must not be booked twice."""
+    if not keys:
+        return set()
+    c = t.header.c
+    pairs = sorted({(store, txn) for store, _, txn in keys})
+    rows = conn.execute(select(c.STORE_NO, c.DOC_TYPE, c.POS_TXN_ID)
+                        .where(tuple_(c.STORE_NO, c.POS_TXN_ID).in_(pairs))).all()
+    return {tuple(row) for row in rows} & set(keys)
 
 
 @dataclass(frozen=True)
@@ -133,18 +148,23 @@ SEQUENCES = {"S": "SLS", "R": "RTN"}
 def write_many(conn: Connection, t: LegacyTables,
                docs: list[tuple[PosSaleV1 | PosReturnV1, str, str | None]]) -> list[str]:
     """Write documents (txn, doc type 'S'/'R', original doc no); see `documents`."""
-    doc_nos, statements = documents(conn, t, docs)
+    doc_nos, statements, _ = documents(conn, t, docs)
     run_together(conn, statements)
     return doc_nos
 
 
-def documents(conn: Connection, t: LegacyTables,
-              docs: list[tuple[PosSaleV1 | PosReturnV1, str, str | None]]) -> tuple[list[str], Statements]:
+Move = tuple[str, str, str, int]  # (doc_no, store, sku, units added)
+
+
+def documents(conn: Connection, t: LegacyTables, docs: list[tuple[PosSaleV1 | PosReturnV1, str, str | None]]) \
+        -> tuple[list[str], Statements, list[Move]]:
     """Take the documents' numbers and return them with the statements that write the
     documents, for the caller to run (`run_together`, with statements of its own in the
-    same round trip): one statement per table, not per document, so many postings cost
-    little more than one. Every row is checked before anything is written; stock rows
-    are moved once per store and SKU, in key order (two writers then never wait on each
+    same round trip), and the stock moves of SKUs the store holds no stock row for:
+    those are recorded in RB_UNKNOWN_SKU (services/erp/unknown_sku.py), never invented
+    as rows. One statement per table, not per document, so many postings cost little
+    more than one. Every row is checked before anything is written; stock rows are
+    moved once per store and SKU, in key order (two writers then never wait on each
     other in a cycle)."""
     now = _stamp()
     numbers = {kind: iter(next_doc_nos(conn, t, SEQUENCES[kind], kind, count))
@@ -158,6 +178,9 @@ def documents(conn: Connection, t: LegacyTables,
     for (txn, _, _), r in zip(docs, rows):
         for sku, delta in r.stock_moves:
             moves[(txn.store_id, sku)] = moves.get((txn.store_id, sku), 0) + delta
+    known = known_stock(conn, t, list(moves))
+    unknown = [(r.header["DOC_NO"], txn.store_id, sku, delta) for (txn, _, _), r in zip(docs, rows)
+               for sku, delta in r.stock_moves if (txn.store_id, sku) not in known]
     insert = t.sql.insert
     return [r.header["DOC_NO"] for r in rows], [
         (insert[t.header.name], [r.header for r in rows]),
@@ -165,7 +188,17 @@ def documents(conn: Connection, t: LegacyTables,
         (insert[t.tenders.name], [tender for r in rows for tender in r.tenders]),
         (insert[t.gl.name], [gl for r in rows for gl in r.gl]),
         (t.sql.move_stock[conn.dialect.name], [{"STORE_NO": store, "SKU": sku, "ON_HAND": moves[(store, sku)],
-                                                "UPD_TS": now} for store, sku in sorted(moves)])]
+                                                "UPD_TS": now} for store, sku in sorted(known)]),
+        (unknown_sku.INSERT, unknown_sku.rows(unknown, now))], unknown
+
+
+def known_stock(conn: Connection, t: LegacyTables, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Those of (store, SKU) that have a stock row, in one statement."""
+    if not keys:
+        return set()
+    c = t.stock.c
+    return {tuple(row) for row in conn.execute(
+        select(c.STORE_NO, c.SKU).where(tuple_(c.STORE_NO, c.SKU).in_(sorted(keys)))).all()}
 
 
 def post_sale(conn: Connection, t: LegacyTables, sale: PosSaleV1) -> str:

@@ -20,7 +20,7 @@ from bus.consumer import DUPLICATE, PermanentError, reliable_handler
 from bus.extensions import EventPublisher
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
-from services.erp import customer_master, events, ledger, posting, stock
+from services.erp import customer_master, events, ledger, posting, return_links, stock, unknown_sku
 from services.erp.outbox import Outbox
 from services.erp.outbox import metadata as outbox_tables
 
@@ -34,7 +34,7 @@ class ErpService:
     name = "erp"
 
     db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE),
-                        create=(inbox.metadata, outbox_tables))
+                        create=(inbox.metadata, outbox_tables, return_links.metadata, unknown_sku.metadata))
     postings = BatchedWrites(posting.post_many)
     outbox = Outbox()
     events = EventPublisher()
@@ -61,7 +61,8 @@ class ErpService:
             if isinstance(outcome, BaseException):
                 results.append(PermanentError(str(outcome)) if isinstance(outcome, LegacyValueError) else outcome)
                 continue
-            doc_no, duplicate = outcome
+            doc_no, duplicate, unknown = outcome
+            unknown_sku.committed(unknown)
             if not duplicate:
                 self.outbox.added()
             self.hops.add("posted", "duplicate" if duplicate else "ok", id=event.id,
@@ -84,9 +85,10 @@ class ErpService:
             txn = model.model_validate(data)
         except ValidationError as exc:
             raise ContractError.from_validation(exc, model.TYPE) from None
-        [(doc_no, duplicate)] = posting.post_many(self.db.conn, [posting.Posting(
+        [(doc_no, duplicate, unknown)] = posting.post_many(self.db.conn, [posting.Posting(
             ledger.LegacyTables.of(self.db.tables), txn, idempotency_key(txn), str(ULID()), None)])
         self.db.end(success=True)
+        unknown_sku.committed(unknown)
         if not duplicate:
             self.outbox.added()
         return {"doc_no": doc_no, "duplicate": duplicate}

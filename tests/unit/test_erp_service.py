@@ -7,15 +7,17 @@ import gc
 import pytest
 import sqlalchemy as sa
 from nameko.testing.services import worker_factory
+from prometheus_client import REGISTRY
 
 from contracts.envelope import CloudEvent
 from contracts.pos import PosReturnV1, PosSaleV1
+from demo.legacy_erp import postings as legacy_postings
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, seed_demo_data
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, LegacyValueError, engine_for
 from legacy_wrappers import inbox
 from bus.consumer import DUPLICATE
 from legacy_wrappers.batched_writes import write_batch
-from services.erp import ledger, outbox, posting
+from services.erp import ledger, outbox, posting, return_links, unknown_sku
 from services.erp.service import ErpService
 
 pytestmark = pytest.mark.unit
@@ -61,8 +63,8 @@ def db(tmp_path):
     db = legacy_db(tmp_path / "erp.db")
     # ensure_inbox remembers engines by id(); create the table here so a recycled id from an
     # earlier test cannot skip it (see test_inbox_is_created_for_a_new_engine_with_a_recycled_id)
-    inbox.metadata.create_all(db.engine)
-    outbox.metadata.create_all(db.engine)
+    for metadata in (inbox.metadata, outbox.metadata, return_links.metadata, unknown_sku.metadata):
+        metadata.create_all(db.engine)
     yield db
     db.engine.dispose()
 
@@ -258,7 +260,8 @@ def _batch(db, *txns):
 def test_a_batch_posts_each_message_once_in_one_transaction(db):
     a, b = sale("A"), sale("B", sku="100002", qty=1)
     results = _batch(db, a, b, a, refund("R1", orig="A"))
-    assert results == [("S00000001", False), ("S00000002", False), ("S00000001", True), ("R00000001", False)]
+    assert [r[:2] for r in results] == [("S00000001", False), ("S00000002", False), ("S00000001", True),
+                                        ("R00000001", False)]
     assert headers(db) == [("R00000001", "R1", "S00000001", "RBUS"), ("S00000001", "A", None, "RBUS"),
                            ("S00000002", "B", None, "RBUS")]  # the return found its sale of the same batch
     assert on_hand(db, "100001") == DEMO_ON_HAND - 2 + 1  # moves summed per SKU: -2 (A), +1 (R1)
@@ -270,16 +273,64 @@ def test_a_batch_posts_each_message_once_in_one_transaction(db):
 def test_a_value_the_legacy_table_cannot_hold_fails_alone_and_the_batch_commits(db):
     bad = sale("BAD").model_copy(update={"customer_id": "C" * 13})  # CUST_NO holds 12
     results = _batch(db, sale("A"), bad, sale("B"))
-    assert results[0] == ("S00000001", False) and results[2][1] is False
+    assert results[0][:2] == ("S00000001", False) and results[2][1] is False
     assert isinstance(results[1], LegacyValueError) and "SLS_HDR.CUST_NO" in str(results[1])
     assert [h[1] for h in headers(db)] == ["A", "B"]
     assert ("erp.on_pos_sale", "pos.sale.v1:S001:BAD") not in inbox_keys(db)  # a fixed message can post
     assert outbox_types(db) == ["erp.sale_posted.v1", "erp.sale_posted.v1"]
 
 
-def test_stock_the_erp_never_held_starts_at_the_move_and_moves_on_from_there(db):
-    """As the legacy posting program books it: an unknown store/SKU row is created, negative."""
-    _batch(db, sale("A", sku="NEW-SKU", qty=3), sale("B", qty=1))
-    assert (on_hand(db, "NEW-SKU"), on_hand(db, "100001")) == (-3, DEMO_ON_HAND - 1)
+def unknown_moves(db) -> list[tuple]:
+    u = unknown_sku.TABLE
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(u.c.STORE_NO, u.c.SKU, u.c.DOC_NO, u.c.QTY).order_by(u.c.ID))]
+
+
+def test_a_sku_the_store_holds_no_stock_for_is_recorded_not_invented(db):
+    """Unlike the legacy posting program, no STK_LVL row is made up (negative on hand): the
+    document posts, the move is recorded in RB_UNKNOWN_SKU and handed back for the metric."""
+    results = _batch(db, sale("A", sku="NEW-SKU", qty=3), sale("B", qty=1))
+    assert [h[1] for h in headers(db)] == ["A", "B"]
+    assert on_hand(db, "NEW-SKU") is None and on_hand(db, "100001") == DEMO_ON_HAND - 1
+    assert results[0].unknown_skus == (("S00000001", "S001", "NEW-SKU", -3),) and results[1].unknown_skus == ()
     _batch(db, sale("C", sku="NEW-SKU", qty=2), refund("R1", orig="A", sku="NEW-SKU"))
-    assert on_hand(db, "NEW-SKU") == -3 - 2 + 1
+    assert on_hand(db, "NEW-SKU") is None
+    assert unknown_moves(db) == [("S001", "NEW-SKU", "S00000001", -3), ("S001", "NEW-SKU", "S00000003", -2),
+                                 ("S001", "NEW-SKU", "R00000001", 1)]
+
+
+def test_the_unknown_sku_metric_counts_each_move_once_its_posting_committed(service, db):
+    before = REGISTRY.get_sample_value("retailbus_unknown_sku_total", {"store": "S001"}) or 0
+    txn = sale("A", sku="NEW-SKU")
+    assert post(service.on_pos_sale, txn, envelope(txn)) == "S00000001"
+    assert post(service.on_pos_sale, txn, envelope(txn)) is DUPLICATE
+    assert REGISTRY.get_sample_value("retailbus_unknown_sku_total", {"store": "S001"}) == before + 1
+
+
+def test_a_sale_the_legacy_api_booked_already_is_a_duplicate(service, db):
+    """A till's legacy call that timed out after the ERP booked it, then sent again and
+    queued on the bus: the document is there under no RB_INBOX key; it is not booked twice."""
+    with db.engine.begin() as conn:
+        legacy_postings.post_sale(conn, {
+            "STORE": "S001", "TERMINAL": "07", "TXN_ID": "S001-07-000001", "TXN_DATE": "20261127",
+            "CURRENCY": "EUR", "LINES": [{"SKU": "100001", "QTY": 2, "PRICE": 1999, "LINE": 3998}],
+            "TOTAL": 3998, "TENDERS": [{"TYPE": "CARD", "AMOUNT": 3998}]})
+    txn = sale()
+    assert post(service.on_pos_sale, txn, envelope(txn)) is DUPLICATE
+    assert headers(db) == [("S00000001", "S001-07-000001", None, "POSAPI")]
+    assert on_hand(db, "100001") == DEMO_ON_HAND - 2  # moved once, by the legacy posting
+    assert outbox_types(db) == []
+    other = sale("S001-07-000002")
+    assert post(service.on_pos_sale, other, envelope(other)) == "S00000002"  # others still post
+
+
+def test_a_return_posted_before_its_sale_is_linked_when_the_sale_posts(service, db):
+    """After a backlog the returns queue can run ahead of the sales queue."""
+    ret = refund()
+    assert post(service.on_pos_return, ret, envelope(ret)) == "R00000001"
+    assert headers(db, "R") == [("R00000001", "S001-07-R00001", None, "RBUS")]
+    txn = sale()
+    assert post(service.on_pos_sale, txn, envelope(txn)) == "S00000001"
+    assert headers(db, "R") == [("R00000001", "S001-07-R00001", "S00000001", "RBUS")]
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(return_links.TABLE)).scalar() == 0

@@ -11,7 +11,7 @@ from contracts.pos import PosReturnV1, PosSaleV1
 from demo.legacy_erp import postings
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, engine_for, seed_demo_data
 from routing.legacy_payload import return_from_legacy, sale_from_legacy
-from services.erp import ledger
+from services.erp import ledger, unknown_sku
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +47,7 @@ def make_db(path):
     create_schema(engine)
     with engine.begin() as conn:
         seed_demo_data(conn)
+    unknown_sku.metadata.create_all(engine)
     md = sa.MetaData()
     md.reflect(engine, only=ledger.LEGACY_TABLES)
     return engine, ledger.LegacyTables.of(dict(md.tables))
@@ -131,12 +132,15 @@ def test_sale_takes_stock_off_the_shelf(db):
     assert on_hand(engine, t, "S001", "100003") == DEMO_ON_HAND
 
 
-def test_sale_of_unknown_sku_books_negative_stock(db):
+def test_sale_of_unknown_sku_invents_no_stock_row_and_records_the_move(db):
+    """The legacy posting program would make up the row at -4; the bus path records it."""
     engine, t = db
     payload = legacy_sale(LINES=[{"SKU": "NEW-1", "QTY": 4, "PRICE": 100, "LINE": 400}], TOTAL=400,
                           TENDERS=[{"TYPE": "CASH", "AMOUNT": 400}])
     post(engine, ledger.post_sale, t, sale_from_legacy(payload))
-    assert on_hand(engine, t, "S001", "NEW-1") == -4
+    assert on_hand(engine, t, "S001", "NEW-1") is None
+    assert [(r["STORE_NO"], r["SKU"], r["DOC_NO"], r["QTY"]) for r in rows(engine, unknown_sku.TABLE, "ID")] == \
+        [("S001", "NEW-1", "S00000001", -4)]
 
 
 def test_sale_gl_balances_with_right_accounts(db):

@@ -21,8 +21,8 @@ class RawErp:
     """A minimal HTTP/1.1 server. `plan` says, per request in arrival order, what to do:
     "ok" (answer, keep the connection), "ok_close" (answer without a Connection header,
     then close: an idle keep-alive connection the ERP dropped), "drop" (read the whole
-    request, close without answering), "503", "ok_overlong" (answer, then bytes beyond
-    its Content-Length)."""
+    request, close without answering), "500", "502", "503", "504" (that status),
+    "ok_overlong" (answer, then bytes beyond its Content-Length)."""
 
     def __init__(self, plan: list[str]):
         self.plan = list(plan)
@@ -54,7 +54,8 @@ class RawErp:
                 action = self.plan.pop(0) if self.plan else "ok"
                 if action == "drop":
                     return
-                status = "503 Service Unavailable" if action == "503" else "200 OK"
+                status = {"500": "500 Internal Server Error", "502": "502 Bad Gateway", "503": "503 Service Unavailable",
+                          "504": "504 Gateway Timeout"}.get(action, "200 OK")
                 answer = json.dumps({"STATUS": "OK", "N": len(self.requests)}).encode()
                 extra = b'{"STATUS": "OK", "N": 999}' if action == "ok_overlong" else b""
                 conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
@@ -147,6 +148,28 @@ def test_erp_down_is_unavailable_and_not_maybe_written(erp):
     with pytest.raises(LegacyUnavailable) as caught:
         LegacyHttpClient(url, timeout=5).request("POST", "/erp/sales", b"{}")
     assert not maybe_written(caught.value)  # refused: safe to queue (on_legacy_failure: queue)
+
+
+@pytest.mark.parametrize("status", ["500", "502", "504"])
+def test_a_5xx_that_may_come_after_the_erp_booked_the_sale_is_maybe_written(erp, status):
+    """A 500 at commit time, or a gateway's 502/504 in front of the ERP, can follow a
+    booked sale: queueing it (on_legacy_failure: queue) would post it twice."""
+    server = erp([status])
+    client = LegacyHttpClient(server.url, timeout=5, fail_max=1)  # this very answer trips the breaker
+    with pytest.raises(LegacyUnavailable, match=status) as caught:
+        client.request("POST", "/erp/sales", b"{}")
+    assert maybe_written(caught.value) and len(server.requests) == 1 and client.state == "open"
+
+
+def test_only_a_503_answer_or_an_open_breaker_say_nothing_was_posted(erp):
+    server = erp(["503"])
+    client = LegacyHttpClient(server.url, timeout=5, fail_max=1, reset_timeout=60)
+    with pytest.raises(LegacyUnavailable, match="503") as answered:
+        client.request("POST", "/erp/sales", b"{}")
+    with pytest.raises(LegacyUnavailable, match="circuit breaker open") as open_breaker:
+        client.request("POST", "/erp/sales", b"{}")
+    assert not maybe_written(answered.value) and not maybe_written(open_breaker.value)
+    assert len(server.requests) == 1
 
 
 def one_shot_erp(answer: bytes) -> tuple[str, list]:
