@@ -18,7 +18,7 @@ import yaml
 
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.control import RouteRegistry, apply_table
-from bus import topology
+from bus import journal, topology
 from tests.conftest import free_ports, start_broker
 from tests.integration.support import (legacy_sale, nameko_run, queue_state, read_config, stop, wait_for,
                                        write_config)
@@ -64,7 +64,7 @@ class Estate:
             root, self.broker.uri(), legacy_db=f"sqlite:///{self.legacy_db}",
             retry={"delays": [1, 2, 5], "prefetch": 64},
             stores=[{"id": s, "http": f"127.0.0.1:{self.ports[s]}"} for s in STORES],
-            agent={"auth_required": False},
+            agent={"auth_required": False}, journal={"flush_seconds": 0.1},
             legacy_erp={"http": f"127.0.0.1:{self.erp_port}"},
             services={"erp": {"module": "services.erp"},
                       "route_guard": {"module": "routing.guard", "metrics_port": guard_metrics}},
@@ -101,6 +101,12 @@ class Estate:
         if broker_up:  # its route-table queue is bound: an apply reaches it
             assert wait_for(lambda: self.queue(f"routes.{store}")[1] == 1, timeout=30), self.log(f"agent-{store}")
 
+    def start_journal(self):
+        (self.root / "var").mkdir(exist_ok=True)  # its SQLite journal: var/journal.db
+        self.processes["journal"] = nameko_run(self.config, "services.journal", self.root / "journal.log",
+                                               **self.env())
+        assert wait_for(lambda: self.queue(journal.QUEUE)[1] == 1, timeout=60), self.log("journal")
+
     def start_guard(self):
         self.processes["guard"] = nameko_run(self.config, "routing.guard", self.root / "guard.log", **self.env())
 
@@ -130,7 +136,7 @@ class Estate:
     def apply(self, sales: str, reason: str, **table) -> int:
         self.version = max(self.version, (self.registry.active() or type("t", (), {"version": 0})).version) + 1
         apply_table(self.registry, self.broker.uri(), table_text(self.version, self.erp_port, sales, **table),
-                    f"test v{self.version}", reason)
+                    f"test v{self.version}", reason, STORES, allow_backward=True)
         return self.version
 
     # HTTP -------------------------------------------------------------------

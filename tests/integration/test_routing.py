@@ -175,7 +175,7 @@ def test_2000_sales_while_the_route_migrates_and_rolls_back(estate):
     from routing.control import apply_table, rollback_text
     target, text = rollback_text(estate.registry, first)
     apply_table(estate.registry, estate.broker.uri(), text, f"rollback to v{first}", "rollback to legacy",
-                action="rollback")
+                STORES, action="rollback", allow_backward=True)
     results = till.wait()
     assert len(results) == 2000
     failed = [(t, s, b) for t, s, b in results if s != 200]
