@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from contracts.errors import RetailbusError
 from contracts.errors import format_validation_error
+from contracts.pos import Limits
 
 DEFAULT_CONFIG = Path("config/bus.yaml")
 
@@ -117,6 +118,8 @@ class AgentSettings(Strict):
     control_totals_interval: float = Field(60.0, gt=0, description="seconds between control-totals rounds")
     control_totals_days: float = Field(3.0, gt=0, description="business days touched this many days back "
                                                               "are republished when they change")
+    limits: Limits = Field(default_factory=Limits, description="bounds on a sale's or return's quantities "
+                                                               "and amounts taken on the bus path (400 beyond)")
 
 
 class LegacyErpSettings(Strict):

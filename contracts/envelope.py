@@ -124,8 +124,8 @@ class CloudEvent(BaseModel):
         exclude = {"subject"} if self.subject is None else None
         return self.model_dump_json(exclude=exclude).encode()
 
-    def payload(self) -> BaseModel:
-        return registry.parse(self.type, self.data)
+    def payload(self, context: dict | None = None) -> BaseModel:
+        return registry.parse(self.type, self.data, context)
 
 
 class AssembledEvent(CloudEvent):

@@ -29,6 +29,35 @@ from pydantic import (
 
 from contracts.money import Currency, MinorUnits, NonNegativeMinor
 
+# The legacy QTY and ON_HAND columns are INTEGER: 32 bits on PostgreSQL (and in most ERPs).
+_INT32_MAX = 2**31 - 1
+Quantity = Annotated[StrictInt, Field(ge=-_INT32_MAX, le=_INT32_MAX)]
+
+
+class Limits(BaseModel):
+    """Sane bounds for a till's transaction, below what storage can hold; retail practice
+    varies (a builder's merchant sells by the thousand), so ops set them
+    (`RETAILBUS.agent.limits`) and the store agent validates with them as context
+    (`model_validate(data, context={"limits": limits})`). Without that context only the
+    storage bounds of the types apply, so a consumer never refuses what an agent took."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_quantity: int = Field(100_000, ge=1, le=_INT32_MAX, description="units on one line, either sign")
+    max_amount_minor: int = Field(100_000_000, ge=1, description=(
+        "any price, line, total or tender in minor units, either sign (default: 1,000,000.00)"))
+
+
+def _within_limits(field: str, value: int, info: ValidationInfo) -> int:
+    """Refuse `value` beyond the caller's Limits (if it gave any), naming the bound."""
+    limits = info.context.get("limits") if isinstance(info.context, dict) else None
+    if limits is None:
+        return value
+    bound = limits.max_quantity if field == "quantity" else limits.max_amount_minor
+    if abs(value) > bound:
+        raise ValueError(f"{value} is beyond the limit of {bound} (RETAILBUS.agent.limits)")
+    return value
+
 # Retail identifiers shared by every message that refers to a store transaction.
 StoreId = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,8}$")]
 TerminalId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,4}$")]
@@ -43,17 +72,22 @@ class SaleLine(BaseModel):
 
     line_no: int = Field(ge=1)
     sku: Sku
-    quantity: StrictInt
+    quantity: Quantity
     unit_price_minor: NonNegativeMinor
     discount_minor: NonNegativeMinor = 0
     line_total_minor: MinorUnits
 
     @field_validator("quantity")
     @classmethod
-    def _non_zero(cls, quantity: int) -> int:
+    def _non_zero(cls, quantity: int, info: ValidationInfo) -> int:
         if quantity == 0:
             raise ValueError("quantity must not be zero")
-        return quantity
+        return _within_limits("quantity", quantity, info)
+
+    @field_validator("unit_price_minor", "discount_minor")
+    @classmethod
+    def _amount_within_limits(cls, amount: int, info: ValidationInfo) -> int:
+        return _within_limits(info.field_name, amount, info)
 
     @field_validator("line_total_minor")
     @classmethod
@@ -66,13 +100,13 @@ class SaleLine(BaseModel):
                     f"line_total_minor {total} != quantity*unit_price_minor"
                     f" - discount_minor = {expected}"
                 )
-        return total
+        return _within_limits("line_total_minor", total, info)
 
 
 class ReturnLine(SaleLine):
     """Units handed back: always a positive count, the refund direction is the message type."""
 
-    quantity: StrictInt = Field(gt=0)
+    quantity: Annotated[StrictInt, Field(gt=0, le=_INT32_MAX)]
 
 
 class Tender(BaseModel):
@@ -83,6 +117,11 @@ class Tender(BaseModel):
     kind: Literal["cash", "card", "voucher", "loyalty", "other"]
     amount_minor: MinorUnits
     reference: str | None = None
+
+    @field_validator("amount_minor")
+    @classmethod
+    def _amount_within_limits(cls, amount: int, info: ValidationInfo) -> int:
+        return _within_limits("amount_minor", amount, info)
 
 
 class _PosTransaction(BaseModel):
@@ -118,7 +157,7 @@ class _PosTransaction(BaseModel):
             expected = sum(line.line_total_minor for line in info.data["lines"])
             if total != expected:
                 raise ValueError(f"total_minor {total} != sum of line totals {expected}")
-        return total
+        return _within_limits("total_minor", total, info)
 
     @field_validator("tenders")
     @classmethod
@@ -131,7 +170,20 @@ class _PosTransaction(BaseModel):
 
 
 class PosSaleV1(_PosTransaction):
+    """A negative line corrects another line of the same sale; a "sale" whose every line is
+    negative is a refund in disguise and is refused: it must travel as a pos.return.v1, so
+    it is booked as a return (RTN document, reversed GL) and found by reconciliation as one."""
+
     TYPE: ClassVar[str] = "pos.sale.v1"
+
+    @field_validator("total_minor")
+    @classmethod
+    def _not_a_disguised_return(cls, total: int, info: ValidationInfo) -> int:
+        lines = info.data.get("lines")
+        if lines and total < 0 and all(line.quantity < 0 for line in lines):
+            raise ValueError("every line is negative: a refund is a return (pos.return.v1, POST /erp/returns), "
+                             "not a sale")
+        return total
 
 
 class OriginalSaleRef(BaseModel):

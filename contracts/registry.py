@@ -59,11 +59,12 @@ def model_for(type_name: str) -> type[BaseModel]:
         ) from None
 
 
-def parse(type_name: str, data: Any) -> BaseModel:
-    """Validate `data` as `type_name`; error paths start with `data.` as in the envelope."""
+def parse(type_name: str, data: Any, context: dict | None = None) -> BaseModel:
+    """Validate `data` as `type_name`; error paths start with `data.` as in the envelope.
+    `context`: pydantic's validation context (e.g. `{"limits": contracts.pos.Limits}`)."""
     model = model_for(type_name)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ContractError.from_validation(exc, type_name, prefix="data") from None
 

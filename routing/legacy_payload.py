@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from contracts.errors import ContractError, error_paths
-from contracts.pos import PosReturnV1, PosSaleV1
+from contracts.pos import Limits, PosReturnV1, PosSaleV1
 
 _FIELDS = {
     "store_id": "STORE", "terminal_id": "TERMINAL", "pos_txn_id": "TXN_ID",
@@ -118,22 +118,23 @@ def _common(payload: Any) -> dict:
     )
 
 
-def _validate(model, fields: dict):
+def _validate(model, fields: dict, limits: Limits | None):
     try:
-        return model.model_validate(fields)
+        return model.model_validate(fields, context={"limits": limits} if limits else None)
     except ValidationError as exc:
         errors = [(_legacy_path(path), msg) for path, msg in error_paths(exc)]
         raise ContractError("; ".join(f"{p}: {m}" for p, m in errors), errors) from None
 
 
-def sale_from_legacy(payload: Any) -> PosSaleV1:
-    return _validate(PosSaleV1, _common(payload))
+def sale_from_legacy(payload: Any, limits: Limits | None = None) -> PosSaleV1:
+    """`limits`: the agent's bounds (contracts.pos.Limits), refused naming the field."""
+    return _validate(PosSaleV1, _common(payload), limits)
 
 
-def return_from_legacy(payload: Any) -> PosReturnV1:
+def return_from_legacy(payload: Any, limits: Limits | None = None) -> PosReturnV1:
     fields = _common(payload)
     if _optional(payload, "ORIG_TXN_ID") is not None:  # a return without a receipt has none
         fields["original"] = dict(store_id=payload.get("ORIG_STORE") or payload.get("STORE"),
                                   pos_txn_id=payload.get("ORIG_TXN_ID"))
     fields["reason"] = _optional(payload, "REASON")
-    return _validate(PosReturnV1, fields)
+    return _validate(PosReturnV1, fields, limits)

@@ -239,7 +239,7 @@ class StoreAgent:
 
     def _to_outbox(self, body: bytes, terminal, route: str, message_type: str, parse, started) -> Response:
         try:
-            txn = parse(json.loads(body or b"null"))
+            txn = parse(json.loads(body or b"null"), self.store.config.limits)
         except json.JSONDecodeError as exc:
             return _error(400, f"body: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
         except UnicodeDecodeError:
@@ -305,12 +305,15 @@ class StoreAgent:
             event = CloudEvent.from_json(body)
             if event.type not in EVENT_TYPES:
                 return _error(400, f"type: {event.type!r} is not taken here; this path takes {', '.join(EVENT_TYPES)}")
-            txn = event.payload()
+            txn = event.payload({"limits": self.store.config.limits})
         except ContractError as exc:
             return _error(400, str(exc))
         key = idempotency_key(txn)
         if event.idempotencykey != key:
             return _error(400, f"idempotencykey: {event.idempotencykey!r} should be {key!r} (type:store:pos_txn_id)")
+        # The payload as the contract reads it (absent = null, one spelling of each value):
+        # a retry, or the same sale sent on the legacy path, is compared by meaning.
+        event = event.model_copy(update={"data": txn.model_dump(mode="json")})
         accepted, refused = self._enqueue(event, txn, terminal, "events", started)
         if refused:
             return refused
