@@ -1,8 +1,10 @@
 """A legacy program in its own process, updating STK_LVL directly (for test_change_capture).
 
-    python -m tests.integration.stock_writer DSN LOG N [REWRITES]
+    python -m tests.integration.stock_writer DSN LOG N REWRITES GO
 
-N updates of distinct rows, then REWRITES updates of rows already updated, in
+N updates of distinct rows, then (once the file GO exists: the test creates it when
+it has seen every first version, so no version is overwritten before change capture
+could read it) REWRITES updates of rows already updated, in
 transactions of 50 rows that share one timestamp, as a batch program stamps
 `now` once. Every 10th transaction commits late: it takes its timestamp, then
 other transactions commit newer timestamps before it does (on PostgreSQL it
@@ -12,6 +14,7 @@ writing). After each commit the versions written go to LOG as JSON lines.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -34,7 +37,7 @@ def stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-def main(dsn: str, log_path: str, n: int, rewrites: int = 0):
+def main(dsn: str, log_path: str, n: int, rewrites: int, go: str):
     engine = create_engine(dsn, connect_args={"timeout": 30} if dsn.startswith("sqlite") else {})
     log = open(log_path, "a")
     lock = threading.Lock()
@@ -55,6 +58,11 @@ def main(dsn: str, log_path: str, n: int, rewrites: int = 0):
             log.flush()
 
     for t, start in enumerate(range(0, len(targets), BATCH)):
+        if start == n:
+            for th in late_threads:
+                th.join()
+            while not os.path.exists(go):
+                time.sleep(0.05)  # polling for the test's file: a process has no better signal here
         ts = stamp()
         rows = [dict(store=s, sku=k, on_hand=(start + i) % 997 + (1000 if start >= n else 0), ts=ts)
                 for i, (s, k) in enumerate(targets[start:start + BATCH])]
@@ -72,4 +80,4 @@ def main(dsn: str, log_path: str, n: int, rewrites: int = 0):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -2,6 +2,7 @@
 prints its passwords, and the local cluster's layout follows bus.yaml."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -35,17 +36,24 @@ def test_connection_params_take_the_nodes_in_turn():
     assert (params["userid"], params["password"], params["virtual_host"]) == ("rb", "s3cr/t", "retailbus")
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_connect_tries_every_node_then_raises_the_last_error():
-    a, b = closed_port(), closed_port()
-    uri = f"amqp://u:p@127.0.0.1:{a}/v;amqp://u:p@127.0.0.1:{b}/v"
-    with pytest.raises(ConnectionRefusedError):
-        connect(uri, 2)
+    """Two nodes that take the TCP connection but never speak AMQP: each must have been
+    dialled once (its connection waits in the listen backlog) before connect gives up."""
+    servers = [socket.create_server(("127.0.0.1", 0), backlog=4) for _ in range(2)]
+    try:
+        uri = ";".join(f"amqp://u:p@127.0.0.1:{s.getsockname()[1]}/v" for s in servers)
+        with pytest.raises(OSError):
+            connect(uri, 1)
+        dialled = []
+        for server in servers:
+            server.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                server.accept()[0].close()
+                dialled.append(server.getsockname()[1])
+        assert dialled == [s.getsockname()[1] for s in servers]
+    finally:
+        for server in servers:
+            server.close()
 
 
 def test_every_password_of_a_cluster_uri_is_masked():

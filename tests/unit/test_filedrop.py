@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from datetime import datetime, timezone
 
 import orjson
@@ -352,10 +353,22 @@ def test_a_drop_folder_wakes_its_watcher_when_a_file_is_written_renamed_or_touch
         wakeup.close()
 
 
-def test_a_folder_inotify_cannot_watch_is_polled(tmp_path):
-    wakeup = FolderWakeup(tmp_path / "missing")  # inotify_add_watch fails: ENOENT
-    assert wakeup.wait(0.01) is False
-    wakeup.close()
+def test_a_folder_inotify_cannot_watch_is_polled(tmp_path, caplog):
+    """No watch (inotify_add_watch fails: ENOENT): a warning names the folder, and `wait`
+    takes its whole timeout, so the caller's loop rescans every interval instead of spinning."""
+    folder = tmp_path / "missing"
+    with caplog.at_level("WARNING", logger="legacy_wrappers.filedrop.wakeup"):
+        wakeup = FolderWakeup(folder)
+    try:
+        assert [r.getMessage() for r in caplog.records] == [
+            f"file drop folder {folder} is polled (inotify: No such file or directory)"]
+        folder.mkdir()
+        (folder / "customers_1.csv").write_text("x\n")  # not watched: no wake-up, the poll finds it
+        started = time.monotonic()
+        assert wakeup.wait(0.2) is False
+        assert time.monotonic() - started >= 0.2
+    finally:
+        wakeup.close()
 
 
 def test_a_chunk_envelope_is_the_json_pydantic_would_write():

@@ -82,11 +82,15 @@ def test_a_bad_table_is_refused_with_its_line_and_reason(broken, line, reason):
     assert "<block" not in message and "routes.0" not in message and "routes.1" not in message
 
 
-def test_env_placeholders_are_not_substituted(monkeypatch):
-    """A route table is audited text: `${...}` must not be expanded from the environment."""
+def test_env_placeholders_are_not_substituted(monkeypatch, tmp_path):
+    """A route table is audited text: `${...}` must not be expanded from the environment,
+    even in a process where bus.yaml was loaded (nameko's ${ENV} resolver on SafeLoader)."""
+    from bus.settings import load_config
+
     monkeypatch.setenv("EVIL", "http://attacker")
-    from bus.settings import load_config  # registers nameko's ${ENV} resolver on SafeLoader
-    assert load_config
+    bus_yaml = tmp_path / "bus.yaml"
+    bus_yaml.write_text("url: ${EVIL}\n")
+    assert load_config(bus_yaml) == {"url": "http://attacker"}  # the resolver is live here
     message = refused(TABLE.replace("http://127.0.0.1:8081", "${EVIL}"))
     assert "legacy.base_url" in message
 
@@ -99,7 +103,11 @@ def test_decision_is_pure_and_follows_rollout():
     stores = [f"S{n:03d}" for n in range(1000)]
     on_bus = [s for s in stores if table.decide("pos.sale.v1", s) == "bus"]
     assert 200 <= len(on_bus) <= 300  # about 25% of the unlisted stores
-    assert [table.decide("pos.sale.v1", s) for s in stores] == [table.decide("pos.sale.v1", s) for s in stores]
+
+
+def test_a_store_bucket_is_the_same_in_every_process():
+    """Fixed values: a per-process hash (Python's salted hash()) would move stores between modes."""
+    assert [store_bucket(s) for s in ("S001", "S002", "S003", "T0000")] == [7.64, 22.39, 41.62, 66.17]
 
 
 def test_raising_the_percent_only_moves_stores_towards_the_new_mode():
