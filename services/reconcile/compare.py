@@ -30,6 +30,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from contracts.control import ControlTxn, StoreControlTotalsV1, StoreControlTotalsV2, TxnDigest
+from contracts.money import format_money
 from services.files.mapping import points_for
 
 ERP_KIND = {"S": "sale", "R": "return"}
@@ -139,8 +140,8 @@ def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
         if wrong:
             report.amount_mismatch.append(Finding(
                 kind=kind, pos_txn_id=txn_id,
-                detail=f"agent {txn.total_minor} {txn.currency}, ERP "
-                       + ", ".join(f"{d.doc_no} {d.total_minor} {d.currency}" for d in wrong)))
+                detail=f"agent {format_money(txn.total_minor, txn.currency)}, ERP "
+                       + ", ".join(f"{d.doc_no} {format_money(d.total_minor, d.currency)}" for d in wrong)))
 
     if points is None:
         return report
@@ -203,7 +204,7 @@ def render(report: StoreReport) -> str:
         lines.append("  no control totals received from this store for the day")
 
     def side(s: Side) -> str:
-        amounts = ", ".join(f"{v} {c}" for c, v in sorted(s.amount_minor.items())) or "0"
+        amounts = ", ".join(format_money(v, c) for c, v in sorted(s.amount_minor.items())) or "0"
         return f"{s.count:>6} / {amounts}"
     for kind in ("sale", "return"):
         lines.append(f"  {kind + 's':<8} agent {side(report.agent[kind])}   ERP {side(report.erp[kind])}"

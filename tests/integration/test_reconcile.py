@@ -143,9 +143,9 @@ def test_reconcile_finds_the_day_in_order_then_exactly_the_two_broken_postings(e
     first = wait_for(lambda: (r := estate.reconcile("--date", DAY)).returncode == 0 and r, timeout=120)
     assert first, f"{estate.reconcile('--date', DAY).stdout}\n{estate.log('reconcile')}\n{estate.log('agent')}"
     assert "store S001  business day 2026-11-27  OK" in first.stdout
-    assert re.search(r"sales\s+agent\s+30 / 119940 EUR\s+ERP\s+30 / 119940 EUR\s+loyalty records 10", first.stdout), \
+    assert re.search(r"sales\s+agent\s+30 / 1,199.40 EUR\s+ERP\s+30 / 1,199.40 EUR\s+loyalty records 10", first.stdout), \
         first.stdout
-    assert re.search(r"returns\s+agent\s+1 / 3998 EUR\s+ERP\s+1 / 3998 EUR\s+loyalty records 1", first.stdout)
+    assert re.search(r"returns\s+agent\s+1 / 39.98 EUR\s+ERP\s+1 / 39.98 EUR\s+loyalty records 1", first.stdout)
     assert wait_for(lambda: estate.gap_metric() == 0.0, timeout=30), estate.log("reconcile")
 
     with sqlite3.connect(estate.legacy_db) as db:  # the ERP loses one posting and doubles another
