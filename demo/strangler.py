@@ -33,7 +33,8 @@ STORES = ("S001", "S002")
 PHASES = (
     ("legacy", "mode: legacy", "every sale goes point-to-point to the legacy ERP"),
     ("shadow", "mode: shadow", "legacy answers; the bus computes the same posting in dry run and compares"),
-    ("bus 15%", "mode: bus\n    rollout: {percent: 15}", "stores whose hash bucket < 15 (S001) take the bus"),
+    ("bus 15%", "mode: bus\n    rollout: {percent: 15}",
+     "stores whose hash bucket < 15 (S001) take the bus; the others stay in shadow"),
     ("bus", "mode: bus", "every store: outbox -> broker -> erp service -> legacy DB"),
 )
 
@@ -56,8 +57,8 @@ def _table(version: int, erp_port: int, sales: str) -> str:
 
 
 class Demo:
-    def __init__(self, root: Path, rate: float, phase_seconds: float):
-        self.root, self.rate, self.phase_seconds = root, rate, phase_seconds
+    def __init__(self, root: Path, rate: float, phase_seconds: float, keep: bool = False):
+        self.root, self.rate, self.phase_seconds, self.keep = root, rate, phase_seconds, keep
         mq, dist, mgmt, erp, *agents = _ports(4 + len(STORES))
         self.erp_port, self.agents = erp, dict(zip(STORES, agents))
         shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "bus.yaml").read_text())
@@ -127,8 +128,10 @@ class Demo:
             c = (h.get("routes") or {}).get("sales", {})
             w = (h.get("routes_window") or {}).get("sales", {})
             errors = sum(n for k, n in c.items() if k.endswith("_error"))
+            compared = (h.get("shadow_compared") or {}).get("sales", 0)
+            parity = f"{(h.get('shadow_parity') or {}).get('sales', 0):.1%}" if compared else "-"
             print(f"  {store:<6}{'v' + str(h.get('route_table_version', '?')):>6}{c.get('legacy_ok', 0):>8}"
-                  f"{c.get('legacy_queued', 0):>8}{c.get('bus_ok', 0):>7}{c.get('shadow_parity', 0):>8}"
+                  f"{c.get('legacy_queued', 0):>8}{c.get('bus_ok', 0):>7}{parity:>8}"
                   f"{c.get('shadow_mismatch', 0):>7}{errors:>8}{h.get('outbox_depth', '?'):>8}   "
                   + " ".join(f"{k}={v}" for k, v in sorted(w.items())))
 
@@ -152,9 +155,10 @@ class Demo:
             tills = [threading.Thread(target=self.till, args=(s,), daemon=True) for s in STORES]
             for t in tills:
                 t.start()
+            start = ((self.root / "config" / "routes.yaml").read_text(), "config/routes.yaml")
             for version, (name, sales, what) in enumerate(PHASES, start=2):
                 applied = apply_table(self.registry, uri, _table(version, self.erp_port, sales),
-                                      f"demo {name}", f"demo: sales -> {name}")
+                                      f"demo {name}", f"demo: sales -> {name}", STORES, baseline=start)
                 print(f"\n=== v{applied.version}: sales route -> {name.upper()}: {what}", flush=True)
                 until = time.monotonic() + self.phase_seconds
                 while time.monotonic() < until:
@@ -165,8 +169,12 @@ class Demo:
                 t.join(timeout=15)
             time.sleep(2)
             self.status("done")
-            print("\nevery POS call answered; bus-mode sales (CHANNEL RBUS) reached the legacy DB through the bus."
-                  "\nTry: retailbus routes status|history --config " + str(self.config))
+            print("\nevery POS call answered; bus-mode sales (CHANNEL RBUS) reached the legacy DB through the bus.")
+            if self.keep:
+                print(f"The estate is stopped; its folder stays: retailbus routes history --config {self.config}")
+            else:
+                print("The estate and its folder are gone; `retailbus demo --keep` keeps the folder "
+                      "(logs, legacy DB, route history) to look at afterwards.")
             return 0 if self.sent["failed"] == 0 else 1
         except KeyboardInterrupt:
             return 130
@@ -182,6 +190,6 @@ class Demo:
 def run(rate: float = 20.0, phase_seconds: float = 15.0, keep: bool = False) -> int:
     os.environ.pop("RETAILBUS_AMQP_URI", None)  # the demo runs on a broker node of its own
     if keep:
-        return Demo(Path(tempfile.mkdtemp(prefix="retailbus-demo-")), rate, phase_seconds).run()
+        return Demo(Path(tempfile.mkdtemp(prefix="retailbus-demo-")), rate, phase_seconds, keep=True).run()
     with tempfile.TemporaryDirectory(prefix="retailbus-demo-") as tmp:
         return Demo(Path(tmp), rate, phase_seconds).run()

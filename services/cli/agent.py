@@ -80,14 +80,21 @@ def keys():
 @config_option
 @click.option("--store", "store_id", required=True)
 @click.option("--terminal", required=True)
-def keys_add(config_path, store_id, terminal):
-    """Generate TERMINAL's key (replacing an old one) and print it once."""
+@click.option("--rotate", is_flag=True, help="replace the terminal's existing key (the till must get the new one)")
+def keys_add(config_path, store_id, terminal, rotate):
+    """Generate TERMINAL's key and print it once. A terminal that has a key keeps it
+    unless --rotate: replacing it locks the till out until it is given the new key."""
     from routing.edge_auth import TerminalKeys
 
     settings = _settings(config_path)
     path = settings.outbox_path(_store(settings, store_id)).parent / "terminal_keys.json"
+    keys_file = TerminalKeys(Path(path))
+    if not rotate and keys_file.get(terminal) is not None:
+        raise click.ClickException(
+            f"terminal {terminal} of store {store_id} already has a key (in {path}); replacing it locks "
+            "that till out until it gets the new one: add --rotate to replace it")
     try:
-        key = TerminalKeys(Path(path)).add(terminal)
+        key = keys_file.add(terminal)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(key)

@@ -140,12 +140,33 @@ def uri(ctx: click.Context, config_path: Path | None, nodes: int | None, show_pa
         raise click.ClickException(str(exc)) from None
 
 
+def queue_owner(name: str) -> str:
+    """The service that consumes a queue, read from its name (bus/topology.py's scheme):
+    `evt-<source>-<type>--<service>.<method>` with its `.retry.*`/`.dlq`, `rpc-<service>`,
+    the agents' `routes.<store>` and `store_agent-<store>.*`."""
+    if name.startswith("evt-") and "--" in name:
+        return name.split("--", 1)[1].split(".", 1)[0]
+    if name.startswith("rpc-"):
+        return name[4:]
+    if name.startswith(("routes.", "store_agent-")):
+        return "store agents"
+    return "other"
+
+
 def _table(rows: list[dict]) -> list[str]:
+    """Queues grouped by the service that consumes them, sorted by name within a group."""
     headers = ("queue", "messages", "consumers")
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["name"]):
+        groups.setdefault(queue_owner(r["name"]), []).append(r)
     cells = [(r["name"], str(r["messages"]), str(r["consumers"])) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    fmt = f"  {{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:>{widths[2]}}}"
-    return [fmt.format(*headers)] + [fmt.format(*c) for c in cells]
+    fmt = f"    {{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:>{widths[2]}}}"
+    lines = [fmt.format(*headers)]
+    for owner in sorted(groups, key=lambda g: ({"store agents": 1, "other": 2}.get(g, 0), g)):
+        lines.append(f"  {owner}:")
+        lines += [fmt.format(r["name"], r["messages"], r["consumers"]) for r in groups[owner]]
+    return lines
 
 
 @broker.command()

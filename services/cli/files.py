@@ -56,7 +56,29 @@ def waiting(drop: DropIn, ledger: Ledger, name: str) -> int:
 
 def rejected(drop: DropIn) -> int:
     """Files parked in `error/` (their `.rejects.csv` reports not counted)."""
-    return sum(1 for e in _regular_files(drop.folder / "error") if not e.name.endswith(".rejects.csv"))
+    return len(rejected_files(drop))
+
+
+def rejected_files(drop: DropIn) -> list:
+    """The data files in `error/`, newest first."""
+    files_ = [e for e in _regular_files(drop.folder / "error") if not e.name.endswith(".rejects.csv")]
+    return sorted(files_, key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)
+
+
+SHOWN_REJECTED = 10  # per drop; the rest are counted
+
+
+def why_rejected(ledger: Ledger, name: str, entry) -> str:
+    """Why the file sits in error/: the ledger's reason (found by the file's content), and
+    where its report of bad rows is."""
+    record = ledger.file(name, _sha256(Path(entry.path)))
+    reason = (record or {}).get("REASON") or "no reason recorded (moved by hand?)"
+    bad = (record or {}).get("BAD_ROWS") or 0
+    report = Path(entry.path).with_name(entry.name + ".rejects.csv")
+    rows = f"{bad} bad row(s), " if bad else ""
+    where = f" (rows in {report})" if report.exists() else ""
+    state = (record or {}).get("STATE", "rejected")
+    return f"{state}: {rows}{reason}{where}"
 
 
 @click.group()
@@ -67,7 +89,8 @@ def files():
 @files.command("status")
 @drops_option
 def files_status(drops_path):
-    """Per inbound drop: files waiting, in progress, done today, rejected (in error/)."""
+    """Per inbound drop: files waiting, in progress, done today, rejected (in error/), and
+    why each rejected file was refused."""
     cfg = _load(drops_path)
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
     ledger = Ledger(cfg.ledger)
@@ -75,8 +98,13 @@ def files_status(drops_path):
         click.echo(f"{'drop':<16} {'waiting':>8} {'in_progress':>12} {'done_today':>11} {'rejected':>9}  folder")
         for name, drop in cfg.inbound.items():
             done = ledger.counts_since(name, today).get("done", 0)
+            bad = rejected_files(drop)
             click.echo(f"{name:<16} {waiting(drop, ledger, name):>8} {ledger.in_progress(name):>12} "
-                       f"{done:>11} {rejected(drop):>9}  {drop.folder}")
+                       f"{done:>11} {len(bad):>9}  {drop.folder}")
+            for entry in bad[:SHOWN_REJECTED]:
+                click.echo(f"  error/{entry.name}: {why_rejected(ledger, name, entry)}")
+            if len(bad) > SHOWN_REJECTED:
+                click.echo(f"  ... and {len(bad) - SHOWN_REJECTED} more in {drop.folder / 'error'}")
     finally:
         ledger.close()
 

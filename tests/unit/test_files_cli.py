@@ -40,7 +40,7 @@ def run(*args):
 
 
 def table(output: str) -> dict[str, list[int]]:
-    rows = [line.split() for line in output.splitlines()[1:]]
+    rows = [line.split() for line in output.splitlines()[1:] if not line.startswith(" ")]
     return {r[0]: [int(x) for x in r[1:5]] for r in rows}
 
 
@@ -61,6 +61,23 @@ def test_status_counts_waiting_in_progress_done_today_and_rejected(estate):
     result = run("files", "status", "--drops", drops)
     assert result.exit_code == 0, result.output
     assert table(result.output) == {"customers": [2, 1, 1, 1], "stock": [0, 0, 0, 0]}
+
+
+def test_status_says_why_each_file_was_rejected(estate):
+    root, drops, ledger = estate
+    error = root / "drops" / "customers" / "error"
+    bad = error / "customers_g.csv"
+    bad.write_text("customer_id,name\nC1,x\nTRL,9\n")
+    (error / "customers_g.csv.rejects.csv").write_text("row,column,value,reason\n")
+    sha = hashlib.sha256(bad.read_bytes()).hexdigest()
+    ledger.begin("customers", sha, bad.name, 1, 1)
+    ledger.finish("customers", sha, bad.name, "rejected", "trailer count 9 != 1 data rows", 1, 1)
+    (error / "customers_h.csv").write_text("moved here by hand")
+    result = run("files", "status", "--drops", drops)
+    assert result.exit_code == 0, result.output
+    assert (f"  error/customers_g.csv: rejected: 1 bad row(s), trailer count 9 != 1 data rows "
+            f"(rows in {error / 'customers_g.csv.rejects.csv'})") in result.output, result.output
+    assert "  error/customers_h.csv: rejected: no reason recorded (moved by hand?)" in result.output
 
 
 def test_reprocess_moves_a_fixed_file_back_and_the_ledger_forgets_it(estate):
