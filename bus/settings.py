@@ -145,6 +145,44 @@ class ReconcileSettings(Strict):
     interval: float = Field(300.0, gt=0, description="seconds between scheduled reconciliations")
 
 
+class RetentionSettings(Strict):
+    """How long what piles up is kept (bus/retention.py; `retailbus_pruned_total{what}` counts
+    what went). Pruning runs every `interval` seconds in batches of `batch`, so it never holds
+    a hot path's lock for long. Days are floats: tests and soaks set minutes."""
+
+    interval: float = Field(60.0, gt=0, description="seconds between pruning passes of each service")
+    batch: int = Field(500, ge=1, le=10_000, description="rows (or files) removed per statement")
+    max_batches: int = Field(20, ge=1, description="batches per pass and kind: the rest waits for the next pass")
+    journal_days: float = Field(7.0, gt=0, description="days of message hops the journal keeps")
+    journal_max_mb: float = Field(2048.0, gt=0, description="the journal's size in MiB past which its "
+                                                            "oldest hops go, whatever their age")
+    dlq_days: float = Field(7.0, ge=0, description="days within which ops replay or purge a parked "
+                                                   "message: a replay must still find its inbox key")
+    inbox_days: float = Field(45.0, gt=0, description="days an inbox key is kept; at least the redelivery "
+                                                      "horizon (agent.retention_days + dlq_days + the "
+                                                      "longest retry schedule), else the config is refused")
+    relay_sent_days: float = Field(7.0, gt=0, description="days the erp's sent RB_OUTBOX rows are kept")
+    ledger_days: float = Field(45.0, gt=0, description="days the file-drop ledger keeps a finished file's "
+                                                       "record and an outbound file's row keys; at least "
+                                                       "the redelivery horizon, like inbox_days")
+    reconcile_days: float = Field(90.0, gt=0, description="business days of control totals reconcile keeps")
+    outbound_files_days: float = Field(30.0, gt=0, description="days a handed-over outbound batch file "
+                                                               "(and its done marker) stays in its folder")
+    archive_days: float = Field(30.0, gt=0, description="days an inbound file stays in archive/YYYY-MM-DD/")
+    files_action: Literal["delete", "move"] = Field("delete", description="what happens to an aged file: "
+                                                                          "deleted, or moved to move_to")
+    move_to: Path | None = Field(None, description="with files_action move: the folder aged files go to "
+                                                   "(a subfolder per drop)")
+    wal_idle_seconds: float = Field(30.0, gt=0, description="a store outbox idle this long has its WAL "
+                                                            "checkpointed and truncated")
+
+    @model_validator(mode="after")
+    def _move_needs_a_folder(self):
+        if self.files_action == "move" and self.move_to is None:
+            raise ValueError("move_to: required when files_action is move")
+        return self
+
+
 class ServiceSettings(Strict):
     module: str
     metrics_port: int | None = None
@@ -165,6 +203,7 @@ class RetailbusSettings(Strict):
     agent: AgentSettings = AgentSettings()
     journal: JournalSettings = JournalSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    retention: RetentionSettings = RetentionSettings()
     routes_file: Path = Path("config/routes.yaml")
     routes_state: Path = Path("var/routes")
 
@@ -182,6 +221,38 @@ class RetailbusSettings(Strict):
 
     def outbox_path(self, store: StoreSettings) -> Path:
         return self.path(store.outbox or Path("var/stores") / store.id / "outbox.db")
+
+    def redelivery_days(self) -> float:
+        """How long after its first delivery a message can still arrive again: a sent
+        outbox row replayed, a parked message replayed, the longest retry schedule."""
+        def waits(delays: list[float], attempts: int | None) -> float:
+            """Seconds between the first and the last attempt; beyond the delays the last repeats."""
+            retries = len(delays) if attempts is None else attempts - 1
+            return sum(delays[:retries]) + (delays[-1] if delays else 0) * max(retries - len(delays), 0)
+        retrying = max([waits(self.retry.delays, None)] + [waits(h.delays or self.retry.delays, h.attempts)
+                                                            for h in self.handlers.values()]) / 86400
+        return self.agent.retention_days + self.retention.dlq_days + retrying
+
+    @model_validator(mode="after")
+    def _keys_outlive_redeliveries(self):
+        floor = self.redelivery_days()
+        for name in ("inbox_days", "ledger_days"):
+            value = getattr(self.retention, name)
+            if value < floor:
+                raise ValueError(
+                    f"retention.{name}: {value:g} days is shorter than a message can be redelivered: "
+                    f"{floor:g} days (agent.retention_days {self.agent.retention_days:g} + retention.dlq_days "
+                    f"{self.retention.dlq_days:g} + the longest retry schedule); a key pruned before its "
+                    f"message stops coming back would let it apply twice")
+        return self
+
+    @model_validator(mode="after")
+    def _notes_outlive_the_totals_window(self):
+        if self.agent.retention_days < self.agent.control_totals_days:
+            raise ValueError(f"agent.retention_days: {self.agent.retention_days:g} is shorter than "
+                             f"agent.control_totals_days {self.agent.control_totals_days:g}: a restarted agent "
+                             "would count a day it still publishes without its compacted notes")
+        return self
 
     @model_validator(mode="after")
     def _retries_have_delays(self):

@@ -2,6 +2,9 @@
 are committed in one transaction, so a redelivered or duplicated message is
 recognised and not applied twice. The table lives beside the effect (in the
 legacy database) because only one transaction can make both durable at once.
+
+A key is kept `RETAILBUS.retention.inbox_days`, which the settings refuse to set
+shorter than a message can come back (`prune`, in small batches by age).
 """
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ import weakref
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
-from sqlalchemy import Column, MetaData, String, Table
+from sqlalchemy import Column, Index, MetaData, String, Table, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.envelope import CloudEvent
-from legacy_wrappers.legacy_db import create_tables
+from legacy_wrappers.legacy_db import commit_off_hub, create_indexes, create_tables
 from legacy_wrappers.prepared import Prepared
 from bus import metrics
 from bus.consumer import DUPLICATE
@@ -28,6 +31,7 @@ INBOX = Table(
     Column("IDEM_KEY", String(200), primary_key=True),
     Column("MESSAGE_ID", String(40), nullable=False),
     Column("RECEIVED_TS", String(32), nullable=False),
+    Index("IX_RB_INBOX_RECEIVED", "RECEIVED_TS"),  # pruning by age reads the oldest keys only
 )
 
 _ready: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -38,6 +42,7 @@ def ensure_inbox(engine: Engine) -> None:
     of a one-connection SQLite pool: create_all needs one of its own)."""
     if engine not in _ready:
         create_tables(engine, metadata)
+        create_indexes(engine, INBOX)  # an inbox created before the index was added
         _ready.add(engine)
 
 
@@ -98,3 +103,17 @@ def apply_once(engine: Engine, consumer: str, event: CloudEvent, effect: Callabl
         if not claim(conn, consumer, event.idempotencykey, event.id):
             return DUPLICATE
         return effect(conn)
+
+
+def prune(engine: Engine, older_than: datetime, limit: int) -> int:
+    """Delete up to `limit` keys received before `older_than` (any consumer); returns how many."""
+    ensure_inbox(engine)
+    c = INBOX.c
+    with engine.connect() as conn:
+        tx = conn.begin()
+        old = conn.execute(select(c.CONSUMER, c.IDEM_KEY).where(c.RECEIVED_TS < older_than.isoformat())
+                           .order_by(c.RECEIVED_TS).limit(limit)).all()
+        if old:
+            conn.execute(delete(INBOX).where(tuple_(c.CONSUMER, c.IDEM_KEY).in_([tuple(k) for k in old])))
+        commit_off_hub(tx)  # SQLite's fsync in an OS thread: the consumers' loop goes on
+    return len(old)

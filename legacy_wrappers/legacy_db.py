@@ -27,7 +27,7 @@ from functools import lru_cache
 from eventlet import tpool
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider, SharedExtension
-from sqlalchemy import MetaData, String, Table, create_engine, event
+from sqlalchemy import MetaData, String, Table, create_engine, event, inspect
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from bus.constants import EFFECT_ERRORS
@@ -127,6 +127,17 @@ def commit_off_hub(tx: RootTransaction) -> None:
 
 
 CREATE_ATTEMPTS = 3
+
+
+def create_indexes(engine: Engine, table) -> None:
+    """Create `table`'s indexes that an older database lacks (create_all adds none to a
+    table that exists); another process creating one at the same moment is no error."""
+    for index in table.indexes:
+        try:
+            index.create(engine, checkfirst=True)
+        except DBAPIError:
+            if not inspect(engine).has_index(table.name, index.name):
+                raise
 
 
 def create_tables(engine: Engine, metadata: MetaData) -> None:

@@ -71,8 +71,10 @@ def record(db: sqlite3.Connection, message_type: str, data: dict, via: str, outb
          1 if data.get("loyalty_card") else 0, via, time.time(), outbox_seq))
 
 
-def compact(db: sqlite3.Connection, cutoff: float) -> None:
-    db.execute("DELETE FROM accepted_txn WHERE accepted_at < ?", (cutoff,))
+def compact(db: sqlite3.Connection, cutoff: float, limit: int) -> int:
+    """Delete up to `limit` of the notes taken before `cutoff`; returns how many."""
+    return db.execute("DELETE FROM accepted_txn WHERE n IN (SELECT n FROM accepted_txn WHERE accepted_at < ? "
+               "ORDER BY accepted_at LIMIT ?)", (cutoff, limit)).rowcount
 
 
 def day_totals(db: sqlite3.Connection, store_id: str, day: str, as_of: int) -> StoreControlTotalsV1:

@@ -37,7 +37,8 @@ from routing.outbox import Entry, Outbox, OutboxUnavailable
 from bus import journal, topology
 from bus.constants import H_STORE, H_STORE_SEQ
 from bus.publisher import ConfirmingPublisher, OutgoingMessage, PublishError
-from bus.settings import PublisherSettings
+from bus.retention import in_batches
+from bus.settings import PublisherSettings, RetentionSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ BATCH = 500
 FAIL_MAX = 3
 RESET_SECONDS = 5.0
 BACKOFF_BASE, BACKOFF_CAP = 0.2, 15.0
-COMPACT_EVERY = 3600.0
+COMPACT_EVERY = 60.0  # a few small batches a minute keep up with a day's sales
 CHECKPOINT_EVERY = 1.0
 
 FORWARDED = Counter("retailbus_outbox_forwarded_total", "Outbox events published to the broker", ["store"])
@@ -70,6 +71,7 @@ class OutboxForwarder(Extension):
         self.breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS,
                                                 listeners=[BreakerMetrics("broker")])
         self.last_confirm: float | None = None
+        self.retention = RetentionSettings()  # the service's `setup` sets RETAILBUS.retention
         self._wake = Event()
         self._stopped = Event()
         self._running = False
@@ -113,23 +115,27 @@ class OutboxForwarder(Extension):
 
     def _run(self):
         failures, next_compaction, next_checkpoint = 0, 0.0, 0.0
+        idle_since, truncated = time.monotonic(), False
         while self._running:
             if self.outbox is None:
                 self._idle(0.1)
                 continue
             try:
                 if time.monotonic() >= next_checkpoint:
-                    self.outbox.checkpoint()
+                    # idle long enough: the WAL is emptied, else it keeps its high-water size
+                    truncate = not truncated and time.monotonic() - idle_since >= self.retention.wal_idle_seconds
+                    self.outbox.checkpoint(truncate=truncate)
+                    truncated = truncated or truncate
                     next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
                 if time.monotonic() >= next_compaction:
-                    removed = self.outbox.compact()
+                    r = self.retention
+                    in_batches("store_outbox", lambda n: self.outbox.compact(limit=n), r.batch, r.max_batches)
                     next_compaction = time.monotonic() + COMPACT_EVERY
-                    if removed:
-                        log.info("compacted %d sent outbox rows", removed)
                 entries = self.outbox.unsent(BATCH)
                 if not entries:
                     self._idle(CHECKPOINT_EVERY)
                     continue
+                idle_since, truncated = time.monotonic(), False
                 self.breaker.call(self._forward, entries)
                 failures = 0
             except (pybreaker.CircuitBreakerError, PublishError, OutboxUnavailable) as exc:

@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 
 import eventlet
@@ -145,14 +146,20 @@ class Outbox:
                 "UPDATE outbox SET sent_at = ? WHERE seq = ? AND sent_at IS NULL",
                 [(now, s) for s in seqs]))
 
-    def compact(self, now: float | None = None) -> int:
-        """Delete rows sent (and control notes taken) more than `retention_days` ago;
-        unsent rows always stay."""
+    def compact(self, now: float | None = None, limit: int = 500) -> int:
+        """Delete up to `limit` of the oldest rows sent (and control notes taken) more than
+        `retention_days` ago; unsent rows always stay. A small batch rides in a group
+        commit beside POS calls; the caller repeats while whole batches go (the larger
+        of the two counts is returned)."""
         cutoff = (now or time.time()) - self.retention_days * 86400
 
         def apply(db, batch):
-            control_totals.compact(db, cutoff)
-            return db.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (cutoff,)).rowcount
+            notes = control_totals.compact(db, cutoff, limit)
+            # by seq, from the oldest, up to the first row not sent long enough: no scan
+            oldest = db.execute("SELECT seq, sent_at FROM outbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            done = list(takewhile(lambda row: row[1] is not None and row[1] < cutoff, oldest))
+            rows = db.execute("DELETE FROM outbox WHERE seq <= ?", (done[-1][0],)).rowcount if done else 0
+            return max(notes, rows)
         return self._submit(apply)
 
     def _submit(self, apply):
@@ -220,10 +227,11 @@ class Outbox:
         claimed[key] = (event.id, digest)
         return Accepted(event.id, duplicate=False)
 
-    def checkpoint(self) -> None:
-        """A passive checkpoint in an OS thread: it never blocks the writer."""
+    def checkpoint(self, truncate: bool = False) -> None:
+        """A passive checkpoint in an OS thread: it never blocks the writer. `truncate` (when
+        idle) also waits for readers and empties the WAL file, which otherwise keeps its size."""
         try:
-            tpool.execute(self._checkpointer.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+            tpool.execute(self._checkpointer.execute, f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
         except sqlite3.Error as exc:
             raise OutboxUnavailable(f"outbox {self.path} cannot checkpoint: {exc}") from exc
 

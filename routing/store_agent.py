@@ -27,6 +27,7 @@ from contracts.pos import idempotency_key
 from legacy_wrappers.legacy_http import LegacyHttp
 from routing import legacy_payload, modes
 from routing.broker_user import credentials_path, store_uri
+from routing.answers import AnswerCache
 from routing.edge_auth import AuthError, TerminalKeys, Verifier
 from routing.control_totals import ControlTotalsPublisher
 from routing.forwarder import OutboxForwarder
@@ -79,6 +80,7 @@ class StoreOutbox(DependencyProvider):
         self.outbox = Outbox(path, retention_days=settings.agent.retention_days)
         self.verifier = Verifier(TerminalKeys(path.parent / "terminal_keys.json"),
                                  window=settings.agent.signature_window)
+        self.answers = AnswerCache(settings.agent.signature_window)
         self.forwarder.attach(self.outbox, store.id, store_uri(uri, credentials_path(path)), settings.publisher)
         self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
                            settings.agent.control_totals_interval, settings.agent.control_totals_days)
@@ -138,6 +140,9 @@ class StoreStock(DependencyProvider):
 
 
 EVENT_TYPES = ("pos.sale.v1", "pos.return.v1")  # what POST /v1/events takes
+# The terminal whose key signs ops' reads of what tills must not see (shadow mismatches carry
+# loyalty cards and customer ids): longer than any till's id (contracts.pos.TerminalId).
+OPS_TERMINAL = "OPSDESK"
 
 
 def _json(status: int, body: dict) -> Response:
@@ -190,6 +195,31 @@ class StoreAgent:
                         extra={"id": request.headers.get("X-Retailbus-Nonce"), "correlationid": None})
             return None, _error(401, str(exc))
 
+    def _once(self, request, body: bytes, handle) -> Response:
+        """`handle(terminal)` for a signed write, answered once per signature: a byte-identical
+        retry (a till that lost the answer) gets the first answer, not a 401 for its reused
+        nonce (routing/answers.py)."""
+        if not self.store.config.auth_required:
+            return handle(None)
+        return self.store.answers.once(request, body, self._authenticate, handle)
+
+    def _same_store(self, body: bytes, terminal: str | None) -> Response | None:
+        """None when a legacy or shadow call may go to the ERP as it is: its STORE is this
+        agent's (a terminal's key is its store's) and its TERMINAL the signer's, as on the bus
+        path. A body that is not a JSON object goes on: the ERP refuses it itself."""
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(payload, dict):
+            return None
+        store, till = payload.get("STORE"), payload.get("TERMINAL")
+        if store != self.store.store_id:
+            return _error(400, f"STORE: this agent serves store {self.store.store_id}, not {store}")
+        if terminal is not None and till != terminal:
+            return _error(403, f"TERMINAL: signed by terminal {terminal}, payload says {till}")
+        return None
+
     def _body(self, request, mimetypes: tuple[str, ...]) -> tuple[bytes, Response | None]:
         """(the body, None) when its size and type are acceptable, else (b"", the refusal)."""
         limit = self.store.config.max_body
@@ -208,12 +238,16 @@ class StoreAgent:
         body, refused = self._body(request, ("application/json",))
         if refused:
             return refused
-        terminal, refused = self._authenticate(request, body)
-        if refused:
-            return refused
+        return self._once(request, body, lambda terminal: self._route(
+            request, body, terminal, route, message_type, parse, started))
+
+    def _route(self, request, body: bytes, terminal, route: str, message_type: str, parse, started) -> Response:
         table = self.routes.table  # in flight, a request finishes on the table it started with
         call = self._decide(table, message_type, route, "POST", request, body)
         if call.mode != "bus":
+            refused = self._same_store(body, terminal)
+            if refused:
+                return refused
             modes.trace(call, body, self.store.store_id, terminal)
         queued = []
         response = modes.post(self.legacy(table.legacy.base_url, table.legacy.timeout), self.shadow, call,
@@ -298,9 +332,9 @@ class StoreAgent:
         body, refused = self._body(request, ("application/cloudevents+json", "application/json"))
         if refused:
             return refused
-        terminal, refused = self._authenticate(request, body)
-        if refused:
-            return refused
+        return self._once(request, body, lambda terminal: self._event(body, terminal, started))
+
+    def _event(self, body: bytes, terminal, started) -> Response:
         try:
             event = CloudEvent.from_json(body)
             if event.type not in EVENT_TYPES:
@@ -394,7 +428,15 @@ class StoreAgent:
 
     @pos_http("GET", "/routes/mismatches")
     def mismatches(self, request):
-        """Shadow mismatches kept by this agent (`retailbus routes mismatches ROUTE`)."""
+        """Shadow mismatches kept by this agent (`retailbus routes mismatches ROUTE`). Both sides
+        of a sale, loyalty card and customer id included: for ops only, signed with the store's
+        OPS_TERMINAL key (which the CLI uses) whenever POS calls must be signed."""
+        terminal, refused = self._authenticate(request, b"")
+        if refused:
+            return refused
+        if self.store.config.auth_required and terminal != OPS_TERMINAL:
+            return _error(403, f"X-Retailbus-Terminal: shadow mismatches are read with the ops key "
+                               f"({OPS_TERMINAL}), not terminal {terminal}'s")
         try:
             limit = int(request.args.get("limit", "100"))
         except ValueError:

@@ -43,6 +43,7 @@ SCHEMA = (
         "OUTBOUND" VARCHAR(60) NOT NULL, "IDEM_KEY" VARCHAR(200) NOT NULL,
         "FILE_NAME" VARCHAR(255) NOT NULL,
         PRIMARY KEY ("OUTBOUND", "IDEM_KEY"))""",
+    'CREATE INDEX IF NOT EXISTS "FD_OUT_KEY_FILE" ON "FD_OUT_KEY" ("OUTBOUND", "FILE_NAME")',  # a file's keys
 )
 
 
@@ -205,3 +206,26 @@ class Ledger:
         with self._write() as conn:
             conn.execute('DELETE FROM "FD_OUT_KEY" WHERE "OUTBOUND" = ? AND "FILE_NAME" = ?', (outbound, name))
             conn.execute('DELETE FROM "FD_OUT_FILE" WHERE "OUTBOUND" = ? AND "NAME" = ?', (outbound, name))
+
+    # -- retention ----------------------------------------------------------------
+
+    def prune(self, before: str, limit: int) -> int:
+        """Forget what finished before `before` (ISO UTC), up to `limit` rows a table: taken,
+        refused or failed files (that content would be taken again), files remembered by
+        identity, and the row keys of written outbound files. A file in progress and a
+        pending outbound file stay. Returns the rows deleted."""
+        with self._write() as conn:
+            n = conn.execute('DELETE FROM "FD_FILE" WHERE rowid IN (SELECT rowid FROM "FD_FILE" WHERE '
+                             '"STATE" <> \'in_progress\' AND "UPDATED_TS" < ? LIMIT ?)', (before, limit)).rowcount
+            n += conn.execute('DELETE FROM "FD_SEEN" WHERE rowid IN (SELECT rowid FROM "FD_SEEN" WHERE '
+                              '"UPDATED_TS" < ? LIMIT ?)', (before, limit)).rowcount
+            budget = limit
+            for out in conn.execute('SELECT "OUTBOUND", "NAME" FROM "FD_OUT_FILE" WHERE "STATE" = \'written\' '
+                                    'AND "UPDATED_TS" < ? LIMIT ?', (before, limit)).fetchall():
+                keys = conn.execute('DELETE FROM "FD_OUT_KEY" WHERE rowid IN (SELECT rowid FROM "FD_OUT_KEY" '
+                                    'WHERE "OUTBOUND" = ? AND "FILE_NAME" = ? LIMIT ?)', (*out, budget)).rowcount
+                n, budget = n + keys, budget - keys
+                if budget <= 0:
+                    break  # this file may have keys left: its record stays for the next batch
+                n += conn.execute('DELETE FROM "FD_OUT_FILE" WHERE "OUTBOUND" = ? AND "NAME" = ?', tuple(out)).rowcount
+        return n

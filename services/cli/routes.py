@@ -217,8 +217,9 @@ def mismatches(route, limit, config_path):
     found = 0
     for store in settings.stores:
         try:
-            url = f"http://{store.http}/routes/mismatches?route={urllib.parse.quote(route)}&limit={limit}"
-            with urllib.request.urlopen(url, timeout=5) as response:
+            path = f"/routes/mismatches?route={urllib.parse.quote(route)}&limit={limit}"
+            request = urllib.request.Request(f"http://{store.http}{path}", headers=_ops_signed(settings, store, path))
+            with urllib.request.urlopen(request, timeout=5) as response:
                 records = json.loads(response.read())["mismatches"]
         except (OSError, ValueError, KeyError):
             click.echo(f"{store.id}: silent")
@@ -228,6 +229,18 @@ def mismatches(route, limit, config_path):
             click.echo(f"{store.id} {r['time'][:19]} {r['ref']}: " + ", ".join(
                 f"{d['field']} bus={d['bus']!r} legacy={d['legacy']!r}" for d in r["diffs"]))
     click.echo(f"{found} mismatches on {route}")
+
+
+def _ops_signed(settings: RetailbusSettings, store, path: str) -> dict:
+    """The signature of a GET with the store's ops key (made on first use, 0600 beside its
+    terminal keys): shadow mismatches carry loyalty cards and customer ids, so the agent
+    shows them to that key only."""
+    from routing.edge_auth import TerminalKeys, signed_headers
+    from routing.store_agent import OPS_TERMINAL
+
+    keys = TerminalKeys(settings.outbox_path(store).parent / "terminal_keys.json")
+    key = keys.get(OPS_TERMINAL) or bytes.fromhex(keys.add(OPS_TERMINAL))
+    return signed_headers(OPS_TERMINAL, key, "GET", path, b"")
 
 
 def _says(route) -> str:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from nameko.extensions import DependencyProvider
 from prometheus_client import Counter, Gauge
-from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bindparam, select, update
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text, bindparam, delete, select, update
 
 from contracts.envelope import CloudEvent
 from legacy_wrappers.legacy_db import LegacyEngines, commit_off_hub, create_tables
@@ -70,6 +70,19 @@ def insert(events: list[CloudEvent]) -> tuple[Prepared, list[dict]]:
     now = _now()
     return _INSERT, [dict(EVENT_ID=e.id, TYPE=e.type, CORRELATION_ID=e.correlationid,
                           BODY=e.to_json().decode(), CREATED_TS=now) for e in events]
+
+
+def prune_sent(engine, older_than: datetime, limit: int) -> int:
+    """Delete up to `limit` rows sent before `older_than` (unsent rows always stay); returns how many."""
+    c = OUTBOX.c
+    with engine.connect() as conn:
+        tx = conn.begin()
+        ids = conn.execute(select(c.ID).where(c.SENT_TS.is_not(None), c.SENT_TS < older_than.isoformat())
+                           .order_by(c.SENT_TS).limit(limit)).scalars().all()
+        if ids:
+            conn.execute(delete(OUTBOX).where(c.ID.in_(ids)))
+        commit_off_hub(tx)
+    return len(ids)
 
 
 class _Writer:

@@ -20,8 +20,10 @@ from bus.consumer import DUPLICATE, PermanentError, reliable_handler
 from bus.extensions import EventPublisher
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
+from bus.retention import retention_timer
 from services.erp import customer_master, events, ledger, posting, return_links, stock, unknown_sku
 from services.erp.outbox import Outbox
+from services.erp.retention import LegacyRetention
 from services.erp.outbox import metadata as outbox_tables
 
 
@@ -40,6 +42,7 @@ class ErpService:
     events = EventPublisher()
     metrics = MetricsHttp()
     hops = JournalHops()
+    retention = LegacyRetention()
 
     @reliable_handler("store_agent", "pos.sale.v1", ordered=True, batch=BATCH)
     def on_pos_sale(self, sales: list[tuple[PosSaleV1, CloudEvent]]):
@@ -122,6 +125,11 @@ class ErpService:
             return shadow.compare(self.db.conn, ledger.LegacyTables.of(self.db.tables), txn, legacy_doc_no)
         finally:
             self.db.end(success=False)  # a dry run: nothing to make durable, no commit to wait for
+
+    @retention_timer()
+    def prune(self) -> dict[str, int]:
+        """Inbox keys past the redelivery horizon and relay rows long sent (RETAILBUS.retention)."""
+        return self.retention.prune()
 
     @table_changes(stock.TABLE, key=stock.KEY)
     def on_stock_changes(self, changes):

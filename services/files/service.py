@@ -9,9 +9,11 @@ from __future__ import annotations
 from contracts.envelope import CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk, file_drop
 from legacy_wrappers.filedrop.outbound import BatchFileWriter, batch_file_consumer
+from legacy_wrappers.filedrop.retention import FileRetention
 from bus.extensions import EventPublisher, event_message
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
+from bus.retention import retention_timer
 from services.files.mapping import batch_event, drop_options, points_record
 
 
@@ -22,6 +24,12 @@ class FilesService:
     points_file = BatchFileWriter("loyalty_points")
     metrics = MetricsHttp()
     hops = JournalHops()
+    retention = FileRetention()
+
+    @retention_timer()
+    def prune(self) -> dict[str, int]:
+        """Ledger rows, handed-over outbound files and archive days past RETAILBUS.retention."""
+        return self.retention.prune()
 
     @file_drop("customers", **drop_options("customers"))
     def on_customer_export(self, chunk: RowChunk):

@@ -16,6 +16,7 @@ from bus.consumer import reliable_handler
 from bus.extensions import container_settings
 from bus.journal import HOPS_TYPE, SERVICE
 from bus.metrics_http import MetricsHttp
+from bus.retention import before, in_batches, retention_timer
 from services.journal import store
 
 
@@ -26,6 +27,7 @@ class JournalStore(DependencyProvider):
         settings = container_settings(self.container.config)[1]
         self.engine = store.open_engine(settings.absolute_dsn(settings.journal.dsn))
         self.lock = Semaphore(1)
+        self.retention = settings.retention
 
     def stop(self):
         self.engine.dispose()
@@ -41,12 +43,33 @@ class JournalStore(DependencyProvider):
     def get_dependency(self, worker_ctx):
         return self
 
+    def _locked(self, fn, *args):
+        with self.lock:  # between two batches of hops, never inside one
+            return fn(*args)
+
+    def prune(self) -> dict[str, int]:
+        """Hops past their days, then the oldest while over the size cap; the inbox's keys."""
+        r = self.retention
+        aged = in_batches("journal_hops", lambda n: self._locked(
+            store.prune, self.engine, before(r.journal_days).timestamp(), n), r.batch, r.max_batches)
+        capped = 0
+        if store.used_bytes(self.engine) > r.journal_max_mb * 2 ** 20:
+            capped = in_batches("journal_hops_over_size", lambda n: self._locked(store.prune, self.engine, None, n),
+                                r.batch, r.max_batches)
+        keys = in_batches("journal_inbox", lambda n: self._locked(
+            inbox.prune, self.engine, before(r.inbox_days), n), r.batch, r.max_batches)
+        return {"journal_hops": aged, "journal_hops_over_size": capped, "journal_inbox": keys}
+
 
 class JournalService:
     name = SERVICE
 
     store = JournalStore()
     metrics = MetricsHttp()
+
+    @retention_timer()
+    def prune(self) -> dict[str, int]:
+        return self.store.prune()
 
     @reliable_handler(SERVICE, HOPS_TYPE)
     def on_hops(self, batch: JournalHopsV1, event: CloudEvent):

@@ -7,17 +7,22 @@ to its items here, off the files service's path); `journal_refs` indexes each it
 and names (`refs`) with its position, so a single row's customer id or key
 finds the batch hop and the row's line in it. SQLAlchemy Core; SQLite (WAL,
 so `retailbus trace` reads while the service writes) or PostgreSQL.
+
+Hops older than `RETAILBUS.retention.journal_days` go, and the oldest go
+whatever their age while the database is over `journal_max_mb` (`prune`,
+oldest first by `pk`, which grows with time, so no index on time is needed).
 """
 from __future__ import annotations
 
 import json
+from itertools import takewhile
 
-from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event,
-                        or_, select)
+from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine, delete, event,
+                        func, or_, select, text)
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.journal import JournalHopsV1
-from legacy_wrappers.legacy_db import create_tables, switch_to_wal
+from legacy_wrappers.legacy_db import create_indexes, create_tables, switch_to_wal
 
 metadata = MetaData()
 HOPS = Table(
@@ -42,6 +47,7 @@ REFS = Table(
     Column("hop_pk", Integer, nullable=False),
     Column("item", Integer, nullable=False),
     Index("ix_journal_refs_ref", "ref"),
+    Index("ix_journal_refs_hop", "hop_pk"),  # pruning a hop takes its refs
 )
 CONSUMER = "journal.on_hops"
 
@@ -57,6 +63,7 @@ def open_engine(dsn: str, create: bool = True) -> Engine:
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
     if create:
         create_tables(engine, metadata)
+        create_indexes(engine, REFS)  # a journal created before the index was added
     return engine
 
 
@@ -90,3 +97,29 @@ def by_ref(conn: Connection, name: str) -> list:
     """(hop row, item position) of every batch item known by `name`."""
     return conn.execute(select(HOPS, REFS.c.item).join(REFS, REFS.c.hop_pk == HOPS.c.pk)
                         .where(REFS.c.ref == name)).all()
+
+
+def prune(engine: Engine, older_than: float | None, limit: int) -> int:
+    """Delete up to `limit` of the oldest hops (and their refs): those before `older_than`
+    (unix time), or, with None, the oldest whatever their age. Returns how many."""
+    h = HOPS.c
+    with engine.begin() as conn:
+        oldest = conn.execute(select(h.pk, h.time).order_by(h.pk).limit(limit)).all()
+        if older_than is not None:  # up to the first young one: pk order is nearly time order
+            oldest = list(takewhile(lambda row: row.time < older_than, oldest))
+        pks = [row.pk for row in oldest]
+        if pks:
+            conn.execute(delete(REFS).where(REFS.c.hop_pk.in_(pks)))
+            conn.execute(delete(HOPS).where(h.pk.in_(pks)))
+    return len(pks)
+
+
+def used_bytes(engine: Engine) -> int:
+    """What the journal's data takes (SQLite: pages in use, not the free ones a prune left)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar() - conn.exec_driver_sql(
+                "PRAGMA freelist_count").scalar()
+            return pages * conn.exec_driver_sql("PRAGMA page_size").scalar()
+        return conn.execute(select(func.pg_total_relation_size(text("'journal_hops'")) +
+                                   func.pg_total_relation_size(text("'journal_refs'")))).scalar()

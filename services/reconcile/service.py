@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from nameko.dependency_providers import Config
 from nameko.extensions import DependencyProvider
 from nameko.timer import Timer
 from prometheus_client import Gauge
@@ -15,6 +16,7 @@ from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
 from contracts.envelope import CloudEvent
 from bus.consumer import DUPLICATE, reliable_handler
 from bus.metrics_http import MetricsHttp
+from bus.retention import before, in_batches, retention_timer
 from services.reconcile import store
 from services.reconcile.run import Estate, reconcile_day
 from bus.settings import retailbus_settings
@@ -56,6 +58,7 @@ class ReconcileService:
 
     estate = ReconcileEstate()
     metrics = MetricsHttp()
+    config = Config()
 
     @reliable_handler("store_agent", StoreControlTotalsV1.TYPE)
     def on_control_totals(self, totals: StoreControlTotalsV1, event: CloudEvent):
@@ -66,6 +69,13 @@ class ReconcileService:
     def on_control_digests(self, totals: StoreControlTotalsV2, event: CloudEvent):
         """The same for digests: a few hundred bytes per store and day."""
         return None if store.keep_latest(self.estate.totals, totals) else DUPLICATE
+
+    @retention_timer()
+    def prune(self) -> int:
+        """Snapshots of business days older than RETAILBUS.retention.reconcile_days."""
+        r = retailbus_settings(self.config).retention
+        return in_batches("reconcile_totals", lambda n: store.prune(self.estate.totals, before(r.reconcile_days).date(), n),
+                          r.batch, r.max_batches)
 
     @Schedule.decorator()
     def reconcile(self) -> dict[str, int]:
