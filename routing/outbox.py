@@ -8,6 +8,11 @@ their work and wait on their own event; one committer greenthread takes
 everything queued, runs it as ONE transaction in a real OS thread (eventlet
 tpool, so the hub keeps accepting POS calls during the fsync) and wakes them
 all. Under load many accepts share one fsync; alone, one accept is one commit.
+Each caller's work runs in its own savepoint: its failure (a conflict, a
+reused event id, any exception) is rolled back and answered to that caller
+alone, and the others in the group still commit. Only a failure of the
+transaction itself (disk full, locked) fails the whole group. The committer
+survives any exception and always wakes its callers.
 
 Every row gets `stream_seq`, its position among the store's messages of its
 type (1, 2, 3 ... without gaps), stamped by the single committer: downstream
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from collections import deque
@@ -50,6 +56,8 @@ CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
 COLUMNS = {"payload_hash": "TEXT", "stream_seq": "INTEGER"}
 MAX_GROUP = 512
 
+log = logging.getLogger(__name__)
+
 
 class OutboxUnavailable(RetailbusError):
     """The outbox could not commit (disk full, read-only, locked): the POS must retry."""
@@ -62,6 +70,15 @@ class OutboxConflict(RetailbusError):
         super().__init__(f"{idem_key} was already accepted with different content (REF {first_event_id})")
         self.idem_key = idem_key
         self.first_event_id = first_event_id
+
+
+class EventIdReusedError(RetailbusError):
+    """A new event (new idempotency key) carries the id of another event already in the outbox."""
+
+    def __init__(self, event_id: str, idem_key: str):
+        super().__init__(f"event id {event_id} is already taken by {idem_key}")
+        self.event_id = event_id
+        self.idem_key = idem_key
 
 
 @dataclass(frozen=True)
@@ -183,30 +200,43 @@ class Outbox:
                 self._wake = Event()
                 continue
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_GROUP))]
-            error = tpool.execute(self._commit, batch)
-            self.group_sizes.append(len(batch))
-            for work in batch:
-                if error is not None:
-                    work.error, work.result = error, None
-                work.done.send(True)
+            error = OutboxUnavailable(f"outbox {self.path}: the committer was stopped")
+            try:
+                error = tpool.execute(self._commit, batch)
+            except Exception as exc:  # a bug must not leave this group's callers waiting forever
+                log.exception("outbox commit failed", extra={"id": None, "correlationid": None})
+                error = OutboxUnavailable(f"outbox {self.path} cannot commit: {exc!r}")
+            finally:  # even when killed: nobody waits on a group that will never commit
+                self.group_sizes.append(len(batch))
+                for work in batch:
+                    if error is not None:
+                        work.error, work.result = error, None
+                    work.done.send(True)
 
     def _commit(self, batch: list[_Work]) -> Exception | None:
-        """Run in an OS thread. All or nothing: a failure rolls back the whole group."""
+        """Run in an OS thread: one transaction, a savepoint per caller. A caller's failure
+        is its own; a failure of the transaction (BEGIN, COMMIT, a savepoint) rolls back
+        the whole group and is returned."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             claimed: dict[str, tuple[str, str]] = {}
             for work in batch:
+                self._db.execute("SAVEPOINT work")
                 try:
                     work.result = work.apply(self._db, claimed)
-                except OutboxConflict as exc:
-                    work.error = exc
+                except Exception as exc:  # `claimed` is only written once the work succeeded
+                    self._db.execute("ROLLBACK TO work")
+                    work.error = OutboxUnavailable(f"outbox {self.path} cannot commit: {exc}") \
+                        if isinstance(exc, sqlite3.Error) else exc
+                self._db.execute("RELEASE work")
             self._db.execute("COMMIT")
             return None
-        except sqlite3.Error as exc:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        except Exception as exc:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             return OutboxUnavailable(f"outbox {self.path} cannot commit: {exc}")
 
     def _insert(self, db, claimed, event: CloudEvent, digest: str) -> Accepted:
@@ -217,6 +247,9 @@ class Outbox:
             if first[1] is not None and first[1] != digest:
                 raise OutboxConflict(key, first[0])
             return Accepted(first[0], duplicate=True)
+        taken = db.execute("SELECT idem_key FROM outbox WHERE event_id = ?", (event.id,)).fetchone()
+        if taken is not None:
+            raise EventIdReusedError(event.id, taken[0])
         stream_seq = db.execute(
             "SELECT coalesce(max(stream_seq), 0) + 1 FROM outbox WHERE type = ?", (event.type,)).fetchone()[0]
         seq = db.execute(

@@ -8,7 +8,7 @@ import eventlet
 import pytest
 
 from contracts.envelope import CloudEvent
-from routing.outbox import SCHEMA, Outbox, OutboxConflict, OutboxUnavailable
+from routing.outbox import SCHEMA, EventIdReusedError, Outbox, OutboxConflict, OutboxUnavailable
 
 pytestmark = pytest.mark.unit
 
@@ -189,6 +189,49 @@ def test_a_conflict_in_a_group_fails_only_its_caller(outbox):
     assert threads[0].wait().duplicate is False and threads[2].wait().duplicate is False
     with pytest.raises(OutboxConflict):
         threads[1].wait()
+    assert count(outbox.path) == 3
+
+
+def test_a_reused_event_id_in_a_group_fails_only_its_caller(outbox):
+    """A POS reusing a CloudEvent id for a new transaction used to raise IntegrityError inside
+    the shared transaction and roll back every other till's sale in the group (503 to all)."""
+    first = outbox.accept(event(1))
+    reused = CloudEvent.new("test.thing.v1", "store/S001/pos/07", {"n": 2}, idempotencykey="key-2",
+                            id=first.event_id)
+    pool = eventlet.GreenPool(10)
+    with eventlet.Timeout(30):
+        threads = [pool.spawn(outbox.accept, ev) for ev in (event(3), reused, event(4))]
+        assert threads[0].wait().duplicate is False and threads[2].wait().duplicate is False
+        with pytest.raises(EventIdReusedError, match=first.event_id):
+            threads[1].wait()
+    assert outbox.group_sizes[-1] == 3  # they did share one transaction
+    assert [CloudEvent.from_json(e.body).data["n"] for e in outbox.unsent(10)] == [1, 3, 4]
+
+
+def test_a_reused_event_id_within_one_group_fails_only_the_second(outbox):
+    one = event(1)
+    two = CloudEvent.new("test.thing.v1", "store/S001/pos/07", {"n": 2}, idempotencykey="key-2", id=one.id)
+    pool = eventlet.GreenPool(10)
+    with eventlet.Timeout(30):
+        threads = [pool.spawn(outbox.accept, ev) for ev in (one, two, event(3))]
+        assert threads[0].wait().event_id == one.id and not threads[2].wait().duplicate
+        with pytest.raises(EventIdReusedError):
+            threads[1].wait()
+    assert [CloudEvent.from_json(e.body).data["n"] for e in outbox.unsent(10)] == [1, 3]
+
+
+def test_the_committer_survives_any_exception_and_nobody_waits_forever(outbox):
+    """An exception other than sqlite3.Error used to kill the committer with its group
+    waiting, and leave the transaction open so that every later commit failed."""
+    pool = eventlet.GreenPool(10)
+    with eventlet.Timeout(30):  # the old committer left these callers waiting for ever
+        threads = [pool.spawn(outbox.accept, event(1)),
+                   pool.spawn(outbox.record_accepted, "pos.sale.v1", None),  # a bug: no data at all
+                   pool.spawn(outbox.accept, event(2))]
+        assert not threads[0].wait().duplicate and not threads[2].wait().duplicate
+        with pytest.raises(AttributeError):
+            threads[1].wait()
+        assert outbox.accept(event(3)).duplicate is False  # and the next group commits
     assert count(outbox.path) == 3
 
 
