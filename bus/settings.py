@@ -112,7 +112,16 @@ class AgentSettings(Strict):
 
     auth_required: bool = Field(True, description="POS calls must carry a terminal HMAC signature")
     signature_window: float = Field(300.0, gt=0, description="seconds a signed request stays valid")
-    max_body: int = Field(256 * 1024, ge=1024, description="largest POS request body in bytes")
+    max_body: int = Field(256 * 1024, ge=1024, description="largest POS request body in bytes; "
+                                                           "a larger one is refused 413 before it is read")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's line "
+                                                          "and headers once it started (else 408, closed)")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a request's body, "
+                                                        "and to take the answer (else 408, closed)")
+    idle_timeout: float = Field(60.0, gt=0, description="seconds a connection may wait for its next "
+                                                        "request before the agent closes it")
+    max_connections: int = Field(512, ge=1, description="open POS connections at most; one more is "
+                                                        "answered 503 and closed")
     retention_days: float = Field(30.0, ge=0, description="days sent outbox rows are kept")
     stock_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for the ERP's stock answer")
     control_totals_interval: float = Field(60.0, gt=0, description="seconds between control-totals rounds")

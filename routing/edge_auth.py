@@ -36,7 +36,9 @@ H_TERMINAL = "X-Retailbus-Terminal"
 H_TIMESTAMP = "X-Retailbus-Timestamp"
 H_NONCE = "X-Retailbus-Nonce"
 H_SIGNATURE = "X-Retailbus-Signature"
-NONCE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+TIMESTAMP = re.compile(r"[0-9]{1,12}")  # not str.isdigit: it takes "²", which int() refuses
+SIGNATURE = re.compile(r"[0-9A-Fa-f]{64}")  # compare_digest raises on a non-ASCII str
 MAX_NONCES = 500_000
 
 
@@ -138,12 +140,14 @@ class Verifier:
                                   (H_SIGNATURE, sig)) if not v]
         if missing:
             raise AuthError(f"unsigned request: missing {', '.join(missing)}")
-        if not ts.isdigit():
-            raise AuthError(f"{H_TIMESTAMP}: expected unix seconds, got {ts!r}")
+        if not TIMESTAMP.fullmatch(ts):
+            raise AuthError(f"{H_TIMESTAMP}: expected unix seconds, got {ts[:20]!r}")
         if abs(now - int(ts)) > self.window:
             raise AuthError(f"{H_TIMESTAMP}: outside the {self.window:g}s window (check the till's clock)")
-        if not NONCE.match(nonce):
+        if not NONCE.fullmatch(nonce):
             raise AuthError(f"{H_NONCE}: expected 8-64 characters [A-Za-z0-9_-]")
+        if not SIGNATURE.fullmatch(sig):
+            raise AuthError(f"{H_SIGNATURE}: expected 64 hex digits (HMAC-SHA256)")
         key = self.keys.get(terminal)
         if key is None:
             raise AuthError(f"{H_TERMINAL}: unknown terminal {terminal!r}")

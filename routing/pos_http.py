@@ -17,9 +17,18 @@ latency (bench/README.md, bench_routing):
 Unknown paths and methods, unreadable requests and a service method that
 raises are answered in the agent API's error shape
 (`{"STATUS": "ERROR", "MESSAGE": ...}`).
+
+One client must not take the store's till traffic down with it, so the
+server bounds what each connection may hold (`RETAILBUS.agent`): a body over
+`max_body` is refused before it is read, a request head or body that does
+not arrive in time is answered 408, a connection idle too long is closed,
+connections beyond `max_connections` are answered 503 and closed, and when
+the process runs out of file descriptors `accept()` backs off and tries
+again instead of ending the container (and the forwarder in it).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
@@ -31,13 +40,23 @@ from eventlet.event import Event
 from nameko.exceptions import ContainerBeingKilled
 from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 from nameko.web.server import parse_address
+from prometheus_client import Counter, Gauge
 from werkzeug.wrappers import Request, Response
 
+from bus.settings import retailbus_settings
 from routing import http11
 
 log = logging.getLogger(__name__)
 
 ADDRESS_KEY = "WEB_SERVER_ADDRESS"  # nameko's key: config, `retailbus up` and tests set it already
+ACCEPT_BACKOFF = (0.01, 1.0)  # seconds between accept() retries after a failure: first, at most
+LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20  # read and dropped after a refusal, so the answer is not reset
+
+CONNECTIONS = Gauge("retailbus_agent_http_connections", "Open POS connections of this agent")
+REFUSED = Counter("retailbus_agent_http_refused_total",
+                  "POS connections and requests refused before a handler ran", ["status"])
+ACCEPT_ERRORS = Counter("retailbus_agent_http_accept_errors_total",
+                        "accept() failures (EMFILE: out of file descriptors, ...)", ["error"])
 
 
 def error(status: int, message: str, headers=None) -> Response:
@@ -55,11 +74,14 @@ class PosHttpServer(ProviderCollector, SharedExtension):
         self._accepting = False
         self._routes: dict[str, dict[str, "PosRoute"]] = {}
         self._base: dict = {}
+        self._open = 0
+        self.limits = None
 
     def start(self):
         if self._sock is not None:  # shared: the first entrypoint's start binds
             return
         address = parse_address(self.container.config.get(ADDRESS_KEY, "0.0.0.0:8000"))
+        self.limits = retailbus_settings(self.container.config).agent
         for provider in self._providers:
             self._routes.setdefault(provider.path, {})[provider.method] = provider
         self._sock = eventlet.listen(address)
@@ -71,31 +93,78 @@ class PosHttpServer(ProviderCollector, SharedExtension):
         self._acceptor = self.container.spawn_managed_thread(self._accept, identifier="pos_http")
 
     def _accept(self):
+        """A managed thread that raises kills the container, forwarder included: every
+        failure of accept() (EMFILE above all) is logged, counted and retried after a pause."""
+        backoff = ACCEPT_BACKOFF[0]
         while self._accepting:
             try:
                 sock, address = self._sock.accept()
-            except OSError:
+            except Exception as exc:
                 if not self._accepting:
                     return  # the listening socket was closed by stop
-                raise
+                ACCEPT_ERRORS.labels(errno.errorcode.get(getattr(exc, "errno", None), type(exc).__name__)).inc()
+                if backoff == ACCEPT_BACKOFF[0]:  # once per run of failures, not per retry
+                    log.error("accept() failed, retrying with backoff: %s", exc,
+                              extra={"id": None, "correlationid": None})
+                eventlet.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF[1])
+                continue
+            backoff = ACCEPT_BACKOFF[0]
+            if self._open >= self.limits.max_connections:
+                self._refuse(sock)
+                continue
+            self._open += 1
+            CONNECTIONS.set(self._open)
             # like nameko.web: one managed thread per connection, killed with the container
             self.container.spawn_managed_thread(partial(self._serve, sock, address), identifier="pos_http_conn")
 
+    def _refuse(self, sock):
+        """503 without a thread: what the client already sent is read first, so closing
+        does not reset the connection before it can read the answer."""
+        REFUSED.labels("503").inc()
+        response = error(503, f"the store agent has {self.limits.max_connections} connections open; retry",
+                         headers={"Retry-After": "1"})
+        try:
+            sock.settimeout(0.0)
+            try:
+                sock.recv(65536)
+            except OSError:
+                pass  # nothing sent yet
+            sock.send(http11.response_bytes(response.status, response.headers.to_wsgi_list(),
+                                            response.get_data(), keep=False))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
     def _serve(self, sock, address):
         """Requests of one connection, in turn, until the client closes it or asks to."""
+        limits = self.limits
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile = sock.makefile("rb")
-        continue_ = partial(sock.sendall, b"HTTP/1.1 100 Continue\r\n\r\n")
+        send = partial(_within, limits.body_timeout, sock.sendall)
+        continue_ = partial(send, b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            while True:
+            while _within(limits.idle_timeout, rfile.peek, 1, default=b""):
                 try:
-                    environ = http11.read_request(rfile, continue_)
+                    environ = _within(limits.header_timeout, http11.read_head, rfile, default=TIMED_OUT)
+                    if environ is TIMED_OUT:
+                        raise http11.BadRequestError(408, f"request head not sent in {limits.header_timeout:g}s")
+                    if environ is None:
+                        return
+                    read = _within(limits.body_timeout, http11.read_body, rfile, environ, continue_,
+                                   limits.max_body, default=TIMED_OUT)
+                    if read is TIMED_OUT:
+                        raise http11.BadRequestError(408, f"request body not sent in {limits.body_timeout:g}s")
                 except http11.BadRequestError as exc:
+                    REFUSED.labels(str(exc.status)).inc()
+                    log.info("refused a request from %s: %s %s", address[0], exc.status, exc,
+                             extra={"id": None, "correlationid": None})
                     response = error(exc.status, str(exc))
-                    sock.sendall(http11.response_bytes(response.status, response.headers.to_wsgi_list(),
-                                                       response.get_data(), keep=False))
-                    return
-                if environ is None:
+                    send(http11.response_bytes(response.status, response.headers.to_wsgi_list(),
+                                               response.get_data(), keep=False))
+                    _linger(sock)
                     return
                 environ.update(self._base)
                 environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(address[0]), str(address[1])
@@ -105,10 +174,11 @@ class PosHttpServer(ProviderCollector, SharedExtension):
                     log.exception("%s %s failed", environ["REQUEST_METHOD"], environ["PATH_INFO"])
                     response = error(500, "internal error; see the agent's log")
                 keep = http11.keep_alive(environ)
-                sock.sendall(http11.response_bytes(
-                    response.status, response.headers.to_wsgi_list(), response.get_data(),
-                    head=environ["REQUEST_METHOD"] == "HEAD", keep=keep,
-                    http10=environ["SERVER_PROTOCOL"] == "HTTP/1.0"))
+                if send(http11.response_bytes(
+                        response.status, response.headers.to_wsgi_list(), response.get_data(),
+                        head=environ["REQUEST_METHOD"] == "HEAD", keep=keep,
+                        http10=environ["SERVER_PROTOCOL"] == "HTTP/1.0"), default=TIMED_OUT) is TIMED_OUT:
+                    return  # the client does not read its answers
                 if not keep:
                     return
         except OSError as exc:  # the client went away mid-request: nothing to answer
@@ -116,6 +186,8 @@ class PosHttpServer(ProviderCollector, SharedExtension):
         except Exception:  # a managed thread that raises kills the container: one connection must not
             log.exception("connection from %s dropped", address)
         finally:
+            self._open -= 1
+            CONNECTIONS.set(self._open)
             rfile.close()
             sock.close()
 
@@ -137,6 +209,42 @@ class PosHttpServer(ProviderCollector, SharedExtension):
         if self._sock is not None:
             self._sock.close()
         super().stop()
+
+
+TIMED_OUT = object()
+
+
+def _within(seconds: float, fn, *args, default=None):
+    """`fn(*args)`, or `default` when it takes longer than `seconds` (a green timeout:
+    a client trickling one byte at a time cannot stretch it, unlike a socket timeout)."""
+    timer = eventlet.Timeout(seconds)
+    try:
+        return fn(*args)
+    except eventlet.Timeout as exc:
+        if exc is not timer:
+            raise
+        return default
+    finally:
+        timer.cancel()
+
+
+def _linger(sock):
+    """Half-close, then read and drop what the client still sends, for a while: closing
+    with unread data resets the connection, and the client may lose the answer."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        _within(LINGER_SECONDS, _drain, sock)
+    except OSError:
+        pass
+
+
+def _drain(sock):
+    dropped = 0
+    while dropped < LINGER_BYTES:
+        data = sock.recv(65536)
+        if not data:
+            return
+        dropped += len(data)
 
 
 class PosRoute(Entrypoint):

@@ -32,7 +32,7 @@ from routing.edge_auth import AuthError, TerminalKeys, Verifier
 from routing.control_totals import ControlTotalsPublisher
 from routing.forwarder import OutboxForwarder
 from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
-from routing.outbox import Outbox, OutboxConflict, OutboxUnavailable
+from routing.outbox import EventIdReusedError, Outbox, OutboxConflict, OutboxUnavailable
 from routing.pos_http import pos_http
 from routing.route_state import DECISION_SECONDS, END_TO_END_SECONDS, RouteTableHolder
 from routing.route_table import mode_of
@@ -278,6 +278,8 @@ class StoreAgent:
             return _error(400, f"body: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
         except UnicodeDecodeError:
             return _error(400, "body: not valid UTF-8")
+        except RecursionError:
+            return _error(400, "body: JSON nested too deeply")
         except ContractError as exc:
             return _error(400, str(exc))
         event = CloudEvent.new(
@@ -301,6 +303,10 @@ class StoreAgent:
             log.warning("conflicting retry: %s", exc, extra={"id": exc.first_event_id, "correlationid": None})
             return None, _error(409, f"TXN_ID: {txn.pos_txn_id} was already accepted with different content "
                                      f"(REF {exc.first_event_id}); a new transaction needs a new TXN_ID")
+        except EventIdReusedError as exc:
+            log.warning("reused event id: %s", exc, extra={"id": exc.event_id, "correlationid": None})
+            return None, _error(409, f"id: {exc.event_id} is already the id of another event; "
+                                     "every new event needs a new id")
         except OutboxUnavailable as exc:
             log.error("outbox write failed: %s", exc, extra={"id": event.id, "correlationid": event.correlationid})
             return None, _error(503, "store outbox unavailable; the sale was NOT recorded, retry")
