@@ -80,12 +80,14 @@ def test_second_start_is_harmless(broker):
     assert broker.pid() == pid
 
 
-def test_own_user_only_no_guest(broker):
-    users = json.loads(broker.rabbitmqctl("-q", "list_users", "--formatter", "json"))
+@NODE_START
+def test_own_user_only_no_guest(other):
+    """On this module's own node: the session broker also holds the users other modules create."""
+    users = json.loads(other.rabbitmqctl("-q", "list_users", "--formatter", "json"))
     assert [u["user"] for u in users] == ["retailbus"]
     assert users[0]["tags"] == []  # no administrator, no management tag
-    assert "guest" not in broker.users()
-    perms = json.loads(broker.rabbitmqctl("-q", "list_permissions", "-p", "retailbus", "--formatter", "json"))
+    assert "guest" not in other.users()
+    perms = json.loads(other.rabbitmqctl("-q", "list_permissions", "-p", "retailbus", "--formatter", "json"))
     assert perms == [{"user": "retailbus", "configure": ".*", "write": ".*", "read": ".*"}]
 
 
