@@ -31,6 +31,7 @@ from bus.constants import (EFFECT_ERRORS, H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_E
                            H_LAST_FAILURE, H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
 from bus.extensions import BusConnection, container_settings
 from bus.framing import ack_frame
+from bus.logs import MinuteSummary
 from bus.publisher import OutgoingMessage, PublishError, connect
 from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
@@ -59,6 +60,16 @@ class Duplicate:
 
 
 DUPLICATE = Duplicate()
+
+_SUMMARIES: dict[str, MinuteSummary] = {}
+
+
+def summary(queue: str) -> MinuteSummary:
+    """The per-minute INFO line of a queue's handled messages."""
+    found = _SUMMARIES.get(queue)
+    if found is None:
+        found = _SUMMARIES[queue] = MinuteSummary(log, f"handled from {queue}")
+    return found
 
 
 class ReliableConsumer(SharedExtension, ProviderCollector):
@@ -326,8 +337,9 @@ class ReliableHandler(Entrypoint):
             outcome = "duplicate" if result is DUPLICATE else "ok"
             self._consumed[outcome].inc()
             journal.handled(event, self.queue, outcome, time.monotonic() - started)
-            log.info("handled %s", event.type, extra={
+            log.debug("handled %s", event.type, extra={
                 "id": event.id, "correlationid": event.correlationid, "outcome": outcome})
+            summary(self.queue).note(outcome)  # one INFO line a minute per queue, not one per message
             self.consumer.settle(message)
         if key is not None:
             self._next(key)

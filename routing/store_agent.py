@@ -41,6 +41,7 @@ from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
 from bus import journal
 from bus.consumer import reliable_handler
 from bus.extensions import container_settings
+from bus.logs import MinuteSummary
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ ACCEPT_SECONDS = Histogram(
     ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 OUTBOX_DEPTH = Gauge("retailbus_outbox_depth", "Unsent events in the store outbox", ["store"])
 OUTBOX_OLDEST = Gauge("retailbus_outbox_oldest_unsent_seconds", "Age of the oldest unsent event", ["store"])
+ACCEPTED = MinuteSummary(log, "POS transactions committed to the outbox")
 
 
 def configured_store(container):
@@ -315,9 +317,10 @@ class StoreAgent:
         journal.record("accepted", "duplicate" if accepted.duplicate else "ok", id=accepted.event_id,
                        correlationid=None if accepted.duplicate else event.correlationid,
                        subject=txn.pos_txn_id, detail={"store": txn.store_id, "terminal": txn.terminal_id})
-        log.info("accepted %s %s", event.type, txn.pos_txn_id, extra={
-            "id": accepted.event_id, "correlationid": event.correlationid,
-            "outcome": "duplicate" if accepted.duplicate else "accepted"})
+        outcome = "duplicate" if accepted.duplicate else "accepted"
+        log.debug("accepted %s %s", event.type, txn.pos_txn_id, extra={
+            "id": accepted.event_id, "correlationid": event.correlationid, "outcome": outcome})
+        ACCEPTED.note(f"{event.type} {outcome}")  # one INFO line a minute, not one per sale
         return accepted, None
 
     @pos_http("POST", "/erp/sales")
