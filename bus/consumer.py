@@ -25,7 +25,7 @@ from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError, RetailbusError
 from bus import metrics, topology
-from bus import journal
+from bus import identity, journal
 from bus import retry as retry_policy
 from bus.constants import (EFFECT_ERRORS, H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
                            H_LAST_FAILURE, H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
@@ -264,6 +264,11 @@ class ReliableHandler(Entrypoint):
             self.container.spawn_managed_thread(
                 partial(self._fail, message, exc, retry=False), identifier="park_invalid")
             return
+        refused = identity.refusal(self.exchange, self.queue, message, payload)  # a store speaks for itself only
+        if refused is not None:
+            self.container.spawn_managed_thread(
+                partial(self._fail, message, refused, retry=False), identifier="park_refused")
+            return
         delivery = Delivery(message, payload, event)
         if self.ordered:
             headers = message.properties.get("application_headers") or {}
@@ -374,15 +379,16 @@ class ReliableHandler(Entrypoint):
         headers.setdefault(H_FIRST_FAILURE, now)
         headers.setdefault(H_EXCHANGE, message.delivery_info.get("exchange", ""))
         headers.setdefault(H_ROUTING_KEY, message.delivery_info.get("routing_key", ""))
-        if message.properties.get("user_id"):
-            headers.setdefault(H_USER, message.properties["user_id"])
+        headers.pop(H_USER, None)  # only ever what the broker validated, not what the sender wrote
+        if user := identity.sender(message):
+            headers[H_USER] = user
         if retry and attempts <= len(self.delays):
             target, outcome = topology.retry_queue(self.queue, self.delays[attempts - 1]), "retried"
         else:
             target, outcome = topology.dead_letter_queue(self.queue), "dead_lettered"
         props = message.properties
         copy = OutgoingMessage(
-            exchange="", routing_key=target, body=message.body,
+            exchange=topology.FAILED_EXCHANGE, routing_key=target, body=message.body,
             message_id=props.get("message_id") or f"unidentified-{message.delivery_tag}",
             correlation_id=props.get("correlation_id"),
             content_type=props.get("content_type") or "application/octet-stream",

@@ -31,3 +31,8 @@ DUPLICATES = Counter(
     "Messages recognised as already applied by the inbox",
     ["consumer"],
 )
+REJECTED = Counter(
+    "retailbus_rejected_messages_total",
+    "Messages parked at once because their sender may not send them (reason: no_sender, foreign_store)",
+    ["queue", "reason"],
+)

@@ -207,6 +207,8 @@ class ConfirmingPublisher:
     def __init__(self, uri: str, *, window: int = 1000, confirm_timeout: float = 10.0,
                  connect_timeout: float = 5.0, attempts: int = 3, on_connect=None):
         self.uri = uri
+        # Every message names its sender, which the broker validates (bus/identity.py).
+        self.user_id = unquote(urlparse(cluster_nodes(uri)[0]).username or "") or None
         self._on_connect = on_connect
         self.confirm_timeout = confirm_timeout
         self.connect_timeout = connect_timeout
@@ -246,6 +248,9 @@ class ConfirmingPublisher:
         span = timeout or self.confirm_timeout
         deadline = time.monotonic() + span
         results: list[PublishError | None] = [None] * len(messages)
+        for message in messages:
+            if message.user_id is None:
+                message.user_id = self.user_id
         todo = list(range(len(messages)))
         for attempt in range(self.attempts):
             errors = self._send([messages[i] for i in todo], deadline, span)

@@ -11,6 +11,21 @@ replicated on a cluster, and their retry queues dead-letter back at-least-once
 (RabbitMQ keeps an expired message until the handler queue confirmed it, which
 needs `x-overflow: reject-publish`). A queue cannot change type: declaring an
 existing queue with another type fails with an error naming the queue.
+
+Who declares: a component's own broker user may not configure exchanges or
+queues (it could delete what others use), so the privileged setup step
+(`retailbus broker users`, `retailbus up`) declares every exchange, queue and
+binding of the configured components as the bus's own user. A component
+declares the same on start; when the broker refuses (ACCESS_REFUSED) it checks
+passively that each exchange and queue exists, and names the setup step when
+one is missing. Declarations run on a channel of their own, so a refusal never
+closes the caller's.
+
+A handler moves a failed message to its retry queue or DLQ through the topic
+exchange `retailbus.failed` (routing key = the target queue's name), never
+through the default exchange: a user's topic permission there names only its
+own queues, and no component needs write on the default exchange, which
+reaches every queue.
 """
 from __future__ import annotations
 
@@ -19,10 +34,15 @@ from contracts.errors import RetailbusError
 
 EVENTS_EXCHANGE_TYPE = "topic"
 QUEUE_TYPES = ("classic", "quorum")
+FAILED_EXCHANGE = "retailbus.failed"  # failed messages to retry queues and DLQs, key = the queue
 
 
 class QueueTypeMismatchError(RetailbusError):
     """A queue exists on the broker with other arguments (e.g. classic, configured quorum)."""
+
+
+class TopologyMissingError(RetailbusError):
+    """An exchange or queue a component needs does not exist and its user may not declare it."""
 
 
 def events_exchange(service: str) -> str:
@@ -45,7 +65,34 @@ def dead_letter_queue(queue: str) -> str:
 
 
 def declare_exchange(channel, name: str, kind: str = EVENTS_EXCHANGE_TYPE) -> None:
-    channel.exchange_declare(name, kind, durable=True, auto_delete=False)
+    _declare_or_verify(channel, lambda ch: ch.exchange_declare(name, kind, durable=True, auto_delete=False),
+                       exchanges=[name])
+
+
+def _declare_or_verify(channel, declare, exchanges=(), queues=()) -> None:
+    """`declare(side_channel)`; when the broker refuses it (the user may not configure),
+    check passively that `exchanges` and `queues` exist instead."""
+    conn = channel.connection
+    side = conn.channel()
+    try:
+        declare(side)
+    except amqp.exceptions.AccessRefused as refused:
+        side = conn.channel()
+        for kind, names in (("exchange", exchanges), ("queue", queues)):
+            for name in names:
+                try:
+                    if kind == "exchange":
+                        side.exchange_declare(name, "topic", passive=True)
+                    else:
+                        side.queue_declare(name, passive=True)
+                except amqp.exceptions.NotFound:
+                    raise TopologyMissingError(
+                        f"{kind} {name!r} does not exist and this user may not declare it "
+                        f"({refused.reply_text}); run the privileged setup: `retailbus broker users` "
+                        f"or `retailbus up`") from None
+    finally:
+        if side.is_open:
+            side.close()
 
 
 def queue_arguments(queue_type: str = "classic", **arguments) -> dict | None:
@@ -63,7 +110,11 @@ def queue_arguments(queue_type: str = "classic", **arguments) -> dict | None:
 
 def declare_queue(channel, name: str, queue_type: str = "classic", **arguments) -> None:
     """A durable queue of `queue_type`. A queue of that name declared with other
-    arguments raises QueueTypeMismatchError (the channel is closed by the broker)."""
+    arguments raises QueueTypeMismatchError."""
+    _declare_or_verify(channel, lambda ch: _queue(ch, name, queue_type, arguments), queues=[name])
+
+
+def _queue(channel, name: str, queue_type: str, arguments: dict) -> None:
     try:
         channel.queue_declare(name, durable=True, auto_delete=False,
                               arguments=queue_arguments(queue_type, **arguments))
@@ -77,16 +128,25 @@ def declare_queue(channel, name: str, queue_type: str = "classic", **arguments) 
 def declare_handler_queues(channel, exchange: str, routing_key: str, queue: str,
                            delays: list[float], exchange_type: str = EVENTS_EXCHANGE_TYPE,
                            single_active: bool = False, queue_type: str = "classic") -> None:
-    """The handler queue bound to its exchange, its retry ladder and its DLQ.
-    `single_active`: one consumer at a time (order-keeping handlers)."""
-    declare_exchange(channel, exchange, exchange_type)
-    declare_queue(channel, queue, queue_type,
-                  **({"x-single-active-consumer": True} if single_active else {}))
-    channel.queue_bind(queue, exchange, routing_key)
-    for delay in sorted(set(delays)):
-        declare_queue(channel, retry_queue(queue, delay), queue_type, **{
-            "x-message-ttl": round(delay * 1000),
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue,
-        })
-    declare_queue(channel, dead_letter_queue(queue), queue_type)
+    """The handler queue bound to its exchange, its retry ladder and its DLQ, each
+    reachable through FAILED_EXCHANGE. `single_active`: one consumer at a time
+    (order-keeping handlers)."""
+    retries = [retry_queue(queue, delay) for delay in sorted(set(delays))]
+    dlq = dead_letter_queue(queue)
+
+    def declare(ch):
+        ch.exchange_declare(exchange, exchange_type, durable=True, auto_delete=False)
+        ch.exchange_declare(FAILED_EXCHANGE, "topic", durable=True, auto_delete=False)
+        _queue(ch, queue, queue_type, {"x-single-active-consumer": True} if single_active else {})
+        ch.queue_bind(queue, exchange, routing_key)
+        for delay, retry in zip(sorted(set(delays)), retries):
+            _queue(ch, retry, queue_type, {
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+            })
+        _queue(ch, dlq, queue_type, {})
+        for target in (*retries, dlq):
+            ch.queue_bind(target, FAILED_EXCHANGE, target)
+
+    _declare_or_verify(channel, declare, exchanges=[exchange, FAILED_EXCHANGE], queues=[queue, *retries, dlq])

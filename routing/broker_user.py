@@ -2,7 +2,8 @@
 publishing `pos.*` messages (and its `store.control_totals.v1`/`v2`) to
 `store_agent.events`; with AMQP `user_id`
 set to that user (the broker checks it), a consumer can trust which store
-sent a message (`x-retailbus-original-user-id` keeps it on parked ones).
+sent a message, and parks one that names another store (bus/identity.py;
+`x-retailbus-original-user-id` keeps the sender on parked ones).
 
 `retailbus agent broker-user --store S001` creates the user `store-S001`
 on the managed broker with a generated password kept in
@@ -17,20 +18,23 @@ import re
 import secrets
 from pathlib import Path
 
+from bus import identity, topology
 from bus.broker_uri import with_user
+from bus.publisher import connect
 
 EXCHANGE = "store_agent.events"
 TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v[12])$"  # its sales and returns, its control totals
 
 
 def store_user(store_id: str) -> str:
-    return f"store-{store_id}"
+    return identity.store_user(store_id)
 
 
 def permissions() -> dict:
-    """configure (to declare the exchange it publishes to), write, read; topic write."""
+    """configure (none: the exchange is declared by the setup step, and a store must not
+    be able to delete it), write, read; topic write."""
     only = f"^{re.escape(EXCHANGE)}$"
-    return dict(configure=only, write=only, read="^$", topic_exchange=EXCHANGE, topic_write=TOPIC_WRITE)
+    return dict(configure="^$", write=only, read="^$", topic_exchange=EXCHANGE, topic_write=TOPIC_WRITE)
 
 
 def credentials_path(outbox_path: Path) -> Path:
@@ -41,6 +45,11 @@ def provision(broker, store_id: str, path: Path) -> str:
     """Create (or re-key) the store's user on `broker`; returns its user name."""
     user, password = store_user(store_id), secrets.token_urlsafe(24)
     broker.ensure_user(user, password, **permissions())
+    conn = connect(broker.uri(), 10.0)  # the exchange, declared by the privileged user it may not be
+    try:
+        topology.declare_exchange(conn.channel(), EXCHANGE)
+    finally:
+        conn.collect()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -119,10 +119,14 @@ class Supervisor:
                 f"store-agent-{store.id}", nameko + ["routing.store_agent"],
                 {**env, "RETAILBUS_STORE": store.id, "WEB_SERVER_ADDRESS": store.http},
                 health_url=f"http://{store.http}/healthz"))
+        own_users = False
         for child in children:  # its own broker user once `retailbus broker users` made one
             own = broker_users.own_uri(s, uri, child.name)
             if own:
                 child.env = {**child.env, "RETAILBUS_AMQP_URI": own}
+                own_users = True
+        if own_users:  # they may not declare: the bus's own user does, before they start
+            broker_users.declare_topology(uri, broker_users.components(s, self.config), s.queue_type)
         return children
 
     def _announce(self, timeout: float = 60.0):

@@ -286,7 +286,8 @@ class BatchFileConsumer(Entrypoint):
         headers.update({H_ERROR: str(exc)[:2000], H_QUEUE: self.queue, H_ERROR_TYPE: type(exc).__name__})
         try:
             self.bus.publisher.publish(OutgoingMessage(
-                exchange="", routing_key=topology.dead_letter_queue(self.queue), body=message.body,
+                exchange=topology.FAILED_EXCHANGE, routing_key=topology.dead_letter_queue(self.queue),
+                body=message.body,
                 message_id=props.get("message_id") or "unidentified", headers=headers,
                 correlation_id=props.get("correlation_id")))
         except PublishError as err:

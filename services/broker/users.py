@@ -2,19 +2,30 @@
 
 `retailbus broker users` reads `RETAILBUS.services` and `RETAILBUS.stores`,
 loads each service class and walks its entrypoints and dependencies (without
-starting anything): a `reliable_handler` needs its source exchange (declare,
-bind), its queue, retry queues and DLQ, and the default exchange (failed
-messages move to a retry queue or the DLQ through it); an `EventPublisher` its
+starting anything): a `reliable_handler` reads its queue and publishes failed
+messages to its own retry queues and DLQ through `retailbus.failed` (topic
+permission: those queue names only); an `EventPublisher` writes its
 `<service>.events`; a nameko `@rpc` the `nameko-rpc` exchange and
-`rpc-<service>`; and so on (`DESCRIBE`). The result is one configure, write
+`rpc-<service>`; and so on (`_describers`). The result is one configure, write
 and read regex per user, plus topic permissions on every topic exchange it
 touches: the routing keys it may publish and bind. `RETAILBUS.broker.access`
 adds permissions for extensions this module cannot read.
 
+Topology is declared here, not by the components: `declare_topology` creates
+every exchange, queue and binding the walk found, as the bus's own user
+(`retailbus broker users` and `retailbus up` run it). So no component user has
+configure on an exchange (which would let it delete one others use) or write
+on the default exchange (which reaches every queue); components only check
+passively that what they use exists (bus/topology.py). The exception is
+nameko's own RPC: nameko declares `nameko-rpc` and its queues itself, so RPC
+servers and clients keep configure there.
+
 Per store there are two users: `store-<S>` (routing/broker_user.py) may only
-publish `pos.*` to `store_agent.events` with its own `user_id`; the agent's
-container (`agent-<S>`) reads its route-table and stock queues and asks the
-ERP over RPC. No user has a tag (so none is an administrator).
+publish `pos.*` and its control totals to `store_agent.events`, with its own
+`user_id` (consumers park a message whose store is not its sender's,
+bus/identity.py); the agent's container (`agent-<S>`) reads its route-table
+and stock queues and asks the ERP over RPC for stock and shadow comparisons
+only. No user has a tag (so none is an administrator).
 
 Passwords are generated once and kept in `var/broker_users/<user>.json`
 (mode 0600); all users are applied with one `rabbitmqctl import_definitions`
@@ -42,7 +53,6 @@ from bus import topology
 from bus.broker_uri import with_user
 from bus.settings import RetailbusSettings
 
-DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ checks `write` on for a publish to ""
 CREDENTIALS_DIR = Path("var/broker_users")
 ANY = ".*"
 UUID = "[0-9a-f-]+"
@@ -50,19 +60,23 @@ UUID = "[0-9a-f-]+"
 
 @dataclass
 class Access:
-    """What a component does on the broker: regex fragments per permission, and per
-    topic exchange the routing keys it publishes (`topic_write`) and binds (`topic_read`)."""
+    """What a component does on the broker: regex fragments per permission, per
+    topic exchange the routing keys it publishes (`topic_write`) and binds
+    (`topic_read`), and what the privileged setup declares for it (`declares`:
+    ("exchange", name, type) and ("handler", exchange, type, key, queue, delays, ordered))."""
 
     configure: set[str] = field(default_factory=set)
     write: set[str] = field(default_factory=set)
     read: set[str] = field(default_factory=set)
     topic_write: dict[str, set[str]] = field(default_factory=dict)
     topic_read: dict[str, set[str]] = field(default_factory=dict)
+    declares: set[tuple] = field(default_factory=set)
 
     def update(self, other: Access) -> Access:
         self.configure |= other.configure
         self.write |= other.write
         self.read |= other.read
+        self.declares |= other.declares
         for mine, theirs in ((self.topic_write, other.topic_write), (self.topic_read, other.topic_read)):
             for exchange, keys in theirs.items():
                 mine.setdefault(exchange, set()).update(keys)
@@ -93,39 +107,47 @@ def lit(name: str) -> str:
 
 # ---------------------------------------------------------------------- what each extension needs
 def _handler_queues(exchange: str, exchange_type: str, keys: list[str], queue: str,
-                    retries: bool) -> Access:
-    """`topology.declare_handler_queues` and consuming the queue; failed messages are
-    published to the retry queues / DLQ through the default exchange. Declaring a
-    queue that dead-letters (a retry queue) needs read on it and write on its target."""
-    own = [lit(queue), lit(topology.dead_letter_queue(queue))]
-    retry = lit(queue) + r"\.retry\.\d+ms"
-    access = Access(configure={lit(exchange), *own}, write={lit(queue), lit(DEFAULT_EXCHANGE)},
-                    read={lit(exchange), lit(queue)})
-    if retries:
-        access.configure.add(retry)
-        access.read.add(retry)
-    if exchange_type == "topic":
-        access.topic_read[exchange] = {lit(k) for k in keys}
-    return access
+                    delays: list[float], ordered: bool = False) -> Access:
+    """Consuming the queue, and moving a failed message to its own retry queues or DLQ
+    through `retailbus.failed`; the setup step declares the queues and bindings."""
+    failed = topology.FAILED_EXCHANGE
+    return Access(write={lit(failed)}, read={lit(queue)},
+                  # its retry queues and DLQ (and those of its partitions: `<queue>.<part>.…`)
+                  topic_write={failed: {lit(queue) + r"(?:\.[^.]+)?\.(?:retry\.\d+ms|dlq)"}},
+                  declares={("handler", exchange, exchange_type, key, queue, tuple(delays), ordered)
+                            for key in keys})
+
+
+def _retry_delays(service: str, method: str, config: dict) -> tuple[list[float], bool | None]:
+    """The handler's retry delays and `ordered` override, as its `setup` reads them."""
+    from bus import retry
+    from bus.settings import retailbus_settings
+
+    settings = retailbus_settings(config)
+    override = settings.handlers.get(f"{service}.{method}")
+    return list(retry.policy_for(settings, f"{service}.{method}").delays), override and override.ordered
 
 
 def _reliable_handler(ext, service: str, config: dict) -> Access:
     exchange = ext._exchange or topology.events_exchange(ext.source_service)
     queue = (ext._queue.format(**config) if ext._queue else
              topology.handler_queue(ext.source_service, ext.event_type, service, ext.method_name))
-    return _handler_queues(exchange, ext.exchange_type, [ext.event_type], queue, retries=True)
+    delays, ordered = _retry_delays(service, ext.method_name, config)
+    return _handler_queues(exchange, ext.exchange_type, [ext.event_type], queue, delays,
+                           ext.ordered if ordered is None else ordered)
 
 
 def _batch_file_consumer(ext, service: str, config: dict) -> Access:
     exchange = topology.events_exchange(ext.source_service)
     queue = topology.handler_queue(ext.source_service, "batch", service, ext.method_name)
-    return _handler_queues(exchange, "topic", list(ext.event_types), queue, retries=False)
+    return _handler_queues(exchange, "topic", list(ext.event_types), queue, [])
 
 
 def _own_events(ext, service: str, config: dict) -> Access:
-    """Publishes to its exchange (declared first); `EventPublisher(exchange=…)` to another."""
+    """Publishes to its exchange; `EventPublisher(exchange=…)` to another."""
     exchange = getattr(ext, "_exchange", None) or topology.events_exchange(service)
-    return Access(configure={lit(exchange)}, write={lit(exchange)}, topic_write={exchange: {ANY}})
+    return Access(write={lit(exchange)}, topic_write={exchange: {ANY}},
+                  declares={("exchange", exchange, topology.EVENTS_EXCHANGE_TYPE)})
 
 
 def _rpc_server(ext, service: str, config: dict) -> Access:
@@ -137,47 +159,44 @@ def _rpc_server(ext, service: str, config: dict) -> Access:
                   topic_read={exchange: {lit(f"{service}.*")}})
 
 
-def rpc_client(config: dict, target: str) -> Access:
-    """A standalone `ClusterRpcProxy` calling `target`: its own reply queue bound
-    with a UUID key, calls published as `<target>.<method>`."""
+def rpc_client(config: dict, target: str, methods: tuple[str, ...]) -> Access:
+    """A standalone `ClusterRpcProxy` calling `methods` of `target`: its own reply queue
+    bound with a UUID key, calls published as `<target>.<method>` (those methods only:
+    a store-side user must not reach, say, `erp.post_sale`)."""
     exchange, reply = get_rpc_exchange(config).name, r"rpc\.reply-standalone_rpc_proxy-" + UUID
     return Access(configure={lit(exchange), reply}, write={lit(exchange), reply},
-                  read={lit(exchange), reply}, topic_write={exchange: {lit(target) + r"\.[^.]+"}},
+                  read={lit(exchange), reply}, topic_write={exchange: {lit(f"{target}.{m}") for m in methods}},
                   topic_read={exchange: {UUID}})
 
 
 def _store_stock(ext, service: str, config: dict) -> Access:
-    """The stock feed (its own queue on `erp.events`) and the ERP stock RPC."""
+    """The stock feed (its own queue on `erp.events`, which it binds) and the ERP stock RPC."""
     from routing.stock_cache import FEED_TYPES, stock_queue
 
-    feed = _handler_queues(topology.events_exchange("erp"), "topic", list(FEED_TYPES),
-                           stock_queue(config["STORE_ID"]), retries=False)
-    feed.configure.discard(lit(topology.dead_letter_queue(stock_queue(config["STORE_ID"]))))
-    feed.write.discard(lit(DEFAULT_EXCHANGE))
-    return feed.update(rpc_client(config, "erp"))
+    queue, exchange = stock_queue(config["STORE_ID"]), topology.events_exchange("erp")
+    feed = Access(write={lit(queue)}, read={lit(queue), lit(exchange)},
+                  topic_read={exchange: {lit(k) for k in FEED_TYPES}},
+                  declares={("exchange", exchange, topology.EVENTS_EXCHANGE_TYPE), ("queue", queue)})
+    return feed.update(rpc_client(config, "erp", ("stock_level",)))
 
 
 def _shadow(ext, service: str, config: dict) -> Access:
-    return rpc_client(config, "erp")
+    return rpc_client(config, "erp", ("shadow_compare",))
 
 
 def _route_broadcast(ext, service: str, config: dict) -> Access:
     """The route guard applies a rolled-back table: a publish to the fanout exchange."""
     from routing.control import ROUTES_EXCHANGE
 
-    return Access(configure={lit(ROUTES_EXCHANGE)}, write={lit(ROUTES_EXCHANGE)})
+    return Access(write={lit(ROUTES_EXCHANGE)}, declares={("exchange", ROUTES_EXCHANGE, "fanout")})
 
 
 def _journal(ext, service: str, config: dict) -> Access:
     """Every process sends its hops to `journal.events`, declaring the journal's queue first."""
     from bus.journal import EXCHANGE, HOPS_TYPE, QUEUE
 
-    access = _handler_queues(EXCHANGE, "topic", [HOPS_TYPE], QUEUE, retries=False)
-    access.read.discard(lit(QUEUE))
-    access.write.discard(lit(DEFAULT_EXCHANGE))
-    access.write.add(lit(EXCHANGE))
-    access.topic_write[EXCHANGE] = {lit(HOPS_TYPE)}
-    return access
+    declared = _handler_queues(EXCHANGE, "topic", [HOPS_TYPE], QUEUE, []).declares
+    return Access(write={lit(EXCHANGE)}, topic_write={EXCHANGE: {lit(HOPS_TYPE)}}, declares=declared)
 
 
 def _dead_letters(ext, service: str, config: dict) -> Access:
@@ -286,9 +305,32 @@ def components(settings: RetailbusSettings, config: dict) -> list[Component]:
         found.append(Component(  # the same rights as `retailbus agent broker-user` gives
             broker_user.store_user(store.id), broker_user.store_user(store.id),
             broker_user.credentials_path(settings.outbox_path(store)),
-            Access(configure={lit(broker_user.EXCHANGE)}, write={lit(broker_user.EXCHANGE)},
-                   topic_write={broker_user.EXCHANGE: {broker_user.TOPIC_WRITE}})))
+            Access(write={lit(broker_user.EXCHANGE)}, topic_write={broker_user.EXCHANGE: {broker_user.TOPIC_WRITE}},
+                   declares={("exchange", broker_user.EXCHANGE, topology.EVENTS_EXCHANGE_TYPE)})))
     return found
+
+
+def declare_topology(uri: str, found: list[Component], queue_type: str, connect_timeout: float = 10.0) -> int:
+    """Declare, as the bus's own (privileged) user at `uri`, every exchange, queue and
+    binding the components use; returns how many declarations ran."""
+    from bus.publisher import connect
+
+    declares = sorted({d for c in found for d in c.access.declares}, key=repr)
+    conn = connect(uri, connect_timeout)
+    try:
+        channel = conn.channel()
+        for kind, *args in declares:
+            if kind == "exchange":
+                topology.declare_exchange(channel, args[0], args[1])
+            elif kind == "queue":
+                topology.declare_queue(channel, args[0], queue_type)
+            else:
+                exchange, exchange_type, key, queue, delays, ordered = args
+                topology.declare_handler_queues(channel, exchange, key, queue, list(delays), exchange_type,
+                                                single_active=ordered, queue_type=queue_type)
+    finally:
+        conn.collect()
+    return len(declares)
 
 
 # ---------------------------------------------------------------------- credentials and the broker

@@ -61,9 +61,11 @@ def users(ctx: click.Context, config_path: Path | None, show: bool, dry_run: boo
             raise BrokerError(f"broker {broker.node} is not running: `retailbus broker start` first")
         broker_users.provision(broker, found)
         bus_uri = resolve_amqp_uri(config, settings)
+        declared = broker_users.declare_topology(bus_uri, found, settings.queue_type)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{len(found)} users provisioned on {broker.node} (vhost {broker.vhost!r}), none tagged")
+    click.echo(f"{len(found)} users provisioned on {broker.node} (vhost {broker.vhost!r}), none tagged; "
+               f"{declared} exchanges and queues declared for them")
     if show:
         for c in found:
             click.echo(f"{c.name}: {broker_users.component_uri(bus_uri, c)}")

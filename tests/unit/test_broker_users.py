@@ -45,20 +45,30 @@ def matches(regex: str, name: str) -> bool:
     return re.fullmatch(regex, name) is not None
 
 
-def test_a_service_may_touch_its_own_queues_and_exchange_and_nothing_else():
+def test_a_service_may_use_its_own_queues_and_exchange_and_delete_nothing_others_use():
     access, unknown = broker_users.derive(Pricing, CONFIG)
     configure, write, read = access.permissions()
     queue = "evt-store_agent-pos.sale.v1--pricing.on_sale"
     assert unknown == []
-    for name in (queue, queue + ".retry.1000ms", queue + ".dlq", "pricing.events", "rpc-pricing", "nameko-rpc"):
-        assert matches(configure, name), name
-    assert matches(read, queue) and matches(read, "rpc-pricing") and matches(read, "store_agent.events")
-    assert matches(write, "pricing.events") and matches(write, "amq.default")  # retries go through ""
+    # no configure on any exchange or handler queue (exchange.delete, queue.delete): the
+    # setup step declares them; only nameko's own RPC still declares for itself
+    for name in (queue, queue + ".retry.1000ms", queue + ".dlq", "pricing.events", "store_agent.events",
+                 "retailbus.failed", "amq.default"):
+        assert not matches(configure, name), name
+    assert matches(configure, "rpc-pricing") and matches(configure, "nameko-rpc")
+    assert matches(read, queue) and matches(read, "rpc-pricing")
+    assert matches(write, "pricing.events") and matches(write, "retailbus.failed")
+    assert not matches(write, "amq.default"), "the default exchange reaches every queue"
     for other in ("evt-store_agent-pos.sale.v1--erp.on_pos_sale", "rpc-erp", "erp.events", queue + "x"):
         assert not matches(configure, other) and not matches(read, other), other
     assert not matches(write, "store_agent.events") and not matches(write, "erp.events")
     topics = access.topic_permissions()
-    assert topics["store_agent.events"] == ("^$", r"^(?:pos\.sale\.v1)$")  # binds only what it handles
+    failed_write, _ = topics["retailbus.failed"]  # failures go to its own retry queues and DLQ only
+    assert matches(failed_write, queue + ".retry.1000ms") and matches(failed_write, queue + ".dlq")
+    assert not matches(failed_write, queue) and not matches(failed_write, "evt-x--erp.on_pos_sale.dlq")
+    assert "store_agent.events" not in topics  # it binds nothing itself
+    assert ("handler", "store_agent.events", "topic", "pos.sale.v1", queue, (1.0, 5.0, 30.0), False) \
+        in access.declares
     tw, tr = topics["nameko-rpc"]
     assert matches(tr, "pricing.*") and not matches(tr, "erp.*")
     assert matches(tw, "5f0c2a8e-64a6-4c2b-9d4e-0e7f3d1c2b1a") and not matches(tw, "erp.stock_level")
@@ -75,8 +85,12 @@ def test_overrides_add_to_what_is_derived_and_store_users_only_publish_pos():
     assert found["pricing"].user == "svc-pricing" and found["store-agent-S001"].user == "agent-S001"
     _, stock_read = found["store-agent-S001"].access.topic_permissions()["erp.events"]
     assert matches(stock_read, "erp.stock_changes.v1") and not matches(stock_read, "customer.updated.v1")
+    agent_rpc, _ = found["store-agent-S001"].access.topic_permissions()["nameko-rpc"]
+    assert matches(agent_rpc, "erp.stock_level") and matches(agent_rpc, "erp.shadow_compare")
+    assert not matches(agent_rpc, "erp.post_sale"), "a store host must not post sales over RPC"
+    assert not matches(found["store-agent-S001"].access.permissions()[1], "amq.default")
     store = found["store-S001"].access
-    assert store.permissions() == (r"^(?:store_agent\.events)$",) * 2 + ("^$",)
+    assert store.permissions() == ("^$", r"^(?:store_agent\.events)$", "^$")
     (exchange, (tw, tr)), = store.topic_permissions().items()
     assert exchange == "store_agent.events" and tr == "^$"
     assert matches(tw, "pos.sale.v1") and not matches(tw, "erp.stock_changed.v1")

@@ -16,15 +16,39 @@ class RecordingChannel:
     """Stands in for an amqp channel: records declarations, refuses `refuse` with
     the broker's PRECONDITION_FAILED."""
 
-    def __init__(self, refuse: str | None = None):
+    def __init__(self, refuse: str | None = None, configure: bool = True, existing: set[str] = frozenset()):
         self.queues: dict[str, dict | None] = {}
         self.bindings: list[tuple] = []
+        self.checked: list[str] = []
         self.refuse = refuse
+        self.configure = configure  # False: the user may not declare (ACCESS_REFUSED)
+        self.existing = existing
+        self.connection = self
+        self.is_open = True
 
-    def exchange_declare(self, name, kind, durable, auto_delete):
+    def channel(self):  # the declarations' own channel: here the same recorder
+        return self
+
+    def close(self):
+        pass
+
+    def _passive(self, name):
+        self.checked.append(name)
+        if name not in self.existing:
+            raise amqp.exceptions.NotFound(reply_text=f"NOT_FOUND - no '{name}'")
+
+    def exchange_declare(self, name, kind, durable=False, auto_delete=False, passive=False):
+        if passive:
+            return self._passive(name)
+        if not self.configure:
+            raise amqp.exceptions.AccessRefused(reply_text=f"ACCESS_REFUSED - configure access to '{name}'")
         assert durable and not auto_delete
 
-    def queue_declare(self, name, durable, auto_delete, arguments=None):
+    def queue_declare(self, name, durable=False, auto_delete=False, arguments=None, passive=False):
+        if passive:
+            return self._passive(name)
+        if not self.configure:
+            raise amqp.exceptions.AccessRefused(reply_text=f"ACCESS_REFUSED - configure access to '{name}'")
         assert durable and not auto_delete
         if name == self.refuse:
             raise amqp.exceptions.PreconditionFailed(
@@ -53,7 +77,20 @@ def test_classic_queues_are_declared_as_before():
                              "x-dead-letter-routing-key": QUEUE},
         f"{QUEUE}.dlq": None,
     }
-    assert ch.bindings == [(QUEUE, "store_agent.events", "pos.sale.v1")]
+    assert ch.bindings == [(QUEUE, "store_agent.events", "pos.sale.v1"),  # failures come back by name:
+                           *[(q, topology.FAILED_EXCHANGE, q) for q in (  # never via the default exchange
+                               f"{QUEUE}.retry.1000ms", f"{QUEUE}.retry.5000ms", f"{QUEUE}.dlq")]]
+
+
+def test_a_user_that_may_not_declare_checks_that_everything_exists():
+    everything = {"store_agent.events", topology.FAILED_EXCHANGE, QUEUE,
+                  f"{QUEUE}.retry.1000ms", f"{QUEUE}.retry.5000ms", f"{QUEUE}.dlq"}
+    ch = RecordingChannel(configure=False, existing=everything)
+    declare(ch, "classic")
+    assert set(ch.checked) == everything and ch.queues == {} and ch.bindings == []
+    ch = RecordingChannel(configure=False, existing=everything - {f"{QUEUE}.dlq"})
+    with pytest.raises(topology.TopologyMissingError, match=r"queue '.*\.dlq' does not exist.*retailbus broker users"):
+        declare(ch, "classic")
 
 
 def test_quorum_handler_retry_and_dead_letter_queues():
