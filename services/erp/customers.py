@@ -16,7 +16,6 @@ from sqlalchemy.engine import Connection
 from contracts.batch import EventBatchV1
 from contracts.customer import CustomerUpdatedV1
 from contracts.envelope import CloudEvent
-from bus.consumer import DUPLICATE
 from legacy_wrappers.inbox import claim
 
 
@@ -61,12 +60,3 @@ def trace_items(batch: EventBatchV1) -> list[dict]:
     """The chunk's rows for the journal: key, file row, customer id (`retailbus trace C0001`)."""
     return [{"key": item.idempotencykey, "row": item.row, "refs": [str(item.data.get("customer_id") or "")]}
             for item in batch.items]
-
-
-def on_file_rows(conn: Connection, cust: Table, batch: EventBatchV1, event: CloudEvent):
-    """The erp's share of file rows: customer rows (None for other row types, not its
-    business); DUPLICATE when every row was applied before."""
-    if batch.item_type != CustomerUpdatedV1.TYPE:
-        return None
-    applied = apply_customer_batch(conn, cust, "erp.on_file_rows", batch, event)
-    return applied if applied else DUPLICATE

@@ -145,10 +145,14 @@ class ErpService:
 
     @reliable_handler("files", "event.batch.v1")
     def on_file_rows(self, batch, event: CloudEvent):
-        """Rows of legacy batch files (services/files); customer rows go to CUST_MST."""
-        from services.erp import customers
-        result = customers.on_file_rows(self.db.conn, self.db.tables[customer_master.TABLE], batch, event)
-        if result is not None:
-            self.hops.add("applied", "duplicate" if result is DUPLICATE else "ok", items=customers.trace_items(batch),
-                          detail={"table": customer_master.TABLE, "file": batch.file})
+        """Rows of legacy batch files (services/files), applied by row type: customers to
+        CUST_MST, the stock snapshot to STK_LVL; a row type the erp does not apply is parked."""
+        from services.erp import file_rows
+        try:
+            table = file_rows.table_of(batch)
+        except file_rows.UnappliedRowsError as exc:
+            raise PermanentError(str(exc)) from None
+        result = file_rows.apply(self.db.conn, self.db.tables, batch, event) or DUPLICATE
+        self.hops.add("applied", "duplicate" if result is DUPLICATE else "ok", items=file_rows.trace_items(batch),
+                      detail={"table": table, "file": batch.file})
         return result

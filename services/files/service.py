@@ -14,6 +14,7 @@ from bus.extensions import EventPublisher, event_message
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
 from bus.retention import retention_timer
+from services.files.appliers import AppliedDrops
 from services.files.mapping import batch_event, drop_options, points_record
 
 
@@ -25,6 +26,7 @@ class FilesService:
     metrics = MetricsHttp()
     hops = JournalHops()
     retention = FileRetention()
+    applied = AppliedDrops()  # refuses to start with a drop whose rows no service applies
 
     @retention_timer()
     def prune(self) -> dict[str, int]:

@@ -21,8 +21,8 @@ from legacy_wrappers.filedrop.records import records
 from legacy_wrappers.filedrop.rowcode import CANONICAL_STAMP, GoodRows, json_safe
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
 from legacy_wrappers.inbox import metadata as inbox_tables
-from bus.consumer import DUPLICATE
-from services.erp.customers import on_file_rows, upsert_customer
+from services.erp import file_rows
+from services.erp.customers import upsert_customer
 
 pytestmark = pytest.mark.unit
 
@@ -98,11 +98,11 @@ def test_a_redelivered_chunk_applies_no_row_twice(engine):
                        data=customer(f"C{n}", f"n{n}", 8).model_dump(mode="json")) for n in (2, 3)]
     batch = EventBatchV1(item_type="customer.updated.v1", file="f.csv", sha256="a" * 64, items=items)
     event = CloudEvent.new("event.batch.v1", "legacy/filedrop/customers", batch, idempotencykey="x")
-    table = cust_mst(engine)
+    tables = {"CUST_MST": cust_mst(engine)}
     with engine.begin() as conn:
-        assert on_file_rows(conn, table, batch, event) == 2
+        assert file_rows.apply(conn, tables, batch, event) == 2
     with engine.begin() as conn:  # redelivered: every row key was claimed
-        assert on_file_rows(conn, table, batch, event) is DUPLICATE
+        assert file_rows.apply(conn, tables, batch, event) == 0
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM RB_INBOX")).scalar() == 2
         assert conn.execute(text("SELECT count(*) FROM CUST_MST WHERE CUST_NO IN ('C2','C3')")).scalar() == 2
