@@ -14,10 +14,11 @@ packages=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || packages+=(rabbitmq-server)
 if [ "$mode" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
-  command -v curl >/dev/null || packages+=(curl)
   command -v prometheus >/dev/null || packages+=(prometheus)  # tests/integration/test_dashboards.py
 fi
 command -v python3 >/dev/null || packages+=(python3 python3-venv)
+# The README's quick start signs a sale with openssl, sends it with curl, reads the ERP row with sqlite3.
+for tool in curl openssl sqlite3; do command -v "$tool" >/dev/null || packages+=("$tool"); done
 
 if [ ${#packages[@]} -gt 0 ]; then
   echo "bootstrap: installing ${packages[*]}" >&2
