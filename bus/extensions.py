@@ -56,7 +56,7 @@ class BusConnection(SharedExtension):
         self.uri, self.settings = container_settings(self.container.config)
         pub = self.settings.publisher
         self.publisher = ConfirmingPublisher(
-            self.uri, window=pub.window, confirm_timeout=pub.confirm_timeout,
+            self.uri, window=pub.window, window_bytes=pub.window_bytes, confirm_timeout=pub.confirm_timeout,
             connect_timeout=pub.connect_timeout, on_connect=self._declare_exchanges,
         )
 

@@ -85,39 +85,49 @@ class _Latch:
 
 
 class _Window:
-    """At most `size` unconfirmed publishes. A group takes its slots all at once
-    (groups taking slots one by one could each hold half and wait forever), and
-    waiting groups are served first come, first served: a release wakes only
-    those that now fit, not every waiter."""
+    """At most `size` unconfirmed publishes and `max_bytes` of their bodies (one
+    group alone may exceed them). A group takes its slots all at once (groups
+    taking slots one by one could each hold half and wait forever), and waiting
+    groups are served first come, first served: a release wakes only those that
+    now fit, not every waiter. A waiter gives up only when nothing was released
+    for `patience` seconds: a window that drains slowly is back-pressure, and
+    the producer waits for it rather than failing."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self.used = 0
-        self._waiting: deque[tuple[int, Event]] = deque()
+    def __init__(self, size: int, max_bytes: int | None = None):
+        self.size, self.max_bytes = size, max_bytes or 2 ** 62
+        self.used = self.used_bytes = 0
+        self.last_release = time.monotonic()
+        self._waiting: deque[tuple[int, int, Event]] = deque()
 
-    def acquire(self, n: int, deadline: float) -> bool:
-        if not self._waiting and (not self.used or self.used + n <= self.size):
-            self.used += n
+    def _fits(self, n: int, nbytes: int) -> bool:
+        return not self.used or (self.used + n <= self.size and self.used_bytes + nbytes <= self.max_bytes)
+
+    def acquire(self, n: int, nbytes: int, deadline: float, patience: float) -> bool:
+        if not self._waiting and self._fits(n, nbytes):
+            self.used, self.used_bytes = self.used + n, self.used_bytes + nbytes
             return True
-        turn = (n, Event())
+        turn = (n, nbytes, Event())
         self._waiting.append(turn)
-        if turn[1].wait(timeout=max(0.0, deadline - time.monotonic())) is None:
-            self._waiting.remove(turn)  # timed out: our slots were never taken
-            self._wake()
-            return False
+        while turn[2].wait(timeout=max(0.0, deadline - time.monotonic())) is None:
+            deadline = self.last_release + patience
+            if deadline <= time.monotonic():
+                self._waiting.remove(turn)  # timed out: our slots were never taken
+                self._wake()
+                return False
         return True
 
-    def release(self, n: int):
-        self.used -= n
+    def release(self, n: int, nbytes: int):
+        self.used, self.used_bytes = self.used - n, self.used_bytes - nbytes
+        self.last_release = time.monotonic()
         self._wake()
 
     def _wake(self):
         while self._waiting:
-            n, ready = self._waiting[0]
-            if self.used and self.used + n > self.size:
+            n, nbytes, ready = self._waiting[0]
+            if not self._fits(n, nbytes):
                 return
             self._waiting.popleft()
-            self.used += n  # taken on the waiter's behalf, so no one overtakes it
+            self.used, self.used_bytes = self.used + n, self.used_bytes + nbytes  # taken on the waiter's behalf
             ready.send(True)
 
 
@@ -205,7 +215,7 @@ class ConfirmingPublisher:
     """A process-wide publisher; `publish` returns only once the broker confirmed."""
 
     def __init__(self, uri: str, *, window: int = 1000, confirm_timeout: float = 10.0,
-                 connect_timeout: float = 5.0, attempts: int = 3, on_connect=None):
+                 connect_timeout: float = 5.0, attempts: int = 3, on_connect=None, window_bytes: int | None = None):
         self.uri = uri
         # Every message names its sender, which the broker validates (bus/identity.py).
         self.user_id = unquote(urlparse(cluster_nodes(uri)[0]).username or "") or None
@@ -213,7 +223,8 @@ class ConfirmingPublisher:
         self.confirm_timeout = confirm_timeout
         self.connect_timeout = connect_timeout
         self.attempts = attempts
-        self._window = _Window(window)
+        self._window = _Window(window, window_bytes)
+        self._last_confirm = time.monotonic()  # the broker's last sign of progress
         self._connect_lock = Semaphore(1)
         self._conn = None
         self._channel = None
@@ -292,15 +303,21 @@ class ConfirmingPublisher:
     def _send(self, messages: list[OutgoingMessage], deadline: float, span: float) -> list[PublishError | None]:
         """One round: publish the group (window-sized slices), wait for every settlement."""
         errors: list[PublishError | None] = []
-        size = self._window.size
-        for first in range(0, len(messages), size):
-            errors += self._send_slice(messages[first:first + size], deadline, span)
+        size, max_bytes = self._window.size, self._window.max_bytes
+        first, nbytes = 0, 0
+        for i, message in enumerate(messages):
+            if i > first and (i - first == size or nbytes + len(message.body) > max_bytes):
+                errors += self._send_slice(messages[first:i], nbytes, deadline, span)
+                first, nbytes = i, 0
+            nbytes += len(message.body)
+        if first < len(messages):
+            errors += self._send_slice(messages[first:], nbytes, deadline, span)
         return errors
 
-    def _send_slice(self, messages: list[OutgoingMessage], deadline: float,
+    def _send_slice(self, messages: list[OutgoingMessage], nbytes: int, deadline: float,
                     span: float) -> list[PublishError | None]:
-        if not self._window.acquire(len(messages), deadline):
-            return [PublishError("publish window full until the deadline")] * len(messages)
+        if not self._window.acquire(len(messages), nbytes, deadline, span):
+            return [PublishError(f"publish window full and not draining for {span:g}s")] * len(messages)
         try:
             try:
                 channel = self._ensure_connected(deadline)
@@ -315,6 +332,8 @@ class ConfirmingPublisher:
             # No I/O happens here (frames go to the coalescing writer), so delivery
             # tags are handed out in exactly the order the frames are sent.
             write, frame_max = self._writer.write, self._conn.frame_max
+            if not self._pending:  # the progress clock starts when the window stops being idle
+                self._last_confirm = time.monotonic()
             for sent, (message, pending) in enumerate(zip(messages, pendings)):
                 tag = next(self._tags)
                 self._pending[tag] = pending
@@ -336,7 +355,7 @@ class ConfirmingPublisher:
             metrics.CONFIRM_SECONDS.observe(time.monotonic() - started)
             return [p.error for p in pendings]
         finally:
-            self._window.release(len(messages))
+            self._window.release(len(messages), nbytes)
 
     def _ensure_connected(self, deadline: float):
         channel = self._channel
@@ -391,17 +410,22 @@ class ConfirmingPublisher:
                 self._teardown(BrokerUnavailableError(f"connection lost: {exc}"), conn)
 
     def _expire(self, conn):
-        """A confirm overdue means a dead or stuck connection: everyone in flight
-        fails (and retries on a new one). Checked about twice a second."""
+        """A confirm overdue while no confirm at all came for `confirm_timeout` means a
+        dead or stuck connection: everyone in flight fails (and retries on a new one).
+        A broker that confirms slowly under a burst is not stuck: its publishers wait
+        (back-pressure) instead of failing and sending everything again. Checked about
+        twice a second."""
         now = time.monotonic()
         if now < self._next_expiry_check:
             return
         self._next_expiry_check = now + 0.5
-        if any(entry.deadline <= now for entry in self._pending.values()):
+        if now - self._last_confirm >= self.confirm_timeout and any(
+                entry.deadline <= now for entry in self._pending.values()):
             self._teardown(BrokerUnavailableError(
                 f"no confirm from the broker within {self.confirm_timeout:.1f}s"), conn)
 
     def _resolve(self, delivery_tag: int, multiple: bool, error_factory=None):
+        self._last_confirm = time.monotonic()
         pending = self._pending
         if multiple:  # tags are consecutive: everything above the last multiple, up to this one
             for tag in range(self._floor + 1, delivery_tag + 1):

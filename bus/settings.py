@@ -66,6 +66,9 @@ class PublisherSettings(Strict):
     confirm_timeout: float = Field(10.0, gt=0, description="seconds a publish waits for its confirm")
     connect_timeout: float = Field(5.0, gt=0)
     window: int = Field(1000, ge=1, description="unconfirmed publishes in flight per process")
+    window_bytes: int = Field(8 * 2 ** 20, ge=1024, description="bytes of unconfirmed message bodies in flight "
+                              "per process: a burst of large messages (file chunks, change batches) waits "
+                              "for the broker instead of queueing in it")
 
 
 class RetrySettings(Strict):
