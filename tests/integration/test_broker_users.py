@@ -164,8 +164,12 @@ def test_a_component_cannot_touch_what_is_not_its_own(broker, provisioned, reque
     assert SALES_QUEUE in refused(files, lambda ch: ch.queue_purge(SALES_QUEUE))
     assert SALES_QUEUE in refused(files, lambda ch: ch.queue_delete(SALES_QUEUE))
     assert "routes.S002" in refused(agent, lambda ch: ch.basic_consume("routes.S002", callback=print))
-    # erp may bind its own sales queue to store_agent.events, but only with the keys it handles
-    assert "pos.#" in refused(erp, lambda ch: ch.queue_bind(SALES_QUEUE, "store_agent.events", "pos.#"))
+    # the setup step binds: erp may neither bind nor unbind its queue, nor delete an exchange others use
+    assert SALES_QUEUE in refused(erp, lambda ch: ch.queue_bind(SALES_QUEUE, "store_agent.events", "pos.#"))
+    assert SALES_QUEUE in refused(erp, lambda ch: ch.queue_unbind(SALES_QUEUE, "store_agent.events", "pos.sale.v1"))
+    for exchange in ("store_agent.events", "erp.events", "journal.events", "retailbus.failed"):
+        assert exchange in refused(erp, lambda ch: ch.exchange_delete(exchange))
+    assert SALES_QUEUE in refused(erp, lambda ch: ch.queue_delete(SALES_QUEUE))
     # and may not publish to another service's exchange
     assert "files.events" in refused(erp, lambda ch: ch.basic_publish_confirm(
         amqp.Message(b"{}"), "files.events", "event.batch.v1", timeout=5))
