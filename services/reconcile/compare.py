@@ -14,6 +14,14 @@ Rules:
   does not announce its postings.
 The gap is the number of findings; zero means the day reconciles.
 
+The agent's totals cover what it had accepted when they were taken; a sale
+posted since (a burst just now) is in the ERP and not yet in them. So a
+document not in the totals but posted after they were taken, less
+PENDING_SECONDS (the agent notes a legacy-mode sale just after the ERP booked
+it, and the two clocks may differ a little), is `pending`, with its points
+record: reported, not counted in the gap; the agent's next totals (every
+`RETAILBUS.agent.control_totals_interval`) settle it either way.
+
 With v2 totals (digests) the day is first compared digest to digest
 (`digest_report`): when the ERP's and the points file's digests equal the
 agent's, nothing can be named and the list is never fetched. Otherwise the
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -35,6 +43,7 @@ from services.files.mapping import points_for
 
 ERP_KIND = {"S": "sale", "R": "return"}
 LOYALTY_KIND = {"A": "sale", "R": "return"}
+PENDING_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class ErpDoc:
     total_minor: int
     currency: str
     doc_no: str = ""
+    created: str = ""  # CREATED_TS: when the ERP booked it (legacy format, UTC)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class StoreReport(BaseModel):
     loyalty_duplicated: list[Finding] = Field(default_factory=list)
     loyalty_unexpected: list[Finding] = Field(default_factory=list)
     digest_mismatch: list[Finding] = Field(default_factory=list)
+    pending: list[Finding] = Field(default_factory=list)  # posted after the totals were taken: no gap
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("erp_missing", "erp_duplicated", "erp_unexpected", "amount_mismatch",
                 "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected", "digest_mismatch")
@@ -112,9 +123,14 @@ def expects_points(txn: ControlTxn) -> bool:
 
 
 def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
-              erp_docs: list[ErpDoc], points: list[PointsRow] | None) -> StoreReport:
-    """`points` None: no points file is configured, so the loyalty side is not checked."""
+              erp_docs: list[ErpDoc], points: list[PointsRow] | None,
+              taken_at: datetime | None = None) -> StoreReport:
+    """`points` None: no points file is configured, so the loyalty side is not checked.
+    `taken_at`: when the totals whose transactions these are were taken (default theirs)."""
     accepted = _accepted(totals)
+    taken_at = taken_at or (totals.taken_at if totals else None)
+    since = None if taken_at is None else (taken_at - timedelta(seconds=PENDING_SECONDS)).astimezone(
+        timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
     report = StoreReport(
         store_id=store_id, business_day=day, totals_received=totals is not None,
         as_of=totals.as_of if totals else None,
@@ -129,6 +145,10 @@ def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
         kind, txn_id = key
         txn, found = accepted.get(key), docs.get(key, [])
         if txn is None:
+            if since is not None and any(d.created >= since for d in found):
+                report.pending.append(Finding(kind=kind, pos_txn_id=txn_id, detail=f"{_doc_nos(found)} posted "
+                                              f"after the control totals of {taken_at.isoformat(timespec='seconds')}"))
+                continue
             report.erp_unexpected.append(Finding(kind=kind, pos_txn_id=txn_id, detail=_doc_nos(found)))
             continue
         if not found:
@@ -147,7 +167,8 @@ def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
         return report
     rows = Counter((p.kind, p.pos_txn_id) for p in points)
     expected = {key for key, txn in accepted.items() if expects_points(txn)}
-    for key in sorted(expected | rows.keys()):
+    pending = {(f.kind, f.pos_txn_id) for f in report.pending}
+    for key in sorted(expected | (rows.keys() - pending)):
         kind, txn_id = key
         if key not in expected:
             report.loyalty_unexpected.append(Finding(kind=kind, pos_txn_id=txn_id))
@@ -199,6 +220,8 @@ def _doc_nos(docs: list[ErpDoc]) -> str:
 def render(report: StoreReport) -> str:
     """The report as ops read it."""
     status = "OK" if report.gap == 0 else f"GAP {report.gap}"
+    if report.pending:
+        status += f", {len(report.pending)} pending (posted after the latest control totals)"
     lines = [f"store {report.store_id}  business day {report.business_day}  {status}"]
     if not report.totals_received:
         lines.append("  no control totals received from this store for the day")
@@ -209,7 +232,7 @@ def render(report: StoreReport) -> str:
     for kind in ("sale", "return"):
         lines.append(f"  {kind + 's':<8} agent {side(report.agent[kind])}   ERP {side(report.erp[kind])}"
                      f"   loyalty records {report.loyalty[kind]}")
-    for name in StoreReport.FINDINGS:
+    for name in (*StoreReport.FINDINGS, "pending"):
         for f in getattr(report, name):
             lines.append(f"  {name.replace('_', ' '):<19} {f.kind:<6} {f.pos_txn_id}"
                          + (f"  ({f.detail})" if f.detail else ""))

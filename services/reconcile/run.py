@@ -72,6 +72,7 @@ def reconcile_day(estate: Estate, day: date, store_id: str | None = None) -> lis
 
 def _one(estate: Estate, store_id: str, day: date,
          totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None) -> StoreReport:
+    taken_at = totals.taken_at if totals else None  # what the latest totals cover: the list's own is later
     if isinstance(totals, StoreControlTotalsV2):
         erp = sources.erp_digest(estate.legacy, store_id, day)
         points = sources.points_digest(estate.points, store_id, day) if estate.points else None
@@ -83,7 +84,7 @@ def _one(estate: Estate, store_id: str, day: date,
         except ListUnavailableError as exc:
             return digest_report(store_id, day, totals, erp, points, unlisted=str(exc))
     return reconcile(store_id, day, totals, sources.erp_docs(estate.legacy, store_id, day),
-                     sources.points_rows(estate.points, store_id, day) if estate.points else None)
+                     sources.points_rows(estate.points, store_id, day) if estate.points else None, taken_at)
 
 
 class ListUnavailableError(RetailbusError):

@@ -24,6 +24,7 @@ SLS_HDR = Table(
     Column("TXN_DATE", String(8)),
     Column("TOTAL_CENTS", BigInteger),
     Column("CURRENCY", String(3)),
+    Column("CREATED_TS", String(26)),
 )
 
 
@@ -33,21 +34,22 @@ def _yyyymmdd(day: date) -> str:
 
 def _docs_query(store_id: str, day: date):
     c = SLS_HDR.c
-    return (select(c.DOC_TYPE, c.POS_TXN_ID, c.TOTAL_CENTS, c.CURRENCY, c.DOC_NO)
+    return (select(c.DOC_TYPE, c.POS_TXN_ID, c.TOTAL_CENTS, c.CURRENCY, c.DOC_NO, c.CREATED_TS)
             .where(c.STORE_NO == store_id, c.TXN_DATE == _yyyymmdd(day), c.DOC_TYPE.in_(list(ERP_KIND))))
 
 
 def erp_docs(engine: Engine, store_id: str, day: date) -> list[ErpDoc]:
     with engine.connect() as conn:
         rows = conn.execute(_docs_query(store_id, day).order_by(SLS_HDR.c.DOC_NO)).all()
-    return [ErpDoc(ERP_KIND[t], txn, total, currency, doc_no) for t, txn, total, currency, doc_no in rows]
+    return [ErpDoc(ERP_KIND[t], txn, total, currency, doc_no, created or "")
+            for t, txn, total, currency, doc_no, created in rows]
 
 
 def erp_digest(engine: Engine, store_id: str, day: date) -> dict[str, TxnDigest]:
     """Per kind, the digest of the day's documents (contracts.control.TxnDigest)."""
     out = {kind: TxnDigest() for kind in ERP_KIND.values()}
     with engine.connect() as conn:
-        for t, txn, total, currency, _ in conn.execution_options(yield_per=2000).execute(_docs_query(store_id, day)):
+        for t, txn, total, currency, *_ in conn.execution_options(yield_per=2000).execute(_docs_query(store_id, day)):
             kind = ERP_KIND[t]
             out[kind].add_txn(kind, txn, total, currency)
     return out
