@@ -25,7 +25,11 @@ Deletions are seen only where the legacy table marks them
 poller could find.
 
 Handlers get a list of `RowChange`; an exception (or an effect that failed
-to commit) makes the same batch come again after `interval`.
+to commit) makes the same batch come again, and a failed rescan is rescanned,
+after a backoff that doubles from `interval` up to `max_backoff` (a broker or
+database that is down is not hammered). The change of state is logged once,
+when the failing starts (with the first failure's traceback) and when it ends;
+the failures in between are counted, not logged again.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ LAG = Gauge("retailbus_cdc_lag_seconds",
 ROWS = Counter("retailbus_cdc_rows_total",
                "Changed rows handed to a worker, by kind (new, late) and outcome (ok, failed)",
                ["table", "kind", "outcome"])
+FAILING = Gauge("retailbus_cdc_failing",
+                "1 while change capture on a table keeps failing (retried with backoff), else 0", ["table"])
 
 metadata = MetaData()
 WATERMARKS = Table(
@@ -92,15 +98,18 @@ class TableChanges(Entrypoint):
 
     def __init__(self, table: str, key: tuple[str, ...], timestamp: str = "UPD_TS",
                  deleted: tuple[str, object] | None = None, config_key: str = "LEGACY_DB_URI",
-                 batch: int = 1000, interval: float = 0.5, overlap: float = 5.0, **kwargs):
+                 batch: int = 1000, interval: float = 0.5, overlap: float = 5.0, max_backoff: float = 30.0,
+                 **kwargs):
         self.table_name, self.key, self.timestamp = table, tuple(key), timestamp
         self.deleted, self.config_key = deleted, config_key
-        self.batch, self.interval, self.overlap = batch, interval, overlap
+        self.batch, self.interval, self.overlap, self.max_backoff = batch, interval, overlap, max_backoff
+        self.failures = 0  # failed rounds in a row
         self.watermark: tuple | None = None  # (ts, *key values) of the last row handled
         self.seen: dict[tuple, tuple] = {}  # key -> row values emitted within the overlap
         self._running = False
         self._wake = threading.Event()
-        self._last_rescan = 0.0
+        self._last_rescan = 0.0  # our clock: when the last rescan started
+        self._rescanned = 0.0  # when the last rescan that handed on every late row started
         self._rescan_low = None
         self._settles_at = 0.0  # our clock: no late row behind the watermark can commit after this
         super().__init__(**kwargs)
@@ -108,6 +117,8 @@ class TableChanges(Entrypoint):
     def setup(self):
         self.engine: Engine = self.engines.engine(self.config_key)
         self.name = f"{self.container.service_name}.{self.method_name}"
+        FAILING.labels(self.table_name).set(0)
+        _NAMEKO_WORKER_LOG.addFilter(_repeated_failures)  # once per process: a filter is added once
 
     def start(self):
         self._running = True
@@ -133,14 +144,40 @@ class TableChanges(Entrypoint):
                 log.warning("change capture on %s cannot start yet: %s", self.table_name, exc)
                 self._wake.wait(max(self.interval, 1.0))
         while self._running:
+            failures = self.failures
             try:
                 handled = self.poll_once()
             except Exception as exc:
-                log.warning("change capture on %s failed: %s", self.table_name, exc)
+                self._failed(f"{type(exc).__name__}: {exc}")
                 handled = 0
-            if handled < self.batch:
-                self._wake.wait(self.interval)
-                self._wake.clear()
+            if failures and self.failures == failures:
+                self._recovered()
+            if self.failures:
+                delay = min(self.max_backoff, self.interval * 2 ** min(self.failures, 30))
+            elif handled < self.batch:
+                delay = self.interval
+            else:
+                continue
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def _failed(self, reason: str):
+        """One more failed round: logged only when it starts the failing."""
+        self.failures += 1
+        if self.failures == 1:
+            FAILING.labels(self.table_name).set(1)
+            log.warning("change capture on %s is failing (%s); retrying with backoff up to %gs, "
+                        "logged again when it works", self.table_name, reason, self.max_backoff,
+                        extra={"outcome": "failing"})
+        else:
+            log.debug("change capture on %s failed again (%d in a row): %s", self.table_name,
+                      self.failures, reason)
+
+    def _recovered(self):
+        log.info("change capture on %s works again after %d failed rounds", self.table_name, self.failures,
+                 extra={"outcome": "recovered"})
+        FAILING.labels(self.table_name).set(0)
+        self.failures = 0
 
     def _prepare(self):
         create_tables(self.engine, metadata)
@@ -170,7 +207,9 @@ class TableChanges(Entrypoint):
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
             conn.rollback()
-        if rows and self._handle(rows, "new"):
+        if rows:
+            if not self._handle(rows, "new"):
+                return len(rows)  # the same batch again, after the backoff
             last = rows[-1]
             self._save(tuple(last[c.name] for c in order))
         if len(rows) < self.batch:
@@ -179,18 +218,19 @@ class TableChanges(Entrypoint):
             LAG.labels(self.table_name).set(self._age(self.watermark[0]))
         if self.watermark is None or time.monotonic() - self._last_rescan < self.interval:
             return len(rows)
-        if self._last_rescan > self._settles_at:  # a rescan after the watermark settled found them all
+        if self._rescanned > self._settles_at:  # a rescan after the watermark settled handed them all on
             return len(rows)
         low = shift(self.watermark[0], self.overlap)
         self._rescan_low = low if self._rescan_low is None else min(self._rescan_low, low)
         if len(rows) < self.batch:  # caught up: rescan all that could have been passed by
-            self._last_rescan = time.monotonic()
-            self._rescan(self._rescan_low)
-            self._rescan_low = None
+            started = self._last_rescan = time.monotonic()
+            if self._rescan(self._rescan_low):  # else (or if it raised) the same window again
+                self._rescanned, self._rescan_low = started, None
         return len(rows)
 
-    def _rescan(self, low):
-        """Emit versions committed late, behind the watermark but after `low`.
+    def _rescan(self, low) -> bool:
+        """Emit versions committed late, behind the watermark but after `low`; True
+        when every one of them was handed on.
 
         Only once caught up: while whole batches come back, re-reading the
         window every interval cost more than the capture itself (rows sharing
@@ -209,7 +249,8 @@ class TableChanges(Entrypoint):
                      len(late), self.table_name)
         for start in range(0, len(late), self.batch):
             if not self._handle(late[start:start + self.batch], "late"):
-                return
+                return False
+        return True
 
     # -- helpers ----------------------------------------------------------------
 
@@ -235,21 +276,26 @@ class TableChanges(Entrypoint):
             changes = [RowChange(r) for r in rows]
         done = Event()
         self.container.spawn_worker(self, (changes,), {}, handle_result=partial(self._result, done))
-        ok = done.wait()
-        ROWS.labels(self.table_name, kind, "ok" if ok else "failed").inc(len(rows))
-        if ok:
-            for r in rows:
-                self.seen[self._key_of(r)] = self._version(r)
-        return ok
+        error = done.wait()
+        ROWS.labels(self.table_name, kind, "failed" if error else "ok").inc(len(rows))
+        if error:
+            self._failed(f"a batch of {len(rows)} {kind} rows failed: {error}")
+            return False
+        for r in rows:
+            self.seen[self._key_of(r)] = self._version(r)
+        return True
 
     def _result(self, done: Event, worker_ctx, result, exc_info):
         # The effects commit in the dependencies' worker_result, after this hook:
-        # decide once the worker greenthread has ended.
+        # decide once the worker greenthread has ended. Sends the error, None if none.
         def finished(_thread):
-            failed = exc_info is not None or bool(getattr(worker_ctx, EFFECT_ERRORS, None))
-            if failed:
-                log.warning("change capture batch on %s failed; it comes again", self.table_name)
-            done.send(not failed)
+            effect_errors = getattr(worker_ctx, EFFECT_ERRORS, None)
+            if exc_info is not None:
+                done.send(f"{exc_info[0].__name__}: {exc_info[1]}")
+            elif effect_errors:
+                done.send(f"its effect did not commit: {effect_errors[0]}")
+            else:
+                done.send(None)
         eventlet.getcurrent().link(finished)
         return result, exc_info
 
@@ -266,6 +312,18 @@ class TableChanges(Entrypoint):
                     NAME=self.name, TS=stored, ROW_KEY=json.dumps(key), SAVED_TS=now))
         self.watermark = position
         self._settles_at = time.monotonic() + self.overlap
+
+
+_NAMEKO_WORKER_LOG = logging.getLogger("nameko.containers")
+
+
+def _repeated_failures(record: logging.LogRecord) -> bool:
+    """nameko logs every worker that raised, at ERROR with its traceback: for a batch
+    that fails again while its capture is failing already (the broker down), one a
+    backoff, the first traceback has said it all. This drops those repeats."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    entrypoint = getattr(args[0], "entrypoint", None) if args else None
+    return not (isinstance(entrypoint, TableChanges) and entrypoint.failures)
 
 
 table_changes = TableChanges.decorator

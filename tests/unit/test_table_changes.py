@@ -2,6 +2,7 @@
 the overlap rescan finds a late commit, then pauses once the watermark has settled."""
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime, timedelta
 
@@ -79,3 +80,82 @@ def test_rescans_find_a_late_commit_then_pause_until_the_watermark_moves(tmp_pat
         container.stop()
         engine.dispose()
     assert captured.count(("late", 99)) == 1
+
+
+# -- failures: retried with backoff, the rescan too, logged once -------------------------
+
+state: dict = {}
+
+
+class FlakyService:
+    """Fails every batch while state["fail"], and every batch holding the row `late`
+    while state["fail_late"]; records when it was called. The first batch commits the
+    late row, as ItemsService does, when given the engine in state["late_commit"]."""
+
+    name = "flaky_items"
+
+    @tc.table_changes("ITEMS", key=("K",), batch=5, interval=INTERVAL, overlap=OVERLAP, max_backoff=1.0)
+    def on_items(self, changes):
+        state["calls"].append(time.monotonic())
+        late = any(c.row["K"] == "late" for c in changes)
+        if state["fail"] or (state["fail_late"] and late):
+            if late:
+                state["late_failures"].append(time.monotonic())
+            raise ConnectionRefusedError("the broker is down")
+        captured.extend((c.row["K"], c.row["V"]) for c in changes)
+        if state["late_commit"]:
+            with state["late_commit"].pop().begin() as conn:
+                conn.execute(ITEMS.insert(), {"K": "late", "V": 99, "UPD_TS": stamp(T0, -OVERLAP / 2)})
+
+
+@pytest.fixture
+def flaky(tmp_path):
+    state.update(fail=False, fail_late=False, calls=[], late_failures=[], late_commit=[])
+    captured.clear()
+    engine = engine_for(f"sqlite:///{tmp_path / 'legacy.db'}")
+    ITEMS.metadata.create_all(engine)
+    container = ServiceContainer(FlakyService, {"LEGACY_DB_URI": str(engine.url)})
+    yield engine, container
+    if container.started:
+        container.stop()
+    engine.dispose()
+
+
+def test_a_failed_settling_rescan_is_rescanned_until_the_late_row_is_handed_on(flaky):
+    engine, container = flaky
+    with engine.begin() as conn:
+        conn.execute(ITEMS.insert(), [{"K": f"k{i}", "V": i, "UPD_TS": stamp(T0)} for i in range(3)])
+    state["fail_late"], state["late_commit"] = True, [engine]
+    container.start()
+    capture = next(e for e in container.entrypoints if isinstance(e, tc.TableChanges))
+    wait_for(lambda: len(captured) == 3)
+    # the rescan after the watermark settled (the last one before rescans pause) failed too
+    wait_for(lambda: any(t > capture._settles_at for t in state["late_failures"]))
+    state["fail_late"] = False
+    wait_for(lambda: ("late", 99) in captured)
+    assert captured.count(("late", 99)) == 1
+
+
+def test_a_failing_batch_backs_off_and_the_failing_is_logged_once(flaky, caplog):
+    engine, container = flaky
+    caplog.set_level(logging.INFO)
+    state["fail"] = True
+    with engine.begin() as conn:  # a full batch
+        conn.execute(ITEMS.insert(), [{"K": f"k{i}", "V": i, "UPD_TS": stamp(T0)} for i in range(5)])
+    container.start()
+    wait_for(lambda: len(state["calls"]) >= 6)
+    calls = state["calls"]
+    # the waits double from `interval`: the 5th is 1.0 s (max_backoff) where a tight loop waited nothing
+    assert calls[5] - calls[4] >= 8 * INTERVAL, [round(b - a, 3) for a, b in zip(calls, calls[1:])]
+    tracebacks = [r for r in caplog.records if r.name == "nameko.containers" and r.levelno >= logging.ERROR]
+    failing = [r for r in caplog.records if r.name == tc.__name__ and r.levelno >= logging.WARNING]
+    assert len(tracebacks) == 1 and tracebacks[0].exc_info  # the first failure, in full
+    assert len(failing) == 1 and "is failing" in failing[0].getMessage()
+    assert "the broker is down" in failing[0].getMessage()
+    assert tc.FAILING.labels("ITEMS")._value.get() == 1
+
+    state["fail"] = False
+    wait_for(lambda: len(captured) == 5)
+    wait_for(lambda: any("works again" in r.getMessage() for r in caplog.records))
+    assert tc.FAILING.labels("ITEMS")._value.get() == 0
+    assert sorted(captured) == [(f"k{i}", i) for i in range(5)]
