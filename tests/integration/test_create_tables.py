@@ -3,12 +3,13 @@ that lose the race to create a table look again and go on (`create_tables`), and
 SQLite the ones that lose the race to switch the file to WAL try again (`engine_for`).
 
 The WAL race is rare (about one connect in 150 lost it), so each process races on
-many fresh databases in turn, all processes starting each round together: the code
-before the WAL retry failed this test in three runs of four."""
+many fresh databases in turn, all processes starting each round together (a barrier
+the test holds: each process says it is ready, the test releases them all at once when
+every one is): the code before the WAL retry failed this test in three runs of four."""
+import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -17,18 +18,19 @@ pytestmark = pytest.mark.integration
 
 PROCESSES = 6
 ROUNDS = {"sqlite": 120, "postgresql": 20}
-ROUND_SECONDS = 0.1
 CREATOR = textwrap.dedent("""
-    import sys, time
+    import socket, sys
     import sqlalchemy as sa
     from legacy_wrappers.legacy_db import create_tables, engine_for
-    dsns, start, gap = sys.argv[1].split(","), float(sys.argv[2]), float(sys.argv[3])
+    dsns, barrier = sys.argv[1].split(","), socket.create_connection(("127.0.0.1", int(sys.argv[2])))
     md = sa.MetaData()
     for n in range(8):
         sa.Table(f"RB_RACE_{n}", md, sa.Column("K", sa.String(20), primary_key=True), sa.Column("V", sa.Text))
-    for round_no, dsn in enumerate(dsns):
+    for dsn in dsns:
         engine = engine_for(dsn)
-        time.sleep(max(0.0, start + round_no * gap - time.time()))  # every process starts the round at once
+        barrier.sendall(b"r")  # ready for this round
+        if barrier.recv(1) != b"g":  # every process starts the round at once
+            sys.exit("the test closed the barrier")
         create_tables(engine, md)
         engine.dispose()
     print("created", len(dsns))
@@ -49,14 +51,40 @@ def fresh_dsns(legacy_dsn, tmp_path):
     return [f"{legacy_dsn}{separator}options=-csearch_path%3Drace_{n}" for n in range(ROUNDS["postgresql"])]
 
 
+def release_each_round(server: socket.socket, rounds: int) -> int:
+    """The barrier: each round, wait until every process is ready, then release them all.
+    Returns the rounds run (fewer when a process ended early: its error is reported)."""
+    conns = [server.accept()[0] for _ in range(PROCESSES)]
+    try:
+        for done in range(rounds):
+            if any(conn.recv(1) != b"r" for conn in conns):
+                return done
+            for conn in conns:
+                conn.sendall(b"g")
+        return rounds
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.timeout(600)
 def test_processes_creating_the_same_tables_at_once_all_succeed(fresh_dsns):
-    start = time.time() + 3  # past every interpreter's start-up
-    command = [sys.executable, "-W", "ignore", "-c", CREATOR, ",".join(fresh_dsns), str(start), str(ROUND_SECONDS)]
-    processes = [subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for _ in range(PROCESSES)]
-    results = [p.communicate(timeout=120) for p in processes]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(300)  # generous: six interpreters starting on two shared cores
+        command = [sys.executable, "-W", "ignore", "-c", CREATOR, ",".join(fresh_dsns),
+                   str(server.getsockname()[1])]
+        processes = [subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for _ in range(PROCESSES)]
+        try:
+            rounds = release_each_round(server, len(fresh_dsns))
+            results = [p.communicate(timeout=300) for p in processes]
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
     failed = [err[-3000:] for p, (_, err) in zip(processes, results) if p.returncode != 0]
     assert not failed, "\n---\n".join(failed)
+    assert rounds == len(fresh_dsns)
     assert [out.strip() for out, _ in results] == [f"created {len(fresh_dsns)}"] * PROCESSES
     for dsn in fresh_dsns:
         engine = sa.create_engine(dsn)
