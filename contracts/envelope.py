@@ -8,6 +8,7 @@ replay can move messages whose types they do not know; `payload()` types it on d
 """
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 import orjson
@@ -27,7 +29,7 @@ from contracts import registry
 from contracts.errors import ContractError
 
 # Crockford base32, 26 characters, first one <= 7 so the value fits 128 bits.
-_ULID_PATTERN = r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$"
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
 
@@ -44,7 +46,7 @@ class CloudEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     specversion: Literal["1.0"] = "1.0"
-    id: Annotated[str, StringConstraints(pattern=_ULID_PATTERN)] = Field(default_factory=_new_id)
+    id: str = Field(default_factory=_new_id)
     source: NonEmpty
     type: Annotated[str, StringConstraints(pattern=registry.TYPE_NAME_PATTERN)]
     time: AwareDatetime = Field(default_factory=_now)
@@ -53,6 +55,16 @@ class CloudEvent(BaseModel):
     data: dict[str, Any]
     correlationid: NonEmpty = None  # type: ignore[assignment]  # filled by _correlate_to_own_id
     idempotencykey: NonEmpty
+
+    @field_validator("id")
+    @classmethod
+    def _a_ulid(cls, value: str) -> str:
+        """Our ids are ULIDs (time-ordered, 26 characters); the UUIDs CloudEvents SDKs make by
+        default are refused by name, so the sender knows what to send instead."""
+        if not _ULID.fullmatch(value):
+            raise ValueError(f"must be a ULID (26 characters of Crockford base32, e.g. 01J8Z3Q5W8N4T6B2C9D0E1F2G3), "
+                             f"got {value[:40]!r}{'; a UUID is not taken' if len(value) == 36 else ''}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -115,3 +115,9 @@ def test_ops_set_the_limits(service, store, outbox):
     sale = legacy_sale(lines=[{"SKU": "100001", "QTY": 250_000, "PRICE": 2, "LINE": 500_000}])
     status, _ = answer(service.post_sale(request(body=sale)))
     assert status == 200 and len(outbox.unsent(10)) == 1
+
+
+def test_a_cloudevent_whose_id_is_a_uuid_is_400_saying_a_ulid_is_needed(service, outbox):
+    status, body = post_event(service, {**cloudevent_sale(), "id": "123e4567-e89b-12d3-a456-426614174000"})
+    assert status == 400 and "id: " in body["MESSAGE"] and "must be a ULID" in body["MESSAGE"]
+    assert "a UUID is not taken" in body["MESSAGE"] and outbox.unsent(10) == []
