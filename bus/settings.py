@@ -140,6 +140,13 @@ class LegacyErpSettings(Strict):
     http: str = "127.0.0.1:8081"
 
 
+class PlatformSettings(Strict):
+    """A simulated SaaS platform of the estate that `retailbus up` runs (demo/loyalty_platform, demo/crm)."""
+
+    http: str = Field(description="host:port its HTTP API listens on")
+    db: Path = Field(description="its own SQLite file (relative to the project root)")
+
+
 class JournalSettings(Strict):
     """Message tracing (bus/journal.py, the journal service, `retailbus trace`)."""
 
@@ -212,6 +219,11 @@ class RetailbusSettings(Strict):
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     stores: list[StoreSettings] = Field(default_factory=list)
     legacy_erp: LegacyErpSettings = LegacyErpSettings()
+    loyalty_platform: PlatformSettings = Field(
+        PlatformSettings(http="127.0.0.1:8091", db=Path("var/loyalty_platform.db")),
+        description="the loyalty platform (members, point ledger, holds)")
+    crm: PlatformSettings = Field(PlatformSettings(http="127.0.0.1:8092", db=Path("var/crm.db")),
+                                  description="the CRM (profiles, consent, engagement history, segments)")
     agent: AgentSettings = AgentSettings()
     journal: JournalSettings = JournalSettings()
     reconcile: ReconcileSettings = ReconcileSettings()

@@ -105,6 +105,13 @@ class Supervisor:
             [sys.executable, "-m", "demo.legacy_erp", "serve", "--init", "--db", dsn,
              "--host", host, "--port", port],
             env, health_url=f"http://{s.legacy_erp.http}/erp/health")]
+        platform_env = {k: v for k, v in env.items() if k != "RETAILBUS_AMQP_URI"}  # they never touch the bus
+        for name, module, platform in (("loyalty-platform", "demo.loyalty_platform", s.loyalty_platform),
+                                       ("crm", "demo.crm", s.crm)):
+            p_host, p_port = platform.http.rsplit(":", 1)
+            children.append(Child(name, [sys.executable, "-m", module, "--db", str(s.path(platform.db).absolute()),
+                                         "--host", p_host, "--port", p_port],
+                                  platform_env, health_url=f"http://{platform.http}/health"))
         # `nameko run`, psycopg2 made green only in a process that imports it (bus/runner.py)
         nameko = [sys.executable, "-m", "bus.runner", "--config", str(self.config_path)]
         # The bus services resolve only the broker's and databases' hosts, once per

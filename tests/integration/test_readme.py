@@ -76,6 +76,9 @@ def test_the_readme_quick_start_prints_what_it_promises(tmp_path):
         script = quick_start().replace("127.0.0.1:8101", f"127.0.0.1:{ports['agent']}")
         done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=240)
+        # the shipped routes file, unedited, validates against what the agents run: nothing moves
+        checked = subprocess.run([str(RETAILBUS), "routes", "validate", "config/routes.yaml"], cwd=tmp_path,
+                                 env=env, capture_output=True, text=True, timeout=60)
     finally:
         up.send_signal(signal.SIGTERM)
         try:
@@ -92,3 +95,5 @@ def test_the_readme_quick_start_prints_what_it_promises(tmp_path):
     assert [h for h in hops if h in ("accepted", "forwarded", "consumed", "posted")][:4] == [
         "accepted", "forwarded", "consumed", "posted"], out
     assert "stored in" in done.stderr and "terminal_keys.json" in done.stderr
+    assert checked.returncode == 0, checked.stderr
+    assert "version 2 (active: v1)" in checked.stdout and "S002: bus (unchanged)" in checked.stdout, checked.stdout
