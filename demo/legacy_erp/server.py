@@ -219,8 +219,9 @@ def make_server(dsn: str, host: str = "127.0.0.1", port: int = 8081, *,
         raise
 
 
-def serve_until_signalled(server: LegacyErpServer) -> None:
-    """Serve until SIGTERM/SIGINT, let in-flight requests finish, then close.
+def serve_until_signalled(server) -> None:
+    """Serve until SIGTERM/SIGINT, let in-flight requests finish, then close (any of
+    the demo's HTTP servers: they all have `drain` and `url`).
 
     ``shutdown()`` blocks until ``serve_forever`` returns, and the signal
     handler runs on the very thread inside ``serve_forever``: so the handler
@@ -231,7 +232,7 @@ def serve_until_signalled(server: LegacyErpServer) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    sys.stderr.write(f"legacy ERP listening on {server.url}\n")
+    sys.stderr.write(f"{getattr(server, 'name', 'legacy ERP')} listening on {server.url}\n")
     sys.stderr.flush()
     try:
         server.serve_forever()
