@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import sqlite3
 import threading
@@ -42,7 +43,7 @@ def rejects(folder, name):
         return list(csv.reader(f))[1:]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_slow_writer_is_not_read_before_its_marker(files):
     root, _, tap, ledger = files
     folder = root / "drops" / "customers"
@@ -54,15 +55,20 @@ def test_slow_writer_is_not_read_before_its_marker(files):
         assert tap.drain() == [] and ledger.counts_since("customers", "") == {}
         time.sleep(0.2)
     writer.join()
-    time.sleep(0.5)
-    assert tap.drain() == [] and path.exists()
+    # a complete file dropped after it: once that one is archived, the folder was scanned
+    # with the slow file complete, and the slow file, without its marker, was still left alone
+    sentinel = folder / "customers_sentinel.csv"
+    write_customer_export(sentinel, customer_rows(1), marker=False)
+    sentinel_keys = [f"{hashlib.sha256(sentinel.read_bytes()).hexdigest()}:2"]
+    (folder / "customers_sentinel.csv.done").touch()
+    assert wait_for(lambda: "customers_sentinel.csv" in archived(folder), timeout=60)
+    assert tap.drain() == sentinel_keys and path.exists()
     (folder / "customers_slow.csv.done").touch()
-    assert wait_for(lambda: len(tap.drain()) >= 30, timeout=20)
-    time.sleep(0.3)
-    keys = tap.drain()
+    assert wait_for(lambda: sorted(archived(folder)) == ["customers_sentinel.csv", "customers_slow.csv"],
+                    timeout=60)
+    keys = tap.drain()[1:]  # archived after its chunks were confirmed: all of them are in the tap
     assert len(keys) == 30 and len(set(keys)) == 30
     assert sorted(int(k.split(":")[1]) for k in keys) == list(range(2, 32))
-    assert wait_for(lambda: archived(folder) == ["customers_slow.csv"])
 
 
 @pytest.mark.timeout(60)
@@ -105,22 +111,21 @@ def test_reject_file_publishes_nothing(files):
     assert wait_for(lambda: (folder / "error" / "stock_bad.dat").exists())
     assert [(r[0], r[1]) for r in rejects(folder, "stock_bad.dat")][:2] == [
         ("3", "<record>"), ("4", "on_hand")]
-    time.sleep(0.3)
+    assert wait_for(lambda: ledger.counts_since("stock", "") == {"rejected": 1})  # its outcome is final
     assert tap.drain() == []
-    assert ledger.counts_since("stock", "") == {"rejected": 1}
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("count,total,reason", [(3, None, "trailer count"), (None, 99, "control total")])
 def test_wrong_trailer_rejects_the_whole_file(files, count, total, reason):
-    root, _, tap, _ = files
+    root, _, tap, ledger = files
     folder = root / "drops" / "stock"
     lines = [stock_line("S001", f"10000{i}", i) for i in range(1, 3)]
     write_stock_snapshot(folder / "stock_trl.dat", lines, count=count, total=total)
     assert wait_for(lambda: (folder / "error" / "stock_trl.dat").exists())
     report = rejects(folder, "stock_trl.dat")
     assert report[-1][1] == "<file>" and reason in report[-1][3]
-    time.sleep(0.3)
+    assert wait_for(lambda: ledger.counts_since("stock", "") == {"rejected": 1})  # its outcome is final
     assert tap.drain() == []
 
 
@@ -132,8 +137,7 @@ def test_same_content_under_a_new_name_publishes_nothing(files):
     write_stock_snapshot(folder / "stock_a.dat", lines)
     assert wait_for(lambda: len(tap.drain()) == 3)
     write_stock_snapshot(folder / "stock_b.dat", lines)
-    assert wait_for(lambda: "stock_b.dat" in archived(folder))
-    time.sleep(0.3)
+    assert wait_for(lambda: "stock_b.dat" in archived(folder))  # archived only after any publish
     assert len(tap.drain()) == 3
     assert ledger.counts_since("stock", "") == {"done": 1}
 
