@@ -24,7 +24,7 @@ from nameko.extensions import Entrypoint, ProviderCollector, SharedExtension
 
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError, RetailbusError
-from bus import metrics, topology
+from bus import metrics, partitions, topology
 from bus import identity, journal
 from bus import retry as retry_policy
 from bus.constants import (EFFECT_ERRORS, H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
@@ -33,6 +33,7 @@ from bus.extensions import BusConnection, container_settings
 from bus.framing import ack_frame
 from bus.logs import MinuteSummary
 from bus.publisher import OutgoingMessage, PublishError, connect
+from bus.settings import ConfigError
 from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         self._writer: CoalescingWriter | None = None
         self._running = False
         self.ready = Event()
-        self._tags: dict = {}
+        self._tags: dict = {}  # provider -> its consumer tags on the current channel
+        self._queues: dict[str, str] = {}  # consumer tag -> queue
         self._stopping: set = set()
 
     def setup(self):
@@ -154,26 +156,58 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         buffered_reads(conn)
         channel = conn.channel()
         self._conn, self._channel = conn, channel
+        self._queues = {}
         for provider in list(self._providers):
             if provider in self._stopping:
                 continue
             channel.basic_qos(0, self._prefetch(), False)
+            self._tags[provider] = []
+            if provider.partitions > 1:
+                partitions.declare(channel, provider.exchange, provider.event_type, provider.queue,
+                                   provider.partitions, provider.delays, self.settings.queue_type)
+                mine, others = partitions.owned(provider.partitions, partitions.instance())
+                for p in mine:
+                    self._subscribe(channel, provider, partitions.partition_queue(provider.queue, p))
+                self.container.spawn_managed_thread(partial(
+                    self._stand_by, channel, provider,
+                    [partitions.partition_queue(provider.queue, p) for p in others]), identifier="standby")
+                continue
             topology.declare_handler_queues(
                 channel, provider.exchange, provider.event_type, provider.queue,
                 provider.delays, provider.exchange_type, single_active=provider.ordered,
                 queue_type=self.settings.queue_type)
-            self._tags[provider] = channel.basic_consume(
-                provider.queue, callback=partial(self._deliver, provider))
+            self._subscribe(channel, provider, provider.queue)
         metrics.BROKER_CONNECTED.labels("consumer").set(1)
         if not self.ready.ready():
             self.ready.send(True)
         return conn
 
+    def _subscribe(self, channel, provider: "ReliableHandler", queue: str, nowait: bool = False):
+        tag = channel.basic_consume(queue, consumer_tag=f"{queue}-{id(self):x}" if nowait else "",
+                                    callback=partial(self._deliver, provider), nowait=nowait)
+        self._tags[provider].append(tag)
+        self._queues[tag] = queue
+
+    def _stand_by(self, channel, provider: "ReliableHandler", queues: list[str]):
+        """Subscribe to the partitions this process does not own once their owners had
+        time to subscribe first (bus/partitions.py). nowait: only the reader waits for replies."""
+        eventlet.sleep(provider.standby_after)
+        if channel is not self._channel or provider in self._stopping:
+            return  # a new connection stands by afresh
+        for queue in queues:
+            self._subscribe(channel, provider, queue, nowait=True)
+
+    def queue_of(self, message: amqp.Message) -> str | None:
+        """The queue a message was delivered from (one of a partitioned handler's)."""
+        return self._queues.get(message.delivery_info.get("consumer_tag"))
+
     def unregister_provider(self, provider):
         """Stop deliveries for a stopping handler; what it already holds finishes."""
         self._stopping.add(provider)
-        tag, channel = self._tags.pop(provider, None), self._channel
-        if tag is not None and channel is not None:
+        tags, channel = self._tags.pop(provider, []), self._channel
+        for tag in tags:
+            if channel is None:
+                break
             try:
                 channel.basic_cancel(tag, nowait=True)
             except Exception as exc:
@@ -246,6 +280,11 @@ class ReliableHandler(Entrypoint):
         self.delays = list(self.policy.delays)
         if override and override.ordered is not None:
             self.ordered = override.ordered
+        self.partitions = override.partitions if override else 1
+        self.standby_after = override.standby_after if override else 0.0
+        if self.partitions > 1 and not self.ordered:
+            raise ConfigError(f"RETAILBUS.handlers.{key}.partitions: only an ordered handler is partitioned "
+                              "(partitions keep each store's order; an unordered queue scales by more consumers)")
         self._seconds = metrics.HANDLER_SECONDS.labels(self.queue)
         self._consumed = {outcome: metrics.CONSUMED.labels(self.queue, outcome)
                           for outcome in ("ok", "duplicate", "retried", "dead_lettered")}
@@ -368,13 +407,14 @@ class ReliableHandler(Entrypoint):
     def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None):
         headers = dict(message.properties.get("application_headers") or {})
         attempts = attempts or int(headers.get(H_ATTEMPTS, 0)) + 1
+        queue = self.consumer.queue_of(message) or self.queue  # a partition's own retries and DLQ
         now = datetime.now(timezone.utc).isoformat()
         headers.update({
             H_ATTEMPTS: attempts,
             H_ERROR: f"{exc}"[:2000],
             H_ERROR_TYPE: type(exc).__name__,
             H_LAST_FAILURE: now,
-            H_QUEUE: self.queue,
+            H_QUEUE: queue,
         })
         headers.setdefault(H_FIRST_FAILURE, now)
         headers.setdefault(H_EXCHANGE, message.delivery_info.get("exchange", ""))
@@ -383,9 +423,9 @@ class ReliableHandler(Entrypoint):
         if user := identity.sender(message):
             headers[H_USER] = user
         if retry and attempts <= len(self.delays):
-            target, outcome = topology.retry_queue(self.queue, self.delays[attempts - 1]), "retried"
+            target, outcome = topology.retry_queue(queue, self.delays[attempts - 1]), "retried"
         else:
-            target, outcome = topology.dead_letter_queue(self.queue), "dead_lettered"
+            target, outcome = topology.dead_letter_queue(queue), "dead_lettered"
         props = message.properties
         copy = OutgoingMessage(
             exchange=topology.FAILED_EXCHANGE, routing_key=target, body=message.body,

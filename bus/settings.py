@@ -92,6 +92,14 @@ class HandlerSettings(Strict):
         "exception classes (name or module.Name, matched along the MRO) parked at once; "
         "replaces RETAILBUS.retry.not_retried for this handler"))
     ordered: bool | None = None
+    partitions: int = Field(1, ge=1, le=64, description=(
+        "ordered handlers: K > 1 splits the handler's queue into K queues by store (RabbitMQ's "
+        "consistent-hash exchange on x-retailbus-store), each with a single active consumer, so "
+        "K processes post in parallel and each store stays in order; change K only with the "
+        "queues drained (a store may move to another queue)"))
+    standby_after: float = Field(10.0, ge=0, description=(
+        "seconds a process of a partitioned handler waits before it stands by for the partitions "
+        "it does not own (it takes one over at once when its owner dies)"))
 
 
 class DlqSettings(Strict):
@@ -205,6 +213,9 @@ class RetentionSettings(Strict):
 class ServiceSettings(Strict):
     module: str
     metrics_port: int | None = None
+    processes: int = Field(1, ge=1, le=64, description=(
+        "processes `retailbus up` runs; process i (from 0) of N owns the partitions p with "
+        "p % N == i of its partitioned handlers and serves its metrics on metrics_port + 100 * i"))
 
 
 class RetailbusSettings(Strict):

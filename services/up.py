@@ -20,6 +20,8 @@ from pathlib import Path
 from services.broker import users as broker_users
 from services.broker.node import ManagedBroker
 from services.broker.cluster import BrokerCluster
+from bus import partitions
+from bus.metrics_http import ENV_PORT
 from bus.settings import RetailbusSettings, load_config, retailbus_settings
 
 log = logging.getLogger("retailbus.up")
@@ -33,6 +35,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     health_url: str | None = None
+    component: str | None = None  # whose broker user it runs as (default: its name)
     process: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -120,7 +123,8 @@ class Supervisor:
         # which open HTTP connections per request, keep it.
         service_env = {"EVENTLET_NO_GREENDNS": "yes", **env}
         for name, service in s.services.items():
-            children.append(Child(name, nameko + [service.module], service_env))
+            children += self._instances(name, nameko + [service.module], service_env, service.processes,
+                                        service.metrics_port)
         for store in s.stores:
             children.append(Child(
                 f"store-agent-{store.id}", nameko + ["routing.store_agent"],
@@ -128,13 +132,23 @@ class Supervisor:
                 health_url=f"http://{store.http}/healthz"))
         own_users = False
         for child in children:  # its own broker user once `retailbus broker users` made one
-            own = broker_users.own_uri(s, uri, child.name)
+            own = broker_users.own_uri(s, uri, child.component or child.name)
             if own:
                 child.env = {**child.env, "RETAILBUS_AMQP_URI": own}
                 own_users = True
         if own_users:  # they may not declare: the bus's own user does, before they start
             broker_users.declare_topology(uri, broker_users.components(s, self.config), s.queue_type)
         return children
+
+    @staticmethod
+    def _instances(name: str, argv: list[str], env: dict, processes: int, metrics_port: int | None) -> list[Child]:
+        """`processes` copies of a service; each knows which one it is (its partitions,
+        bus/partitions.py) and serves its metrics on a port of its own."""
+        if processes == 1:
+            return [Child(name, argv, env)]
+        return [Child(f"{name}-{i}", argv, {**env, partitions.ENV_INSTANCE: f"{i}/{processes}",
+                                            **({ENV_PORT: str(metrics_port + 100 * i)} if metrics_port else {})},
+                      component=name) for i in range(processes)]
 
     def _announce(self, timeout: float = 60.0):
         deadline = time.monotonic() + timeout

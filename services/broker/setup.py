@@ -17,7 +17,8 @@ from pathlib import Path
 from bus.broker_uri import CREDENTIALS_FILE, BrokerError, Credentials, load_credentials  # noqa: F401  (re-exported)
 
 RABBITMQ_BIN = Path(os.environ.get("RETAILBUS_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
-PLUGINS = ["rabbitmq_management"]
+# consistent hash: a partitioned handler's sales go to one of its queues by store (bus/partitions.py)
+PLUGINS = ["rabbitmq_management", "rabbitmq_consistent_hash_exchange"]
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from nameko.rpc import Rpc, get_rpc_exchange
 
 from routing import broker_user
 from services.broker.setup import write_private
-from bus import topology
+from bus import partitions, topology
 from bus.broker_uri import with_user
 from bus.settings import RetailbusSettings
 
@@ -63,7 +63,8 @@ class Access:
     """What a component does on the broker: regex fragments per permission, per
     topic exchange the routing keys it publishes (`topic_write`) and binds
     (`topic_read`), and what the privileged setup declares for it (`declares`:
-    ("exchange", name, type) and ("handler", exchange, type, key, queue, delays, ordered))."""
+    ("exchange", name, type), ("handler", exchange, type, key, queue, delays, ordered) and
+    ("partitioned", exchange, key, queue, partitions, delays))."""
 
     configure: set[str] = field(default_factory=set)
     write: set[str] = field(default_factory=set)
@@ -133,8 +134,21 @@ def _reliable_handler(ext, service: str, config: dict) -> Access:
     queue = (ext._queue.format(**config) if ext._queue else
              topology.handler_queue(ext.source_service, ext.event_type, service, ext.method_name))
     delays, ordered = _retry_delays(service, ext.method_name, config)
+    parts = _partitions(service, ext.method_name, config)
+    if parts > 1:  # its K queues by store (bus/partitions.py) instead of the one
+        access = _handler_queues(exchange, ext.exchange_type, [], queue, delays, True)
+        access.read = {lit(q) for q in partitions.partition_queues(queue, parts)}
+        access.declares = {("partitioned", exchange, ext.event_type, queue, parts, tuple(delays))}
+        return access
     return _handler_queues(exchange, ext.exchange_type, [ext.event_type], queue, delays,
                            ext.ordered if ordered is None else ordered)
+
+
+def _partitions(service: str, method: str, config: dict) -> int:
+    from bus.settings import retailbus_settings
+
+    override = retailbus_settings(config).handlers.get(f"{service}.{method}")
+    return override.partitions if override else 1
 
 
 def _batch_file_consumer(ext, service: str, config: dict) -> Access:
@@ -324,6 +338,9 @@ def declare_topology(uri: str, found: list[Component], queue_type: str, connect_
                 topology.declare_exchange(channel, args[0], args[1])
             elif kind == "queue":
                 topology.declare_queue(channel, args[0], queue_type)
+            elif kind == "partitioned":
+                exchange, key, queue, parts, delays = args
+                partitions.declare(channel, exchange, key, queue, parts, list(delays), queue_type)
             else:
                 exchange, exchange_type, key, queue, delays, ordered = args
                 topology.declare_handler_queues(channel, exchange, key, queue, list(delays), exchange_type,

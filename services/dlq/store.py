@@ -26,7 +26,7 @@ import amqp
 from nameko.cli.run import import_service
 from nameko.extensions import ENTRYPOINT_EXTENSIONS_ATTR
 
-from bus import topology
+from bus import partitions, topology
 from bus.constants import (H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE, H_LAST_FAILURE,
                            H_QUEUE, H_ROUTING_KEY, H_USER)
 from bus.consumer import ReliableHandler
@@ -50,9 +50,11 @@ def handler_queues(config: dict, settings: RetailbusSettings) -> list[str]:
             for method_name, method in inspect.getmembers(cls, inspect.isfunction):
                 for entrypoint in getattr(method, ENTRYPOINT_EXTENSIONS_ATTR, ()):
                     if isinstance(entrypoint, ReliableHandler):
-                        queues.add(entrypoint._queue.format(**values) if entrypoint._queue else
-                                   topology.handler_queue(entrypoint.source_service, entrypoint.event_type,
-                                                          cls.name, method_name))
+                        queue = (entrypoint._queue.format(**values) if entrypoint._queue else
+                                 topology.handler_queue(entrypoint.source_service, entrypoint.event_type,
+                                                        cls.name, method_name))
+                        handler = settings.handlers.get(f"{cls.name}.{method_name}")
+                        queues.update(partitions.partition_queues(queue, handler.partitions if handler else 1))
     return sorted(queues)
 
 
