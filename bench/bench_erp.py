@@ -233,7 +233,7 @@ def main():
     args = parser.parse_args()
     backends = args.backends.split(",")
     sales = [sale(n, args.stores) for n in range(args.sales)]
-    figures: dict = {"sales": args.sales, "stores": args.stores, "raw_commit_every": args.commit_every, "stock_rows": args.stock_rows, "runs": args.runs, "goals": GOALS}
+    figures: dict = {"bench": "erp", "sales": args.sales, "stores": args.stores, "raw_commit_every": args.commit_every, "stock_rows": args.stock_rows, "runs": args.runs, "goals": GOALS}
     with tempfile.TemporaryDirectory(prefix="retailbus-bench-erp-") as tmp, bench_broker(args.amqp_uri) as (uri, _):
         home = Path(tmp)
         cluster = PostgresCluster().start() if "postgresql" in backends else None
@@ -267,6 +267,8 @@ def main():
                 for name, value in (("sales_per_s", f["sales_per_s"]), ("sales_ratio", f["sales_ratio"]),
                                     ("cdc_rows_per_s", f["cdc_rows_per_s"])):
                     print(f"  goal {name} >= {GOALS[name]}: {'met' if value >= GOALS[name] else 'MISSED'}")
+            figures["goals_met"] = {f"{kind}.{name}": figures[kind][name] >= target
+                                    for kind in backends for name, target in GOALS.items()}
             figures["peak_rss_kib"] = peak_rss_kib()
             figures["environment"] = environment(uri)
         finally:

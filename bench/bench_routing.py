@@ -1,7 +1,7 @@
 """Routing cost: the per-message decision, and a store agent in legacy mode versus
 the POS calling the legacy ERP directly (the raw baseline, same run).
 
-    python -m bench.bench_routing [--amqp-uri URI] [--sales 500] [--runs 3]
+    python bench/bench_routing.py [--amqp-uri URI] [--sales 500] [--runs 3]
 
 Goals: decision < 5 us per message; agent p50 overhead in legacy mode < 2 ms.
 
@@ -25,13 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from bench.common import bench_broker, emit_json, environment, median, peak_rss_kib, process_hwm_kib
-from routing.route_table import parse_route_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.common import (bench_broker, cpu_seconds, emit_json, environment, median,  # noqa: E402
+                          peak_rss_kib, process_hwm_kib, wait_http)
+from routing.route_table import parse_route_table  # noqa: E402
 
 GOALS = {"decision_us": 5.0, "legacy_p50_overhead_ms": 2.0}
 REPO = Path(__file__).resolve().parents[1]
@@ -95,23 +96,6 @@ def p50s_ms(paths: dict[str, tuple[int, bool]], first: int, count: int) -> dict[
     return {name: sorted(s)[len(s) // 2] * 1000 for name, s in seconds.items()}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used (Linux /proc), for CPU per sale."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def start_estate(home: Path, uri: str, erp_port: int, agent_port: int) -> list[subprocess.Popen]:
     shipped = yaml.safe_load((REPO / "config" / "bus.yaml").read_text())
     config = {k: v for k, v in shipped.items() if k not in ("RETAILBUS", "LOGGING")}
@@ -159,7 +143,7 @@ def main():
     print(f"decision: raw dict lookup {raw_us:.3f} us, RouteTable.decide {ours_us:.3f} us "
           f"(x{ours_us / raw_us:.1f}); goal < {GOALS['decision_us']} us: "
           f"{'met' if ours_us < GOALS['decision_us'] else 'MISSED'}", flush=True)
-    figures: dict = {"runs": args.runs, "sales": args.sales, "goals": GOALS, "raw_decision_us": raw_us,
+    figures: dict = {"bench": "routing", "runs": args.runs, "sales": args.sales, "goals": GOALS, "raw_decision_us": raw_us,
                      "decision_us": ours_us, "decision_ratio": ours_us / raw_us}
     with tempfile.TemporaryDirectory(prefix="retailbus-bench-routing-") as tmp, \
             bench_broker(args.amqp_uri) as (uri, _):
@@ -195,6 +179,7 @@ def main():
                        latency_ratio=p50["agent"] / p50["direct_quickack"], agent_cpu_ms_per_sale=agent_cpu_ms,
                        runs_ms={name: [r[name] for r in runs] for name in paths}, peak_rss_kib=peak_rss_kib(),
                        environment=environment(uri))
+    figures["goals_met"] = {name: figures[name] < GOALS[name] for name in GOALS}
     emit_json(figures)
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
+import os
 import platform
 import resource
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import amqp
@@ -78,6 +81,30 @@ def sample_events(n: int) -> list[CloudEvent]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The nearest-rank p-th percentile (p in 0..100) of `values`."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (Linux /proc), for CPU per sale."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    """Until `url` answers (a process we started is up), else RuntimeError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout:.0f}s")
 
 
 def peak_rss_kib() -> int:
