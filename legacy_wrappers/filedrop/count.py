@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from legacy_wrappers.filedrop.records import Digests
 
 BLOCK = 1 << 20
 # Every ASCII character is its one byte, and no byte of another character is an ASCII byte.
@@ -35,6 +36,7 @@ class QuickCount:
     last: str
     marked: int  # lines that start with the trailer prefix (counted conservatively: maybe more)
     line_end: str  # every line's: "\n" or "\r\n"
+    marks: list[bytes] = field(default_factory=list)  # Digests.marks: what pass 2 checks its reads by
 
 
 def quick_count(binary, encoding: str, quotechar: str | None, trailer_prefix: str | None) -> QuickCount | None:
@@ -42,7 +44,7 @@ def quick_count(binary, encoding: str, quotechar: str | None, trailer_prefix: st
     for any other (the caller then counts it exactly, from the start again)."""
     if codecs.lookup(encoding).name not in ASCII_SAFE:
         return None
-    digest = hashlib.sha256()
+    digest = Digests()
     decoder = codecs.getincrementaldecoder(encoding)()
     quote = quotechar.encode(encoding) if quotechar else None
     marker = b"\n" + trailer_prefix.encode(encoding) if trailer_prefix else None
@@ -91,7 +93,8 @@ def quick_count(binary, encoding: str, quotechar: str | None, trailer_prefix: st
     end = tail[:-2] if tail.endswith(b"\r\n") else tail[:-1] if tail.endswith(b"\n") else tail
     first, second = head.split(b"\n", 2)[:2]
     return QuickCount(digest.hexdigest(), size, lines, _text(first, encoding), _text(second, encoding),
-                      _text(end[end.rfind(b"\n") + 1:], encoding), marked, "\r\n" if crs else "\n")
+                      _text(end[end.rfind(b"\n") + 1:], encoding), marked, "\r\n" if crs else "\n",
+                      digest.marks)
 
 
 def _read(binary) -> bytes:

@@ -7,12 +7,15 @@ a file seen before (same sha256) publishes nothing, so the hash must be known
 before the first row leaves: pass 1 streams the file for its sha256, its
 header/trailer and record count, and validates every row only when the
 outcome depends on it (`reject_file`, or a trailer control total); otherwise
-it is a cheap hashing count. Pass 2 streams it again, validates, writes the
-reject report and hands rows to the service method in chunks of up to
-`chunk_rows`, `inflight_chunks` at a time; the ledger checkpoints the
+it is a cheap hashing count. Pass 2 streams the same open file again (never
+the name: it may hold another file by then), reading only bytes that match
+what pass 1 hashed (records.VerifiedReader), validates, writes the reject
+report and hands rows to the service method in chunks of up to `chunk_rows`,
+`inflight_chunks` at a time; the ledger checkpoints the last row of the
 contiguous chunks confirmed (once per `inflight_chunks` of them), so a killed
-wrapper resumes after the last checkpoint (the chunks confirmed since and those
-in flight at the kill are sent again; consumers drop them by row key).
+wrapper resumes after that row, whatever the chunk size or the layout are by
+then (the rows confirmed since and those in flight at the kill are sent again;
+consumers drop them by row key).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import fnmatch
 import logging
 import os
 import time
+from bisect import bisect_right
 
 import eventlet
 from collections import deque
@@ -35,7 +39,7 @@ from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop import metrics
 from legacy_wrappers.filedrop.files import RefusedFileError, archive_folder, move_unique, open_regular
-from legacy_wrappers.filedrop.layout import FileProblemError, Layout
+from legacy_wrappers.filedrop.layout import FileProblemError, Layout, Outcome
 from legacy_wrappers.filedrop.ledger import Ledger, identity
 from legacy_wrappers.filedrop.rowcode import GoodRows
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
@@ -226,10 +230,14 @@ class FileDrop(Entrypoint):
             st = os.lstat(self.folder / name)
             log.error("file drop %s: cannot read %s: %s", self.drop, name, exc.strerror)
             return self._refuse(name, identity(st), f"{name} cannot be read: {exc.strerror}", "unreadable")
+        with f:  # both passes read this descriptor: the file pass 1 hashed, whatever the name holds later
+            self._take(name, f, st)
+
+    def _take(self, name: str, f, st):
         rejects = self.work / f"{name}.rejects.csv"
         validate = self.layout.needs_validation_first
         try:
-            with f, _RejectReport(rejects) as report:
+            with _RejectReport(rejects) as report:
                 outcome = self.layout.scan(f, None, report.add if validate else None, validate=validate)
         except FileProblemError as exc:
             return self._reject(name, st, None, str(exc), rejects)
@@ -247,7 +255,7 @@ class FileDrop(Entrypoint):
             return self._reject(name, st, outcome, f"{outcome.bad_rows} bad rows", rejects)
         record = self.ledger.begin(self.drop, outcome.sha256, name, outcome.records, outcome.bad_rows)
         try:
-            final = self._publish(name, outcome.sha256, record["CHUNKS_DONE"], rejects, outcome.line_end)
+            final = self._publish(name, f, outcome, record["ROWS_DONE"], rejects)
         except (ChunkFailedError, OSError, FileProblemError) as exc:
             return self._failed(name, st, outcome, record["ATTEMPTS"], str(exc))
         if final.bad_rows:
@@ -263,45 +271,50 @@ class FileDrop(Entrypoint):
                  final.bad_rows, extra={"id": outcome.sha256, "outcome": "done"})
         self._archive(name, st)
 
-    def _publish(self, name: str, sha256: str, chunks_done: int, rejects: Path, line_end: str | None):
-        """Pass 2: validated rows to the service method in chunks, `inflight_chunks` at a
-        time, checkpointed in order; bad rows to the reject report. Returns the pass's Outcome.
-        `line_end`: pass 1 found a plain file, which pass 2 reads on blocks (layout.py)."""
-        inflight: deque[tuple[int, Event]] = deque()
-        index = 0
+    def _publish(self, name: str, f, first: Outcome, rows_done: int, rejects: Path):
+        """Pass 2 over `f`, checked against pass 1's Outcome `first`: validated rows after
+        row `rows_done` to the service method in chunks, `inflight_chunks` at a time,
+        checkpointed in order; bad rows to the reject report. Returns the pass's Outcome.
+        A plain file (pass 1 found its `line_end`) is read on blocks (layout.py)."""
+        sha256 = first.sha256
+        inflight: deque[tuple[int, int, Event]] = deque()  # (chunk index, its last row, done)
+        index = settled = 0
         window = self.cfg.inflight_chunks
 
         def settle_oldest():
-            settled, done = inflight.popleft()
+            nonlocal settled
+            chunk_index, last_row, done = inflight.popleft()
             error = done.wait()
             if error is not None:
-                raise ChunkFailedError(f"chunk {settled} failed: {error}")
-            if (settled + 1) % window == 0:  # a ledger transaction per window: a restart
-                self.ledger.checkpoint(self.drop, sha256, settled + 1)  # sends two windows again at most
+                raise ChunkFailedError(f"chunk {chunk_index} (rows up to {last_row}) failed: {error}")
+            settled += 1
+            if settled % window == 0:  # a ledger transaction per window: a restart
+                self.ledger.checkpoint(self.drop, sha256, last_row)  # sends two windows again at most
 
         def submit(rows, doubtful):
             nonlocal index
+            if rows.numbers[-1] <= rows_done:
+                return  # confirmed before a restart
+            if rows.numbers[0] <= rows_done:
+                rows.cut(bisect_right(rows.numbers, rows_done))  # the head was confirmed before
+                doubtful = [n for n in doubtful if n > rows_done]
             chunk = RowChunk(self.drop, name, sha256, index, rows, doubtful)
             index += 1
-            if chunk.index < chunks_done:
-                return  # confirmed before a restart
             while len(inflight) >= window:
                 settle_oldest()
             done = Event()
             self.container.spawn_worker(self, (chunk,), {}, context_data={"correlation_id": sha256},
                                         handle_result=_settles(done))
-            inflight.append((chunk.index, done))
+            inflight.append((chunk.index, rows.numbers[-1], done))
             # The worker runs now, not once the window is full: the chunk becomes its message
             # (and its rows are freed) while fresh, and the broker gets chunks steadily, not
             # in bursts of a window (1M rows: ~-4 MiB peak RSS, ~-20 % wall time).
             eventlet.sleep(0)
 
-        f, _ = open_regular(self.folder, name)
-        with f, _RejectReport(rejects) as report:
-            again = self.layout.scan(f, submit, report.add, batch=self.cfg.chunk_rows, line_end=line_end,
-                                     key_prefix=f"{sha256}:")
-        if again.sha256 != sha256:
-            raise FileProblemError("the file changed while it was being read")
+        f.seek(0)
+        with _RejectReport(rejects) as report:
+            again = self.layout.scan(f, submit, report.add, batch=self.cfg.chunk_rows, line_end=first.line_end,
+                                     key_prefix=f"{sha256}:", expect=first)
         while inflight:
             settle_oldest()
         return again
@@ -312,6 +325,14 @@ class FileDrop(Entrypoint):
         self._move(name, st, archive_folder(self.folder))
 
     def _move(self, name: str, st, folder: Path):
+        try:
+            now = os.lstat(self.folder / name)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            log.warning("file drop %s: %s was replaced or removed while it was read; a new file "
+                        "there is taken on its own", self.drop, name, extra={"outcome": "replaced"})
+            return
         try:
             move_unique(self.folder / name, folder)
             marker = self.folder / (name + self.cfg.completion.marker_suffix)

@@ -21,7 +21,6 @@ time, with no Python per row (columns.py).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +29,8 @@ from typing import Callable
 from legacy_wrappers.filedrop.columns import column_function
 from legacy_wrappers.filedrop.config import DropIn, FieldSpec
 from legacy_wrappers.filedrop.count import quick_count
-from legacy_wrappers.filedrop.records import FileProblemError, HashingReader, blocks, plain_csv_blocks, records
+from legacy_wrappers.filedrop.records import (Digests, FileProblemError, HashingReader, VerifiedReader, blocks,
+                                              plain_csv_blocks, records)
 from legacy_wrappers.filedrop.rowcode import GoodRows, day, json_text, row_function
 
 RECORD = "<record>"  # the column name a whole-record problem is reported under
@@ -77,6 +77,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     # A plain file's line end (pass 1 read it on blocks, count.py): pass 2 may read it on blocks too.
     line_end: str | None = field(default=None, compare=False)
+    marks: list[bytes] = field(default_factory=list, compare=False)  # records.Digests.marks
 
 
 class Layout:
@@ -148,7 +149,7 @@ class Layout:
         return lambda rec: rec.startswith(prefix)
 
     def scan(self, binary, on_rows=None, on_bad=None, validate: bool = True, batch: int = 500,
-             line_end: str | None = None, key_prefix: str = "") -> Outcome:
+             line_end: str | None = None, key_prefix: str = "", expect: Outcome | None = None) -> Outcome:
         """Read `binary` once: `on_rows(rows, doubtful)` per `batch` good rows (the last
         may be fewer): `GoodRows` whose items are `{"row", "idempotencykey": key_prefix
         + row, "data": values}` as JSON text, and `doubtful` the numbers of those rows
@@ -161,6 +162,8 @@ class Layout:
         plain file as blocks of bytes (count.py); any other file from the start
         again. `line_end`: the file is a plain CSV file with these line ends (the
         first pass's `Outcome.line_end`), read as blocks of text (`records.plain_csv_blocks`).
+        `expect`: the first pass's Outcome; no byte is read that differs from what it hashed
+        (`records.VerifiedReader`: FileChangedError instead).
         """
         if not validate and on_rows is None:
             out = self._quick_scan(binary)
@@ -168,8 +171,8 @@ class Layout:
                 return out
             binary.seek(0)
         out = Outcome()
-        digest = hashlib.sha256()
-        raw = HashingReader(binary, digest)
+        raw = VerifiedReader(binary, expect.sha256, expect.marks) if expect else HashingReader(binary, Digests())
+        digest = raw.digest
         text = io.TextIOWrapper(io.BufferedReader(raw, 1 << 16), encoding=self.drop.encoding, newline="")
         header, trailer = self.drop.header, self.drop.trailer
         is_header = self._control(header.prefix if header else None)
@@ -238,7 +241,7 @@ class Layout:
             out.problems.append("trailer record missing")
         if header is not None:
             out.problems.append("header record missing")
-        out.sha256, out.bytes = digest.hexdigest(), raw.bytes
+        out.sha256, out.bytes, out.marks = digest.hexdigest(), raw.bytes, digest.marks
         return out
 
     def _quick_scan(self, binary) -> Outcome | None:
@@ -262,7 +265,7 @@ class Layout:
         has_header = header is not None and self._control(header.prefix)(first)
         held = trailer is not None and is_trailer(last)
         out = Outcome(sha256=q.sha256, bytes=q.bytes, records=q.lines - column_names - has_header - held,
-                      line_end=q.line_end if csv_format else None)
+                      line_end=q.line_end if csv_format else None, marks=q.marks)
         if held:
             self._check_trailer(out, last, False)
         elif trailer is not None:

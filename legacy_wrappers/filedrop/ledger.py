@@ -2,9 +2,11 @@
 
 Camel's default idempotent repository forgets after 1,000 names and lives in
 memory; this one is keyed by content (sha256), survives restarts, and holds the
-per-chunk checkpoint that lets a killed wrapper resume where it stopped. It
-also remembers files it must not look at again (could not be moved, refused,
-unreadable) by their identity on disk, so nothing is re-read in a loop.
+checkpoint that lets a killed wrapper resume where it stopped: the last row
+number confirmed, not a count of chunks (the chunk size or the layout may
+change before the resume). It also remembers files it must not look at again
+(could not be moved, refused, unreadable) by their identity on disk, so
+nothing is re-read in a loop.
 
 It is our own checkpoint store in one local SQLite file, not a legacy
 database, so it speaks stdlib `sqlite3` (parameterised statements only):
@@ -26,8 +28,10 @@ SCHEMA = (
         "DROP_NAME" VARCHAR(60) NOT NULL, "SHA256" VARCHAR(64) NOT NULL,
         "NAME" VARCHAR(255) NOT NULL,
         "STATE" VARCHAR(12) NOT NULL,  -- in_progress, done, rejected, failed
-        "ROWS" INTEGER NOT NULL, "BAD_ROWS" INTEGER NOT NULL, "CHUNKS_DONE" INTEGER NOT NULL,
+        "ROWS" INTEGER NOT NULL, "BAD_ROWS" INTEGER NOT NULL,
+        "CHUNKS_DONE" INTEGER NOT NULL,  -- no longer read: ledgers from before ROWS_DONE keep it
         "ATTEMPTS" INTEGER NOT NULL, "REASON" VARCHAR(2000), "UPDATED_TS" VARCHAR(32) NOT NULL,
+        "ROWS_DONE" INTEGER NOT NULL DEFAULT 0,  -- every row numbered up to this one was confirmed
         PRIMARY KEY ("DROP_NAME", "SHA256"))""",
     """CREATE TABLE IF NOT EXISTS "FD_SEEN" (
         "DROP_NAME" VARCHAR(60) NOT NULL, "NAME" VARCHAR(255) NOT NULL,
@@ -72,6 +76,9 @@ class Ledger:
         with self._write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)
+            if "ROWS_DONE" not in {c["name"] for c in conn.execute('PRAGMA table_info("FD_FILE")')}:
+                # a file in progress in an older ledger starts again from its first row
+                conn.execute('ALTER TABLE "FD_FILE" ADD COLUMN "ROWS_DONE" INTEGER NOT NULL DEFAULT 0')
 
     def close(self):
         with self._lock:
@@ -116,10 +123,11 @@ class Ledger:
             return dict(conn.execute('SELECT * FROM "FD_FILE" WHERE "DROP_NAME" = ? AND "SHA256" = ?',
                                      key).fetchone())
 
-    def checkpoint(self, drop: str, sha256: str, chunks_done: int):
+    def checkpoint(self, drop: str, sha256: str, rows_done: int):
+        """Every row of the file numbered up to `rows_done` is confirmed."""
         with self._write() as conn:
-            conn.execute('UPDATE "FD_FILE" SET "CHUNKS_DONE" = ?, "UPDATED_TS" = ? '
-                         'WHERE "DROP_NAME" = ? AND "SHA256" = ?', (chunks_done, _now(), drop, sha256))
+            conn.execute('UPDATE "FD_FILE" SET "ROWS_DONE" = ?, "UPDATED_TS" = ? '
+                         'WHERE "DROP_NAME" = ? AND "SHA256" = ?', (rows_done, _now(), drop, sha256))
 
     def finish(self, drop: str, sha256: str, name: str, state: str, reason: str | None = None,
                rows: int | None = None, bad_rows: int | None = None):

@@ -6,10 +6,17 @@ it; quoted lines, which may span lines, still go through `csv.reader`), and
 records reach the row loop in blocks. A file the first pass found plain
 (count.py) is read in pass 2 as blocks of text split at its line end, without
 a test or a generator step per line: the row loop splits each line itself.
+
+Pass 2 must read the very bytes pass 1 hashed: its rows go out keyed by pass
+1's sha256. Pass 1 notes the digest of every prefix that ends on a SEGMENT
+boundary (`Digests`); pass 2 reads a segment ahead and hands a segment on only
+once the digest up to its end is the one noted (`VerifiedReader`), so a file
+rewritten or replaced in between fails before any of its new rows is read.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from itertools import islice
 
@@ -19,14 +26,42 @@ from legacy_wrappers.filedrop.rowcode import json_safe
 
 TEXT_BLOCK = 1 << 16  # characters a plain file's pass 2 reads at a time
 RECORD_BLOCK = 512  # records of any other file handed to the row function at a time
+SEGMENT = 1 << 20  # bytes pass 2 checks against pass 1's digests before reading any of them
 
 
 class FileProblemError(RetailbusError):
     """The file as a whole cannot be taken (undecodable, bad trailer, ...)."""
 
 
+class FileChangedError(FileProblemError):
+    """The file's bytes differ from those its first pass hashed: it is taken again later."""
+
+
+class Digests:
+    """The sha256 of a stream, and in `marks` that of each of its prefixes ending on a
+    SEGMENT boundary (a copy of the running digest there: no second pass over the bytes)."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+        self.marks: list[bytes] = []
+
+    def update(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            part = view[:SEGMENT - self.bytes % SEGMENT]
+            self._sha.update(part)
+            self.bytes += len(part)
+            if self.bytes % SEGMENT == 0:
+                self.marks.append(self._sha.copy().digest())
+            view = view[len(part):]
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
 class HashingReader(io.RawIOBase):
-    """A binary file read through, every byte fed to `digest` and counted."""
+    """A binary file read through, every byte fed to `digest` (a Digests) and counted."""
 
     def __init__(self, raw, digest):
         self._raw, self.digest, self.bytes = raw, digest, 0
@@ -40,6 +75,46 @@ class HashingReader(io.RawIOBase):
             self.digest.update(memoryview(buffer)[:n])
             self.bytes += n
         return n
+
+
+class VerifiedReader(io.RawIOBase):
+    """`raw` read a SEGMENT ahead: a segment is handed on once the digest of everything up
+    to its end is pass 1's mark there (the last one: pass 1's sha256), else
+    FileChangedError. `digest` and `bytes` as HashingReader's, for the pass's Outcome."""
+
+    def __init__(self, raw, sha256: str, marks: list[bytes]):
+        self._raw, self._sha256, self._marks = raw, sha256, marks
+        self.digest = Digests()
+        self.bytes = 0
+        self._segment_buffer = memoryview(bytearray(SEGMENT))  # refilled once what it holds is read
+        self._ready = memoryview(b"")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self._ready:
+            self._ready = self._segment()
+        n = min(len(buffer), len(self._ready))
+        buffer[:n] = self._ready[:n]
+        self._ready = self._ready[n:]
+        self.bytes += n
+        return n
+
+    def _segment(self) -> memoryview:
+        buffer, n = self._segment_buffer, 0
+        while n < SEGMENT and (more := self._raw.readinto(buffer[n:])):
+            n += more
+        self.digest.update(buffer[:n])
+        if n == SEGMENT:
+            k = len(self.digest.marks)
+            same = k <= len(self._marks) and self.digest.marks[-1] == self._marks[k - 1]
+        else:  # the end
+            same = self.digest.hexdigest() == self._sha256
+        if not same:
+            raise FileChangedError(f"the file changed after it was hashed (in the {SEGMENT >> 20} MiB "
+                                   f"from byte {self.digest.bytes - n}): nothing more is read")
+        return buffer[:n]
 
 
 def records(drop: DropIn, text):

@@ -52,7 +52,9 @@ def batch_event(chunk: RowChunk, source: str) -> tuple[CloudEvent, dict]:
     event_id = str(ULID())
     event = AssembledEvent.model_construct(
         id=event_id, source=source, type=EventBatchV1.TYPE, time=datetime.now(UTC), subject=model.TYPE,
-        data=batch, correlationid=event_id, idempotencykey=f"{chunk.sha256}:chunk:{chunk.index}")
+        data=batch, correlationid=event_id,
+        # by its rows, not its index: a resumed file's chunks are cut afresh (inbound.py)
+        idempotencykey=f"{chunk.sha256}:rows:{rows.numbers[0]}-{rows.numbers[-1]}")
     return event, trace
 
 

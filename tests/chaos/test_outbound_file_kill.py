@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import amqp
@@ -16,10 +17,11 @@ import pytest
 from bus import topology
 from bus.extensions import event_message
 from bus.publisher import ConfirmingPublisher, connection_params
+from contracts.envelope import CloudEvent
+from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from demo.batch.jobs import read_points_files
 from tests.integration.filedrop_support import write_drops
 from tests.integration.support import nameko_run, queue_state, stop, wait_for, write_config
-from tests.integration.test_filedrop_recovery import posted
 
 pytestmark = pytest.mark.chaos
 
@@ -88,6 +90,15 @@ main()
 """
 
 STEPS = ["temp_written", "fsynced", "pending", "renamed", "marker", "ledger_written"]
+
+
+def posted(i: int) -> CloudEvent:
+    """The i-th posted sale (every fifth a return): one loyalty points record each."""
+    cls = ErpReturnPostedV1 if i % 5 == 0 else ErpSalePostedV1
+    doc = cls(store_id="S001", pos_txn_id=f"T{i:05d}", doc_no=f"D{i:05d}", business_day=date(2026, 11, 27),
+              posted_at=datetime.now(timezone.utc), currency="EUR", total_minor=1000 + i,
+              loyalty_card=f"LC{i:010d}", lines=[{"sku": "100001", "quantity": 1, "line_total_minor": 1000 + i}])
+    return CloudEvent.new(cls.TYPE, "erp", doc, idempotencykey=f"{cls.TYPE}:{i}")
 
 
 def delete_queue(uri: str) -> None:

@@ -23,7 +23,7 @@ from bus.publisher import ConfirmingPublisher
 from bus.consumer import reliable_handler
 from legacy_wrappers.legacy_db import LegacyDatabase
 from legacy_wrappers import inbox
-from services.erp.customers import on_file_rows
+from services.erp import file_rows
 from tests.integration.filedrop_support import Tap, write_drops
 from tests.integration.support import nameko_run, stop, wait_for, write_config
 
@@ -40,7 +40,7 @@ class CustomerSink:
 
     @reliable_handler("files", "event.batch.v1")
     def on_rows(self, batch, event):
-        return on_file_rows(self.db.conn, self.db.tables["CUST_MST"], batch, event)
+        return file_rows.apply(self.db.conn, self.db.tables, batch, event)
 
 
 @pytest.mark.timeout(300)
@@ -61,17 +61,17 @@ def test_sigkill_mid_file_applies_every_row_once(container_factory, amqp_uri, tm
     write_customer_export(folder / "customers_big.csv", customer_rows(100_000))
     ledger = Ledger(tmp_path / "var" / "filedrops.db")
 
-    def chunks_done():
+    def rows_done():
         with closing(sqlite3.connect(tmp_path / "var" / "filedrops.db")) as conn:
-            return conn.execute("SELECT max(CHUNKS_DONE) FROM FD_FILE").fetchone()[0] or 0
+            return conn.execute("SELECT max(ROWS_DONE) FROM FD_FILE").fetchone()[0] or 0
 
     first = nameko_run(config, "services.files", tmp_path / "files-1.log")
     try:
-        assert wait_for(lambda: chunks_done() >= 20, timeout=120, interval=0.01)
+        assert wait_for(lambda: rows_done() >= 2_000, timeout=120, interval=0.01)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        killed_at = chunks_done()
-        assert killed_at < 1000, "the file finished before the kill"
+        killed_at = rows_done()
+        assert killed_at < 100_000, "the file finished before the kill"
         second = nameko_run(config, "services.files", tmp_path / "files-2.log")
         try:
             assert wait_for(lambda: (folder / "archive").exists()

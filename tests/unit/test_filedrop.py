@@ -399,19 +399,19 @@ def test_the_ledger_keeps_checkpoints_and_outcomes_across_reopening(tmp_path):
     from legacy_wrappers.filedrop.ledger import Ledger
     path = tmp_path / "var" / "filedrops.db"
     ledger = Ledger(path)
-    assert ledger.begin("customers", "a" * 64, "c1.csv", 1000, 2)["CHUNKS_DONE"] == 0
-    ledger.checkpoint("customers", "a" * 64, 3)
+    assert ledger.begin("customers", "a" * 64, "c1.csv", 1000, 2)["ROWS_DONE"] == 0
+    ledger.checkpoint("customers", "a" * 64, 301)
     ledger.remember("customers", "evil.csv", "1:2:3", "refused")
     ledger.remember("customers", "evil.csv", "1:2:3", "refused")  # once, not twice
     ledger.out_pending("loyalty_points", "POINTS_1.dat", ["k1", "k2"])
     with pytest.raises(ZeroDivisionError), ledger._write() as conn:  # a failed write leaves nothing
-        conn.execute('UPDATE "FD_FILE" SET "CHUNKS_DONE" = 99')
+        conn.execute('UPDATE "FD_FILE" SET "ROWS_DONE" = 999')
         1 / 0
     ledger.close()
 
     again = Ledger(path)  # a restarted wrapper resumes after the last checkpoint
     record = again.begin("customers", "a" * 64, "c1.csv", 1000, 2)
-    assert (record["CHUNKS_DONE"], record["ATTEMPTS"], record["STATE"]) == (3, 2, "in_progress")
+    assert (record["ROWS_DONE"], record["ATTEMPTS"], record["STATE"]) == (301, 2, "in_progress")
     again.finish("customers", "a" * 64, "c1.csv", "done", rows=998)
     done = again.file("customers", "a" * 64)
     assert (done["ROWS"], done["BAD_ROWS"]) == (998, 2)
