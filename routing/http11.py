@@ -18,6 +18,10 @@ that is not plain hex digits, Content-Length and Transfer-Encoding together.
 A header whose name has `_` is dropped, as nginx and Apache do: WSGI spells
 `Content-Length` as `CONTENT_LENGTH`, so `Content_Length` would alias it.
 Nothing larger than the caller's `max_body` is ever read into memory.
+Every refusal is a 4xx, also for an HTTP version or transfer coding the agent
+does not speak (RFC 9110 suggests 505 / 501): the agent's 5xx mean "this
+store is in trouble" to its tills and to its alerts, and no client should be
+able to raise them.
 """
 from __future__ import annotations
 
@@ -104,8 +108,8 @@ def read_head(rfile) -> dict | None:
     parts = _strip(raw, "request line", 414).split(b" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _VERSION.fullmatch(parts[2]):
         raise BadRequestError(400, f"malformed request line {raw[:100]!r}")
-    if parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
-        raise BadRequestError(505, f"{parts[2].decode('ascii')} not supported (HTTP/1.1 or HTTP/1.0)")
+    if parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):  # 400, not 505: see the module docstring
+        raise BadRequestError(400, f"{parts[2].decode('ascii')} not supported (HTTP/1.1 or HTTP/1.0)")
     method, version = parts[0].decode("ascii"), parts[2].decode("ascii")
     target = _target(parts[1]).decode("ascii")
     path, _, query = target.partition("?")
@@ -149,8 +153,8 @@ def read_body(rfile, environ: dict, continue_, max_body: int) -> None:
             raise BadRequestError(400, "Content-Length and Transfer-Encoding together")
         if environ["SERVER_PROTOCOL"] == "HTTP/1.0":
             raise BadRequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if chunked.strip(" \t").lower() != "chunked":
-            raise BadRequestError(501, f"Transfer-Encoding {chunked[:50]!r} not supported (only chunked)")
+        if chunked.strip(" \t").lower() != "chunked":  # 400, not 501: see the module docstring
+            raise BadRequestError(400, f"Transfer-Encoding {chunked[:50]!r} not supported (only chunked)")
     elif length is not None:
         if not _DIGITS.fullmatch(length):
             raise BadRequestError(400, f"Content-Length: not a number: {length[:50]!r}")

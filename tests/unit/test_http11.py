@@ -100,9 +100,10 @@ def test_content_length_twice_is_400():
     assert refused(post(b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello"))[0] == 400
 
 
-@pytest.mark.parametrize("value, status", [(b"gzip", 501), (b"gzip, chunked", 501), (b"chunked, chunked", 501)])
-def test_transfer_codings_other_than_chunked_are_refused(value, status):
-    assert refused(post(b"Transfer-Encoding: " + value + b"\r\n", b"0\r\n\r\n"))[0] == status
+@pytest.mark.parametrize("value", [b"gzip", b"gzip, chunked", b"chunked, chunked"])
+def test_transfer_codings_other_than_chunked_are_400(value):
+    status, message = refused(post(b"Transfer-Encoding: " + value + b"\r\n", b"0\r\n\r\n"))
+    assert status == 400 and "only chunked" in message
 
 
 def test_transfer_encoding_in_http10_is_400():
@@ -136,7 +137,7 @@ def test_header_values_may_carry_tabs_and_latin1_text():
 @pytest.mark.parametrize("raw, status", [
     (b"GET /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
     (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-    (b"GET /healthz HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET /healthz HTTP/2.0\r\nHost: a\r\n\r\n", 400),  # not 505: a client error is a 4xx
     (b"GET /healthz HTTP/1.1x\r\nHost: a\r\n\r\n", 400),
     (b"GET /healthz http/1.1\r\nHost: a\r\n\r\n", 400),
     (b"G@T /healthz HTTP/1.1\r\nHost: a\r\n\r\n", 400),
