@@ -218,6 +218,10 @@ class ReliableConsumer(SharedExtension, ProviderCollector):
         if provider not in self._stopping:  # deliveries racing a cancel stay unacked: requeued
             provider.handle_message(message)
 
+    def holds(self, message: amqp.Message) -> bool:
+        """True while the channel that delivered `message` is this consumer's (it can be acked)."""
+        return message.channel is self._channel
+
     def settle(self, message: amqp.Message, ack: bool = True):
         """Ack (or requeue) on the channel that delivered it, if that is still ours."""
         channel = message.channel
@@ -376,7 +380,9 @@ class ReliableHandler(Entrypoint):
                 delivery.attempt += 1
                 self.container.spawn_managed_thread(partial(self._respawn, self.delays[attempt - 1], delivery))
                 return
-            self._fail(message, error, retry=False, attempts=attempt)
+            self.container.spawn_managed_thread(partial(self._park_in_order, delivery, error, attempt),
+                                                identifier="park_in_order")
+            return
         else:
             outcome = "duplicate" if result is DUPLICATE else "ok"
             self._consumed[outcome].inc()
@@ -387,6 +393,12 @@ class ReliableHandler(Entrypoint):
             self.consumer.settle(message)
         if key is not None:
             self._next(key)
+
+    def _park_in_order(self, delivery: Delivery, error: Exception, attempts: int):
+        """Park a store's message that failed for good, then run the store's next one. Not
+        before: a park the broker refuses would requeue it behind messages it must precede."""
+        self._fail(delivery.message, error, retry=False, attempts=attempts, in_order=True)
+        self._next(delivery.key)
 
     def _respawn(self, delay: float, delivery: Delivery):
         eventlet.sleep(delay)
@@ -404,7 +416,11 @@ class ReliableHandler(Entrypoint):
         else:
             self.container.spawn_managed_thread(partial(self._spawn, chain[0]))
 
-    def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None):
+    def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None,
+              in_order: bool = False):
+        """Move the message to its retry queue or DLQ, then ack it. If the broker refuses the
+        copy, the message is requeued; `in_order` (a store's chain waits on it): the copy is
+        tried again, backing off, while this channel still holds the message."""
         headers = dict(message.properties.get("application_headers") or {})
         attempts = attempts or int(headers.get(H_ATTEMPTS, 0)) + 1
         queue = self.consumer.queue_of(message) or self.queue  # a partition's own retries and DLQ
@@ -434,14 +450,24 @@ class ReliableHandler(Entrypoint):
             content_type=props.get("content_type") or "application/octet-stream",
             type=props.get("type"), headers=headers,
         )
-        try:
-            self.bus.publisher.publish(copy)
-        except PublishError as err:
-            log.error("could not move failed message to %s (%s); requeueing", target, err,
-                      extra={"id": copy.message_id, "correlationid": copy.correlation_id})
-            eventlet.sleep(1)
-            self.consumer.settle(message, ack=False)
-            return
+        wait = 1.0
+        while True:
+            try:
+                self.bus.publisher.publish(copy)
+                break
+            except PublishError as err:
+                if in_order and not self._stopping and self.consumer.holds(message):
+                    log.error("could not move failed message to %s (%s); the store's later messages wait, "
+                              "trying again in %.0fs", target, err, wait,
+                              extra={"id": copy.message_id, "correlationid": copy.correlation_id})
+                    eventlet.sleep(wait)
+                    wait = min(wait * 2, 30.0)
+                    continue
+                log.error("could not move failed message to %s (%s); requeueing", target, err,
+                          extra={"id": copy.message_id, "correlationid": copy.correlation_id})
+                eventlet.sleep(1)
+                self.consumer.settle(message, ack=False)
+                return
         self._consumed[outcome].inc()
         journal.failed(props, self.queue, outcome, target, attempts, exc)
         log.warning("%s to %s after attempt %d: %s", outcome, target, attempts, exc,
