@@ -20,8 +20,8 @@ from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.control import RouteRegistry, apply_table
 from bus import journal, topology
 from tests.conftest import free_ports, start_broker
-from tests.integration.support import (legacy_sale, nameko_run, queue_state, read_config, stop, wait_for,
-                                       write_config)
+from tests.integration.support import (legacy_sale, nameko_run, nothing_in_flight, queue_state, read_config, stop,
+                                       wait_for, write_config)
 
 STORES = ("S001", "S002")
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
@@ -153,6 +153,10 @@ class Estate:
     def health(self, store: str) -> dict | None:
         status, body = self.get(f"http://127.0.0.1:{self.ports[store]}/healthz")
         return body if status == 200 else None
+
+    def settled(self) -> bool:
+        """No sale in flight: see `nothing_in_flight`."""
+        return nothing_in_flight(self.broker, SALES_QUEUE, [(self.health(s) or {}).get("outbox_depth") for s in STORES])
 
     def versions(self) -> dict[str, int | None]:
         return {s: (self.health(s) or {}).get("route_table_version") for s in STORES}

@@ -92,3 +92,13 @@ def legacy_sale(txn_id: str, store: str = "S001", sku: str = "100001", qty: int 
             "TXN_TIME": "101500", "CURRENCY": "EUR",
             "LINES": [{"SKU": sku, "QTY": qty, "PRICE": price, "DISC": 0, "LINE": total}],
             "TENDERS": [{"TYPE": "CASH", "AMOUNT": total}], "TOTAL": total}
+
+
+def nothing_in_flight(broker, queue: str, outbox_depths) -> bool:
+    """True once no message for `queue` can still land: every store agent's outbox is
+    confirmed (each depth 0; None: an agent that does not answer) and `queue` and its
+    retry queues hold no message, ready or unacknowledged (a handler acks after its commit)."""
+    if any(depth != 0 for depth in outbox_depths):
+        return False
+    return all(q["messages"] == 0 for q in broker.queues()
+               if q["name"] == queue or q["name"].startswith(f"{queue}.retry."))

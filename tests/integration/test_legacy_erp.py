@@ -41,7 +41,7 @@ class ErpProcess:
         self.url = self._wait_ready()
 
     def _wait_ready(self) -> str:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             found = re.search(r"listening on (http://\S+)", self.log.read_text())
             if found and call("GET", found.group(1) + "/erp/health")[0] == 200:

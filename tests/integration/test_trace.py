@@ -13,7 +13,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import amqp
-import eventlet
 import pytest
 from nameko.containers import ServiceContainer
 
@@ -184,14 +183,23 @@ def emitter(uri: str, root: Path) -> ServiceContainer:
 
 
 @pytest.mark.timeout(120)
-def test_hops_wait_while_the_bus_is_away_and_reach_the_journal_when_it_is_back(estate, tmp_path):
+def test_hops_wait_while_the_bus_is_away_and_reach_the_journal_when_it_is_back(estate, tmp_path, monkeypatch):
     journal.BUFFER.hops.clear()
+    failed_rounds = []
+    flush = journal.Journal.flush
+
+    def counted_flush(self, timeout=None):
+        sent = flush(self, timeout)
+        if not sent:
+            failed_rounds.append(timeout)
+        return sent
+    monkeypatch.setattr(journal.Journal, "flush", counted_flush)
     away = emitter(f"amqp://nobody:secret@127.0.0.1:{free_ports(1)[0]}/", tmp_path)
     try:
         for n in range(3):
             journal.record("probe", id=f"PROBE-{n}", subject="PROBE-SUBJECT", detail={"n": n})
-        eventlet.sleep(1.0)  # many flush rounds, all failing: nothing is lost
-        assert [hop["id"] for hop in journal.BUFFER.hops] == ["PROBE-0", "PROBE-1", "PROBE-2"]
+        assert wait_for(lambda: len(failed_rounds) >= 3, timeout=60)  # flush rounds, all failing
+        assert [hop["id"] for hop in journal.BUFFER.hops] == ["PROBE-0", "PROBE-1", "PROBE-2"]  # nothing lost
     finally:
         away.stop()
     back = emitter(estate.uri, tmp_path)

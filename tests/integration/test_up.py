@@ -1,6 +1,6 @@
 """`retailbus up` end to end, as the README runs it: a managed broker, the demo
 legacy ERP, the erp service and a store agent; a POS sale over HTTP reaches
-the legacy ERP database within 2 seconds, exactly once."""
+the legacy ERP database, exactly once (how fast: bench/)."""
 from __future__ import annotations
 
 import json
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from bus import topology
 from services.broker.node import ManagedBroker
 from tests.conftest import free_ports
-from tests.integration.support import legacy_sale, wait_for, write_config
+from tests.integration.support import legacy_sale, nothing_in_flight, wait_for, write_config
 
 pytestmark = pytest.mark.integration
+
+SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
 
 
 def post(url: str, body: dict) -> dict:
@@ -33,6 +36,10 @@ def healthy(url: str) -> bool:
         return urllib.request.urlopen(url, timeout=1).status == 200
     except OSError:
         return False
+
+
+def health(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url, timeout=5).read())
 
 
 def headers_for(db: Path, txn_id: str) -> list[tuple]:
@@ -75,12 +82,13 @@ def test_up_brings_the_bus_up_and_a_sale_reaches_the_legacy_erp(tmp_path):
         first = post(f"{agent}/erp/sales", sale)
         assert first["STATUS"] == "OK"
         db = tmp_path / "var" / "legacy_erp.db"
-        assert wait_for(lambda: headers_for(db, "UP-0001"), timeout=2.0), "not in the ERP within 2 s"
-        assert time.monotonic() - sent < 2.0
+        assert wait_for(lambda: headers_for(db, "UP-0001"), timeout=120), "never reached the ERP"
+        print(f"\nin the ERP {time.monotonic() - sent:.2f} s after the POS call")
 
         again = post(f"{agent}/erp/sales", sale)  # the POS retries the same transaction
         assert again["REF"] == first["REF"] and again["DUPLICATE"] is True
-        time.sleep(1.0)
+        assert wait_for(lambda: nothing_in_flight(broker, SALES_QUEUE, [health(f"{agent}/healthz")["outbox_depth"]]),
+                        timeout=120, interval=1)  # a second copy would be in the ERP by now
         assert headers_for(db, "UP-0001") == [("S00000001", "RBUS")]
         broker_pid = broker.pid()
     finally:
