@@ -89,7 +89,11 @@ def _points(drop: DropOut, store_id: str, day: date):
     for path in sorted(folder.glob(f"{drop.prefix}_*{drop.suffix}")):
         if not path.with_name(path.name + drop.marker_suffix).exists():
             continue  # not complete yet
-        with path.open(encoding="utf-8") as f:
+        try:
+            f = path.open(encoding="utf-8")
+        except FileNotFoundError:
+            continue  # taken meanwhile (the loyalty job, or retention)
+        with f:
             for line in f:  # the header and the trailer have no kind
                 line = line.rstrip("\r\n")
                 kind = LOYALTY_KIND.get(value(line, "kind"))
