@@ -31,8 +31,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import resource
 import socket
 import sys
+import time
 from functools import partial
 
 import eventlet
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 ADDRESS_KEY = "WEB_SERVER_ADDRESS"  # nameko's key: config, `retailbus up` and tests set it already
 ACCEPT_BACKOFF = (0.01, 1.0)  # seconds between accept() retries after a failure: first, at most
+FD_RESERVE = 64  # descriptors the agent needs besides its POS connections (outbox, broker, threads)
 LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20  # read and dropped after a refusal, so the answer is not reset
 
 CONNECTIONS = Gauge("retailbus_agent_http_connections", "Open POS connections of this agent")
@@ -75,6 +78,7 @@ class PosHttpServer(ProviderCollector, SharedExtension):
         self._routes: dict[str, dict[str, "PosRoute"]] = {}
         self._base: dict = {}
         self._open = 0
+        self._logged_at, self._unlogged = float("-inf"), 0
         self.limits = None
 
     def start(self):
@@ -82,6 +86,12 @@ class PosHttpServer(ProviderCollector, SharedExtension):
             return
         address = parse_address(self.container.config.get(ADDRESS_KEY, "0.0.0.0:8000"))
         self.limits = retailbus_settings(self.container.config).agent
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if descriptors != resource.RLIM_INFINITY and self.limits.max_connections + FD_RESERVE > descriptors:
+            log.warning("max_connections %d leaves under %d of the process's %d file descriptors for the "
+                        "rest of the agent: accept() will meet EMFILE first (raise `ulimit -n`)",
+                        self.limits.max_connections, FD_RESERVE, descriptors,
+                        extra={"id": None, "correlationid": None})
         for provider in self._providers:
             self._routes.setdefault(provider.path, {})[provider.method] = provider
         self._sock = eventlet.listen(address)
@@ -159,8 +169,7 @@ class PosHttpServer(ProviderCollector, SharedExtension):
                         raise http11.BadRequestError(408, f"request body not sent in {limits.body_timeout:g}s")
                 except http11.BadRequestError as exc:
                     REFUSED.labels(str(exc.status)).inc()
-                    log.info("refused a request from %s: %s %s", address[0], exc.status, exc,
-                             extra={"id": None, "correlationid": None})
+                    self._note_refusal(address, exc)
                     response = error(exc.status, str(exc))
                     send(http11.response_bytes(response.status, response.headers.to_wsgi_list(),
                                                response.get_data(), keep=False))
@@ -190,6 +199,18 @@ class PosHttpServer(ProviderCollector, SharedExtension):
             CONNECTIONS.set(self._open)
             rfile.close()
             sock.close()
+
+    def _note_refusal(self, address, exc: http11.BadRequestError):
+        """Log a refused request, at most one line a second: a client sending garbage
+        in a loop must not fill the disk the outbox lives on (the metric counts all)."""
+        now = time.monotonic()
+        if now - self._logged_at < 1.0:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        log.info("refused a request from %s: %s %s%s", address[0], exc.status, exc, more,
+                 extra={"id": None, "correlationid": None})
 
     def dispatch(self, environ: dict) -> Response:
         methods = self._routes.get(environ["PATH_INFO"])
