@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
+from bus.settings import RetailbusSettings
 from routing.edge_auth import TerminalKeys
 from services.broker.node import ManagedBroker
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = ("erp", "files", "route_guard", "dlq", "reconcile", "journal")
 ROUTES = """legacy: {{base_url: "http://127.0.0.1:{port}", timeout: 5}}
 routes:
   - {{name: sales, message: pos.sale.v1, legacy: POST /erp/sales, mode: bus}}
@@ -49,9 +49,14 @@ def retention_in_minutes(minutes: float) -> tuple[dict, dict]:
     days = minutes / 1440
     agent = {"retention_days": days, "control_totals_days": days}
     retention = {"interval": 15, "dlq_days": 0, "journal_days": days, "relay_sent_days": days,
-                 "inbox_days": 2 * days + 0.001, "ledger_days": 2 * days + 0.001, "reconcile_days": days,
-                 "outbound_files_days": days, "archive_days": days, "wal_idle_seconds": 10}
+                 "reconcile_days": days, "outbound_files_days": days, "archive_days": days, "wal_idle_seconds": 10}
     return agent, retention
+
+
+def keys_floor(settings: dict) -> float:
+    """The shortest inbox and ledger retention `settings` (RETAILBUS) are accepted with."""
+    probe = {**settings, "retention": {**settings.get("retention", {}), "inbox_days": 1e6, "ledger_days": 1e6}}
+    return RetailbusSettings.model_validate({k: v for k, v in probe.items() if k != "root"}).redelivery_days()
 
 
 class Estate:
@@ -59,19 +64,20 @@ class Estate:
 
     def __init__(self, root: Path, stores: int, retention_minutes: float | None):
         self.root = root
-        mq, dist, mgmt, self.erp_port, *rest = free_ports(4 + stores + len(SERVICES))
-        self.broker_ports = (mq, dist, mgmt)
-        self.stores = {f"S{i + 1:03d}": rest[i] for i in range(stores)}
-        metrics = dict(zip(SERVICES, rest[stores:]))
-        self.metrics_ports = metrics
         shipped = yaml.safe_load((REPO / "config" / "bus.yaml").read_text())
         config = {k: v for k, v in shipped.items() if k != "RETAILBUS"}
         settings = shipped["RETAILBUS"]
+        services = list(settings["services"])  # every service the shipped config runs
+        mq, dist, mgmt, self.erp_port, *rest = free_ports(4 + stores + len(services))
+        self.broker_ports = (mq, dist, mgmt)
+        self.stores = {f"S{i + 1:03d}": rest[i] for i in range(stores)}
+        metrics = dict(zip(services, rest[stores:]))
+        self.metrics_ports = metrics
         self.modules = {s["module"]: name for name, s in settings["services"].items()} | {"demo.legacy_erp": "legacy_erp"}
         settings.update(
             root=str(root), broker={**settings["broker"], "home": "var/broker", "port": mq, "dist_port": dist,
                                     "management_port": mgmt},
-            services={name: {**settings["services"][name], "metrics_port": metrics[name]} for name in SERVICES},
+            services={name: {**settings["services"][name], "metrics_port": metrics[name]} for name in services},
             stores=[{"id": s, "http": f"127.0.0.1:{p}"} for s, p in self.stores.items()],
             legacy_erp={"http": f"127.0.0.1:{self.erp_port}"},
             reconcile={**settings["reconcile"], "interval": 60})
@@ -79,12 +85,16 @@ class Estate:
             agent, retention = retention_in_minutes(retention_minutes)
             settings["agent"] = {**settings.get("agent", {}), **agent}
             settings["retention"] = {**settings.get("retention", {}), **retention}
+            floor = keys_floor(settings) + retention_minutes / 1440  # the floor, and the minutes past it
+            settings["retention"].update(inbox_days=floor, ledger_days=floor)
         config["RETAILBUS"] = settings
         (root / "config").mkdir(parents=True, exist_ok=True)
         self.config = root / "config" / "bus.yaml"
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         (root / "config" / "routes.yaml").write_text(ROUTES.format(port=self.erp_port))
-        shutil.copyfile(REPO / "config" / "filedrops.yaml", root / "config" / "filedrops.yaml")
+        for other in (REPO / "config").glob("*.yaml"):  # filedrops.yaml, and what other services read
+            if other.name not in ("bus.yaml", "routes.yaml"):
+                shutil.copyfile(other, root / "config" / other.name)
         self.keys = {}
         for store in self.stores:
             keys = TerminalKeys(root / "var" / "stores" / store / "terminal_keys.json")

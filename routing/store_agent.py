@@ -461,7 +461,14 @@ class StoreAgent:
     @pos_http("GET", "/control/transactions")
     def control_transactions(self, request):
         """The day's accepted sales and returns, listed (`store.control_totals.v1` JSON), up to
-        note `as_of`: what reconciliation asks for when a day's digests differ."""
+        note `as_of`: what reconciliation asks for when a day's digests differ. Signed with the
+        store's OPS_TERMINAL key whenever POS calls must be signed, as shadow mismatches are."""
+        terminal, refused = self._authenticate(request, b"")
+        if refused:
+            return refused
+        if self.store.config.auth_required and terminal != OPS_TERMINAL:
+            return _error(403, f"X-Retailbus-Terminal: the day's transactions are read with the ops key "
+                               f"({OPS_TERMINAL}), not terminal {terminal}'s")
         try:
             day = date.fromisoformat(request.args.get("day", "")).isoformat()
         except ValueError:

@@ -17,6 +17,8 @@ from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.config import DropOut
 from services.reconcile import sources, store
 from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
+from routing.edge_auth import TerminalKeys, signed_headers
+from routing.store_agent import OPS_TERMINAL
 from services.reconcile.compare import StoreReport, digest_report, reconcile
 from bus.settings import ConfigError, retailbus_settings
 from contracts.errors import RetailbusError
@@ -30,7 +32,7 @@ class Estate:
     totals: Engine
     points: DropOut | None
     stores: tuple[str, ...]  # configured in RETAILBUS.stores
-    agents: dict[str, str] = field(default_factory=dict)  # store -> its agent's host:port
+    agents: dict[str, tuple[str, Path]] = field(default_factory=dict)  # store -> (host:port, its terminal keys)
     list_timeout: float = 30.0
 
     @classmethod
@@ -54,7 +56,7 @@ class Estate:
         # plain engines: reading must never take the legacy writers' lock (no BEGIN IMMEDIATE)
         return cls(create_engine(legacy_dsn), store.open_engine(settings.absolute_dsn(settings.reconcile.dsn)),
                    drops.outbound.get(POINTS_DROP), tuple(s.id for s in settings.stores),
-                   {s.id: s.http for s in settings.stores})
+                   {s.id: (s.http, settings.outbox_path(s).parent / "terminal_keys.json") for s in settings.stores})
 
     def dispose(self):
         self.legacy.dispose()
@@ -93,12 +95,17 @@ class ListUnavailableError(RetailbusError):
 
 def agent_list(estate: Estate, store_id: str, day: date, as_of: int) -> StoreControlTotalsV1:
     """The store's accepted transactions of `day` up to note `as_of`, asked of its agent."""
-    address = estate.agents.get(store_id)
-    if address is None:
+    agent = estate.agents.get(store_id)
+    if agent is None:
         raise ListUnavailableError(f"store {store_id} is not in RETAILBUS.stores")
-    url = f"http://{address}/control/transactions?" + urlencode({"day": day.isoformat(), "as_of": as_of})
+    address, keys_path = agent
+    path = "/control/transactions?" + urlencode({"day": day.isoformat(), "as_of": as_of})
+    url = f"http://{address}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=estate.list_timeout) as answer:
+        keys = TerminalKeys(keys_path)  # the store's ops key, made on first use as the CLI does
+        key = keys.get(OPS_TERMINAL) or bytes.fromhex(keys.add(OPS_TERMINAL))
+        request = urllib.request.Request(url, headers=signed_headers(OPS_TERMINAL, key, "GET", path, b""))
+        with urllib.request.urlopen(request, timeout=estate.list_timeout) as answer:
             return StoreControlTotalsV1.model_validate(json.load(answer))
     except (OSError, ValueError) as exc:  # refused, timed out, HTTP error, not the contract
         raise ListUnavailableError(f"{url}: {exc}") from None

@@ -7,18 +7,24 @@ import json
 import random
 import sqlite3
 from datetime import UTC, date, datetime
+from types import SimpleNamespace
 
 import eventlet
 import pytest
 from eventlet import wsgi
+from nameko.testing.services import worker_factory
+from werkzeug.test import EnvironBuilder
 
 from contracts.control import KindDigest, StoreControlTotalsV2, TxnDigest
 from contracts.envelope import CloudEvent
 from demo.legacy_erp.schema import SLS_HDR, create_schema, engine_for
+from bus.settings import AgentSettings, PublisherSettings
 from routing import control_totals
 from routing.day_totals import RunningTotals
+from routing.edge_auth import TerminalKeys, Verifier, signed_headers
 from routing.legacy_payload import return_from_legacy, sale_from_legacy
 from routing.outbox import Outbox
+from routing.store_agent import StoreAgent
 from services.reconcile import run, store
 from tests.integration.support import legacy_sale
 
@@ -128,12 +134,13 @@ class Agent:
     """A real HTTP server answering GET /control/transactions with a recorded list."""
 
     def __init__(self, listed: dict):
-        self.listed, self.asked = listed, []
+        self.listed, self.asked, self.terminals = listed, [], []
         self.sock = eventlet.listen(("127.0.0.1", 0))
         self.server = eventlet.spawn(wsgi.server, self.sock, self.app, log_output=False)
 
     def app(self, environ, start_response):
         self.asked.append(environ["QUERY_STRING"])
+        self.terminals.append(environ.get("HTTP_X_RETAILBUS_TERMINAL"))
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps(self.listed).encode()]
 
@@ -161,7 +168,7 @@ def estate(tmp_path):
                        {"pos_txn_id": p, "total_minor": 3998, "currency": "EUR", "loyalty_card": False,
                         "via": "bus"} for p in ("S001-1", "S001-2", "S001-3")]}})
     totals = store.open_engine(f"sqlite:///{tmp_path / 'reconcile.db'}")
-    yield run.Estate(legacy, totals, None, ("S001",), {"S001": agent.address}), agent
+    yield run.Estate(legacy, totals, None, ("S001",), {"S001": (agent.address, tmp_path / "keys.json")}), agent
     agent.close()
 
 
@@ -185,7 +192,7 @@ def test_a_differing_digest_fetches_the_list_and_names_the_transaction(estate):
     store.keep_latest(e.totals, v2(sales_digest("S001-1", "S001-2", "S001-3"), TxnDigest()))
     [report] = run.reconcile_day(e, DAY)
     assert [f.pos_txn_id for f in report.erp_missing] == ["S001-3"] and report.gap == 1
-    assert agent.asked == ["day=2026-11-27&as_of=9"]
+    assert agent.asked == ["day=2026-11-27&as_of=9"] and agent.terminals == ["OPSDESK"]  # signed with the ops key
 
 
 def test_a_differing_digest_with_the_agent_away_is_a_gap_saying_so(estate):
@@ -218,3 +225,35 @@ def test_agent_lists_a_day_up_to_a_note(tmp_path):
         box.close()
     listed = control_totals.day_totals(sqlite3.connect(path), "S001", "2026-11-27", 2)
     assert [t.pos_txn_id for t in listed.sales.transactions] == ["T0", "T1"] and listed.as_of == 2
+
+
+def test_the_agent_lists_a_day_to_the_ops_key_only(tmp_path):
+    """GET /control/transactions through the agent's own handler: a till's key is refused,
+    the store's ops key gets the day's list up to the note asked for."""
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    for n in range(3):
+        box.accept(txn_event("sale", f"T{n}", DAYS[0], 100, False))
+    keys = TerminalKeys(tmp_path / "terminal_keys.json")
+    till, ops = bytes.fromhex(keys.add("07")), bytes.fromhex(keys.add("OPSDESK"))
+    totals = control_totals.ControlTotalsPublisher()
+    totals.attach(path, "S001", "amqp://u:p@127.0.0.1:1/v", PublisherSettings(), 60, 3)
+    store = SimpleNamespace(store_id="S001", outbox=box, totals=totals, verifier=Verifier(keys),
+                            config=AgentSettings(auth_required=True))
+    agent = worker_factory(StoreAgent, store=store)
+
+    def get(terminal: str, key: bytes):
+        url = "/control/transactions?day=2026-11-27&as_of=2"
+        request = EnvironBuilder(method="GET", path=url, headers=signed_headers(terminal, key, "GET", url, b"")
+                                 ).get_request()
+        return agent.control_transactions(request)
+    try:
+        assert get("07", till).status_code == 403
+        answer = get("OPSDESK", ops)
+        assert answer.status_code == 200
+        listed = json.loads(answer.get_data())
+        assert [t["pos_txn_id"] for t in listed["sales"]["transactions"]] == ["T0", "T1"]
+        unsigned = EnvironBuilder(method="GET", path="/control/transactions?day=2026-11-27").get_request()
+        assert agent.control_transactions(unsigned).status_code == 401
+    finally:
+        box.close()
