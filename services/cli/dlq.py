@@ -14,13 +14,14 @@ from amqp.exceptions import AMQPError
 
 from services.broker.node import resolve_amqp_uri
 from services.dlq.store import DeadLetterStore, handler_queues
-from services.dlq.workbench import AuditLog, Selection, Workbench, parse_since
+from services.dlq.workbench import AuditError, AuditLog, Selection, Workbench, parse_since
 from bus.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                              default=DEFAULT_CONFIG, show_default=True)
 user_option = click.option("--user", default=getpass.getuser, show_default="the OS user",
-                           help="who does this: recorded in the audit file")
+                           help="who does this: recorded in the audit file, beside the account "
+                                "the command runs as")
 
 
 def _workbench(config_path: Path, user: str = "") -> Workbench:
@@ -45,6 +46,9 @@ def _selection(ids=(), queue=None, type_=None, since=None) -> Selection:
 def _broker_call(call, *args, **kwargs):
     try:
         return call(*args, **kwargs)
+    except AuditError as exc:
+        raise click.ClickException(f"{exc}; stopped before the first dead letter it could not audit: "
+                                   "that one and the rest are still parked (retailbus dlq list)") from None
     except (OSError, AMQPError) as exc:
         raise click.ClickException(f"broker: {exc}; nothing was changed that was not confirmed") from None
 

@@ -87,8 +87,16 @@ class DeadLetter:
 
     @property
     def queue(self) -> str:
-        """The queue of the handler that failed: where a replay goes."""
-        return _text(self.headers.get(H_QUEUE)) or self.dlq[: -len(DLQ_SUFFIX)]
+        """The queue of the handler that failed: where a replay goes. Named by the DLQ it
+        was read from, which DeadLetterStore takes only from the configured handler
+        queues; never by a header, which whoever can write to a DLQ writes."""
+        return self.dlq[: -len(DLQ_SUFFIX)]
+
+    @property
+    def queue_header(self) -> str | None:
+        """The queue its `x-retailbus-queue` header names (the consumer that parked it
+        writes its own queue there): one that differs from `queue` is not ours."""
+        return _text(self.headers.get(H_QUEUE))
 
     @property
     def type(self) -> str | None:

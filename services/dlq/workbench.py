@@ -2,11 +2,19 @@
 
 A replay goes to the failed handler's own queue (default exchange, routing key
 = its queue), never to the original exchange: that would deliver the message
-again to every other consumer, which already handled it. An edited message is
+again to every other consumer, which already handled it. That queue is the one
+whose DLQ held the message; a dead letter whose `x-retailbus-queue` header names
+another is not replayed (someone wrote it there). An edited message is
 validated as a CloudEvent and as its registered contract before anything is
-sent; every replay and purge appends one JSON line to the audit file (who,
-when, which message, why, and for an edit what changed), before the dead
-letter is acked.
+sent, and may not change what identifies it: `id`, `type`, `idempotencykey`
+(the inbox drops a repeat by it), `subject`, or its store (`data.store_id`,
+the store in `source`, the `x-retailbus-store` header), which the consumers'
+store check trusts from the original sender. Every replay and purge appends
+one JSON line to the audit file (who: `--user` as given and the account the
+process runs as; when, which message, why, and for an edit what changed) and
+fsyncs it before the message is published or the dead letter acked: an audit
+that cannot be written stops the replay; a publish that fails after it is
+audited as failed.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import pwd
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -26,6 +35,7 @@ from pydantic import ValidationError
 from contracts.errors import RetailbusError
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
+from bus.constants import H_STORE
 from services.dlq.store import DeadLetter, DeadLetterStore
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -74,13 +84,25 @@ class Selection:
 
 # --- editing ----------------------------------------------------------------------------
 
-class EditRefused(RetailbusError, ValueError):
-    """An edited body that is not a valid message; `errors` are (field path, reason)."""
+class ReplayRefused(RetailbusError, ValueError):
+    """Raised for a dead letter that is not replayed as it is; `errors` are (field path, reason)."""
+
+    what = "replay refused"
 
     def __init__(self, message_id: str, errors: list[tuple[str, str]]):
         self.message_id = message_id
         self.errors = errors
-        super().__init__(f"{message_id}: edit refused: " + "; ".join(f"{p}: {r}" for p, r in errors))
+        super().__init__(f"{message_id}: {self.what}: " + "; ".join(f"{p}: {r}" for p, r in errors))
+
+
+class EditRefused(ReplayRefused):
+    """Raised for an edited body that is not a valid message or changes what identifies it."""
+
+    what = "edit refused"
+
+
+class AuditError(RetailbusError):
+    """Raised when the audit file cannot be written: nothing is replayed or purged unaudited."""
 
 
 def pretty(body: bytes) -> str:
@@ -107,6 +129,35 @@ def changes(old: Any, new: Any, path: str = "") -> list[dict]:
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [c for i, (a, b) in enumerate(zip(old, new)) for c in changes(a, b, f"{path}.{i}" if path else str(i))]
     return [] if old == new and type(old) is type(new) else [{"path": path or "<root>", "old": old, "new": new}]
+
+
+def _source_store(source) -> str | None:
+    """The store a `store/<id>/...` source names."""
+    parts = source.split("/") if isinstance(source, str) else []
+    return parts[1] if len(parts) > 1 and parts[0] == "store" else None
+
+
+def _identity(doc: dict) -> dict:
+    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    return {"idempotencykey": doc.get("idempotencykey"), "subject": doc.get("subject"),
+            "data.store_id": data.get("store_id"), "source (its store)": _source_store(doc.get("source"))}
+
+
+def _identity_changes(letter: DeadLetter, original, doc: dict) -> list[tuple[str, object, object]]:
+    """(path, was, now) of every identity field the edit changes: against the parked body
+    when it was a JSON object, and the store against the x-retailbus-store header too."""
+    now = _identity(doc)
+    changed = []
+    if isinstance(original, dict) and original:
+        changed = [(path, old, now[path]) for path, old in _identity(original).items() if now[path] != old]
+    header = letter.headers.get(H_STORE)
+    header = header.decode("utf-8", "replace") if isinstance(header, bytes) else header
+    seen = {path for path, _, _ in changed}
+    if header is not None:
+        changed += [(path, f"{header} (x-retailbus-store)", now[path])
+                    for path in ("data.store_id", "source (its store)")
+                    if now[path] not in (None, header) and path not in seen]
+    return changed
 
 
 @dataclass
@@ -139,6 +190,9 @@ def check_edit(letter: DeadLetter, text: str) -> Edit:
     fixed = [(name, f"cannot change {was[name]!r} to {doc.get(name)!r}: the dead letter is "
               "replayed to the queue of the handler that failed on this message")
              for name in ("id", "type") if doc.get(name) != was[name]]
+    fixed += [(path, f"cannot change {old!r} to {new!r}: it identifies the message (the inbox drops a "
+               "repeat by its key, consumers trust its store from the sender); purge it and have it sent again")
+              for path, old, new in _identity_changes(letter, original, doc)]
     if fixed:
         raise EditRefused(letter.id, fixed)
     diff = "".join(difflib.unified_diff(
@@ -156,14 +210,19 @@ class AuditLog:
         self.path = Path(path)
 
     def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Returns once the record is on disk; AuditError if it cannot be."""
         line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(f"short write to {self.path}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise AuditError(f"cannot write the audit file {self.path}: {exc}") from exc
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -175,12 +234,22 @@ def _fingerprint(letter: DeadLetter) -> tuple[str, str, str]:
     return letter.dlq, letter.id, hashlib.sha256(letter.body).hexdigest()
 
 
+def os_user() -> tuple[str, int]:
+    """(name, uid) of the account this process runs as, from the kernel's uid: `--user`
+    and $USER are whatever the caller typed or set."""
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name, uid
+    except KeyError:  # a uid without a passwd entry (a container)
+        return str(uid), uid
+
+
 # --- the workbench ----------------------------------------------------------------------
 
 @dataclass
 class Outcome:
     done: list[str] = field(default_factory=list)  # message ids replayed or purged
-    refused: list[EditRefused] = field(default_factory=list)
+    refused: list[ReplayRefused] = field(default_factory=list)
 
 
 class Workbench:
@@ -193,16 +262,19 @@ class Workbench:
         return self.store.browse(selection)
 
     def _record(self, action: str, letter: DeadLetter, reason: str | None, **extra) -> None:
+        name, uid = os_user()
         self.audit.append({
             "at": datetime.now(timezone.utc).isoformat(), "action": action, "user": self.user,
+            "os_user": name, "os_uid": uid,
             "message_id": letter.id, "type": letter.type, "queue": letter.queue, "dlq": letter.dlq,
             "attempts": letter.attempts, "error": letter.error, "reason": reason, **extra})
 
     def replay(self, selection: Selection, reason: str | None = None,
                editor: Callable[[str], str | None] | None = None) -> Outcome:
-        """Republish the selected dead letters to their handler queues (confirmed), audit,
+        """Audit, republish the selected dead letters to their handler queues (confirmed),
         then ack them. With `editor` (text in, edited text or None out) each body is
-        edited first; an invalid edit is refused and that dead letter stays parked."""
+        edited first; an invalid edit is refused and that dead letter stays parked, as
+        does one whose queue header is not its DLQ's. AuditError stops the replay."""
         outcome = Outcome()
         edits: dict[tuple, Edit | None] = {}
         if editor is not None:
@@ -214,6 +286,11 @@ class Workbench:
                     outcome.refused.append(refused)
 
         def act(letter: DeadLetter, publish) -> bool:
+            if letter.queue_header not in (None, letter.queue):
+                outcome.refused.append(ReplayRefused(letter.id, [(
+                    "x-retailbus-queue", f"names {letter.queue_header!r}, but the message was parked in "
+                    f"{letter.dlq!r}: not written by {letter.queue}'s handler; purge it")]))
+                return False
             edit = None
             if editor is not None:
                 key = _fingerprint(letter)
@@ -222,9 +299,13 @@ class Workbench:
                 edit = edits.pop(key)
             if edit is not None and not edit.changes:
                 edit = None  # saved without a change
-            publish(letter.replay_message(edit.body if edit else letter.body), letter.queue)
             self._record("replay", letter, reason, edited=edit is not None,
                          **({"changes": edit.changes, "diff": edit.diff} if edit else {}))
+            try:
+                publish(letter.replay_message(edit.body if edit else letter.body), letter.queue)
+            except Exception as exc:
+                self._record("replay_failed", letter, reason, failure=f"{type(exc).__name__}: {exc}")
+                raise
             outcome.done.append(letter.id)
             return True
 

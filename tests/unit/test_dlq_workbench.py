@@ -13,7 +13,8 @@ from bus.constants import (H_ATTEMPTS, H_ERROR, H_EXCHANGE, H_FIRST_FAILURE, H_L
                            H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
 from services.dlq import service
 from services.dlq.store import DeadLetter
-from services.dlq.workbench import AuditLog, EditRefused, Selection, changes, check_edit, parse_since, pretty
+from services.dlq.workbench import (AuditError, AuditLog, EditRefused, Selection, changes, check_edit, parse_since,
+                                    pretty)
 from tests.integration.support import legacy_sale
 
 pytestmark = pytest.mark.unit
@@ -186,3 +187,43 @@ def test_sample_sets_depth_and_age_of_the_oldest_per_queue():
     assert service.DEPTH.labels(f"{QUEUE}.dlq")._value.get() == 3
     assert service.OLDEST_AGE.labels(f"{QUEUE}.dlq")._value.get() == 90.0
     assert service.DEPTH.labels("empty.dlq")._value.get() == 0
+
+
+# --- what a replay may not change -----------------------------------------------------------
+
+@pytest.mark.parametrize("path, change", [
+    ("idempotencykey", lambda d: d.update(idempotencykey="pos.sale.v1:S001:T-2")),  # would pass the inbox
+    ("subject", lambda d: d.update(subject="T-2")),
+    ("data.store_id", lambda d: d["data"].update(store_id="S002")),  # would post for another store
+    ("source (its store)", lambda d: d.update(source="store/S002/pos/07")),
+])
+def test_an_edit_may_not_change_what_identifies_the_message(path, change):
+    dead = letter()
+    with pytest.raises(EditRefused) as refused:
+        check_edit(dead, edited(dead, change))
+    assert [p for p, _ in refused.value.errors] == [path]
+    assert "cannot change" in refused.value.errors[0][1] and "identifies the message" in refused.value.errors[0][1]
+
+
+def test_a_body_parked_as_garbage_may_not_be_edited_into_another_stores_message():
+    dead = letter()
+    good, other = edited(dead, lambda d: None), edited(dead, lambda d: d["data"].update(store_id="S002"))
+    dead.body = b"{not json"  # parked at once: no body to compare with, the header still names the store
+    assert check_edit(dead, good).changes  # its own store: taken
+    with pytest.raises(EditRefused) as refused:
+        check_edit(dead, other)
+    assert [p for p, _ in refused.value.errors] == ["data.store_id"]
+    assert "S001 (x-retailbus-store)" in refused.value.errors[0][1]
+
+
+def test_the_replay_target_is_the_dlqs_queue_not_the_header():
+    forged = letter(**{H_QUEUE: "evt-store_agent-pos.return.v1--erp.on_pos_return"})
+    assert forged.queue == QUEUE and forged.dlq == f"{QUEUE}.dlq"
+    assert forged.queue_header == "evt-store_agent-pos.return.v1--erp.on_pos_return"
+    assert letter().queue_header == QUEUE
+
+
+def test_an_audit_that_cannot_be_written_raises_audit_error(tmp_path):
+    (tmp_path / "var").write_text("a file where the audit folder should be")
+    with pytest.raises(AuditError, match="cannot write the audit file"):
+        AuditLog(tmp_path / "var" / "dlq" / "audit.jsonl").append({"action": "replay"})
