@@ -5,8 +5,9 @@ warehouse's stock snapshot once went that way, acked as "not the erp's
 business" while the stores never saw it. So the files service refuses to start
 (the error names the drop) when a drop configured in filedrops.yaml has no row
 contract here, or its row type is applied by no service: the applying service
-must declare the type (services/erp/file_rows.py `APPLIERS`) and, when
-RETAILBUS.services lists what runs, be listed there.
+declares the types it applies (services/erp/file_rows.py `APPLIERS`). Whether
+that service is running is for `retailbus up` and the dashboards to show (its
+queue has no consumer): RETAILBUS.services does not list every deployment's.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from nameko.extensions import DependencyProvider
 
 from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop import config as fd_config
-from bus.extensions import container_settings
 from services.erp.file_rows import APPLIERS as ERP_APPLIERS
 from services.files.mapping import ROW_TYPES
 
@@ -27,9 +27,8 @@ class UnappliedDropError(RetailbusError):
     """A file drop is configured whose rows no service applies (raised when the files service starts)."""
 
 
-def unapplied(drops: Iterable[str], services: Iterable[str]) -> list[str]:
-    """What is wrong with the inbound `drops`, given the configured `services` (empty: not listed)."""
-    running = set(services)
+def unapplied(drops: Iterable[str]) -> list[str]:
+    """What is wrong with the inbound `drops`: one line per drop whose rows nothing applies."""
     problems = []
     for drop in sorted(drops):
         model = ROW_TYPES.get(drop)
@@ -37,12 +36,8 @@ def unapplied(drops: Iterable[str], services: Iterable[str]) -> list[str]:
             problems.append(f"inbound.{drop}: the files service has no row contract for this drop "
                             f"(it reads {', '.join(sorted(ROW_TYPES))})")
             continue
-        applier = APPLIED_BY.get(model.TYPE)
-        if applier is None:
+        if model.TYPE not in APPLIED_BY:
             problems.append(f"inbound.{drop}: no service applies its {model.TYPE} rows")
-        elif running and applier not in running:
-            problems.append(f"inbound.{drop}: its {model.TYPE} rows are applied by the {applier} service, "
-                            f"which is not in RETAILBUS.services")
     return problems
 
 
@@ -50,8 +45,6 @@ class AppliedDrops(DependencyProvider):
     """Runs the check in `setup`: a failing check stops the container before it reads a file."""
 
     def setup(self):
-        drops = fd_config.for_container(self.container.config)
-        _, settings = container_settings(self.container.config)
-        problems = unapplied(drops.inbound, settings.services)
+        problems = unapplied(fd_config.for_container(self.container.config).inbound)
         if problems:
             raise UnappliedDropError("config/filedrops.yaml: " + "; ".join(problems))

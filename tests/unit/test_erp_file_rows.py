@@ -80,22 +80,24 @@ def test_a_chunk_of_rows_the_erp_does_not_apply_is_parked_not_acked(service, db)
     assert stock(db)[("S001", "100001")][0] == DEMO_ON_HAND
 
 
-def test_every_shipped_drop_is_applied_and_a_drop_nobody_applies_is_named():
-    assert appliers.unapplied(["customers", "stock"], ["erp", "files"]) == []
-    assert appliers.unapplied(["customers", "stock"], []) == []  # RETAILBUS.services not listed
-    assert appliers.unapplied(["stock"], ["files"]) == [
-        "inbound.stock: its erp.stock_changed.v1 rows are applied by the erp service, "
-        "which is not in RETAILBUS.services"]
-    assert appliers.unapplied(["prices"], ["erp"])[0].startswith("inbound.prices: the files service has no row")
+def test_every_shipped_drop_is_applied_and_a_drop_nobody_applies_is_named(monkeypatch):
+    assert appliers.unapplied(["customers", "stock"]) == []
     assert set(file_rows.APPLIERS) == {"customer.updated.v1", "erp.stock_changed.v1"}
+    assert appliers.unapplied(["prices"])[0].startswith("inbound.prices: the files service has no row")
+    monkeypatch.delitem(appliers.APPLIED_BY, "erp.stock_changed.v1")  # as it was: nobody applied the snapshot
+    assert appliers.unapplied(["customers", "stock"]) == ["inbound.stock: no service applies its "
+                                                          "erp.stock_changed.v1 rows"]
 
 
 def test_the_files_service_does_not_start_with_a_drop_nobody_applies(tmp_path, container_factory):
+    import yaml
+
     from services.files.service import FilesService
     from tests.integration.filedrop_support import write_drops
-    write_drops(tmp_path)
-    config = {"AMQP_URI": "amqp://127.0.0.1:9", "RETAILBUS": {"root": str(tmp_path), "services": {
-        "files": {"module": "services.files"}}}}
-    container = container_factory(FilesService, config)
-    with pytest.raises(appliers.UnappliedDropError, match="inbound.customers: .* erp service"):
+    drops = write_drops(tmp_path)
+    drops["inbound"]["prices"] = {**drops["inbound"]["stock"], "folder": str(tmp_path / "drops" / "prices")}
+    (tmp_path / "config" / "filedrops.yaml").write_text(yaml.safe_dump(drops, sort_keys=False))
+    container = container_factory(FilesService, {"AMQP_URI": "amqp://127.0.0.1:9",
+                                                 "RETAILBUS": {"root": str(tmp_path)}})
+    with pytest.raises(appliers.UnappliedDropError, match="inbound.prices: the files service has no row contract"):
         container.start()
