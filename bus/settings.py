@@ -135,6 +135,8 @@ class AgentSettings(Strict):
                                                         "answered 503 and closed")
     retention_days: float = Field(30.0, ge=0, description="days sent outbox rows are kept")
     stock_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for the ERP's stock answer")
+    loyalty_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for loyalty to authorise a "
+                                                              "redemption before the agent authorises it offline")
     control_totals_interval: float = Field(60.0, gt=0, description="seconds between control-totals rounds")
     control_totals_days: float = Field(3.0, gt=0, description="business days touched this many days back "
                                                               "are republished when they change")
@@ -233,6 +235,8 @@ class RetailbusSettings(Strict):
     loyalty_platform: PlatformSettings = Field(
         PlatformSettings(http="127.0.0.1:8091", db=Path("var/loyalty_platform.db")),
         description="the loyalty platform (members, point ledger, holds)")
+    loyalty_rules: Path = Field(Path("config/loyalty.yaml"), description="earning and redemption rules "
+                                "(services/loyalty/rules.py); re-read when the file changes")
     crm: PlatformSettings = Field(PlatformSettings(http="127.0.0.1:8092", db=Path("var/crm.db")),
                                   description="the CRM (profiles, consent, engagement history, segments)")
     agent: AgentSettings = AgentSettings()

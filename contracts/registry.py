@@ -17,7 +17,8 @@ from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
 from contracts.journal import JournalHopsV1
-from contracts.loyalty import LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1
+from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
+                               LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from contracts.ops import RouteTableAppliedV1
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
 
@@ -35,6 +36,10 @@ _MODELS: tuple[type[BaseModel], ...] = (
     CustomerUpdatedV1,
     LoyaltyPointsAccruedV1,
     LoyaltyPointsReversedV1,
+    LoyaltyRedemptionAuthorizedV1,
+    LoyaltyRedemptionCapturedV1,
+    LoyaltyRedemptionReleasedV1,
+    LoyaltySettlementV1,
     RouteTableAppliedV1,
     EventBatchV1,
     JournalHopsV1,

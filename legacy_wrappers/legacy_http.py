@@ -117,9 +117,16 @@ class LegacyHttpClient:
         return self.breaker.current_state
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json") -> LegacyResponse:
+                content_type: str = "application/json", headers: dict[str, str] | None = None) -> LegacyResponse:
+        """`headers` adds request headers (e.g. an Idempotency-Key); a name or value that is not
+        plain ASCII is refused (ValueError) before anything is sent."""
+        extra = ""
+        for name, value in (headers or {}).items():
+            if not f"{name}{value}".isascii() or any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name:
+                raise ValueError(f"header {name!r}: only ASCII without control characters (and no ':' in the name)")
+            extra += f"{name}: {value}\r\n"
         try:
-            response = self.breaker.call(self._send, method, path, body, content_type)
+            response = self.breaker.call(self._send, method, path, body, content_type, extra)
         except pybreaker.CircuitBreakerError:
             LEGACY_CALLS.labels(self.system, "breaker_open").inc()
             raise LegacyUnavailable(f"{self.system}: circuit breaker open", not_posted=True) from None
@@ -145,8 +152,9 @@ class LegacyHttpClient:
         except OSError as exc:  # refused, unreachable, connect timeout, TLS handshake: nothing was sent
             raise RequestNotSentError(exc) from exc
 
-    def _send(self, method, path, body, content_type) -> LegacyResponse:
-        head = f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\nAccept-Encoding: identity\r\n"
+    def _send(self, method, path, body, content_type, extra_headers="") -> LegacyResponse:
+        head = (f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+                f"Accept-Encoding: identity\r\n{extra_headers}")
         if body is not None:
             head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         request = (head + "\r\n").encode("latin-1") + (body or b"")

@@ -1,11 +1,15 @@
 """Helpers for tests that run retailbus components as real processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import amqp
@@ -102,3 +106,41 @@ def nothing_in_flight(broker, queue: str, outbox_depths) -> bool:
         return False
     return all(q["messages"] == 0 for q in broker.queues()
                if q["name"] == queue or q["name"].startswith(f"{queue}.retry."))
+
+
+class Platform:
+    """A simulated SaaS platform (demo.loyalty_platform, demo.crm) as its own process."""
+
+    def __init__(self, module: str, db, port: int):
+        self.db, self.url = db, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--db", str(db), "--port", str(port)],
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.call("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def call(self, method: str, path: str, body: dict | None = None, key: str | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        if key:
+            request.add_header("Idempotency-Key", key)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def rows(self, sql: str, *args):
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=15)

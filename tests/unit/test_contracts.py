@@ -58,6 +58,8 @@ def valid_payloads() -> dict[str, dict]:
     points = {"card": "LC-1", "store_id": "S001", "pos_txn_id": "S001-07-000123",
               "business_day": "2024-03-01", "points": 29, "basis_minor": 2900,
               "currency": "EUR"}
+    hold = {"hold_id": "01J0HOLD", "card": "LC-1", "store_id": "S001", "pos_txn_id": "S001-07-000123",
+            "points": 500, "offline": False}
     return {
         "pos.sale.v1": valid_sale(),
         "pos.return.v1": valid_return(),
@@ -74,6 +76,12 @@ def valid_payloads() -> dict[str, dict]:
                                 "updated_at": "2024-03-01T02:00:00Z"},
         "loyalty.points_accrued.v1": points,
         "loyalty.points_reversed.v1": {**points, "original_pos_txn_id": "S001-07-000100"},
+        "loyalty.redemption_authorized.v1": {**hold, "expires_at": "2024-03-01T10:30:00Z"},
+        "loyalty.redemption_captured.v1": hold,
+        "loyalty.redemption_released.v1": {**hold, "reason": "voided"},
+        "loyalty.settlement.v1": {"store_id": "S001", "business_day": "2024-03-01", "points_issued": 290,
+                                  "points_redeemed": 500, "points_reversed": 0, "liability_minor": -210,
+                                  "currency": "EUR"},
         "routing.table_applied.v1": {"version": 4, "table": "version: 4\n", "reason": "test"},
         "store.control_totals.v1": {
             "store_id": "S001", "business_day": "2024-03-01", "as_of": 7, "taken_at": "2024-03-01T22:00:00Z",

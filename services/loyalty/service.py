@@ -1,0 +1,231 @@
+"""The `loyalty` service: the loyalty platform's system API on the bus.
+
+RPC for what a till waits on (balance, authorise a redemption, capture,
+release); events for what follows a posting: the ERP posts a sale -> its holds
+are captured and (accrual mode api or shadow) its lines earn points; the ERP
+posts a return -> what the returned lines earned goes back and the redeemed
+points are refunded in proportion. Every platform write carries an
+idempotency key derived from the business transaction, and every handler
+claims its message in the inbox, so a redelivered event books nothing twice.
+
+Platform calls come before the database is touched: the worker's transaction
+(one SQLite connection) is then held for a few statements, not for an HTTP call.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from nameko.rpc import rpc
+from nameko.timer import timer
+from prometheus_client import Counter, Histogram
+from sqlalchemy import select
+
+from bus.consumer import DUPLICATE, reliable_handler
+from bus.extensions import EventPublisher
+from bus.metrics_http import MetricsHttp
+from bus.publisher import UnroutableError
+from contracts.envelope import CloudEvent
+from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
+from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
+                               LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1)
+from legacy_wrappers import inbox
+from legacy_wrappers.legacy_db import LegacyDatabase
+from services.loyalty import accrual
+from services.loyalty.config import LoyaltyRules
+from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
+from services.loyalty.tables import EXCEPTIONS, HOLDS, metadata
+
+log = logging.getLogger(__name__)
+SOURCE = "retailbus/loyalty"
+
+AUTHORISATION_SECONDS = Histogram("retailbus_loyalty_authorisation_seconds",
+                                  "Time to authorise a redemption at the platform", ["outcome"])
+ACCRUALS = Counter("retailbus_loyalty_accruals_total", "Posted sales whose points were settled, by mode and outcome",
+                   ["mode", "outcome"])
+ACCRUAL_LAG = Histogram("retailbus_loyalty_accrual_lag_seconds", "From the ERP's posting to the points booked",
+                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+SHADOW = Counter("retailbus_loyalty_shadow_total", "Shadow accruals compared with the points file, by outcome",
+                 ["outcome"])
+UNROUTED = Counter("retailbus_loyalty_events_unrouted_total", "Loyalty events published with no queue bound",
+                   ["type"])
+EXCEPTIONS_TOTAL = Counter("retailbus_loyalty_exceptions_total", "Loyalty exceptions recorded for ops, by kind",
+                           ["kind"])
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class LoyaltyService:
+    name = "loyalty"
+
+    db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata))
+    platform = LoyaltyPlatform()
+    rules = LoyaltyRules()
+    events = EventPublisher()
+    metrics = MetricsHttp()
+
+    # ---------------------------------------------------------------- RPC (tills wait)
+    @rpc
+    def balance(self, card: str) -> dict:
+        member = self.platform.member(card)
+        return {k: member[k] for k in ("card", "customer_id", "tier", "status", "balance", "ledger_points",
+                                       "held_points")}
+
+    @rpc
+    def authorize_redemption(self, card: str, points: int, store: str, pos_txn_id: str) -> dict:
+        """A hold of `points` on `card` for the till transaction; raises InsufficientPointsError,
+        UnknownMemberError, MemberInactiveError or LoyaltyUnavailableError (authorise offline)."""
+        started, outcome = datetime.now(timezone.utc), "refused"
+        try:
+            hold = self.platform.hold(card, points, f"{store}/{pos_txn_id}", store,
+                                      self.rules.config.redemption.hold_ttl_seconds,
+                                      key=f"hold:{store}:{pos_txn_id}:{card}:{points}")
+            outcome = "ok"
+        except LoyaltyRefusedError:
+            raise
+        except Exception:
+            outcome = "unavailable"
+            raise
+        finally:
+            AUTHORISATION_SECONDS.labels(outcome).observe((datetime.now(timezone.utc) - started).total_seconds())
+        accrual.record_hold(self.db.conn, hold, store, pos_txn_id, offline=False)
+        self._publish(LoyaltyRedemptionAuthorizedV1, f"authorized:{hold['hold_id']}", pos_txn_id,
+                      hold_id=hold["hold_id"], card=card, store_id=store, pos_txn_id=pos_txn_id, points=points,
+                      expires_at=hold["expires_at"])
+        return {k: hold[k] for k in ("hold_id", "card", "points", "balance", "expires_at")}
+
+    @rpc
+    def capture(self, hold_id: str) -> dict:
+        return self._settle_hold(hold_id, "captured", "capture")
+
+    @rpc
+    def release(self, hold_id: str) -> dict:
+        return self._settle_hold(hold_id, "released", "voided")
+
+    @rpc
+    def capture_offline(self, card: str, points: int, store: str, pos_txn_id: str, hold_id: str) -> dict:
+        """Book a redemption a store agent authorised while the platform was unreachable; one
+        the balance cannot cover becomes an over-redemption exception, never a negative balance."""
+        try:
+            self.platform.book(card, "REDEEM", points, f"{store}/{pos_txn_id}", store,
+                               key=f"offline:{store}:{pos_txn_id}")
+            status = "captured"
+        except LoyaltyRefusedError as exc:
+            status = "over_redeemed"
+            self._exception("over_redemption", store, pos_txn_id, card,
+                            f"offline redemption of {points} points not covered: {exc}")
+        accrual.record_hold(self.db.conn, {"hold_id": hold_id, "card": card, "points": points,
+                                           "expires_at": now()}, store, pos_txn_id, offline=True, status=status)
+        if status == "captured":
+            self._publish(LoyaltyRedemptionCapturedV1, f"captured:{hold_id}", pos_txn_id, hold_id=hold_id,
+                          card=card, store_id=store, pos_txn_id=pos_txn_id, points=points, offline=True)
+        return {"hold_id": hold_id, "status": status}
+
+    # ---------------------------------------------------------------- events (postings)
+    @reliable_handler("erp", "erp.sale_posted.v1")
+    def on_sale_posted(self, doc: ErpSalePostedV1, event: CloudEvent):
+        holds = accrual.open_holds(self.db.engine, doc.store_id, doc.pos_txn_id)
+        captured = [self.platform.capture(h["HOLD_ID"]) for h in holds]
+        mode = self.rules.config.accrual.mode
+        earned = accrual.earn(self.platform, self.rules.config.earning, doc) if doc.loyalty_card else None
+        if earned and mode == "api" and sum(earned.points):
+            self.platform.book(doc.loyalty_card, "EARN", sum(earned.points), f"{doc.store_id}/{doc.pos_txn_id}",
+                               doc.store_id, key=f"earn:{doc.store_id}:{doc.pos_txn_id}")
+        if not inbox.claim(self.db.conn, "loyalty.on_sale_posted", event.idempotencykey, event.id):
+            return DUPLICATE
+        accrual.record_sale(self.db.conn, doc, earned)
+        for hold in captured:
+            accrual.mark_hold(self.db.conn, hold["hold_id"], "captured")
+            self._publish(LoyaltyRedemptionCapturedV1, f"captured:{hold['hold_id']}", doc.pos_txn_id,
+                          hold_id=hold["hold_id"], card=hold["card"], store_id=doc.store_id,
+                          pos_txn_id=doc.pos_txn_id, points=hold["points"])
+        if earned is None:
+            return "no card"
+        if mode == "shadow":
+            mismatch = accrual.shadow_mismatch(doc, earned)
+            SHADOW.labels("mismatch" if mismatch else "match").inc()
+            if mismatch:
+                self._exception("shadow_mismatch", doc.store_id, doc.pos_txn_id, doc.loyalty_card, mismatch)
+        elif mode == "api" and sum(earned.points):
+            self._publish(LoyaltyPointsAccruedV1, f"accrued:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
+                          card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
+                          business_day=doc.business_day, points=sum(earned.points),
+                          basis_minor=doc.total_minor, currency=doc.currency)
+        ACCRUALS.labels(mode, "ok").inc()
+        ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
+        return sum(earned.points)
+
+    @reliable_handler("erp", "erp.return_posted.v1")
+    def on_return_posted(self, doc: ErpReturnPostedV1, event: CloudEvent):
+        plan = accrual.plan_reversal(self.db.engine, doc, self.rules.config.accrual.mode)
+        if plan is None:
+            return "nothing to reverse"
+        if plan.refund:
+            self.platform.book(plan.card, "REFUND", plan.refund, f"{doc.store_id}/{doc.pos_txn_id}", doc.store_id,
+                               key=f"refund:{doc.store_id}:{doc.pos_txn_id}")
+        refused = None
+        if plan.points:
+            try:
+                self.platform.book(plan.card, "ADJUST", -plan.points, f"{doc.store_id}/{doc.pos_txn_id}",
+                                   doc.store_id, key=f"reverse:{doc.store_id}:{doc.pos_txn_id}")
+            except LoyaltyRefusedError as exc:
+                refused = exc
+        if not inbox.claim(self.db.conn, "loyalty.on_return_posted", event.idempotencykey, event.id):
+            return DUPLICATE
+        if refused is not None:
+            self._exception("reversal_refused", doc.store_id, doc.pos_txn_id, plan.card,
+                            f"reversing {plan.points} points would make the balance negative: {refused}")
+            plan = plan._replace(points=0)
+        accrual.record_reversal(self.db.conn, doc, plan)
+        if plan.points:
+            self._publish(LoyaltyPointsReversedV1, f"reversed:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
+                          card=plan.card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
+                          original_pos_txn_id=doc.original_pos_txn_id, business_day=doc.business_day,
+                          points=plan.points, basis_minor=abs(doc.total_minor), currency=doc.currency)
+        return plan.points
+
+    # ---------------------------------------------------------------- housekeeping
+    @timer(interval=30)
+    def release_expired(self):
+        """Holds past their expiry give their points back at the platform by themselves; this
+        tells the bus (and the platform's own record) they are released."""
+        for hold in accrual.expired_holds(self.db.engine, now()):
+            self.platform.release(hold["HOLD_ID"])
+            accrual.mark_hold(self.db.conn, hold["HOLD_ID"], "released")
+            self._publish(LoyaltyRedemptionReleasedV1, f"released:{hold['HOLD_ID']}", hold["POS_TXN_ID"],
+                          hold_id=hold["HOLD_ID"], card=hold["CARD"], store_id=hold["STORE_ID"],
+                          pos_txn_id=hold["POS_TXN_ID"], points=hold["POINTS"], reason="expired")
+
+    # ---------------------------------------------------------------- helpers
+    def _settle_hold(self, hold_id: str, status: str, reason: str) -> dict:
+        answer = (self.platform.capture if status == "captured" else self.platform.release)(hold_id)
+        row = self.db.conn.execute(select(HOLDS).where(HOLDS.c.HOLD_ID == hold_id)).mappings().first()
+        accrual.mark_hold(self.db.conn, hold_id, status)
+        if row is not None:
+            fields = dict(hold_id=hold_id, card=row["CARD"], store_id=row["STORE_ID"], pos_txn_id=row["POS_TXN_ID"],
+                          points=row["POINTS"])
+            if status == "captured":
+                self._publish(LoyaltyRedemptionCapturedV1, f"captured:{hold_id}", row["POS_TXN_ID"], **fields)
+            else:
+                self._publish(LoyaltyRedemptionReleasedV1, f"released:{hold_id}", row["POS_TXN_ID"], reason=reason,
+                              **fields)
+        return {"hold_id": hold_id, "status": answer.get("status", status)}
+
+    def _publish(self, model, key: str, subject: str, **fields) -> None:
+        """Tell the bus. The platform and this service's tables are the record; an event no
+        queue is bound for yet (no subscriber in this estate) is counted, not retried."""
+        try:
+            self.events.publish(CloudEvent.new(model.TYPE, SOURCE, model(**fields), subject=subject,
+                                               idempotencykey=key))
+        except UnroutableError:
+            UNROUTED.labels(model.TYPE).inc()
+
+    def _exception(self, kind: str, store: str, pos_txn_id: str, card: str, detail: str) -> None:
+        """An exception ops must see (a metric, a row `retailbus reconcile` reports)."""
+        EXCEPTIONS_TOTAL.labels(kind).inc()
+        log.warning("loyalty exception %s for %s/%s: %s", kind, store, pos_txn_id, detail)
+        accrual.upsert(self.db.conn, EXCEPTIONS, dict(KIND=kind, STORE_ID=store, POS_TXN_ID=pos_txn_id, CARD=card,
+                                                      DETAIL=detail[:2000], CREATED_AT=now()))
+
