@@ -64,8 +64,8 @@ SINK = "bench.store_agent.sink"  # bound like the erp's sales queue: every forwa
 WINDOW = 1000  # unconfirmed publishes in flight: raw's, and the agent's (RETAILBUS.publisher.window)
 
 
-def legacy_sale(terminal: str, txn: str) -> bytes:
-    return json.dumps({"STORE": STORE, "TERMINAL": terminal, "TXN_ID": txn, "TXN_DATE": "20261127",
+def legacy_sale(terminal: str, txn: str, store: str = STORE) -> bytes:
+    return json.dumps({"STORE": store, "TERMINAL": terminal, "TXN_ID": txn, "TXN_DATE": "20261127",
                        "TXN_TIME": "101500", "CURRENCY": "EUR",
                        "LINES": [{"SKU": "100001", "QTY": 2, "PRICE": 1999, "DISC": 0, "LINE": 3998},
                                  {"SKU": "100002", "QTY": 1, "PRICE": 499, "DISC": 0, "LINE": 499}],
