@@ -436,5 +436,9 @@ def test_the_ledger_commits_to_disk_before_it_returns(tmp_path):
     ledger = Ledger(tmp_path / "var" / "filedrops.db")
     try:
         assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        ledger.begin("customers", "a" * 64, "c1.csv", 1000, 0)
+        ledger.checkpoint("customers", "a" * 64, 500)  # the one write that need not wait for the disk
+        assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # and FULL again after it
+        assert ledger.file("customers", "a" * 64)["ROWS_DONE"] == 500
     finally:
         ledger.close()
