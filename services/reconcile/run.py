@@ -34,6 +34,8 @@ class Estate:
     stores: tuple[str, ...]  # configured in RETAILBUS.stores
     agents: dict[str, tuple[str, Path]] = field(default_factory=dict)  # store -> (host:port, its terminal keys)
     list_timeout: float = 30.0
+    # the schedule's memory (store -> (day, what it saw, the report listed for it)): service.py
+    settling: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: dict, config_path: Path | str | None = None,
@@ -63,22 +65,26 @@ class Estate:
         self.totals.dispose()
 
 
-def reconcile_day(estate: Estate, day: date, store_id: str | None = None) -> list[StoreReport]:
+UNSETTLED = "not asked while the day is still changing"
+
+
+def reconcile_day(estate: Estate, day: date, store_id: str | None = None, may_list: bool = True) -> list[StoreReport]:
     """One report per store: the one asked for, else every store that is configured,
-    sent totals for the day or has ERP documents on it."""
+    sent totals for the day or has ERP documents on it. `may_list` False: a store whose
+    digests differ is not asked for its list (its report says UNSETTLED)."""
     held = store.totals_for(estate.totals, day, store_id)
     stores = [store_id] if store_id else sorted(
         set(estate.stores) | held.keys() | sources.erp_stores(estate.legacy, day))
-    return [_one(estate, s, day, held.get(s)) for s in stores]
+    return [_one(estate, s, day, held.get(s), may_list) for s in stores]
 
 
 def _one(estate: Estate, store_id: str, day: date,
-         totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None) -> StoreReport:
+         totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None, may_list: bool) -> StoreReport:
     taken_at = totals.taken_at if totals else None  # what the latest totals cover: the list's own is later
     if isinstance(totals, StoreControlTotalsV2):
         erp = sources.erp_digest(estate.legacy, store_id, day)
         points = sources.points_digest(estate.points, store_id, day) if estate.points else None
-        agreed = digest_report(store_id, day, totals, erp, points)
+        agreed = digest_report(store_id, day, totals, erp, points, unlisted=None if may_list else UNSETTLED)
         if agreed is not None:
             return agreed
         try:

@@ -18,6 +18,7 @@ from bus.consumer import DUPLICATE, reliable_handler
 from bus.metrics_http import MetricsHttp
 from bus.retention import before, in_batches, retention_timer
 from services.reconcile import store
+from services.reconcile.compare import StoreReport
 from services.reconcile.run import Estate, reconcile_day
 from bus.settings import retailbus_settings
 
@@ -79,9 +80,16 @@ class ReconcileService:
 
     @Schedule.decorator()
     def reconcile(self) -> dict[str, int]:
+        """Each store's latest day. Digests that differ while the day still trades (the ERP
+        a few sales behind the totals, or ahead of them) say nothing yet: the store's list
+        is asked for once the day has settled (its totals and the ERP unchanged for a
+        round), and that report is kept while nothing changes, so a trading day is never
+        listed every round."""
         gaps = {}
         for store_id, day in sorted(store.latest_days(self.estate.totals).items()):
-            [report] = reconcile_day(self.estate, day, store_id)
+            report = self._settled(store_id, day)
+            if report is None:
+                continue  # still changing: the gauge keeps its last settled value
             GAP.labels(store_id).set(report.gap)
             gaps[store_id] = report.gap
             if report.gap:
@@ -89,3 +97,18 @@ class ReconcileService:
                             "--store %s)", store_id, day, report.gap, day, store_id,
                             extra={"id": f"{store_id}/{day}", "correlationid": None, "outcome": "gap"})
         return gaps
+
+    def _settled(self, store_id: str, day) -> StoreReport | None:
+        [report] = reconcile_day(self.estate, day, store_id, may_list=False)
+        if not report.digest_mismatch:
+            return report
+        seen = (day, report.as_of, tuple(sorted((k, s.count) for k, s in report.erp.items())),
+                tuple(sorted(report.loyalty.items())))
+        last_seen, listed = self.estate.settling.get(store_id, (None, None))
+        if seen != last_seen:
+            self.estate.settling[store_id] = (seen, None)
+            return None
+        if listed is None:
+            [listed] = reconcile_day(self.estate, day, store_id)
+            self.estate.settling[store_id] = (seen, listed)
+        return listed

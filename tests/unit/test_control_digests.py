@@ -26,6 +26,7 @@ from routing.legacy_payload import return_from_legacy, sale_from_legacy
 from routing.outbox import Outbox
 from routing.store_agent import StoreAgent
 from services.reconcile import run, store
+from services.reconcile.service import ReconcileService
 from tests.integration.support import legacy_sale
 
 pytestmark = pytest.mark.unit
@@ -257,3 +258,18 @@ def test_the_agent_lists_a_day_to_the_ops_key_only(tmp_path):
         assert agent.control_transactions(unsigned).status_code == 401
     finally:
         box.close()
+
+
+def test_the_schedule_asks_for_a_list_only_once_the_day_has_settled_and_once(estate):
+    """Round 1: the digests differ (the ERP lacks S001-3): nothing is asked yet, the gauge
+    is left alone. Round 2, nothing changed: the list is asked for, the gap is named. Round
+    3, still nothing changed: that report stands, the agent is not asked again. A new
+    snapshot starts it over."""
+    e, agent = estate
+    service = worker_factory(ReconcileService, estate=e)
+    store.keep_latest(e.totals, v2(sales_digest("S001-1", "S001-2", "S001-3"), TxnDigest()))
+    assert service.reconcile() == {} and agent.asked == []
+    assert service.reconcile() == {"S001": 1} and len(agent.asked) == 1
+    assert service.reconcile() == {"S001": 1} and len(agent.asked) == 1
+    store.keep_latest(e.totals, v2(sales_digest("S001-1", "S001-2", "S001-3", "S001-4"), TxnDigest(), as_of=12))
+    assert service.reconcile() == {} and len(agent.asked) == 1
