@@ -279,6 +279,8 @@ class Workbench:
         edits: dict[tuple, Edit | None] = {}
         if editor is not None:
             for letter in self.store.browse(selection):
+                if letter.queue_header not in (None, letter.queue):
+                    continue  # refused below whatever the edit: not worth an operator's time
                 text = editor(pretty(letter.body))
                 try:
                     edits[_fingerprint(letter)] = None if text is None else check_edit(letter, text)

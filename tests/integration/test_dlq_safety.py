@@ -88,10 +88,16 @@ def test_an_audit_that_cannot_be_written_replays_nothing(amqp_uri, queues, tmp_p
 
 
 @pytest.mark.timeout(180)
-def test_a_forged_queue_header_does_not_choose_where_a_replay_goes(amqp_uri, queues, tmp_path):
+@pytest.mark.parametrize("edit", [False, True])
+def test_a_forged_queue_header_does_not_choose_where_a_replay_goes(amqp_uri, queues, tmp_path, edit):
     event = park(amqp_uri, f"{SALES}.dlq", RETURNS)  # parked with the sales, claims the returns' queue
     config = bus_config(tmp_path, amqp_uri)
-    result = cli(config, "replay", "--all", "--reason", "replay everything")
+    opened = tmp_path / "editor-opened"
+    editor = tmp_path / "editor.py"  # an $EDITOR that notes it was asked
+    editor.write_text(f"import pathlib\npathlib.Path({str(opened)!r}).touch()\n")
+    result = cli(config, "replay", "--all", "--reason", "replay everything", *(["--edit"] if edit else []),
+                 EDITOR=f"{sys.executable} {editor}")
+    assert not opened.exists()  # not offered for editing either
     assert result.returncode == 1
     assert f"refused {event.id}" in result.stderr and "x-retailbus-queue" in result.stderr, result.stderr
     assert depths(amqp_uri) == {SALES: 0, RETURNS: 0, f"{SALES}.dlq": 1, f"{RETURNS}.dlq": 0}
