@@ -11,7 +11,7 @@ queue has no consumer): RETAILBUS.services does not list every deployment's.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from nameko.extensions import DependencyProvider
 

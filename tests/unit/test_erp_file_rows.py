@@ -85,8 +85,8 @@ def test_every_shipped_drop_is_applied_and_a_drop_nobody_applies_is_named(monkey
     assert set(file_rows.APPLIERS) == {"customer.updated.v1", "erp.stock_changed.v1"}
     assert appliers.unapplied(["prices"])[0].startswith("inbound.prices: the files service has no row")
     monkeypatch.delitem(appliers.APPLIED_BY, "erp.stock_changed.v1")  # as it was: nobody applied the snapshot
-    assert appliers.unapplied(["customers", "stock"]) == ["inbound.stock: no service applies its "
-                                                          "erp.stock_changed.v1 rows"]
+    assert appliers.unapplied(["customers", "stock"]) == [
+        "inbound.stock: no service applies its erp.stock_changed.v1 rows"]
 
 
 def test_the_files_service_does_not_start_with_a_drop_nobody_applies(tmp_path, container_factory):
