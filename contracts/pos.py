@@ -21,10 +21,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictInt,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 from contracts.money import Currency, MinorUnits, NonNegativeMinor
@@ -109,19 +111,41 @@ class ReturnLine(SaleLine):
     quantity: Annotated[StrictInt, Field(gt=0, le=_INT32_MAX)]
 
 
+HoldId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
 class Tender(BaseModel):
-    """A means of payment (or of refund, on a return), net of any change given."""
+    """A means of payment (or of refund, on a return), net of any change given. A sale's
+    loyalty tender names the hold its points were authorised under (`hold_id`, from the
+    store agent's `POST /v1/loyalty/authorize`); no other tender carries one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["cash", "card", "voucher", "loyalty", "other"]
     amount_minor: MinorUnits
     reference: str | None = None
+    hold_id: HoldId | None = None
 
     @field_validator("amount_minor")
     @classmethod
     def _amount_within_limits(cls, amount: int, info: ValidationInfo) -> int:
         return _within_limits("amount_minor", amount, info)
+
+    @field_validator("hold_id")
+    @classmethod
+    def _loyalty_only(cls, hold_id: str | None, info: ValidationInfo) -> str | None:
+        if hold_id is not None and info.data.get("kind") != "loyalty":
+            raise ValueError("only a loyalty tender carries a hold")
+        return hold_id
+
+    @model_serializer(mode="wrap")
+    def _absent_hold_left_out(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A tender without a hold serialises as before `hold_id` existed: a sale an older agent
+        accepted, retried to a newer one, is still the same sale (the outbox's payload hash)."""
+        data = handler(self)
+        if data.get("hold_id") is None:
+            data.pop("hold_id", None)
+        return data
 
 
 class _PosTransaction(BaseModel):
@@ -204,6 +228,14 @@ class PosReturnV1(_PosTransaction):
     lines: list[ReturnLine] = Field(min_length=1)
     original: OriginalSaleRef | None = None  # None: a return without a receipt
     reason: str | None = None
+
+    @field_validator("tenders")
+    @classmethod
+    def _no_holds(cls, tenders: list[Tender]) -> list[Tender]:
+        held = [str(n) for n, tender in enumerate(tenders, start=1) if tender.hold_id is not None]
+        if held:
+            raise ValueError(f"tender {', '.join(held)} carries a hold_id: a return refunds points, it redeems none")
+        return tenders
 
 
 def idempotency_key(txn: PosSaleV1 | PosReturnV1) -> str:

@@ -21,7 +21,7 @@ _FIELDS = {
     "lines": "LINES", "tenders": "TENDERS", "total_minor": "TOTAL",
     "loyalty_card": "LOYALTY_CARD", "customer_id": "CUST_NO", "reason": "REASON",
     "sku": "SKU", "quantity": "QTY", "unit_price_minor": "PRICE",
-    "discount_minor": "DISC", "line_total_minor": "LINE", "kind": "TYPE", "amount_minor": "AMOUNT",
+    "discount_minor": "DISC", "line_total_minor": "LINE", "kind": "TYPE", "amount_minor": "AMOUNT", "hold_id": "HOLD_ID",
     "original.store_id": "ORIG_STORE", "original.pos_txn_id": "ORIG_TXN_ID", "original": "ORIG_TXN_ID",
 }
 TENDER_TYPES = {"CASH": "cash", "CARD": "card", "VOUCHER": "voucher", "LOYALTY": "loyalty", "OTHER": "other"}
@@ -101,7 +101,10 @@ def _tender(i: int, tender: Any) -> Any:
     if kind is None:
         _refuse(f"TENDERS[{i}].TYPE", f"unknown tender type {tender.get('TYPE')!r} "
                                       f"(one of {', '.join(TENDER_TYPES)})")
-    return dict(kind=kind, amount_minor=tender.get("AMOUNT"))
+    fields = dict(kind=kind, amount_minor=tender.get("AMOUNT"))
+    if tender.get("HOLD_ID") not in (None, ""):  # a LOYALTY tender's hold (POST /v1/loyalty/authorize)
+        fields["hold_id"] = tender["HOLD_ID"]
+    return fields
 
 
 def _common(payload: Any) -> dict:

@@ -147,10 +147,21 @@ class Outbox:
 
     # -- writes: queued, grouped, one transaction per fsync ----------------
 
-    def accept(self, event: CloudEvent) -> Accepted:
+    def accept(self, event: CloudEvent, also=None) -> Accepted:
         """Commit the event. A repeat of the same idempotency key with the same
-        payload returns the first one; with another payload raises OutboxConflict."""
-        return self._submit(lambda db, batch: self._insert(db, batch, event, payload_hash(event)))
+        payload returns the first one; with another payload raises OutboxConflict.
+        `also(db)` (the loyalty holds a sale spends) runs first in the same savepoint:
+        what it raises refuses the event, and the event commits only with its effect."""
+        def apply(db, batch):
+            if also is not None:
+                also(db)
+            return self._insert(db, batch, event, payload_hash(event))
+        return self._submit(apply)
+
+    def write(self, apply):
+        """`apply(db)` in the next group commit (beside POS calls, sharing their fsync); its
+        result, or what it raised (an sqlite3 error as OutboxUnavailable)."""
+        return self._submit(lambda db, batch: apply(db))
 
     def record_accepted(self, message_type: str, data: dict) -> None:
         """Note a sale or return the legacy ERP took directly, for the control totals."""

@@ -23,7 +23,7 @@ from werkzeug.wrappers import Response
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from contracts.ops import RouteTableAppliedV1
-from contracts.pos import idempotency_key
+from contracts.pos import PosSaleV1, idempotency_key
 from legacy_wrappers.legacy_http import LegacyHttp
 from routing import legacy_payload, modes
 from routing.broker_user import credentials_path, store_uri
@@ -34,10 +34,12 @@ from routing.forwarder import OutboxForwarder
 from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
 from routing.outbox import EventIdReusedError, Outbox, OutboxConflict, OutboxUnavailable
 from routing.pos_http import pos_http
+from routing.redemption import HoldRefusedError
 from routing.route_state import DECISION_SECONDS, END_TO_END_SECONDS, RouteTableHolder
 from routing.route_table import mode_of
 from routing.shadow import ShadowComparer
 from routing.stock_cache import StockCache, StockFeed, ask_erp, stock_answer
+from routing.till_loyalty import TillRedemption
 from bus import journal
 from bus.consumer import reliable_handler
 from bus.extensions import container_settings
@@ -71,6 +73,7 @@ class StoreOutbox(DependencyProvider):
 
     forwarder = OutboxForwarder()
     totals = ControlTotalsPublisher()
+    loyalty = TillRedemption()  # the loyalty holds its tills take, in the outbox database
     later_delay = 0.5  # seconds; bounds how late a legacy-mode sale shows in the control totals
 
     def setup(self):
@@ -86,6 +89,7 @@ class StoreOutbox(DependencyProvider):
         self.forwarder.attach(self.outbox, store.id, store_uri(uri, credentials_path(path)), settings.publisher)
         self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
                            settings.agent.control_totals_interval, settings.agent.control_totals_days)
+        self.loyalty.attach(self.outbox, store.id, uri, settings)
 
     def later(self, fn, *args):
         """Run bookkeeping no POS answer waits for (the legacy-mode control-totals note)
@@ -299,8 +303,13 @@ class StoreAgent:
             return None, _error(400, f"STORE: this agent serves store {self.store.store_id}, not {txn.store_id}")
         if terminal is not None and txn.terminal_id != terminal:
             return None, _error(403, f"TERMINAL: signed by terminal {terminal}, payload says {txn.terminal_id}")
+        spends = None  # a sale's LOYALTY tenders spend their holds in the commit that accepts it
+        if isinstance(txn, PosSaleV1) and any(tender.kind == "loyalty" for tender in txn.tenders):
+            spends = self.store.loyalty.spending(txn, events=route == "events")
         try:
-            accepted = self.store.outbox.accept(event)
+            accepted = self.store.outbox.accept(event, spends)
+        except HoldRefusedError as exc:
+            return None, _error(exc.status, str(exc))
         except OutboxConflict as exc:
             log.warning("conflicting retry: %s", exc, extra={"id": exc.first_event_id, "correlationid": None})
             return None, _error(409, f"TXN_ID: {txn.pos_txn_id} was already accepted with different content "
@@ -313,6 +322,8 @@ class StoreAgent:
             log.error("outbox write failed: %s", exc, extra={"id": event.id, "correlationid": event.correlationid})
             return None, _error(503, "store outbox unavailable; the sale was NOT recorded, retry")
         self.store.forwarder.wake()
+        if spends is not None:
+            self.store.loyalty.wake()  # an offline hold it spent is to be captured
         ACCEPT_SECONDS.labels(route).observe(time.monotonic() - started)
         journal.record("accepted", "duplicate" if accepted.duplicate else "ok", id=accepted.event_id,
                        correlationid=None if accepted.duplicate else event.correlationid,
@@ -361,6 +372,22 @@ class StoreAgent:
         if refused:
             return refused
         return _json(202, {"id": accepted.event_id, "duplicate": accepted.duplicate})
+
+    @pos_http("POST", "/v1/loyalty/authorize")
+    def loyalty_authorize(self, request):
+        """A till redeems points: a hold before it commits the sale (routing/till_loyalty.py)."""
+        return self._loyalty(request, self.store.loyalty.authorize)
+
+    @pos_http("POST", "/v1/loyalty/void")
+    def loyalty_void(self, request):
+        """The till voided the sale: its hold gives the points back."""
+        return self._loyalty(request, self.store.loyalty.void)
+
+    def _loyalty(self, request, handle) -> Response:
+        body, refused = self._body(request, ("application/json",))
+        if refused:
+            return refused
+        return self._once(request, body, lambda terminal: _json(*handle(body, terminal)))
 
     @pos_http("GET", "/erp/stock")
     def get_stock(self, request):

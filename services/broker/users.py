@@ -24,8 +24,8 @@ Per store there are two users: `store-<S>` (routing/broker_user.py) may only
 publish `pos.*` and its control totals to `store_agent.events`, with its own
 `user_id` (consumers park a message whose store is not its sender's,
 bus/identity.py); the agent's container (`agent-<S>`) reads its route-table
-and stock queues and asks the ERP over RPC for stock and shadow comparisons
-only. No user has a tag (so none is an administrator).
+and stock queues and asks the ERP over RPC for stock and shadow comparisons,
+and the loyalty service for its tills' redemptions, only. No user has a tag (so none is an administrator).
 
 Passwords are generated once and kept in `var/broker_users/<user>.json`
 (mode 0600); all users are applied with one `rabbitmqctl import_definitions`
@@ -198,6 +198,13 @@ def _shadow(ext, service: str, config: dict) -> Access:
     return rpc_client(config, "erp", ("shadow_compare",))
 
 
+def _till_loyalty(ext, service: str, config: dict) -> Access:
+    """A store agent authorises its tills' redemptions at the loyalty service, and settles them."""
+    from routing.loyalty_rpc import METHODS, SERVICE
+
+    return rpc_client(config, SERVICE, METHODS)
+
+
 def _route_broadcast(ext, service: str, config: dict) -> Access:
     """The route guard applies a rolled-back table: a publish to the fanout exchange."""
     from routing.control import ROUTES_EXCHANGE
@@ -231,6 +238,7 @@ def _describers() -> dict[type, Callable[..., Access]]:
     from routing.store_agent import StoreOutbox, StoreStock
     from routing.guard import GuardWatch
     from routing.shadow import ShadowComparer
+    from routing.till_loyalty import TillRedemption
     from bus.consumer import ReliableHandler
     from bus.extensions import EventPublisher
     from bus.journal import Journal
@@ -240,7 +248,8 @@ def _describers() -> dict[type, Callable[..., Access]]:
     return {ReliableHandler: _reliable_handler, BatchFileConsumer: _batch_file_consumer,
             EventPublisher: _own_events, Outbox: _own_events, Rpc: _rpc_server,
             StoreStock: _store_stock, ShadowComparer: _shadow, GuardWatch: _route_broadcast,
-            StoreOutbox: _store_outbox, Journal: _journal, DeadLetters: _dead_letters}
+            StoreOutbox: _store_outbox, Journal: _journal, DeadLetters: _dead_letters,
+            TillRedemption: _till_loyalty}
 
 
 def _uses_broker(ext) -> bool:

@@ -99,9 +99,9 @@ def test_a_retry_of_a_refused_call_gets_the_same_refusal(estate):
 def test_a_retry_while_the_first_is_in_flight_waits_for_its_answer(estate, monkeypatch):
     real_accept = estate.outbox.accept
 
-    def slow_accept(event):
+    def slow_accept(event, also=None):
         eventlet.sleep(0.2)
-        return real_accept(event)
+        return real_accept(event, also)
     monkeypatch.setattr(estate.outbox, "accept", slow_accept)
     same = signed(estate.keys, legacy_sale())
     first = eventlet.spawn(lambda: answer(estate.agent.post_sale(same())))
@@ -115,10 +115,10 @@ def test_a_retry_after_a_5xx_is_handled_again(estate, monkeypatch):
     real_accept = estate.outbox.accept
     failing = [True]
 
-    def accept(event):
+    def accept(event, also=None):
         if failing.pop() if failing else False:
             raise OutboxUnavailable("disk full")
-        return real_accept(event)
+        return real_accept(event, also)
     monkeypatch.setattr(estate.outbox, "accept", accept)
     same = signed(estate.keys, legacy_sale())
     assert answer(estate.agent.post_sale(same()))[0] == 503

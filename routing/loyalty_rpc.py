@@ -1,0 +1,98 @@
+"""The loyalty service (`services/loyalty`) over nameko RPC, as a store agent calls it:
+bounded by a timeout, and every failure sorted by what the till is told.
+
+- `LoyaltyRefusedError`: the service refused on the merits (not enough points, unknown
+  card, blocked member, a hold the platform will not release): an answer, never retried;
+- `LoyaltyUnreachableError`: nobody could answer (the service's `LoyaltyUnavailableError`:
+  platform down or its breaker open; no answer within the timeout; the service not running;
+  the bus down): authorise offline, or try again later;
+- `LoyaltyFailedError`: any other remote error (a bug): neither.
+
+Every request carries an AMQP expiration equal to the timeout: a request nobody took in
+time (the service down, its queue still there) is dropped by the broker, instead of
+making a hold, once the service is back, for a till that stopped waiting long ago.
+
+A pybreaker breaker opens after `FAIL_MAX` unreachable calls in a row: while it is open,
+calls are unreachable at once (the till is authorised offline without waiting out the
+timeout again), and after `RESET_SECONDS` one call tries loyalty again.
+"""
+from __future__ import annotations
+
+import eventlet
+import pybreaker
+from nameko.exceptions import RemoteError, RpcTimeout
+from nameko.rpc import ServiceProxy
+from nameko.standalone.rpc import ServiceRpcProxy
+
+from contracts.errors import RetailbusError
+from legacy_wrappers.legacy_http import BreakerMetrics
+
+SERVICE = "loyalty"
+METHODS = ("authorize_redemption", "release", "capture_offline", "balance")  # what an agent may call
+REFUSALS = ("InsufficientPointsError", "UnknownMemberError", "MemberInactiveError", "LoyaltyRefusedError")
+UNAVAILABLE = "LoyaltyUnavailableError"
+FAIL_MAX, RESET_SECONDS = 3, 5.0
+
+
+class LoyaltyRefusedError(RetailbusError):
+    """Raised when the loyalty service refuses a call on its merits; `kind` is its exception's name."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class LoyaltyUnreachableError(RetailbusError):
+    """Raised when the loyalty service, its platform or the bus cannot answer in time."""
+
+
+class LoyaltyFailedError(RetailbusError):
+    """Raised when the loyalty service fails with an error that is neither a refusal nor an outage."""
+
+
+class _ExpiringProxy(ServiceRpcProxy):
+    """nameko's standalone proxy whose requests expire in the service's queue after `timeout`."""
+
+    def __init__(self, config: dict, timeout: float):
+        super().__init__(SERVICE, config, timeout=timeout)
+        self._proxy = ServiceProxy(self._worker_ctx, SERVICE, self._reply_listener, expiration=timeout)
+
+
+class LoyaltyRpc:
+    def __init__(self, uri: str, timeout: float, ssl: dict | None = None):
+        self.config = {"AMQP_URI": uri, **({"AMQP_SSL": ssl} if ssl else {})}
+        self.timeout = timeout
+        self.breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS,
+                                                exclude=[LoyaltyRefusedError, LoyaltyFailedError],
+                                                listeners=[BreakerMetrics("loyalty_rpc")])
+
+    def call(self, method: str, *args):
+        """`loyalty.<method>(*args)`'s answer, or one of the three errors above."""
+        try:
+            return self.breaker.call(self._call, method, *args)
+        except pybreaker.CircuitBreakerError:
+            raise LoyaltyUnreachableError(f"{SERVICE}.{method}: breaker open after {FAIL_MAX} calls loyalty did "
+                                          f"not answer; tried again within {RESET_SECONDS:g}s") from None
+
+    def _call(self, method: str, *args):
+        proxy = None
+        try:
+            # eventlet's Timeout is a BaseException: raise nameko's RpcTimeout instead, an Exception.
+            with eventlet.Timeout(self.timeout, RpcTimeout(f"{SERVICE}.{method}: no answer within {self.timeout}s")):
+                proxy = _ExpiringProxy(self.config, self.timeout)
+                return getattr(proxy.start(), method)(*args)
+        except RemoteError as exc:
+            if exc.exc_type in REFUSALS:
+                raise LoyaltyRefusedError(exc.exc_type, exc.value) from None
+            if exc.exc_type == UNAVAILABLE:
+                raise LoyaltyUnreachableError(f"{SERVICE}.{method}: {exc.value}") from None
+            raise LoyaltyFailedError(f"{SERVICE}.{method} failed: {exc.exc_type}: {exc.value}") from None
+        except Exception as exc:  # the timeout, UnknownService, a refused or lost connection
+            raise LoyaltyUnreachableError(f"{SERVICE}.{method}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if proxy is not None:
+                try:
+                    with eventlet.Timeout(self.timeout, False):  # a dead connection does not hold the till
+                        proxy.stop()
+                except Exception:  # a connection that never opened, or is gone already
+                    pass
