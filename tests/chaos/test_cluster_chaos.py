@@ -128,8 +128,8 @@ def test_node_killed_while_sales_flow_every_confirmed_sale_posts_once(cluster, t
         def chaos():
             while len(confirmed) < KILL_AFTER:
                 eventlet.sleep(0.01)
-            victim.kill()  # SIGKILL by the node's own pid
-            killed.send(len(confirmed))
+            victim.kill()  # SIGKILL by the node's own pid; returns once the process is gone
+            killed.send(len(confirmed))  # confirms so far: every later one came with the node gone
 
         eventlet.spawn(chaos)
         events = [sale_event(i) for i in range(SALES)]
@@ -137,7 +137,8 @@ def test_node_killed_while_sales_flow_every_confirmed_sale_posts_once(cluster, t
         failures = send_until_confirmed(publisher, events, topology.events_exchange("store_agent"),
                                         confirmed, deadline=started + 150)
         published_in = time.monotonic() - started
-        assert killed.ready(), "the node was never killed"
+        assert wait_for(killed.ready, timeout=60), "the node was never killed"
+        assert killed.wait() < SALES, "the node died after the last confirm: no sale was in flight"
         assert victim.pid() is None and not any(n.pid() == victim_pid for n in cluster.nodes)
         assert len(confirmed) == SALES
 
