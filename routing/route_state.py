@@ -82,22 +82,29 @@ class RouteTableHolder(DependencyProvider):
 
 
 class RouteStats:
-    """Per route and mode: totals for status, and a sliding window for the guard."""
+    """Per route and mode: totals for status, and a sliding window for the guard.
+
+    The window is kept as counts per whole second, not a record per call: an hour of
+    a busy till is then 3,600 small dicts whatever the rate (a record per call was
+    ~30 MiB at 75 sales/s, and the agent grew by it for an hour)."""
 
     WINDOW = 3600.0
 
     def __init__(self):
         self.totals: dict[tuple[str, str, str], int] = {}
-        self.recent: deque[tuple[float, str, str, str]] = deque()
+        self.recent: deque[tuple[int, dict[tuple[str, str, str], int]]] = deque()
         self.parity: dict[str, list[int]] = {}
 
     def count(self, route: str, mode: str, outcome: str) -> None:
         ROUTE_MESSAGES.labels(route, mode, outcome).inc()
         key = (route, mode, outcome)
         self.totals[key] = self.totals.get(key, 0) + 1
-        now = time.monotonic()
-        self.recent.append((now, route, mode, outcome))
-        while self.recent and self.recent[0][0] < now - self.WINDOW:
+        second = int(time.monotonic())
+        if not self.recent or self.recent[-1][0] != second:
+            self.recent.append((second, {}))
+        counts = self.recent[-1][1]
+        counts[key] = counts.get(key, 0) + 1
+        while self.recent[0][0] < second - self.WINDOW:
             self.recent.popleft()
 
     def shadowed(self, route: str, matched: bool) -> None:
@@ -116,11 +123,12 @@ class RouteStats:
         """Counts per route of `<mode>_<outcome>` over the last `seconds`."""
         since = time.monotonic() - seconds
         out: dict[str, dict[str, int]] = {}
-        for at, route, mode, outcome in reversed(self.recent):
-            if at < since:
+        for second, counts in reversed(self.recent):
+            if second + 1 <= since:  # the second [second, second + 1) ended before the window
                 break
-            bucket = out.setdefault(route, {})
-            bucket[f"{mode}_{outcome}"] = bucket.get(f"{mode}_{outcome}", 0) + 1
+            for (route, mode, outcome), n in counts.items():
+                bucket = out.setdefault(route, {})
+                bucket[f"{mode}_{outcome}"] = bucket.get(f"{mode}_{outcome}", 0) + n
         return out
 
     def snapshot(self) -> dict[str, dict[str, int]]:
