@@ -16,6 +16,7 @@ import amqp
 import yaml
 
 from bus.publisher import connection_params
+from services.broker.setup import free_ports
 
 
 class _Unresolved(yaml.SafeLoader):
@@ -39,13 +40,17 @@ def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, *
     config = {key: value for key, value in shipped.items() if key != "RETAILBUS"}
     config["AMQP_URI"] = amqp_uri or "${RETAILBUS_AMQP_URI:}"
     config["LEGACY_DB_URI"] = legacy_db or f"sqlite:///{root / 'var' / 'legacy_erp.db'}"
-    config["RETAILBUS"] = {"root": str(root), **retailbus}
+    # the simulated platforms `retailbus up` starts: on free ports, so concurrent tests never clash
+    platforms = {name: {"http": f"127.0.0.1:{port}", "db": f"var/{name}.db"}
+                 for name, port in zip(("loyalty_platform", "crm"), free_ports(2))}
+    config["RETAILBUS"] = {"root": str(root), **platforms, **retailbus}
     path = root / "config" / "bus.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    routes = path.with_name("routes.yaml")  # agents start from it until a table is applied
-    if not routes.exists():
-        routes.write_text((Path(__file__).parents[2] / "config" / "routes.yaml").read_text())
+    for name in ("routes.yaml", "loyalty.yaml"):  # agents start from routes.yaml until a table is applied
+        copy = path.with_name(name)
+        if not copy.exists():
+            copy.write_text((Path(__file__).parents[2] / "config" / name).read_text())
     return path
 
 

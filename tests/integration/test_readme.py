@@ -48,6 +48,9 @@ def project(root: Path) -> dict[str, int]:
                       for name, port in zip(("erp", "journal"), metrics)}  # what the quick start needs
     rb["stores"] = [{"id": "S001", "http": f"127.0.0.1:{s1}"}, {"id": "S002", "http": f"127.0.0.1:{s2}"}]
     rb["legacy_erp"]["http"] = f"127.0.0.1:{erp}"
+    loyalty, crm = free_ports(2)
+    rb["loyalty_platform"] = {"http": f"127.0.0.1:{loyalty}", "db": "var/loyalty_platform.db"}
+    rb["crm"] = {"http": f"127.0.0.1:{crm}", "db": "var/crm.db"}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     routes = root / "config" / "routes.yaml"
     routes.write_text(routes.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{erp}"))
