@@ -237,6 +237,8 @@ class RetailbusSettings(Strict):
         description="the loyalty platform (members, point ledger, holds)")
     loyalty_rules: Path = Field(Path("config/loyalty.yaml"), description="earning and redemption rules "
                                 "(services/loyalty/rules.py); re-read when the file changes")
+    loyalty_audit: Path = Field(Path("var/loyalty/audit.jsonl"), description="append-only JSON lines of "
+                                "accrual mode switches (`retailbus loyalty mode`)")
     crm: PlatformSettings = Field(PlatformSettings(http="127.0.0.1:8092", db=Path("var/crm.db")),
                                   description="the CRM (profiles, consent, engagement history, segments)")
     agent: AgentSettings = AgentSettings()

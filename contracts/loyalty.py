@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 from contracts.money import Currency, NonNegativeMinor
 from contracts.pos import PosTxnId, StoreId
@@ -74,8 +74,13 @@ class LoyaltyRedemptionReleasedV1(_HoldEvent):
 class LoyaltySettlementV1(BaseModel):
     """A store's loyalty figures for one business day: what the ERP books as liability.
 
-    `liability_minor` is issued minus redeemed points, valued at the point value of
-    config/loyalty.yaml; negative when more was redeemed than issued.
+    `points_issued` are the points the platform gave members for the day's postings
+    (earned on sales, and redeemed points refunded on returns), `points_reversed` the
+    earned points returns took back, `points_redeemed` the points captured as payment.
+    `liability_minor` is issued minus reversed minus redeemed points, valued at
+    `point_value_minor` (config/loyalty.yaml); negative when more was redeemed than
+    issued. `sequence` 1 is the day's settlement; postings that arrive after it (a
+    store that was offline) follow as supplements 2, 3, ..., each with only what is new.
     """
 
     TYPE: ClassVar[str] = "loyalty.settlement.v1"
@@ -83,8 +88,18 @@ class LoyaltySettlementV1(BaseModel):
 
     store_id: StoreId
     business_day: date
+    sequence: StrictInt = Field(1, ge=1)
     points_issued: StrictInt = Field(ge=0)
     points_redeemed: StrictInt = Field(ge=0)
     points_reversed: StrictInt = Field(ge=0)
+    point_value_minor: StrictInt = Field(ge=0)
     liability_minor: StrictInt
     currency: Currency
+
+    @model_validator(mode="after")
+    def _liability(self):
+        expected = (self.points_issued - self.points_reversed - self.points_redeemed) * self.point_value_minor
+        if self.liability_minor != expected:
+            raise ValueError(f"liability_minor: {self.liability_minor} is not (issued - reversed - redeemed) "
+                             f"x point_value_minor = {expected}")
+        return self

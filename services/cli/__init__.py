@@ -16,6 +16,7 @@ from services.cli.agent import agent
 from services.cli.broker import broker
 from services.cli.dlq import dlq
 from services.cli.files import files
+from services.cli.loyalty import loyalty
 from services.cli.reconcile import reconcile
 from services.cli.routes import routes
 from services.cli.trace import trace
@@ -83,6 +84,7 @@ main.add_command(files)
 main.add_command(reconcile)
 main.add_command(trace)
 main.add_command(dlq)
+main.add_command(loyalty)
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from ulid import ULID
 
 from contracts.envelope import CloudEvent
+from contracts.loyalty import LoyaltySettlementV1
 from contracts.errors import ContractError
 from contracts.pos import PosReturnV1, PosSaleV1, idempotency_key
 from legacy_wrappers.batched_writes import BatchedWrites
@@ -21,7 +22,7 @@ from bus.extensions import EventPublisher
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
 from bus.retention import retention_timer
-from services.erp import customer_master, events, ledger, posting, return_links, stock, unknown_sku
+from services.erp import customer_master, events, ledger, loyalty_gl, posting, return_links, stock, unknown_sku
 from services.erp.outbox import Outbox
 from services.erp.retention import LegacyRetention
 from services.erp.outbox import metadata as outbox_tables
@@ -36,7 +37,8 @@ class ErpService:
     name = "erp"
 
     db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE),
-                        create=(inbox.metadata, outbox_tables, return_links.metadata, unknown_sku.metadata))
+                        create=(inbox.metadata, outbox_tables, return_links.metadata, unknown_sku.metadata,
+                                loyalty_gl.metadata))
     postings = BatchedWrites(posting.post_many)
     outbox = Outbox()
     events = EventPublisher()
@@ -73,6 +75,13 @@ class ErpService:
                           detail={"doc_no": doc_no, "store": txn.store_id})
             results.append(DUPLICATE if duplicate else doc_no)
         return results
+
+    @reliable_handler("loyalty", LoyaltySettlementV1.TYPE)
+    def on_loyalty_settlement(self, settlement: LoyaltySettlementV1, event: CloudEvent):
+        """A store's daily loyalty figures -> a GL document on the liability account, once."""
+        if not inbox.claim(self.db.conn, "erp.on_loyalty_settlement", event.idempotencykey, event.id):
+            return DUPLICATE
+        return loyalty_gl.post(self.db.conn, ledger.LegacyTables.of(self.db.tables), settlement)
 
     @rpc
     def post_sale(self, sale: dict) -> dict:

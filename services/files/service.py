@@ -2,7 +2,9 @@
 
 The CRM customer export and the warehouse stock snapshot become chunks of
 `customer.updated.v1` / `erp.stock_changed.v1` rows (envelope `event.batch.v1`);
-posted sales and returns become the legacy loyalty job's points file.
+posted sales and returns become the legacy loyalty job's points file, while
+config/loyalty.yaml's accrual mode says the file earns (`file`, `shadow`); in
+`api` the loyalty platform earns and the file gets no line for the posting.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from bus.metrics_http import MetricsHttp
 from bus.retention import retention_timer
 from services.files.appliers import AppliedDrops
 from services.files.mapping import batch_event, drop_options, points_record
+from services.loyalty.config import LoyaltyRules
 
 
 class FilesService:
@@ -27,6 +30,7 @@ class FilesService:
     hops = JournalHops()
     retention = FileRetention()
     applied = AppliedDrops()  # refuses to start with a drop whose rows no service applies
+    loyalty = LoyaltyRules(optional=True)  # the accrual mode: does the points file earn this posting?
 
     @retention_timer()
     def prune(self) -> dict[str, int]:
@@ -54,6 +58,8 @@ class FilesService:
 
     @batch_file_consumer("erp", ("erp.sale_posted.v1", "erp.return_posted.v1"), writer="loyalty_points")
     def on_posted(self, doc, event: CloudEvent):
+        if self.loyalty.config.accrual.mode_at(doc.posted_at) == "api":
+            return  # the loyalty platform earns it (services/loyalty), by the same moment
         record = points_record(doc)
         if record is not None:
             self.points_file.add(event.idempotencykey, record,

@@ -1,8 +1,8 @@
 """What a posting means for points, and the rows that remember it (plain functions).
 
 `earn` applies the earning rules to a posted sale; `plan_reversal` works out what a
-posted return takes back (the points its lines earned, never more than the sale
-earned in all) and what it refunds of the points redeemed on the sale (in
+posted return takes back at the platform (the points its lines earned there, never
+more than the sale earned in all) and what it refunds of the points redeemed on the sale (in
 proportion to the amount returned, never more than was redeemed).
 """
 from __future__ import annotations
@@ -80,10 +80,12 @@ def earn(platform, earning: Earning, doc: ErpSalePostedV1) -> Earned | None:
     return Earned(tier, sale_points(earning, tier, doc.business_day, lines))
 
 
-def record_sale(conn: Connection, doc: ErpSalePostedV1, earned: Earned | None) -> None:
-    """The sale's lines and what each earned (0 where nothing was computed): a later return
-    needs them, whatever the accrual mode, to refund redeemed points in proportion."""
-    points = earned.points if earned else [0] * len(doc.lines)
+def record_sale(conn: Connection, doc: ErpSalePostedV1, booked: Earned | None) -> None:
+    """The sale's lines and what each earned at the platform (`booked`; 0 where the platform
+    booked nothing: no card, or the points file earned it): a return takes back what the
+    platform earned for its lines, whatever the mode then, and needs the lines in any mode
+    to refund redeemed points in proportion; the daily settlement sums these points."""
+    points = booked.points if booked else [0] * len(doc.lines)
     for n, (line, line_points) in enumerate(zip(doc.lines, points), start=1):
         upsert(conn, ACCRUALS, dict(STORE_ID=doc.store_id, POS_TXN_ID=doc.pos_txn_id, LINE_NO=n,
                                     CARD=doc.loyalty_card or "", BUSINESS_DAY=doc.business_day.isoformat(),
@@ -91,15 +93,7 @@ def record_sale(conn: Connection, doc: ErpSalePostedV1, earned: Earned | None) -
                                     LINE_TOTAL_MINOR=line.line_total_minor, POINTS=line_points))
 
 
-def shadow_mismatch(doc: ErpSalePostedV1, earned: Earned) -> str | None:
-    """The legacy points file's figure (one point per whole currency unit of the total) against
-    the rules'; what differs, naming the field, or None."""
-    legacy = abs(doc.total_minor) // 100
-    ours = sum(earned.points)
-    return None if legacy == ours else f"points: file {legacy}, api {ours} (tier {earned.tier})"
-
-
-def plan_reversal(engine: Engine, doc: ErpReturnPostedV1, mode: str) -> Reversal | None:
+def plan_reversal(engine: Engine, doc: ErpReturnPostedV1) -> Reversal | None:
     if not doc.original_pos_txn_id:
         return None  # a receipt-less return earned nothing here and redeemed nothing
     with engine.connect() as conn:
@@ -122,7 +116,7 @@ def plan_reversal(engine: Engine, doc: ErpReturnPostedV1, mode: str) -> Reversal
     accrued = [(r["SKU"], r["QUANTITY"], r["POINTS"]) for r in sale]
     returned = [(line.sku, abs(line.quantity)) for line in doc.lines]
     earned_total = sum(p for _, _, p in accrued)
-    points = 0 if mode == "file" else min(reversal(accrued, returned), max(0, earned_total - before[0]))
+    points = min(reversal(accrued, returned), max(0, earned_total - before[0]))
     sale_total = sum(r["LINE_TOTAL_MINOR"] for r in sale)
     refund = 0
     if redeemed and sale_total > 0:

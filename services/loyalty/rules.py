@@ -3,18 +3,29 @@
 Plain functions over plain values, so every rule is unit-tested without a broker:
 points per line of a posted sale, what a return takes back (never more than the
 sale's lines earned), and the floor limit a store agent may authorise offline.
-Points are whole numbers: a line's points are rounded down once, after every
-multiplier, so a sale's points are the sum of its lines' and a return of some
-lines can reverse exactly what those lines earned.
+Points are whole numbers and a sale's points are the sum of its lines', so a
+return of some lines can reverse exactly what those lines earned. `rounding:
+line` (the default) rounds each line down after every multiplier; `rounding:
+sale` rounds the sale's exact total down once and gives each line its share
+(largest remainders), which is how the legacy points file counts (one point per
+whole unit of the total): a shadow run with the file's rule then agrees.
+
+The accrual mode is decided per sale by the time the ERP posted it
+(`Accrual.mode_at`): `retailbus loyalty mode` switches it from a moment a few
+seconds ahead and keeps the earlier modes, so the files service and the loyalty
+service, each reading the file on its own and each with its own backlog, agree
+on every sale about who earns it.
 """
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
+from fractions import Fraction
+from math import floor
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contracts.errors import RetailbusError, format_validation_error
 from contracts.redemption import Redemption, offline_allowed  # noqa: F401  (shared with the store agent)
@@ -56,18 +67,71 @@ class Earning(Strict):
     excluded_sku_prefixes: tuple[str, ...] = Field(
         (), description="categories that never earn, by SKU prefix (the category digits of the SKU)")
     campaigns: tuple[Campaign, ...] = ()
+    rounding: Literal["line", "sale"] = Field(
+        "line", description="line: each line's points rounded down; sale: the sale's exact points rounded "
+                            "down once and shared out over its lines (the legacy points file's way)")
+
+
+Mode = Literal["file", "api", "shadow"]
+
+
+class EarlierMode(Strict):
+    """A mode that applied to sales posted from `since` (open: from the start) until the next one."""
+
+    mode: Mode
+    since: AwareDatetime | None = None
 
 
 class Accrual(Strict):
-    mode: Literal["file", "api", "shadow"] = Field(
+    mode: Mode = Field(
         "file", description="file: the legacy points file earns (today's job); api: the loyalty platform; "
                             "shadow: the file earns and the platform's figure is compared per transaction")
+    since: AwareDatetime | None = Field(
+        None, description="sales the ERP posted from this moment on earn by `mode`, earlier ones by `before`; "
+                          "unset: every sale (written by `retailbus loyalty mode`)")
+    before: tuple[EarlierMode, ...] = Field((), description="the earlier modes, newest first")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.before and self.since is None:
+            raise ValueError("accrual.since: required when accrual.before lists earlier modes")
+        later = self.since
+        for n, earlier in enumerate(self.before):
+            if earlier.since is None and n != len(self.before) - 1:
+                raise ValueError(f"accrual.before.{n}.since: only the oldest mode may leave it out")
+            if earlier.since is not None and earlier.since >= later:
+                raise ValueError(f"accrual.before.{n}.since: {earlier.since.isoformat()} is not before "
+                                 f"{later.isoformat()} (newest first)")
+            later = earlier.since
+        return self
+
+    def mode_at(self, posted_at: datetime) -> Mode:
+        """The mode a sale the ERP posted at `posted_at` earns by."""
+        if self.since is None or posted_at >= self.since:
+            return self.mode
+        for earlier in self.before:
+            if earlier.since is None or posted_at >= earlier.since:
+                return earlier.mode
+        return self.before[-1].mode if self.before else self.mode
+
+
+class Settlement(Strict):
+    """The daily `loyalty.settlement.v1` per store (services/loyalty/settlement.py)."""
+
+    close_after_hours: float = Field(2.0, ge=0, le=72, description="a business day is settled this long after "
+                                     "it ended (UTC), so the postings of a late store are in it")
+    interval_seconds: float = Field(60.0, gt=0, le=3600, description="how often the service looks for days "
+                                    "to settle (read at start)")
+    lookback_days: int = Field(35, ge=1, le=400, description="how far back it looks for days not settled yet "
+                               "and for late postings (settled as a supplement)")
+    currency: str = Field("EUR", pattern=r"^[A-Z]{3}$", description="the currency of point_value_minor")
 
 
 class LoyaltyConfig(Strict):
     accrual: Accrual = Accrual()
     earning: Earning = Earning()
     redemption: Redemption = Redemption()
+    settlement: Settlement = Settlement()
 
 
 def load(path: Path | str) -> LoyaltyConfig:
@@ -86,20 +150,47 @@ def load(path: Path | str) -> LoyaltyConfig:
         raise LoyaltyConfigError(f"{path}: {format_validation_error(exc)}") from None
 
 
+def eligible(earning: Earning, sku: str, line_total_minor: int) -> bool:
+    """Whether a line can earn at all: not an excluded SKU, a positive total."""
+    return line_total_minor > 0 and sku not in earning.excluded_skus \
+        and not sku.startswith(earning.excluded_sku_prefixes)
+
+
+def _factors(earning: Earning, tier: str, day: date, sku: str, line_total_minor: int) -> list[float]:
+    """The multipliers of one line, in order; none for a line that cannot earn."""
+    if not eligible(earning, sku, line_total_minor):
+        return []
+    return [earning.points_per_unit, earning.tier_multipliers.get(tier, 1.0),
+            *(c.multiplier for c in earning.campaigns if c.applies(day, sku))]
+
+
 def line_points(earning: Earning, tier: str, day: date, sku: str, line_total_minor: int) -> int:
-    """What one line earns: nothing for an excluded SKU or a non-positive total."""
-    if line_total_minor <= 0 or sku in earning.excluded_skus or sku.startswith(earning.excluded_sku_prefixes):
+    """What one line earns alone (`rounding: line`): nothing for an excluded SKU or a non-positive total."""
+    factors = _factors(earning, tier, day, sku, line_total_minor)
+    if not factors:
         return 0
-    factor = earning.points_per_unit * earning.tier_multipliers.get(tier, 1.0)
-    for campaign in earning.campaigns:
-        if campaign.applies(day, sku):
-            factor *= campaign.multiplier
+    factor = factors[0]
+    for f in factors[1:]:
+        factor *= f
     return int(line_total_minor // 100 * factor)
 
 
 def sale_points(earning: Earning, tier: str, day: date, lines: list[tuple[str, int, int]]) -> list[int]:
     """Points per line of a sale, lines given as (sku, quantity, line total in minor units)."""
-    return [line_points(earning, tier, day, sku, total) for sku, _, total in lines]
+    if earning.rounding == "line":
+        return [line_points(earning, tier, day, sku, total) for sku, _, total in lines]
+    exact = []
+    for sku, _, total in lines:
+        factors = _factors(earning, tier, day, sku, total)
+        value = Fraction(total, 100) if factors else Fraction(0)
+        for f in factors:
+            value *= Fraction(str(f))
+        exact.append(value)
+    points = [floor(v) for v in exact]
+    left = floor(sum(exact)) - sum(points)
+    for n in sorted(range(len(exact)), key=lambda i: (points[i] - exact[i], i))[:left]:
+        points[n] += 1
+    return points
 
 
 def reversal(accrued: list[tuple[str, int, int]], returned: list[tuple[str, int]]) -> int:

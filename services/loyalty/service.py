@@ -2,9 +2,11 @@
 
 RPC for what a till waits on (balance, authorise a redemption, capture,
 release); events for what follows a posting: the ERP posts a sale -> its holds
-are captured and (accrual mode api or shadow) its lines earn points; the ERP
-posts a return -> what the returned lines earned goes back and the redeemed
-points are refunded in proportion. Every platform write carries an
+are captured and, by the accrual mode at its posting, its lines earn points
+at the platform (api) or are compared with the points file's figure (shadow);
+the ERP posts a return -> what the returned lines earned goes back and the
+redeemed points are refunded in proportion; each closed business day is
+settled per store for the ERP's liability account. Every platform write carries an
 idempotency key derived from the business transaction, and every handler
 claims its message in the inbox, so a redelivered event books nothing twice.
 
@@ -18,7 +20,7 @@ from datetime import datetime, timezone
 
 from nameko.rpc import rpc
 from nameko.timer import timer
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import select
 
 from bus.consumer import DUPLICATE, reliable_handler
@@ -28,11 +30,11 @@ from bus.publisher import UnroutableError
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
-                               LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1)
+                               LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from legacy_wrappers import inbox
 from legacy_wrappers.legacy_db import LegacyDatabase
-from services.loyalty import accrual
-from services.loyalty.config import LoyaltyRules
+from services.loyalty import accrual, settlement, shadow
+from services.loyalty.config import LoyaltyRules, SettlementSchedule
 from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
 from services.loyalty.tables import EXCEPTIONS, HOLDS, metadata
 
@@ -45,10 +47,13 @@ ACCRUALS = Counter("retailbus_loyalty_accruals_total", "Posted sales whose point
                    ["mode", "outcome"])
 ACCRUAL_LAG = Histogram("retailbus_loyalty_accrual_lag_seconds", "From the ERP's posting to the points booked",
                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
-SHADOW = Counter("retailbus_loyalty_shadow_total", "Shadow accruals compared with the points file, by outcome",
-                 ["outcome"])
 UNROUTED = Counter("retailbus_loyalty_events_unrouted_total", "Loyalty events published with no queue bound",
                    ["type"])
+SETTLEMENTS = Counter("retailbus_loyalty_settlements_total", "Daily settlements per store, by outcome "
+                      "(recorded; sent: confirmed to the erp's queue; unroutable: no queue bound, sent later)",
+                      ["outcome"])
+SETTLEMENTS_UNSENT = Gauge("retailbus_loyalty_settlements_unsent", "Settlements recorded and not yet confirmed "
+                           "by the broker after the last pass")
 EXCEPTIONS_TOTAL = Counter("retailbus_loyalty_exceptions_total", "Loyalty exceptions recorded for ops, by kind",
                            ["kind"])
 
@@ -128,38 +133,41 @@ class LoyaltyService:
     def on_sale_posted(self, doc: ErpSalePostedV1, event: CloudEvent):
         holds = accrual.open_holds(self.db.engine, doc.store_id, doc.pos_txn_id)
         captured = [self.platform.capture(h["HOLD_ID"]) for h in holds]
-        mode = self.rules.config.accrual.mode
-        earned = accrual.earn(self.platform, self.rules.config.earning, doc) if doc.loyalty_card else None
-        if earned and mode == "api" and sum(earned.points):
-            self.platform.book(doc.loyalty_card, "EARN", sum(earned.points), f"{doc.store_id}/{doc.pos_txn_id}",
+        rules = self.rules.config
+        mode = rules.accrual.mode_at(doc.posted_at)  # the files service decides by the same moment
+        earned = accrual.earn(self.platform, rules.earning, doc) if doc.loyalty_card and mode != "file" else None
+        booked = earned if mode == "api" and earned and sum(earned.points) else None
+        if booked:
+            self.platform.book(doc.loyalty_card, "EARN", sum(booked.points), f"{doc.store_id}/{doc.pos_txn_id}",
                                doc.store_id, key=f"earn:{doc.store_id}:{doc.pos_txn_id}")
         if not inbox.claim(self.db.conn, "loyalty.on_sale_posted", event.idempotencykey, event.id):
             return DUPLICATE
-        accrual.record_sale(self.db.conn, doc, earned)
+        accrual.record_sale(self.db.conn, doc, booked)
         for hold in captured:
             accrual.mark_hold(self.db.conn, hold["hold_id"], "captured")
             self._publish(LoyaltyRedemptionCapturedV1, f"captured:{hold['hold_id']}", doc.pos_txn_id,
                           hold_id=hold["hold_id"], card=hold["card"], store_id=doc.store_id,
                           pos_txn_id=doc.pos_txn_id, points=hold["points"])
+        ACCRUALS.labels(mode, "ok" if doc.loyalty_card else "no card").inc()
         if earned is None:
-            return "no card"
+            return "no card" if not doc.loyalty_card else mode
         if mode == "shadow":
-            mismatch = accrual.shadow_mismatch(doc, earned)
-            SHADOW.labels("mismatch" if mismatch else "match").inc()
-            if mismatch:
-                self._exception("shadow_mismatch", doc.store_id, doc.pos_txn_id, doc.loyalty_card, mismatch)
-        elif mode == "api" and sum(earned.points):
+            differences = shadow.compare(rules.earning, doc, earned.points)
+            shadow.record(differences)
+            if differences:
+                self._exception("shadow_mismatch", doc.store_id, doc.pos_txn_id, doc.loyalty_card,
+                                shadow.describe(differences, earned.tier))
+        elif booked:
             self._publish(LoyaltyPointsAccruedV1, f"accrued:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
                           card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
-                          business_day=doc.business_day, points=sum(earned.points),
+                          business_day=doc.business_day, points=sum(booked.points),
                           basis_minor=doc.total_minor, currency=doc.currency)
-        ACCRUALS.labels(mode, "ok").inc()
-        ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
+            ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
         return sum(earned.points)
 
     @reliable_handler("erp", "erp.return_posted.v1")
     def on_return_posted(self, doc: ErpReturnPostedV1, event: CloudEvent):
-        plan = accrual.plan_reversal(self.db.engine, doc, self.rules.config.accrual.mode)
+        plan = accrual.plan_reversal(self.db.engine, doc)
         if plan is None:
             return "nothing to reverse"
         if plan.refund:
@@ -197,6 +205,31 @@ class LoyaltyService:
             self._publish(LoyaltyRedemptionReleasedV1, f"released:{hold['HOLD_ID']}", hold["POS_TXN_ID"],
                           hold_id=hold["HOLD_ID"], card=hold["CARD"], store_id=hold["STORE_ID"],
                           pos_txn_id=hold["POS_TXN_ID"], points=hold["POINTS"], reason="expired")
+
+    @SettlementSchedule.decorator()
+    def settle(self) -> int:
+        """Record the settlements due (committed first), then send every one not sent yet
+        (services/loyalty/settlement.py); returns how many were sent."""
+        recorded = settlement.record_due(self.db.conn, datetime.now(timezone.utc), self.rules.config)
+        SETTLEMENTS.labels("recorded").inc(recorded)
+        rows = settlement.unsent(self.db.conn)
+        self.db.end(success=True)
+        sent = []
+        for row in rows:
+            event = CloudEvent.new(LoyaltySettlementV1.TYPE, SOURCE, settlement.message(row),
+                                   subject=f"{row['STORE_ID']}/{row['BUSINESS_DAY']}", idempotencykey=settlement.key(row))
+            try:
+                self.events.publish(event)
+            except UnroutableError:
+                SETTLEMENTS.labels("unroutable").inc()
+                log.warning("loyalty settlement %s not sent: no queue is bound (is the erp running?); "
+                            "sent on a later pass", settlement.key(row))
+                break
+            sent.append(row)
+        settlement.mark_sent(self.db.conn, sent, datetime.now(timezone.utc))
+        SETTLEMENTS.labels("sent").inc(len(sent))
+        SETTLEMENTS_UNSENT.set(len(rows) - len(sent))
+        return len(sent)
 
     # ---------------------------------------------------------------- helpers
     def _settle_hold(self, hold_id: str, status: str, reason: str) -> dict:

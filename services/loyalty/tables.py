@@ -3,7 +3,9 @@
 The platform holds the balances; these hold what the bus needs to act on later
 without asking it: which hold pays for which till transaction (captured when the
 ERP posts that sale), what each line of a sale earned (a return takes back what
-its lines earned, never more), and the exceptions ops must see.
+its lines earned, never more), the exceptions ops must see, and the daily
+settlements (recorded before they are sent, so a restart neither misses nor
+repeats one).
 """
 from __future__ import annotations
 
@@ -50,11 +52,25 @@ REVERSALS = Table(
 
 EXCEPTIONS = Table(
     "LOY_EXCEPTION", metadata,
-    Column("KIND", String(32), primary_key=True),          # over_redemption | shadow_mismatch
+    Column("KIND", String(32), primary_key=True),          # over_redemption | shadow_mismatch | reversal_refused
     Column("STORE_ID", String(16), primary_key=True),
     Column("POS_TXN_ID", String(64), primary_key=True),
     Column("CARD", String(40), nullable=False),
     Column("DETAIL", String(2000), nullable=False),
     Column("CREATED_AT", String(40), nullable=False),
     UniqueConstraint("KIND", "STORE_ID", "POS_TXN_ID"),
+)
+
+SETTLEMENTS = Table(
+    "LOY_SETTLEMENT", metadata,                            # what was settled per store and day, and when sent
+    Column("STORE_ID", String(16), primary_key=True),
+    Column("BUSINESS_DAY", String(10), primary_key=True),
+    Column("SEQUENCE", Integer, primary_key=True),         # 1: the day; 2..: supplements for late postings
+    Column("POINTS_ISSUED", Integer, nullable=False),
+    Column("POINTS_REDEEMED", Integer, nullable=False),
+    Column("POINTS_REVERSED", Integer, nullable=False),
+    Column("POINT_VALUE_MINOR", Integer, nullable=False),
+    Column("CURRENCY", String(3), nullable=False),
+    Column("CREATED_AT", String(40), nullable=False),
+    Column("PUBLISHED_AT", String(40)),                    # NULL until the broker confirmed it to a queue
 )

@@ -80,7 +80,8 @@ def valid_payloads() -> dict[str, dict]:
         "loyalty.redemption_captured.v1": hold,
         "loyalty.redemption_released.v1": {**hold, "reason": "voided"},
         "loyalty.settlement.v1": {"store_id": "S001", "business_day": "2024-03-01", "points_issued": 290,
-                                  "points_redeemed": 500, "points_reversed": 0, "liability_minor": -210,
+                                  "points_redeemed": 500, "points_reversed": 0, "point_value_minor": 1,
+                                  "liability_minor": -210,
                                   "currency": "EUR"},
         "routing.table_applied.v1": {"version": 4, "table": "version: 4\n", "reason": "test"},
         "store.control_totals.v1": {
