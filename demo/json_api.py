@@ -158,8 +158,9 @@ class JsonApiHandler(BaseHTTPRequestHandler):
                 self._send(status, answer)
             except OSError:
                 self.close_connection = True
-        sys.stderr.write(f"{now()} {self.server.name} {method} {self.path} {status} "
-                         f"{(time.monotonic() - started) * 1000:.1f}ms\n")
+        if status >= 500:  # a line per request was a line per sale in `retailbus up`'s log (issue 25)
+            sys.stderr.write(f"{now()} {self.server.name} {method} {self.path} {status} "
+                             f"{(time.monotonic() - started) * 1000:.1f}ms\n")
 
     def _dispatch(self, method: str) -> tuple[int, dict]:
         url = urlsplit(self.path)
