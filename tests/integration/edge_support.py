@@ -4,10 +4,7 @@ legacy ERP stand-in that records every byte the agent forwards to it."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import eventlet
 
 from routing.edge_auth import TerminalKeys, signed_headers
 from tests.conftest import free_port
-from tests.integration.support import legacy_sale, stop, wait_for, write_config
+from tests.integration.support import legacy_sale, nameko_run, stop, wait_for, write_config
 
 ROUTES = """version: 1
 legacy:
@@ -40,8 +37,7 @@ routes:
 class Agent:
     """`routing.store_agent` for store S001, run as `nameko run` (stopped by its pid)."""
 
-    def __init__(self, root: Path, amqp_uri: str, mode: str = "bus", legacy_port: int = 9, preexec_fn=None,
-                 **agent_settings):
+    def __init__(self, root: Path, amqp_uri: str, mode: str = "bus", legacy_port: int = 9, **agent_settings):
         self.root, self.port = root, free_port()
         routes = root / "config" / "routes.yaml"
         routes.parent.mkdir(parents=True, exist_ok=True)
@@ -51,12 +47,8 @@ class Agent:
         self.outbox = root / "var" / "stores" / "S001" / "outbox.db"
         self.key = bytes.fromhex(TerminalKeys(self.outbox.parent / "terminal_keys.json").add("07"))
         self.log = root / "agent.log"
-        # nameko_run's command, and `preexec_fn` (a resource limit) run in the child before it starts
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nameko", "run", "--config", str(config), "routing.store_agent"],
-            env={**os.environ, "RETAILBUS_STORE": "S001", "WEB_SERVER_ADDRESS": f"127.0.0.1:{self.port}"},
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-            preexec_fn=preexec_fn)
+        self.process = nameko_run(config, "routing.store_agent", self.log, RETAILBUS_STORE="S001",
+                                  WEB_SERVER_ADDRESS=f"127.0.0.1:{self.port}")
         assert wait_for(lambda: self.healthz() is not None, timeout=60), self.log.read_text()[-3000:]
 
     def healthz(self) -> dict | None:
