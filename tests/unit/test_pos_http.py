@@ -229,6 +229,28 @@ def test_a_client_trickling_its_head_byte_by_byte_still_meets_the_header_timeout
     assert status_of(raw) == 408
 
 
+def test_a_client_that_does_not_read_its_answers_is_dropped(server):
+    """Pipelined requests whose answers are never read fill the socket buffers; the server's
+    send then waits body_timeout at most and closes, and the client sees the reset."""
+    request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small, so the answers back up soon
+    sock.connect(("127.0.0.1", server))
+    sock.settimeout(1.0)
+    deadline, dropped = time.monotonic() + 30, None
+    try:
+        while dropped is None and time.monotonic() < deadline:
+            try:
+                sock.sendall(request)
+            except socket.timeout:
+                continue  # our own send is stuck too: keep pushing until the server gives up
+            except OSError as exc:  # EPIPE or ECONNRESET: the server closed the connection
+                dropped = exc
+    finally:
+        sock.close()
+    assert isinstance(dropped, (BrokenPipeError, ConnectionResetError)), dropped
+
+
 def test_an_idle_connection_is_closed(server):
     with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
         sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
