@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -27,13 +26,14 @@ from contracts.errors import ContractError, RetailbusError
 from bus import metrics, partitions, topology
 from bus import identity, journal
 from bus import retry as retry_policy
+from bus.resequence import Resequencer, position
 from bus.constants import (EFFECT_ERRORS, H_ATTEMPTS, H_ERROR, H_ERROR_TYPE, H_EXCHANGE, H_FIRST_FAILURE,
                            H_LAST_FAILURE, H_QUEUE, H_ROUTING_KEY, H_STORE, H_USER)
 from bus.extensions import BusConnection, container_settings
 from bus.framing import ack_frame
 from bus.logs import MinuteSummary
 from bus.publisher import OutgoingMessage, PublishError, connect
-from bus.settings import ConfigError
+from bus.settings import ConfigError, HandlerSettings
 from bus.wire import CoalescingWriter, FrameReader, buffered_reads
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,14 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Delivery:
     """One message on its way through a handler: what was read off the queue, and,
-    for an ordered handler, the store whose chain it is in and its attempt in place."""
+    for an ordered handler, the store whose chain it is in, its position among the
+    store's messages of its type and its attempt in place."""
 
     message: amqp.Message
     payload: object
     event: CloudEvent
     key: str | None = None  # the store (ordered handlers only)
+    seq: int | None = None  # x-retailbus-store-seq (ordered handlers only)
     attempt: int = 1
 
 
@@ -251,9 +253,12 @@ class ReliableHandler(Entrypoint):
         for a queue of its own per store agent.
 
         `ordered`: messages of one store (header `x-retailbus-store`, else the event's
-        source) are handled one at a time in queue order, stores in parallel; a failure
-        is retried in place (the store's later messages wait) before it is parked; the
-        queue has a single active consumer, so a second process is a hot standby.
+        source) are handled one at a time in the store's order, stores in parallel: in
+        queue order, except that a message whose predecessor (`x-retailbus-store-seq`)
+        has not been seen waits for it up to `resequence_window` seconds
+        (bus/resequence.py); a failure is retried in place (the store's later messages
+        wait) before it is parked; the queue has a single active consumer, so a second
+        process is a hot standby.
 
         `batch`: the method takes a list of (payload, event) and returns one result per
         item, an exception in the place of an item that failed; the messages ready in
@@ -286,13 +291,14 @@ class ReliableHandler(Entrypoint):
             self.ordered = override.ordered
         self.partitions = override.partitions if override else 1
         self.standby_after = override.standby_after if override else 0.0
+        window = (override or HandlerSettings()).resequence_window
         if self.partitions > 1 and not self.ordered:
             raise ConfigError(f"RETAILBUS.handlers.{key}.partitions: only an ordered handler is partitioned "
                               "(partitions keep each store's order; an unordered queue scales by more consumers)")
         self._seconds = metrics.HANDLER_SECONDS.labels(self.queue)
         self._consumed = {outcome: metrics.CONSUMED.labels(self.queue, outcome)
                           for outcome in ("ok", "duplicate", "retried", "dead_lettered")}
-        self._chains: dict[str, deque] = {}
+        self._chains = Resequencer(self.queue, window, self._release, self._later)
         self.consumer.register_provider(self)
 
     def stop(self):
@@ -316,9 +322,9 @@ class ReliableHandler(Entrypoint):
         if self.ordered:
             headers = message.properties.get("application_headers") or {}
             delivery.key = headers.get(H_STORE) or event.source
-            chain = self._chains.setdefault(delivery.key, deque())
-            chain.append(delivery)
-            if len(chain) > 1:
+            delivery.seq = position(headers)
+            delivery = self._chains.add(delivery)
+            if delivery is None:
                 return  # runs when the store's earlier messages are done
         self._spawn(delivery)
 
@@ -405,16 +411,24 @@ class ReliableHandler(Entrypoint):
         self._spawn(delivery)
 
     def _next(self, key):
-        """The store's next message, off the worker pool (a full pool must not wait on
+        """The store's next message, if one is due."""
+        following = self._chains.done(key)
+        if following is not None:
+            self._release(following)
+
+    def _release(self, delivery: Delivery):
+        """Run a store's message off the worker pool (a full pool must not wait on
         itself); a batching handler's `_spawn` only queues it."""
-        chain = self._chains[key]
-        chain.popleft()
-        if not chain:
-            del self._chains[key]
-        elif self.batch > 1:
-            self._spawn(chain[0])
+        if self.batch > 1:
+            self._spawn(delivery)
         else:
-            self.container.spawn_managed_thread(partial(self._spawn, chain[0]))
+            self.container.spawn_managed_thread(partial(self._spawn, delivery))
+
+    def _later(self, seconds: float, fn):
+        def wait_then_run():
+            eventlet.sleep(seconds)
+            fn()
+        self.container.spawn_managed_thread(wait_then_run, identifier="resequence_window")
 
     def _fail(self, message: amqp.Message, exc: Exception, retry: bool, attempts: int | None = None,
               in_order: bool = False):

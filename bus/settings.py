@@ -100,6 +100,10 @@ class HandlerSettings(Strict):
     standby_after: float = Field(10.0, ge=0, description=(
         "seconds a process of a partitioned handler waits before it stands by for the partitions "
         "it does not own (it takes one over at once when its owner dies)"))
+    resequence_window: float = Field(10.0, ge=0, description=(
+        "ordered handlers: seconds a store's message waits for a predecessor not yet seen "
+        "(x-retailbus-store-seq, bus/resequence.py) before the store goes on without it; long "
+        "enough for a store agent's resend after a nack, its breaker's reset included; 0: never waits"))
 
 
 class DlqSettings(Strict):
