@@ -34,10 +34,15 @@ def read_config(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=_Unresolved)
 
 
-def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, **retailbus) -> Path:
-    """A bus.yaml in `root/config/` like the shipped one, with test ports and paths."""
+def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, per_message_logs: bool = False,
+                 **retailbus) -> Path:
+    """A bus.yaml in `root/config/` like the shipped one, with test ports and paths;
+    `per_message_logs`: the agent's and the handlers' per-message lines (DEBUG) are logged."""
     shipped = read_config(Path(__file__).parents[2] / "config" / "bus.yaml")
     config = {key: value for key, value in shipped.items() if key != "RETAILBUS"}
+    if per_message_logs:
+        config["LOGGING"] = {**config["LOGGING"], "loggers": {
+            name: {"level": "DEBUG"} for name in ("routing.store_agent", "bus.consumer")}}
     config["AMQP_URI"] = amqp_uri or "${RETAILBUS_AMQP_URI:}"
     config["LEGACY_DB_URI"] = legacy_db or f"sqlite:///{root / 'var' / 'legacy_erp.db'}"
     # the simulated platforms `retailbus up` starts: on free ports, so concurrent tests never clash

@@ -53,7 +53,7 @@ def test_duplicates_racing_on_two_erp_workers_post_once(amqp_uri, legacy_db, tmp
     dsn, engine = legacy_db
     # Sales are handled in store order by one active consumer; to race two
     # workers on one duplicate (the inbox's job) ordering is switched off here.
-    config = write_config(tmp_path, amqp_uri, legacy_db=dsn,
+    config = write_config(tmp_path, amqp_uri, legacy_db=dsn, per_message_logs=True,
                           handlers={"erp.on_pos_sale": {"ordered": False}})
     delete_queue(amqp_uri, SALES_QUEUE)
     request.addfinalizer(lambda: delete_queue(amqp_uri, SALES_QUEUE))

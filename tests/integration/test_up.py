@@ -60,6 +60,7 @@ def test_up_brings_the_bus_up_and_a_sale_reaches_the_legacy_erp(tmp_path):
         tmp_path,
         broker={"home": "var/broker", "port": mq, "dist_port": dist, "management_port": mgmt},
         retry={"delays": [0.5, 1]},
+        per_message_logs=True,  # the agent's "accepted" line, checked below
         services={"erp": {"module": "services.erp"}},
         stores=[{"id": "S001", "http": f"127.0.0.1:{agent_port}"}],
         agent={"auth_required": False},  # the till here is curl-like: unsigned
