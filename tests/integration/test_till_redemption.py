@@ -25,7 +25,7 @@ from routing.edge_auth import TerminalKeys, signed_headers
 from tests.conftest import free_port
 from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # four processes start with the first test
 
 ROUTES = """version: 1
 legacy: {base_url: "http://127.0.0.1:9"}

@@ -163,6 +163,17 @@ def test_an_authorised_hold_pays_its_sale_once(agent, outbox, till, rpc):
     assert till.book.due(time.time() + 60) == []  # online: loyalty captures it when the ERP posts the sale
 
 
+def test_a_sale_the_outbox_refuses_spends_no_hold(agent, outbox, till):
+    """The hold is spent in the very transaction that accepts the sale, or not at all."""
+    _, hold = authorize(agent)
+    cash_only = sale()
+    cash_only["TENDERS"] = [{"TYPE": "CASH", "AMOUNT": 1000}]
+    assert sell(agent, cash_only)[0] == 200
+    status, body = sell(agent, sale(hold_id=hold["HOLD_ID"]))  # the same TXN_ID, other content
+    assert status == 409 and body["MESSAGE"].startswith("TXN_ID")
+    assert till.book.get(hold["HOLD_ID"]).status == "held" and len(outbox.unsent(10)) == 1
+
+
 def test_asking_again_for_the_same_transaction_gets_the_same_hold(agent, rpc):
     first, again = authorize(agent), authorize(agent)
     assert first == again and len(rpc.calls) == 1
