@@ -139,8 +139,11 @@ class AgentSettings(Strict):
                                                         "answered 503 and closed")
     retention_days: float = Field(30.0, ge=0, description="days sent outbox rows are kept")
     stock_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for the ERP's stock answer")
-    loyalty_rpc_timeout: float = Field(2.0, gt=0, description="seconds to wait for loyalty to authorise a "
-                                                              "redemption before the agent authorises it offline")
+    loyalty_rpc_timeout: float = Field(3.0, gt=0, description="seconds to wait for loyalty to authorise a "
+                                                              "redemption before the agent authorises it offline; "
+                                                              "longer than the loyalty service's own platform "
+                                                              "timeout (2 s), so the service gives up first rather "
+                                                              "than make a hold the agent no longer waits for")
     control_totals_interval: float = Field(60.0, gt=0, description="seconds between control-totals rounds")
     control_totals_days: float = Field(3.0, gt=0, description="business days touched this many days back "
                                                               "are republished when they change")
