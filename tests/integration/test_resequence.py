@@ -39,6 +39,16 @@ class Resequenced:
         HANDLED.append(sale.pos_txn_id[-1])  # the sale's number in the store's order
 
 
+class ResequencedInBatches:
+    """As the erp takes its sales: a list per worker."""
+    name = "reseq"
+
+    @reliable_handler(SOURCE, "pos.sale.v1", ordered=True, batch=64)
+    def on_sale(self, sales: list[tuple[PosSaleV1, CloudEvent]]):
+        HANDLED.extend(sale.pos_txn_id[-1] for sale, _ in sales)
+        return [None] * len(sales)
+
+
 class NacksFirstRound:
     """The forwarder's real publisher, except that the broker "nacks" the sale at store
     position `refused` in the first round that carries it: it is not sent, NackedError."""
@@ -77,7 +87,7 @@ def drop_queue(uri: str):
         conn.collect()
 
 
-@pytest.fixture
+@pytest.fixture(params=[Resequenced, ResequencedInBatches], ids=["one by one", "in batches"])
 def estate(container_factory, amqp_uri, tmp_path, request):
     """(forwarder of store S001 over a real outbox holding sales 1..6, whose broker nacks 3 once;
     a function that starts the ordered handler with a resequence window)."""
@@ -96,7 +106,7 @@ def estate(container_factory, amqp_uri, tmp_path, request):
     request.addfinalizer(forwarder.publisher.close)
 
     def start(window: float):
-        container = container_factory(Resequenced, {
+        container = container_factory(request.param, {
             "AMQP_URI": amqp_uri, "max_workers": 8, "RETAILBUS": {
                 "root": str(tmp_path), "retry": {"delays": []},
                 "handlers": {"reseq.on_sale": {"resequence_window": window}}}})
