@@ -56,15 +56,36 @@ class _ExpiringProxy(ServiceRpcProxy):
     def __init__(self, config: dict, timeout: float):
         super().__init__(SERVICE, config, timeout=timeout)
         self._proxy = ServiceProxy(self._worker_ctx, SERVICE, self._reply_listener, expiration=timeout)
+        self.service = None  # what start() gives: the methods to call
+
+    def open(self) -> _ExpiringProxy:
+        self.service = self.start()
+        return self
+
+    def close(self, timeout: float):
+        try:
+            with eventlet.Timeout(timeout, False):  # a dead connection does not hold the till
+                self.stop()
+        except Exception:  # a connection that never opened, or is gone already
+            pass
 
 
 class LoyaltyRpc:
+    """Calls on proxies kept open between calls (`POOL` at most idle): opening one is a
+    connection, a reply queue and a consumer, which would cost each till's authorisation
+    more than the call itself. A proxy is used by one call at a time; one that failed is
+    closed, and a call that failed on a kept proxy's dead connection is tried once more
+    on a new one (the broker restarted meanwhile)."""
+
+    POOL = 8
+
     def __init__(self, uri: str, timeout: float, ssl: dict | None = None):
         self.config = {"AMQP_URI": uri, **({"AMQP_SSL": ssl} if ssl else {})}
         self.timeout = timeout
         self.breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS,
                                                 exclude=[LoyaltyRefusedError, LoyaltyFailedError],
                                                 listeners=[BreakerMetrics("loyalty_rpc")])
+        self._idle: list[_ExpiringProxy] = []
 
     def call(self, method: str, *args):
         """`loyalty.<method>(*args)`'s answer, or one of the three errors above."""
@@ -74,25 +95,41 @@ class LoyaltyRpc:
             raise LoyaltyUnreachableError(f"{SERVICE}.{method}: breaker open after {FAIL_MAX} calls loyalty did "
                                           f"not answer; tried again within {RESET_SECONDS:g}s") from None
 
+    def close(self):
+        while self._idle:
+            self._idle.pop().close(self.timeout)
+
     def _call(self, method: str, *args):
-        proxy = None
+        # eventlet's Timeout is a BaseException: raise nameko's RpcTimeout instead, an Exception.
+        with eventlet.Timeout(self.timeout, RpcTimeout(f"{SERVICE}.{method}: no answer within {self.timeout}s")):
+            kept = bool(self._idle)
+            try:
+                return self._on_proxy(method, args)
+            except LoyaltyUnreachableError as exc:
+                if not kept or isinstance(exc.__cause__, RpcTimeout):
+                    raise
+                return self._on_proxy(method, args)  # the kept connection was dead: once more, afresh
+
+    def _on_proxy(self, method: str, args: tuple):
+        proxy, answered = (self._idle.pop() if self._idle else None), False
         try:
-            # eventlet's Timeout is a BaseException: raise nameko's RpcTimeout instead, an Exception.
-            with eventlet.Timeout(self.timeout, RpcTimeout(f"{SERVICE}.{method}: no answer within {self.timeout}s")):
-                proxy = _ExpiringProxy(self.config, self.timeout)
-                return getattr(proxy.start(), method)(*args)
+            if proxy is None:
+                proxy = _ExpiringProxy(self.config, self.timeout).open()
+            result = getattr(proxy.service, method)(*args)
+            answered = True
+            return result
         except RemoteError as exc:
+            answered = True  # the service answered: the connection is fine
             if exc.exc_type in REFUSALS:
                 raise LoyaltyRefusedError(exc.exc_type, exc.value) from None
             if exc.exc_type == UNAVAILABLE:
                 raise LoyaltyUnreachableError(f"{SERVICE}.{method}: {exc.value}") from None
             raise LoyaltyFailedError(f"{SERVICE}.{method} failed: {exc.exc_type}: {exc.value}") from None
-        except Exception as exc:  # the timeout, UnknownService, a refused or lost connection
+        except Exception as exc:  # UnknownService, a refused or lost connection
             raise LoyaltyUnreachableError(f"{SERVICE}.{method}: {type(exc).__name__}: {exc}") from exc
-        finally:
+        finally:  # also when the timeout interrupts: that proxy is closed, never kept
             if proxy is not None:
-                try:
-                    with eventlet.Timeout(self.timeout, False):  # a dead connection does not hold the till
-                        proxy.stop()
-                except Exception:  # a connection that never opened, or is gone already
-                    pass
+                if answered and len(self._idle) < self.POOL:
+                    self._idle.append(proxy)
+                else:
+                    proxy.close(self.timeout)

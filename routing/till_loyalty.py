@@ -162,6 +162,7 @@ class TillRedemption(Extension):
         self._running = False
         self.wake()
         if self.book is not None:
+            self.rpc.close()
             self.book.close()
 
     kill = stop

@@ -17,6 +17,7 @@ from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
 from routing.answers import AnswerCache
 from routing.edge_auth import TerminalKeys, Verifier
+from routing import loyalty_rpc
 from routing.loyalty_rpc import LoyaltyRefusedError, LoyaltyRpc, LoyaltyUnreachableError
 from routing.outbox import Outbox
 from routing.redemption import CAPTURE_OFFLINE, RELEASE, HoldBook, HoldRefusedError, iso
@@ -59,6 +60,9 @@ class FakeLoyalty:
         if method == "capture_offline":
             return {"hold_id": args[4], "status": "captured"}
         raise AssertionError(method)
+
+    def close(self):
+        pass
 
 
 @pytest.fixture
@@ -373,3 +377,35 @@ def test_after_three_unreachable_calls_the_breaker_answers_at_once():
     with pytest.raises(LoyaltyUnreachableError, match="breaker open"):  # not tried: no wait for the timeout
         rpc.call("balance", CARD)
     assert rpc.breaker.current_state == "open"
+
+
+def test_proxies_are_kept_between_calls_and_a_dead_one_is_replaced_within_the_call(monkeypatch):
+    opened = []
+
+    class Proxy:  # stands in for nameko's standalone proxy: what the pool does with it is under test
+        def __init__(self, config, timeout):
+            self.dead, self.closed = False, False
+            opened.append(self)
+
+        def open(self):
+            self.service = self
+            return self
+
+        def close(self, timeout):
+            self.closed = True
+
+        def balance(self, card):
+            if self.dead:
+                raise ConnectionResetError("the broker restarted")
+            return {"card": card, "balance": 7}
+    monkeypatch.setattr(loyalty_rpc, "_ExpiringProxy", Proxy)
+    rpc = LoyaltyRpc("amqp://unused", timeout=5)
+    assert [rpc.call("balance", CARD)["balance"] for _ in range(3)] == [7, 7, 7] and len(opened) == 1
+    opened[0].dead = True
+    assert rpc.call("balance", CARD)["balance"] == 7  # not unreachable: a new connection answered
+    assert len(opened) == 2 and opened[0].closed and not opened[1].closed
+    opened[1].dead = True
+    Proxy.balance = lambda self, card: (_ for _ in ()).throw(ConnectionRefusedError("the broker is down"))
+    with pytest.raises(LoyaltyUnreachableError, match="ConnectionRefusedError"):
+        rpc.call("balance", CARD)
+    assert rpc._idle == []  # a proxy that failed is never kept
