@@ -1,5 +1,7 @@
 """nameko glue for the messaging core: one publisher per container, and the
-`EventPublisher` dependency that services use to emit CloudEvents."""
+`EventPublisher` dependency that services use to emit CloudEvents. Every process
+that runs a service or a store agent imports it, so it is where nameko's RPC is
+handed the exchange the bus declares (bus/nameko_rpc.py)."""
 from __future__ import annotations
 
 import gc
@@ -9,12 +11,14 @@ import amqp
 from nameko.extensions import DependencyProvider, SharedExtension
 
 from contracts.envelope import CloudEvent
-from bus import topology
+from bus import nameko_rpc, topology
 from bus.broker_uri import resolve_amqp_uri
 from bus.publisher import ConfirmingPublisher, OutgoingMessage, connect
 from bus.settings import RetailbusSettings, retailbus_settings
 
 log = logging.getLogger(__name__)
+
+nameko_rpc.install()
 
 # nameko leaves every worker's context in a reference cycle, so a service running
 # thousands of workers a second feeds the cyclic collector constantly; at CPython's

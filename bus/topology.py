@@ -69,6 +69,22 @@ def declare_exchange(channel, name: str, kind: str = EVENTS_EXCHANGE_TYPE) -> No
                        exchanges=[name])
 
 
+def verify_exchange(channel, name: str, kind: str = EVENTS_EXCHANGE_TYPE) -> None:
+    """Check passively that exchange `name` exists and declare it only when it does not:
+    for an exchange components use but never declare (nameko's RPC exchange,
+    bus/nameko_rpc.py), so a component's user, which may not, sends no declaration."""
+    side = channel.connection.channel()
+    try:
+        side.exchange_declare(name, kind, passive=True)
+        return
+    except amqp.exceptions.NotFound:
+        pass  # the broker closed the side channel; only the bus's own user may create it
+    finally:
+        if side.is_open:
+            side.close()
+    declare_exchange(channel, name, kind)
+
+
 def _declare_or_verify(channel, declare, exchanges=(), queues=()) -> None:
     """`declare(side_channel)`; when the broker refuses it (the user may not configure),
     check passively that `exchanges` and `queues` exist instead."""

@@ -16,9 +16,10 @@ every exchange, queue and binding the walk found, as the bus's own user
 (`retailbus broker users` and `retailbus up` run it). So no component user has
 configure on an exchange (which would let it delete one others use) or write
 on the default exchange (which reaches every queue); components only check
-passively that what they use exists (bus/topology.py). The exception is
-nameko's own RPC: nameko declares `nameko-rpc` and its queues itself, so RPC
-servers and clients keep configure there.
+passively that what they use exists (bus/topology.py). That includes nameko's
+RPC exchange `nameko-rpc`, which nameko would declare itself (bus/nameko_rpc.py);
+nameko still declares its queues, so an RPC server has configure on
+`rpc-<service>` and a caller on its own reply queues, on no exchange.
 
 Per store there are two users: `store-<S>` (routing/broker_user.py) may only
 publish `pos.*` and its control totals to `store_agent.events`, with its own
@@ -168,9 +169,9 @@ def _rpc_server(ext, service: str, config: dict) -> Access:
     """nameko's `@rpc`: queue `rpc-<service>` bound `<service>.*`; replies go back
     through the RPC exchange with the caller's reply key (a UUID)."""
     exchange, queue = get_rpc_exchange(config).name, f"rpc-{service}"
-    return Access(configure={lit(exchange), lit(queue)}, write={lit(exchange), lit(queue)},
+    return Access(configure={lit(queue)}, write={lit(exchange), lit(queue)},
                   read={lit(exchange), lit(queue)}, topic_write={exchange: {UUID}},
-                  topic_read={exchange: {lit(f"{service}.*")}})
+                  topic_read={exchange: {lit(f"{service}.*")}}, declares={("exchange", exchange, "topic")})
 
 
 def rpc_client(config: dict, target: str, methods: tuple[str, ...]) -> Access:
@@ -178,9 +179,9 @@ def rpc_client(config: dict, target: str, methods: tuple[str, ...]) -> Access:
     bound with a UUID key, calls published as `<target>.<method>` (those methods only:
     a store-side user must not reach, say, `erp.post_sale`)."""
     exchange, reply = get_rpc_exchange(config).name, r"rpc\.reply-standalone_rpc_proxy-" + UUID
-    return Access(configure={lit(exchange), reply}, write={lit(exchange), reply},
+    return Access(configure={reply}, write={lit(exchange), reply},
                   read={lit(exchange), reply}, topic_write={exchange: {lit(f"{target}.{m}") for m in methods}},
-                  topic_read={exchange: {UUID}})
+                  topic_read={exchange: {UUID}}, declares={("exchange", exchange, "topic")})
 
 
 def _store_stock(ext, service: str, config: dict) -> Access:

@@ -1,8 +1,10 @@
 """`retailbus reconcile --date D [--store S] [--json]`: did every store's day reach the ERP?
 
 Holds the control totals the store agents sent (kept by the reconcile service)
-against the legacy ERP database and the loyalty points files, and names every
-missing, duplicated, unexpected or mismatched transaction by POS id. Exit 0:
+against the legacy ERP database and the loyalty points files, and (where the
+loyalty service has a database) the loyalty platform's ledger against the loyalty
+service's bookings and the ERP's loyalty postings, and names every missing,
+duplicated, unexpected or mismatched transaction by POS id. Exit 0:
 the day reconciles; 1: any difference; 2: bad input or configuration.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _store(ctx, param, value):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_CONFIG, show_default=True)
 def reconcile(day, store_id, as_json, config_path):
-    """Agent control totals vs the legacy ERP vs the loyalty points file, for one business day."""
+    """Agent control totals vs the legacy ERP vs the loyalty points file and platform, for one business day."""
     from services.reconcile.run import Estate, reconcile_day
 
     try:

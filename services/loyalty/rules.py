@@ -105,6 +105,10 @@ class Accrual(Strict):
             later = earlier.since
         return self
 
+    def modes_since(self, at: datetime) -> set[Mode]:
+        """Every mode a sale posted from `at` on may have earned by."""
+        return {self.mode_at(at)} | {self.mode} | {e.mode for e in self.before if e.since is not None and e.since > at}
+
     def mode_at(self, posted_at: datetime) -> Mode:
         """The mode a sale the ERP posted at `posted_at` earns by."""
         if self.since is None or posted_at >= self.since:

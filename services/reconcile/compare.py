@@ -9,9 +9,11 @@ Rules:
 - a sale/return that travelled the bus (the erp service posts it and announces
   it; the files service writes the points file) with a loyalty card and at
   least one point is one record in the points file (A for a sale, R for a
-  return): `loyalty_missing`, `loyalty_duplicated`, `loyalty_unexpected` likewise.
-  Legacy-mode transactions never reach the points file: the legacy ERP API
-  does not announce its postings.
+  return): `loyalty_missing`, `loyalty_duplicated`, `loyalty_unexpected` likewise,
+  while the accrual mode at its posting (config/loyalty.yaml, by the ERP's
+  CREATED_TS) says the file earns it (`file`, `shadow`; in `api` the platform
+  does, which services/reconcile/loyalty.py checks). Legacy-mode transactions
+  never reach the points file: the legacy ERP API does not announce its postings.
 The gap is the number of findings; zero means the day reconciles.
 
 The agent's totals cover what it had accepted when they were taken; a sale
@@ -33,7 +35,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -100,10 +102,23 @@ class StoreReport(BaseModel):
     loyalty_duplicated: list[Finding] = Field(default_factory=list)
     loyalty_unexpected: list[Finding] = Field(default_factory=list)
     digest_mismatch: list[Finding] = Field(default_factory=list)
+    # the loyalty platform's ledger vs the loyalty service vs the ERP's loyalty postings (reconcile/loyalty.py)
+    loyalty_checked: bool = False
+    loyalty_platform: dict[str, int] = Field(default_factory=dict)  # points per booking type at the platform
+    platform_missing: list[Finding] = Field(default_factory=list)
+    platform_doubled: list[Finding] = Field(default_factory=list)
+    platform_mismatch: list[Finding] = Field(default_factory=list)
+    platform_unexpected: list[Finding] = Field(default_factory=list)
+    redemption_mismatch: list[Finding] = Field(default_factory=list)
+    loyalty_exception: list[Finding] = Field(default_factory=list)
+    settlement_mismatch: list[Finding] = Field(default_factory=list)
+    loyalty_unavailable: list[Finding] = Field(default_factory=list)
     pending: list[Finding] = Field(default_factory=list)  # posted after the totals were taken: no gap
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("erp_missing", "erp_duplicated", "erp_unexpected", "amount_mismatch",
-                "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected", "digest_mismatch")
+                "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected", "digest_mismatch",
+                "platform_missing", "platform_doubled", "platform_mismatch", "platform_unexpected",
+                "redemption_mismatch", "loyalty_exception", "settlement_mismatch", "loyalty_unavailable")
 
     @computed_field
     @property
@@ -122,11 +137,17 @@ def expects_points(txn: ControlTxn) -> bool:
     return txn.via == "bus" and txn.loyalty_card and points_for(txn.total_minor) > 0
 
 
+def file_always(created: str | None) -> bool:
+    return True
+
+
 def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
               erp_docs: list[ErpDoc], points: list[PointsRow] | None,
-              taken_at: datetime | None = None) -> StoreReport:
+              taken_at: datetime | None = None, file_earns: Callable[[str | None], bool] = file_always) -> StoreReport:
     """`points` None: no points file is configured, so the loyalty side is not checked.
-    `taken_at`: when the totals whose transactions these are were taken (default theirs)."""
+    `taken_at`: when the totals whose transactions these are were taken (default theirs).
+    `file_earns(created)`: whether the points file earns a transaction the ERP booked at
+    `created` (CREATED_TS; None: not booked), by the accrual mode then (config/loyalty.yaml)."""
     accepted = _accepted(totals)
     taken_at = taken_at or (totals.taken_at if totals else None)
     since = None if taken_at is None else (taken_at - timedelta(seconds=PENDING_SECONDS)).astimezone(
@@ -166,7 +187,8 @@ def reconcile(store_id: str, day: date, totals: StoreControlTotalsV1 | None,
     if points is None:
         return report
     rows = Counter((p.kind, p.pos_txn_id) for p in points)
-    expected = {key for key, txn in accepted.items() if expects_points(txn)}
+    expected = {key for key, txn in accepted.items()
+                if expects_points(txn) and file_earns(docs[key][0].created if docs.get(key) else None)}
     pending = {(f.kind, f.pos_txn_id) for f in report.pending}
     for key in sorted(expected | (rows.keys() - pending)):
         kind, txn_id = key
@@ -232,6 +254,8 @@ def render(report: StoreReport) -> str:
     for kind in ("sale", "return"):
         lines.append(f"  {kind + 's':<8} agent {side(report.agent[kind])}   ERP {side(report.erp[kind])}"
                      f"   loyalty records {report.loyalty[kind]}")
+    if report.loyalty_checked and report.loyalty_platform:
+        lines.append("  loyalty platform points: " + ", ".join(f"{k} {v}" for k, v in report.loyalty_platform.items()))
     for name in (*StoreReport.FINDINGS, "pending"):
         for f in getattr(report, name):
             lines.append(f"  {name.replace('_', ' '):<19} {f.kind:<6} {f.pos_txn_id}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -15,7 +15,10 @@ from sqlalchemy import Engine, create_engine
 
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.config import DropOut
-from services.reconcile import sources, store
+from services.loyalty.platform import PlatformClient
+from services.loyalty.rules import LoyaltyConfig, LoyaltyConfigError
+from services.loyalty.rules import load as load_rules
+from services.reconcile import loyalty, loyalty_sources, sources, store
 from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
 from routing.edge_auth import TerminalKeys, signed_headers
 from routing.store_agent import OPS_TERMINAL
@@ -34,6 +37,9 @@ class Estate:
     stores: tuple[str, ...]  # configured in RETAILBUS.stores
     agents: dict[str, tuple[str, Path]] = field(default_factory=dict)  # store -> (host:port, its terminal keys)
     list_timeout: float = 30.0
+    loyalty_rules: LoyaltyConfig = field(default_factory=LoyaltyConfig)  # the accrual mode, point value, settlement
+    loyalty_db: Engine | None = None  # the loyalty service's database, when it has one: the loyalty side is checked
+    platform: PlatformClient | None = None
     # the schedule's memory (store -> (day, what it saw, the report listed for it)): service.py
     settling: dict = field(default_factory=dict)
 
@@ -55,14 +61,44 @@ class Estate:
                                                                      "root": str(settings.root)}})
         except fd_config.FileDropConfigError as exc:
             raise ConfigError(str(exc)) from None
+        rules_path = settings.path(settings.loyalty_rules)
+        try:
+            rules = load_rules(rules_path) if rules_path.exists() else LoyaltyConfig()
+        except LoyaltyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        loyalty_dsn = settings.absolute_dsn(str(config.get("LOYALTY_DB_URI") or ""))
+        loyalty_file = Path(loyalty_dsn[len("sqlite:///"):]) if loyalty_dsn.startswith("sqlite:///") else None
+        loyalty_db = None if not loyalty_dsn or (loyalty_file and not loyalty_file.exists()) \
+            else create_engine(loyalty_dsn)
         # plain engines: reading must never take the legacy writers' lock (no BEGIN IMMEDIATE)
         return cls(create_engine(legacy_dsn), store.open_engine(settings.absolute_dsn(settings.reconcile.dsn)),
                    drops.outbound.get(POINTS_DROP), tuple(s.id for s in settings.stores),
-                   {s.id: (s.http, settings.outbox_path(s).parent / "terminal_keys.json") for s in settings.stores})
+                   {s.id: (s.http, settings.outbox_path(s).parent / "terminal_keys.json") for s in settings.stores},
+                   loyalty_rules=rules, loyalty_db=loyalty_db,
+                   platform=None if loyalty_db is None else loyalty_sources.platform_client(
+                       settings.loyalty_platform.http, 30.0))
 
     def dispose(self):
         self.legacy.dispose()
         self.totals.dispose()
+        if self.loyalty_db is not None:
+            self.loyalty_db.dispose()
+
+    def file_earns(self, created: str | None) -> bool:
+        """Whether the points file earned a posting the ERP booked at `created` (CREATED_TS, UTC;
+        not booked or not a time: by the mode now)."""
+        try:
+            at = datetime.fromisoformat(created or "").replace(tzinfo=timezone.utc)
+        except ValueError:
+            at = datetime.now(timezone.utc)
+        return self.loyalty_rules.accrual.mode_at(at) != "api"
+
+    def points_file_earns_day(self, day: date) -> bool | None:
+        """True: the points file earned every posting of `day` (those from the day before on:
+        a till's clock, a late store); False: none (the platform did); None: some."""
+        modes = self.loyalty_rules.accrual.modes_since(datetime.combine(day - timedelta(days=1), time(),
+                                                                        tzinfo=timezone.utc))
+        return None if "api" in modes and len(modes) > 1 else "api" not in modes
 
 
 UNSETTLED = "not asked while the day is still changing"
@@ -80,10 +116,36 @@ def reconcile_day(estate: Estate, day: date, store_id: str | None = None, may_li
 
 def _one(estate: Estate, store_id: str, day: date,
          totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None, may_list: bool) -> StoreReport:
+    report = _stores_side(estate, store_id, day, totals, may_list)
+    return _loyalty_side(estate, report) if estate.loyalty_db is not None else report
+
+
+def _loyalty_side(estate: Estate, report: StoreReport) -> StoreReport:
+    """The loyalty platform's ledger vs the loyalty service vs the ERP (services/reconcile/loyalty.py)."""
+    store_id, day = report.store_id, report.business_day
+    records = loyalty_sources.loyalty_records(estate.loyalty_db, store_id, day)
+    wanted = {f"{store_id}/{txn}" for _, txn in loyalty.expected_bookings(records)}
+    try:
+        entries = loyalty_sources.group_entries(
+            loyalty_sources.platform_entries(estate.platform, store_id, day, wanted), store_id)
+    except loyalty_sources.PlatformUnavailableError as exc:
+        return loyalty.unavailable(report, str(exc))
+    known = loyalty_sources.known_txns(estate.loyalty_db, store_id, {txn for _, txn in entries})
+    return loyalty.add_to(report, records, entries, known,
+                          loyalty_sources.erp_loyalty_tenders(estate.legacy, store_id, day),
+                          loyalty_sources.erp_settlements(estate.legacy, store_id, day),
+                          estate.loyalty_rules.redemption.point_value_minor,
+                          loyalty_sources.day_closed(estate.loyalty_rules, day))
+
+
+def _stores_side(estate: Estate, store_id: str, day: date,
+                 totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None, may_list: bool) -> StoreReport:
     taken_at = totals.taken_at if totals else None  # what the latest totals cover: the list's own is later
+    file_earns = estate.points_file_earns_day(day) if estate.points else False
     if isinstance(totals, StoreControlTotalsV2):
         erp = sources.erp_digest(estate.legacy, store_id, day)
-        points = sources.points_digest(estate.points, store_id, day) if estate.points else None
+        # a day the platform earned all of has no points file side to compare digests with (the list does)
+        points = sources.points_digest(estate.points, store_id, day) if file_earns is not False else None
         agreed = digest_report(store_id, day, totals, erp, points, unlisted=None if may_list else UNSETTLED)
         if agreed is not None:
             return agreed
@@ -92,7 +154,8 @@ def _one(estate: Estate, store_id: str, day: date,
         except ListUnavailableError as exc:
             return digest_report(store_id, day, totals, erp, points, unlisted=str(exc))
     return reconcile(store_id, day, totals, sources.erp_docs(estate.legacy, store_id, day),
-                     sources.points_rows(estate.points, store_id, day) if estate.points else None, taken_at)
+                     sources.points_rows(estate.points, store_id, day) if estate.points else None, taken_at,
+                     estate.file_earns)
 
 
 class ListUnavailableError(RetailbusError):

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
-from routing import broker_user
+from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, engine_for, seed_demo_data
+from routing import broker_user, stock_cache
 from services.broker import users as broker_users
 from bus import topology
 from bus.extensions import event_message
@@ -126,6 +126,9 @@ def test_erp_runs_as_its_own_user_and_posts_a_sale_from_a_store_user(broker, pro
     try:
         assert wait_for(lambda: queue_state(broker.uri(), SALES_QUEUE)[1] == 1, timeout=90), \
             (tmp_path / "erp.log").read_text()[-3000:]
+        # RPC with no configure on nameko-rpc on either side: the store agent's stock question
+        answer = stock_cache.ask_erp(uri_of(broker, found["store-agent-S001"]), "S001", "100001", timeout=30)
+        assert answer["on_hand"] == DEMO_ON_HAND
         store_uri = broker_user.store_uri(broker.uri(), found["store-S001"].credentials)
         publisher = ConfirmingPublisher(store_uri)
         event = sale_event("LP-0001")
@@ -167,8 +170,10 @@ def test_a_component_cannot_touch_what_is_not_its_own(broker, provisioned, reque
     # the setup step binds: erp may neither bind nor unbind its queue, nor delete an exchange others use
     assert SALES_QUEUE in refused(erp, lambda ch: ch.queue_bind(SALES_QUEUE, "store_agent.events", "pos.#"))
     assert SALES_QUEUE in refused(erp, lambda ch: ch.queue_unbind(SALES_QUEUE, "store_agent.events", "pos.sale.v1"))
-    for exchange in ("store_agent.events", "erp.events", "journal.events", "retailbus.failed"):
+    for exchange in ("store_agent.events", "erp.events", "journal.events", "retailbus.failed", "nameko-rpc"):
         assert exchange in refused(erp, lambda ch: ch.exchange_delete(exchange))
+    # nor may an RPC caller delete the RPC exchange (the setup step declared it)
+    assert "nameko-rpc" in refused(agent, lambda ch: ch.exchange_delete("nameko-rpc"))
     assert SALES_QUEUE in refused(erp, lambda ch: ch.queue_delete(SALES_QUEUE))
     # and may not publish to another service's exchange
     assert "files.events" in refused(erp, lambda ch: ch.basic_publish_confirm(

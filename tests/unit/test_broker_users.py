@@ -51,11 +51,11 @@ def test_a_service_may_use_its_own_queues_and_exchange_and_delete_nothing_others
     queue = "evt-store_agent-pos.sale.v1--pricing.on_sale"
     assert unknown == []
     # no configure on any exchange or handler queue (exchange.delete, queue.delete): the
-    # setup step declares them; only nameko's own RPC still declares for itself
+    # setup step declares them, nameko's RPC exchange too; nameko declares its RPC queue itself
     for name in (queue, queue + ".retry.1000ms", queue + ".dlq", "pricing.events", "store_agent.events",
-                 "retailbus.failed", "amq.default"):
+                 "retailbus.failed", "amq.default", "nameko-rpc"):
         assert not matches(configure, name), name
-    assert matches(configure, "rpc-pricing") and matches(configure, "nameko-rpc")
+    assert matches(configure, "rpc-pricing") and ("exchange", "nameko-rpc", "topic") in access.declares
     assert matches(read, queue) and matches(read, "rpc-pricing")
     assert matches(write, "pricing.events") and matches(write, "retailbus.failed")
     assert not matches(write, "amq.default"), "the default exchange reaches every queue"
@@ -88,6 +88,9 @@ def test_overrides_add_to_what_is_derived_and_store_users_only_publish_pos():
     agent_rpc, _ = found["store-agent-S001"].access.topic_permissions()["nameko-rpc"]
     assert matches(agent_rpc, "erp.stock_level") and matches(agent_rpc, "erp.shadow_compare")
     assert not matches(agent_rpc, "erp.post_sale"), "a store host must not post sales over RPC"
+    agent_configure = found["store-agent-S001"].access.permissions()[0]
+    assert matches(agent_configure, "rpc.reply-standalone_rpc_proxy-5f0c2a8e-64a6-4c2b-9d4e-0e7f3d1c2b1a")
+    assert not matches(agent_configure, "nameko-rpc")
     assert not matches(found["store-agent-S001"].access.permissions()[1], "amq.default")
     store = found["store-S001"].access
     assert store.permissions() == ("^$", r"^(?:store_agent\.events)$", "^$")
