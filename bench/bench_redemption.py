@@ -117,7 +117,8 @@ def main():
             agent = http.client.HTTPConnection("127.0.0.1", agent_port, timeout=30)
             warm = time.monotonic() + 120  # until the loyalty service answers online
             while True:
-                body = json.dumps({"CARD": CARD, "POINTS": 1, "TXN_ID": f"{STORE}-{TERMINAL}-W{time.time_ns()}"}).encode()
+                txn = f"{STORE}-{TERMINAL}-W{time.time_ns()}"
+                body = json.dumps({"CARD": CARD, "POINTS": 1, "TXN_ID": txn}).encode()
                 status, answer = call(agent, "/v1/loyalty/authorize", body,
                                       signed_headers(TERMINAL, key, "POST", "/v1/loyalty/authorize", body))
                 if status == 200 and not answer["OFFLINE"]:

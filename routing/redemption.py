@@ -59,7 +59,7 @@ OFFLINE_PREFIX = "OFF-"  # an offline hold's id: never a platform's
 
 
 class HoldRefusedError(RetailbusError):
-    """Raised when a hold cannot be issued, voided or spent as asked; `status` is the agent's answer, `field` the POS field."""
+    """Raised when a hold cannot be issued, voided or spent as asked (`status`: the answer, `field`: the POS's)."""
 
     def __init__(self, status: int, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
@@ -280,7 +280,8 @@ def offline_points(db, card: str, business_day: str, now: float) -> int:
     not voided, and not a hold that expired unspent (it redeemed nothing)."""
     return db.execute(
         "SELECT coalesce(sum(points), 0) FROM loyalty_holds WHERE offline = 1 AND card = ? AND business_day = ? "
-        "AND status != ? AND NOT (status = ? AND expires_at <= ?)", (card, business_day, VOIDED, HELD, now)).fetchone()[0]
+        "AND status != ? AND NOT (status = ? AND expires_at <= ?)",
+        (card, business_day, VOIDED, HELD, now)).fetchone()[0]
 
 
 def _insert(db, hold: Hold) -> None:

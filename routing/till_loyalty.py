@@ -268,7 +268,8 @@ class TillRedemption(Extension):
 
     def _offline(self, call: AuthorizeCall, terminal, rules: Redemption, why: Exception,
                  now: float) -> tuple[str, tuple[int, dict]]:
-        log.warning("loyalty unreachable, authorising offline: %s", why, extra={"id": None, "correlationid": call.txn_id})
+        log.warning("loyalty unreachable, authorising offline: %s", why,
+                    extra={"id": None, "correlationid": call.txn_id})
         if rules.offline_floor_points == 0:
             return "refused", _refusal(503, "loyalty offline and offline redemption is off "
                                             "(redemption.offline_floor_points: 0)", OFFLINE=True)

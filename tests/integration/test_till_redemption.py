@@ -14,7 +14,6 @@ import sqlite3
 import threading
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -141,7 +140,8 @@ class Estate:
 
     # the platform and the ERP --------------------------------------------------------
     def enrol(self, card: str, points: int):
-        assert self.platform.call("POST", "/members", {"card": card, "customer_id": f"CU-{card}"}, f"m-{card}")[0] == 201
+        member = {"card": card, "customer_id": f"CU-{card}"}
+        assert self.platform.call("POST", "/members", member, f"m-{card}")[0] == 201
         assert self.platform.call("POST", "/transactions", {"card": card, "type": "EARN", "points": points,
                                                             "reference": "seed"}, f"seed-{card}")[0] == 201
 
