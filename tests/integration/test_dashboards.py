@@ -5,8 +5,9 @@ config/alerts.yml loads and evaluates in that Prometheus.
 The estate: a managed broker, the demo legacy ERP, every service (erp, files,
 route_guard, dlq, reconcile, journal) with a metrics port each, and a store agent. A little real traffic
 makes the counters move: a sale and a stock query through the agent (stock in
-shadow mode, for parity), a good customer export, a bad stock snapshot (a
-rejected file) and a stock update in the legacy database (change capture).
+shadow mode, for parity), a redemption the agent authorises and a sale that pays
+with it (loyalty), a good customer export, a bad stock snapshot (a rejected file)
+and a stock update in the legacy database (change capture).
 """
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ from demo.batch.jobs import customer_rows, stock_line, write_customer_export, wr
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data, utc_stamp
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
-from tests.integration.support import legacy_sale, stop, wait_for, write_config
+from tests.integration.support import legacy_sale, read_config, stop, wait_for, write_config
 from tests.unit.test_dashboards import ALERTS, dashboard_exprs
 
 pytestmark = pytest.mark.integration  # needs Debian's prometheus package (.ci/bootstrap.sh test installs it)
 
 SERVICES = {"erp": "services.erp", "files": "services.files", "route_guard": "routing.guard",
-            "dlq": "services.dlq", "reconcile": "services.reconcile", "journal": "services.journal"}
+            "dlq": "services.dlq", "reconcile": "services.reconcile", "journal": "services.journal",
+            "loyalty": "services.loyalty"}
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__range": "1h"}
 QUERY_TIMEOUT = 120  # seconds for every query to return data on a busy 2-core machine
 
@@ -110,7 +112,9 @@ def estate(tmp_path):
                   for (name, module), port in zip(SERVICES.items(), metric_ports)},
         stores=[{"id": "S001", "http": f"127.0.0.1:{agent_port}"}],
         # control totals and reconciliation every 2 s, not every minutes: the gap gauge gets its value
-        agent={"auth_required": False, "control_totals_interval": 2, "control_totals_days": 3650},
+        agent={"auth_required": False, "control_totals_interval": 2, "control_totals_days": 3650,
+               "retention_days": 3650},  # the sale's day (legacy_sale) is counted, and kept as long
+        retention={"inbox_days": 3700, "ledger_days": 3700},  # keys outlive every redelivery (bus/settings.py)
         legacy_erp={"http": f"127.0.0.1:{legacy_port}"},
         reconcile={"interval": 2},
     )
@@ -125,14 +129,26 @@ def estate(tmp_path):
         assert wait_for(lambda: all(reachable(f"http://{t}/metrics") for t in targets.values())
                         or up.poll() is not None, timeout=240), log.read_text()[-4000:]
         assert up.poll() is None, log.read_text()[-4000:]
-        yield tmp_path, targets, f"http://{targets['store_agent']}"
+        yield tmp_path, targets, f"http://{targets['store_agent']}", read_config(config)["RETAILBUS"]["loyalty_platform"]["http"]
     finally:
         code = stop(up, timeout=120)
         assert code == 0, log.read_text()[-4000:]
 
 
-def traffic(root: Path, agent: str):
+def traffic(root: Path, agent: str, loyalty_platform: str):
     sale = http_json(f"{agent}/erp/sales", legacy_sale("DASH-0001"))
+    assert sale["STATUS"] == "OK", sale
+    for path, body in (("/members", {"card": "LC-DASH", "customer_id": "C-DASH"}),
+                       ("/transactions", {"card": "LC-DASH", "type": "EARN", "points": 900, "reference": "seed"})):
+        request = urllib.request.Request(f"http://{loyalty_platform}{path}", data=json.dumps(body).encode(),
+                                         headers={"Idempotency-Key": f"dash{path}"})
+        urllib.request.urlopen(request, timeout=10).read()
+    hold = http_json(f"{agent}/v1/loyalty/authorize", {"CARD": "LC-DASH", "POINTS": 500, "TXN_ID": "DASH-0002"})
+    assert hold["STATUS"] == "OK" and not hold["OFFLINE"], hold
+    paid = {**legacy_sale("DASH-0002"), "LOYALTY_CARD": "LC-DASH"}
+    paid["TENDERS"] = [{"TYPE": "CASH", "AMOUNT": paid["TOTAL"] - 500},
+                       {"TYPE": "LOYALTY", "AMOUNT": 500, "HOLD_ID": hold["HOLD_ID"]}]
+    sale = http_json(f"{agent}/erp/sales", paid)
     assert sale["STATUS"] == "OK", sale
     stock = http_json(f"{agent}/erp/stock?STORE=S001&SKU=100001")
     assert stock, stock
@@ -174,8 +190,8 @@ def start_prometheus(root: Path, targets: dict[str, str]) -> tuple[subprocess.Po
 
 @pytest.mark.timeout(600)
 def test_every_dashboard_query_returns_data_from_a_running_bus(estate):
-    root, targets, agent = estate
-    traffic(root, agent)
+    root, targets, agent, loyalty_platform = estate
+    traffic(root, agent, loyalty_platform)
     prometheus, base = start_prometheus(root, targets)
     try:
         assert wait_for(lambda: all(t["health"] == "up" for t in

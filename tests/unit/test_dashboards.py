@@ -74,6 +74,17 @@ def test_the_dashboard_covers_what_issue_7_asks_for():
         assert metric in exprs, metric
 
 
+def test_the_dashboard_and_the_alerts_cover_loyalty_and_crm_as_issue_18_asks():
+    exprs = " ".join(dashboard_exprs())
+    alerts = " ".join(r["expr"] for r in alert_rules())
+    for metric in ("retailbus_loyalty_authorisation_seconds", "retailbus_agent_loyalty_authorisation_seconds",
+                   "retailbus_loyalty_authorisations_total", "retailbus_loyalty_accrual_lag_seconds",
+                   "retailbus_legacy_calls_total", "retailbus_loyalty_shadow_parity_ratio"):
+        assert metric in exprs and metric in alerts, metric
+    assert 'system=~"loyalty_platform|crm"' in exprs and "retailbus_breaker_open" in alerts
+    assert 'outcome="offline"' in alerts and "retailbus_outbox_unroutable_events" in alerts
+
+
 def test_dashboard_queries_name_only_defined_metrics():
     assert undefined(dashboard_exprs()) == set()
 
