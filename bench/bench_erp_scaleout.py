@@ -170,7 +170,12 @@ def run_variant(home: Path, uri: str, dsn: str, parts: int, sales: list, cluster
             time.sleep(0.05)
         hwm = max(process_hwm_kib(p.pid) or 0 for p in procs)
         with engine.connect() as c:
-            assert c.execute(count).scalar() - before == n, "a sale posted twice"
+            twice = c.execute(sa.text(
+                'SELECT "POS_TXN_ID", count(*), min("DOC_NO"), max("DOC_NO") FROM "SLS_HDR" WHERE "DOC_TYPE" = \'S\' '
+                'GROUP BY "POS_TXN_ID" HAVING count(*) > 1')).all()
+            assert not twice and c.execute(count).scalar() - before == n, \
+                (f"posted twice (POS id, times, first and last DOC_NO): {twice[:10]}; the erp log ends: "
+                 + (home / f"erp-{parts}.log").read_text()[-3000:])
     finally:
         engine.dispose()
         for p in procs:

@@ -4,7 +4,7 @@ path (tills -> the demo legacy ERP's HTTP API) at the same loads, same run.
 
     python bench/bench_estate.py [--stores 20] [--tills 4] [--steps 25,50,100,200]
                                  [--step-seconds 60] [--backend sqlite|postgresql]
-                                 [--store-peak 0.5] [--amqp-uri URI]
+                                 [--store-peak 0.5] [--max-lag 5] [--amqp-uri URI]
 
 The estate: one store agent process per store (`python -m bus.runner ...
 routing.store_agent`, signed tills, sales route in bus mode), the erp and journal
@@ -18,15 +18,15 @@ Per step: accepted sales/s, POS p50/p99, posting lag p50/p99 (till's answer ->
 the sale's CREATED_TS in SLS_HDR), total outbox depth at the start and the end,
 CPU ms a sale of the agents, the broker and the erp. A step is sustained when
 every sale is accepted (no POS error), every sale is posted within the step and
-`--grace` seconds after it, and the posting lag does not grow over the step (the
-last third's p99 at most max(1 s, 1.5 x the first third's)). The result is the
-highest sustained load, and how many stores it serves at `--store-peak` sales/s
-each. In the same run, the erp's isolated posting rate (bench_erp's figure: sales
-already queued, one erp container) on the same backend.
+`--grace` seconds after it, the posting lag p99 stays under `--max-lag` (5 s) and
+does not grow over the step (the last third's p99 at most max(1 s, 1.5 x the first
+third's)). The result is the highest sustained load, and how many stores it serves
+at `--store-peak` sales/s each. In the same run, the erp's isolated posting rate
+(bench_erp's figure: sales already queued, one erp container) on the same backend.
 
 Goals: sustained end to end >= 0.5 x the isolated posting rate, with POS p99 < 10 ms
 at that load; the bus path's POS p99 below the direct path's at every load the
-direct path sustains.
+direct path sustains (at every load when it sustains none).
 """
 import warnings
 
@@ -200,7 +200,8 @@ def step_figures(rows: list, seconds: float) -> dict:
             "pos_p50_ms": percentile(latencies, 50) * 1000, "pos_p99_ms": percentile(latencies, 99) * 1000}
 
 
-def bus_step(estate: Estate, dsn: str, rate: float, seconds: float, grace: float, tag: str, pids: dict) -> dict:
+def bus_step(estate: Estate, dsn: str, rate: float, seconds: float, grace: float, max_lag: float, tag: str,
+             pids: dict) -> dict:
     before = {name: sum(cpu_seconds(p) for p in ps) for name, ps in pids.items()}
     depth0 = estate.depth()
     rows = open_loop(estate.ports, estate.keys, rate, seconds, tag, estate.tills)
@@ -224,7 +225,7 @@ def bus_step(estate: Estate, dsn: str, rate: float, seconds: float, grace: float
              lag_last_third_p99_s=percentile(last, 99) if last else None,
              cpu_ms_per_sale={name: c / max(1, len(accepted)) * 1000 for name, c in cpu.items()},
              load=os.getloadavg()[0])
-    f["sustained"] = (f["errors"] == 0 and f["unposted"] == 0 and bool(lags)
+    f["sustained"] = (f["errors"] == 0 and f["unposted"] == 0 and bool(lags) and f["lag_p99_s"] <= max_lag
                       and f["lag_last_third_p99_s"] <= max(1.0, 1.5 * f["lag_first_third_p99_s"]))
     return f
 
@@ -246,6 +247,7 @@ def main():
     parser.add_argument("--steps", default="25,50,100,200", help="offered loads, sales/s over all stores")
     parser.add_argument("--step-seconds", type=float, default=60)
     parser.add_argument("--grace", type=float, default=30, help="seconds after a step for its last sales to post")
+    parser.add_argument("--max-lag", type=float, default=5, help="posting lag p99 (s) a sustained step stays under")
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--store-peak", type=float, default=0.5, help="a store's peak sales/s, for stores served")
     parser.add_argument("--isolated-sales", type=int, default=2000)
@@ -276,7 +278,7 @@ def main():
                     "broker": [broker.pid()] if broker else []}
             figures["bus"], figures["direct"] = [], []
             for i, rate in enumerate(steps):
-                b = bus_step(estate, bus_dsn, rate, args.step_seconds, args.grace, f"B{i}", pids)
+                b = bus_step(estate, bus_dsn, rate, args.step_seconds, args.grace, args.max_lag, f"B{i}", pids)
                 figures["bus"].append(b)
                 print(f"bus {rate:>5.0f}/s: accepted {b['accepted_per_s']:,.1f}/s, POS p50 {b['pos_p50_ms']:.1f} "
                       f"p99 {b['pos_p99_ms']:.1f} ms, lag p50 {b['lag_p50_s'] or 0:.2f} p99 {b['lag_p99_s'] or 0:.2f} s, "
@@ -302,11 +304,13 @@ def main():
     figures["pos_p99_ms_at_sustained"] = best["pos_p99_ms"] if best else None
     figures["stores_served"] = int(figures["sustained_per_s"] / args.store_peak)
     figures["sustained_over_isolated"] = figures["sustained_per_s"] / figures["isolated_posting_per_s"]
-    both = [(b, d) for b, d in zip(figures["bus"], figures["direct"]) if d["sustained"]]
+    # at every load the direct path sustains; when it sustains none, at every load
+    both = [(b, d) for b, d in zip(figures["bus"], figures["direct"]) if d["sustained"]] or \
+        list(zip(figures["bus"], figures["direct"]))
     figures["goals_met"] = {
         "sustained_over_isolated": figures["sustained_over_isolated"] >= GOALS["sustained_over_isolated"],
         "pos_p99_ms_at_sustained": best is not None and best["pos_p99_ms"] < GOALS["pos_p99_ms_at_sustained"],
-        "bus_p99_below_direct": bool(both) and all(b["pos_p99_ms"] < d["pos_p99_ms"] for b, d in both)}
+        "bus_p99_below_direct": all(b["pos_p99_ms"] < d["pos_p99_ms"] for b, d in both)}
     print()
     print(f"highest sustained load {figures['sustained_per_s']:,.1f} sales/s "
           f"(x{figures['sustained_over_isolated']:.2f} of isolated posting "
