@@ -64,6 +64,27 @@ def open_holds(engine: Engine, store: str, pos_txn_id: str) -> list[dict]:
             HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.STATUS == "held")).mappings()]
 
 
+def online_holds(engine: Engine, store: str, pos_txn_id: str) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(HOLDS).where(
+            HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.OFFLINE == 0)).mappings()]
+
+
+def redeemed_offline(engine: Engine, store: str, pos_txn_id: str) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(select(HOLDS.c.HOLD_ID).where(
+            HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.OFFLINE == 1).limit(1)).first() \
+            is not None
+
+
+def settled_holds(engine: Engine, store: str, pos_txn_id: str) -> int:
+    """How many of the transaction's online holds were released: the attempt a new one is."""
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(HOLDS).where(
+            HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.OFFLINE == 0,
+            HOLDS.c.STATUS == "released")).scalar()
+
+
 def expired_holds(engine: Engine, at: str, limit: int = 200) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(HOLDS).where(

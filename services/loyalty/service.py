@@ -83,10 +83,13 @@ class LoyaltyService:
         """A hold of `points` on `card` for the till transaction; raises InsufficientPointsError,
         UnknownMemberError, MemberInactiveError or LoyaltyUnavailableError (authorise offline)."""
         started, outcome = datetime.now(timezone.utc), "refused"
+        # A till retrying after a lost answer gets the same hold; after a void (its holds
+        # released) the transaction's next authorisation is a new one.
+        attempt = accrual.settled_holds(self.db.engine, store, pos_txn_id)
         try:
             hold = self.platform.hold(card, points, f"{store}/{pos_txn_id}", store,
                                       self.rules.config.redemption.hold_ttl_seconds,
-                                      key=f"hold:{store}:{pos_txn_id}:{card}:{points}")
+                                      key=f"hold:{store}:{pos_txn_id}:{attempt}:{card}:{points}")
             outcome = "ok"
         except LoyaltyRefusedError:
             raise
@@ -112,7 +115,18 @@ class LoyaltyService:
     @rpc
     def capture_offline(self, card: str, points: int, store: str, pos_txn_id: str, hold_id: str) -> dict:
         """Book a redemption a store agent authorised while the platform was unreachable; one
-        the balance cannot cover becomes an over-redemption exception, never a negative balance."""
+        the balance cannot cover becomes an over-redemption exception, never a negative balance.
+
+        An online hold the service made for the same transaction after the agent had given up
+        waiting would pay the sale twice: a held one is released first; one the posting
+        captured already paid, so the offline redemption is not booked again."""
+        online = accrual.online_holds(self.db.engine, store, pos_txn_id)
+        for hold in online:
+            if hold["STATUS"] == "held":
+                self.platform.release(hold["HOLD_ID"])
+                accrual.mark_hold(self.db.conn, hold["HOLD_ID"], "released")
+        if any(hold["STATUS"] == "captured" for hold in online):
+            return {"hold_id": hold_id, "status": "paid_online"}
         try:
             self.platform.book(card, "REDEEM", points, f"{store}/{pos_txn_id}", store,
                                key=f"offline:{store}:{pos_txn_id}")
@@ -132,7 +146,9 @@ class LoyaltyService:
     @reliable_handler("erp", "erp.sale_posted.v1")
     def on_sale_posted(self, doc: ErpSalePostedV1, event: CloudEvent):
         holds = accrual.open_holds(self.db.engine, doc.store_id, doc.pos_txn_id)
-        captured = [self.platform.capture(h["HOLD_ID"]) for h in holds]
+        # a sale its store redeemed offline is paid by that redemption (capture_offline), not by a hold
+        captured = [] if accrual.redeemed_offline(self.db.engine, doc.store_id, doc.pos_txn_id) else \
+            [self.platform.capture(h["HOLD_ID"]) for h in holds]
         rules = self.rules.config
         mode = rules.accrual.mode_at(doc.posted_at)  # the files service decides by the same moment
         earned = accrual.earn(self.platform, rules.earning, doc) if doc.loyalty_card and mode != "file" else None

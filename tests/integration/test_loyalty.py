@@ -151,3 +151,25 @@ def _try(call):
         if "InsufficientPoints" in str(exc):
             raise
         return None
+
+
+@pytest.mark.timeout(300)
+def test_a_late_online_hold_never_pays_a_sale_its_store_redeemed_offline_and_a_void_frees_the_txn(estate):
+    platform, publisher, uri = estate
+    enrol(platform, "C9", points=1000)
+    with ClusterRpcProxy({"AMQP_URI": uri}, timeout=30) as rpc:
+        # the agent gave up waiting and authorised offline; the service made the hold afterwards
+        late = wait_for(lambda: _try(lambda: rpc.loyalty.authorize_redemption("C9", 300, "S002", "S002-01-1")), 60)
+        assert rpc.loyalty.capture_offline("C9", 300, "S002", "S002-01-1", "OFF-1")["status"] == "captured"
+        assert platform.call("GET", f"/holds/{late['hold_id']}")[1]["status"] == "released"
+        sale = posted("S002", "S002-01-1", "C9", [("100001", 1, 3000)])
+        publish(publisher, [sale])
+        wait_for(lambda: ("EARN", 30) in ledger(platform, "C9"), 60)
+        assert [t for t in ledger(platform, "C9") if t[0] == "REDEEM"] == [("REDEEM", -300)]  # paid once
+
+        # a till voids its hold, then authorises the same transaction again: a new hold, not the old one
+        first = rpc.loyalty.authorize_redemption("C9", 100, "S002", "S002-01-2")
+        assert rpc.loyalty.release(first["hold_id"])["status"] == "released"
+        again = rpc.loyalty.authorize_redemption("C9", 100, "S002", "S002-01-2")
+        assert again["hold_id"] != first["hold_id"]
+        assert platform.call("GET", f"/holds/{again['hold_id']}")[1]["status"] == "held"
