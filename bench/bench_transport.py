@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.common import (SAMPLE_TYPE, bench_broker, connect, emit_json, environment,  # noqa: E402
                           median, peak_rss_kib, process_hwm_kib, sample_event, sample_events)
 from bus import topology  # noqa: E402
-from bus.consumer import ReliableConsumer, reliable_handler  # noqa: E402
+from bus.consumer import reliable_handler  # noqa: E402
+from bus.queue_consumer import ReliableConsumer  # noqa: E402
 from bus.extensions import EventPublisher  # noqa: E402
 
 WINDOW = 500          # unconfirmed publishes in flight (raw) / concurrent publishing workers (ours)

@@ -257,7 +257,7 @@ def _uses_broker(ext) -> bool:
     """An extension we have no description for that holds a broker connection."""
     from nameko.messaging import QueueConsumer
     from nameko.rpc import ReplyListener
-    from bus.consumer import ReliableConsumer
+    from bus.queue_consumer import ReliableConsumer
     from bus.extensions import BusConnection
 
     return any(isinstance(sub, (BusConnection, ReliableConsumer, QueueConsumer, ReplyListener))
