@@ -20,7 +20,6 @@ from tests.unit.test_erp_service import Worker, legacy_db
 
 pytestmark = pytest.mark.unit
 
-COUNTED = datetime.now(timezone.utc) + timedelta(minutes=1)  # after the demo rows were seeded
 
 
 @pytest.fixture
@@ -37,8 +36,11 @@ def service(db):
     return Worker(worker_factory(ErpService, db=db), db)
 
 
-def snapshot(rows: list[tuple[str, str, int]], at: datetime = COUNTED, item_type="erp.stock_changed.v1",
+def snapshot(rows: list[tuple[str, str, int]], at: datetime | None = None, item_type="erp.stock_changed.v1",
              sha="b" * 64) -> tuple[EventBatchV1, CloudEvent]:
+    # counted a minute after now: after the demo rows the fixture seeded (a module-level stamp
+    # would fall behind them when the suite reaches this test minutes after importing it)
+    at = at or datetime.now(timezone.utc) + timedelta(minutes=1)
     items = [BatchItem(row=n, idempotencykey=f"{sha}:{n}",
                        data={"store_id": store, "sku": sku, "on_hand": on_hand, "changed_at": at.isoformat()})
              for n, (store, sku, on_hand) in enumerate(rows, start=2)]
