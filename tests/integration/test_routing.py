@@ -47,7 +47,7 @@ def test_an_invalid_table_is_refused_with_its_line_and_agents_keep_serving(estat
     for command in (("validate", str(bad)), ("apply", str(bad), "--reason", "typo")):
         done = cli(estate, *command)
         assert done.returncode != 0
-        assert f"{bad}:11: routes.0.rollout.percent" in done.stderr, done.stderr
+        assert f"{bad}:11: routes[sales].rollout.percent" in done.stderr, done.stderr
     assert estate.registry.audit() == []
     assert estate.versions() == {"S001": 1, "S002": 1}
     status, answer = estate.post("S001", "S001-INV00001")
