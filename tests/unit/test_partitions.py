@@ -82,3 +82,12 @@ def test_a_partitioned_handler_reads_its_partitions_and_the_setup_declares_them(
     assert not any(d[0] == "handler" and d[4] == queue for d in access.declares)
     failed_write, _ = access.topic_permissions()["retailbus.failed"]
     assert re.fullmatch(failed_write, queue + ".p1.dlq")  # a partition's own DLQ
+
+
+def test_the_dead_letter_workbench_watches_each_partition():
+    from services.dlq.store import handler_queues
+    config = {"RETAILBUS": {"services": {"erp": {"module": "services.erp"}},
+                            "handlers": {"erp.on_pos_sale": {"partitions": 2}}}}
+    queues = handler_queues(config, retailbus_settings(config))
+    queue = "evt-store_agent-pos.sale.v1--erp.on_pos_sale"
+    assert queue + ".p0" in queues and queue + ".p1" in queues and queue not in queues
