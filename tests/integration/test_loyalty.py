@@ -173,3 +173,19 @@ def test_a_late_online_hold_never_pays_a_sale_its_store_redeemed_offline_and_a_v
         again = rpc.loyalty.authorize_redemption("C9", 100, "S002", "S002-01-2")
         assert again["hold_id"] != first["hold_id"]
         assert platform.call("GET", f"/holds/{again['hold_id']}")[1]["status"] == "held"
+
+
+@pytest.mark.timeout(300)
+def test_an_expired_hold_is_released_and_gives_its_points_back(estate, tmp_path):
+    platform, _, uri = estate
+    enrol(platform, "C5", points=500)
+    rules = tmp_path / "config" / "loyalty.yaml"
+    rules.write_text(yaml.safe_dump({**RULES, "redemption": {"hold_ttl_seconds": 30}}))  # re-read on change
+    with ClusterRpcProxy({"AMQP_URI": uri}, timeout=30) as rpc:
+        hold = wait_for(lambda: _try(lambda: rpc.loyalty.authorize_redemption("C5", 200, "S001", "S001-09-1")), 60)
+    assert hold["balance"] == 300
+    # the platform gives the points back at expiry; the service's sweep then releases the hold for the bus
+    assert wait_for(lambda: platform.call("GET", f"/holds/{hold['hold_id']}")[1]["status"] == "released", 150,
+                    interval=1), platform.call("GET", f"/holds/{hold['hold_id']}")[1]
+    assert platform.call("GET", "/members/C5")[1]["balance"] == 500
+    assert ledger(platform, "C5") == []  # nothing redeemed
