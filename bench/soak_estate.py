@@ -129,10 +129,14 @@ class Estate:
         if self.up.poll() is None:
             self.up.send_signal(signal.SIGTERM)
         try:
-            return self.up.wait(timeout)
+            code = self.up.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.up.pid, signal.SIGKILL)  # the group of the process we started
-            return self.up.wait()
+            code = self.up.wait()
+        broker = ManagedBroker(self.root / "var" / "broker", *self.broker_ports)
+        if broker.is_running():  # `up` stopped while it was starting its broker: ours to stop
+            broker.stop()
+        return code
 
     # -- what is sampled --------------------------------------------------------------
 
