@@ -67,8 +67,10 @@ def healthy(url: str) -> bool:
 @pytest.mark.timeout(600)
 def test_the_readme_quick_start_prints_what_it_promises(tmp_path):
     ports = project(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RETAILBUS_AMQP_URI", "VIRTUAL_ENV")}
-    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # no retailbus on it: the README says how
+    # a reader's fresh shell: nothing this test session set (no RETAILBUS_*, no virtualenv),
+    # and no retailbus on PATH (the README says how to put it there)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "LANG": os.environ.get("LANG", "C.UTF-8"), "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen([str(RETAILBUS), "up"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                           start_new_session=True)
