@@ -48,8 +48,8 @@ elif [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 else
   # The chaos suites first, alone: they time fault recovery and accept latency.
-  # Then the store-agent suites and the rest side by side in two sessions (most
-  # tests wait on brokers and processes, not the CPU). The split is for speed only:
+  # Then the store-agent and estate suites and the rest side by side in two sessions
+  # (most tests wait on brokers and processes, not the CPU). The split is for speed only:
   # test_store_agent's stock test used to time out after other modules in one
   # session (an erp run earlier left its durable rpc-erp queue on the session
   # broker, and the agent's stock RPC timeout was a BaseException that left the
@@ -57,7 +57,10 @@ else
   pytest=(.venv/bin/python -m pytest --durations=10)
   agent_suites=(tests/integration/test_routing.py tests/integration/test_up.py
                 tests/integration/test_store_agent.py tests/integration/test_reconcile.py
-                tests/integration/test_dashboards.py tests/integration/test_trace.py)
+                tests/integration/test_dashboards.py tests/integration/test_trace.py
+                tests/integration/test_readme.py tests/integration/test_loyalty.py
+                tests/integration/test_loyalty_reconcile.py tests/integration/test_till_redemption.py
+                tests/integration/test_crm.py)
   ignores=(--ignore tests/chaos); for suite in "${agent_suites[@]}"; do ignores+=(--ignore "$suite"); done
   status=0
   # The layers (setup.cfg [importlinter]): a violation names the offending import.
