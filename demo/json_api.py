@@ -24,12 +24,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
+from demo.draining import DrainingServer
+
 MAX_BODY = 1 << 20
-DRAIN_SECONDS = 10.0
 
 IDEMPOTENCY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -84,10 +85,8 @@ def require(body: dict, field: str, kind: type, *, positive: bool = False):
     return value
 
 
-class JsonApiServer(ThreadingHTTPServer):
-    """Routes, the database file, faults and the in-flight count the handlers share."""
-
-    daemon_threads = True
+class JsonApiServer(DrainingServer):
+    """Routes, the database file and faults the handlers share (and the in-flight count)."""
 
     def __init__(self, address, name: str, db_path: str, schema: str,
                  routes: list[tuple[str, str, Handler, bool]]):
@@ -97,15 +96,8 @@ class JsonApiServer(ThreadingHTTPServer):
                        for method, pattern, handler, write in routes]
         self.latency_ms, self.fail_rate = 0, 0.0
         self._local = threading.local()
-        self._busy = 0
-        self._idle = threading.Condition()
         with self.db() as conn:
             conn.executescript(schema + ";" + IDEMPOTENCY_SCHEMA)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
 
     @contextmanager
     def db(self):
@@ -114,20 +106,6 @@ class JsonApiServer(ThreadingHTTPServer):
             conn = self._local.conn = connect(self.db_path)
         yield conn
 
-    @contextmanager
-    def busy(self):
-        with self._idle:
-            self._busy += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
-
-    def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._busy == 0, timeout)
 
 
 class JsonApiHandler(BaseHTTPRequestHandler):

@@ -13,56 +13,29 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from demo.draining import DrainingServer
+
 from . import postings
 from .schema import create_schema, engine_for
 
 MAX_BODY = 1 << 20
-DRAIN_SECONDS = 10.0
 
 
-class LegacyErpServer(ThreadingHTTPServer):
-    """The HTTP server plus what handlers share: engine, faults, in-flight count."""
-
-    # Idle keep-alive connections must not hold up shutdown; requests that are
-    # actually being processed are waited for by drain() instead.
-    daemon_threads = True
+class LegacyErpServer(DrainingServer):
+    """The HTTP server plus what handlers share: engine, faults (and the in-flight count)."""
 
     def __init__(self, address, engine: Engine, latency_ms: int = 0, fail_rate: float = 0.0):
         super().__init__(address, ErpHandler)
         self.engine = engine
         self.latency_ms = latency_ms
         self.fail_rate = fail_rate
-        self._busy = 0
-        self._idle = threading.Condition()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-    @contextmanager
-    def busy(self):
-        with self._idle:
-            self._busy += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
-
-    def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
-        """Wait for in-flight requests to finish; False if some did not."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._busy == 0, timeout)
 
     def server_close(self) -> None:
         super().server_close()
