@@ -156,6 +156,13 @@ class LoyaltyService:
         if booked:
             self.platform.book(doc.loyalty_card, "EARN", sum(booked.points), f"{doc.store_id}/{doc.pos_txn_id}",
                                doc.store_id, key=f"earn:{doc.store_id}:{doc.pos_txn_id}")
+            ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
+            # the platform booked them: told now, before this worker takes the one database
+            # connection (a redelivery tells it again under the same key; consumers keep one)
+            self._publish(LoyaltyPointsAccruedV1, f"accrued:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
+                          card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
+                          business_day=doc.business_day, points=sum(booked.points),
+                          basis_minor=doc.total_minor, currency=doc.currency)
         if not inbox.claim(self.db.conn, "loyalty.on_sale_posted", event.idempotencykey, event.id):
             return DUPLICATE
         accrual.record_sale(self.db.conn, doc, booked)
@@ -173,12 +180,6 @@ class LoyaltyService:
             if differences:
                 self._exception("shadow_mismatch", doc.store_id, doc.pos_txn_id, doc.loyalty_card,
                                 shadow.describe(differences, earned.tier))
-        elif booked:
-            self._publish(LoyaltyPointsAccruedV1, f"accrued:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
-                          card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
-                          business_day=doc.business_day, points=sum(booked.points),
-                          basis_minor=doc.total_minor, currency=doc.currency)
-            ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
         return sum(earned.points)
 
     @reliable_handler("erp", "erp.return_posted.v1")
