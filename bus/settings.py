@@ -179,6 +179,9 @@ class ReconcileSettings(Strict):
 
     dsn: str = Field("sqlite:///var/reconcile.db", description="the latest control totals per store and day")
     interval: float = Field(300.0, gt=0, description="seconds between scheduled reconciliations")
+    loyalty_pending_seconds: float = Field(120.0, ge=0, description=(
+        "a loyalty finding of a transaction the ERP or the platform booked this recently is pending, "
+        "not a gap: the loyalty service may not have handled it yet"))
 
 
 class RetentionSettings(Strict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -58,23 +58,28 @@ def mark_hold(conn: Connection, hold_id: str, status: str) -> None:
     conn.execute(update(HOLDS).where(HOLDS.c.HOLD_ID == hold_id).values(STATUS=status, UPDATED_AT=now()))
 
 
-def open_holds(engine: Engine, store: str, pos_txn_id: str) -> list[dict]:
+def holds_of(engine: Engine, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[list[dict], bool]]:
+    """Per (store, POS id): its holds still held, and whether its store redeemed offline for
+    it; one read for a batch of sales."""
+    out: dict[tuple[str, str], tuple[list[dict], bool]] = {key: ([], False) for key in keys}
+    if not keys:
+        return out
+    c = HOLDS.c
     with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(select(HOLDS).where(
-            HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.STATUS == "held")).mappings()]
+        rows = conn.execute(select(HOLDS).where(tuple_(c.STORE_ID, c.POS_TXN_ID).in_(sorted(set(keys))),
+                                                or_(c.STATUS == "held", c.OFFLINE == 1))).mappings().all()
+    for row in rows:
+        held, offline = out[(row["STORE_ID"], row["POS_TXN_ID"])]
+        if row["STATUS"] == "held":
+            held.append(dict(row))
+        out[(row["STORE_ID"], row["POS_TXN_ID"])] = (held, offline or bool(row["OFFLINE"]))
+    return out
 
 
 def online_holds(engine: Engine, store: str, pos_txn_id: str) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(HOLDS).where(
             HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.OFFLINE == 0)).mappings()]
-
-
-def redeemed_offline(engine: Engine, store: str, pos_txn_id: str) -> bool:
-    with engine.connect() as conn:
-        return conn.execute(select(HOLDS.c.HOLD_ID).where(
-            HOLDS.c.STORE_ID == store, HOLDS.c.POS_TXN_ID == pos_txn_id, HOLDS.c.OFFLINE == 1).limit(1)).first() \
-            is not None
 
 
 def settled_holds(engine: Engine, store: str, pos_txn_id: str) -> int:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from typing import NamedTuple
+
+from eventlet.greenpool import GreenPool
 
 from nameko.rpc import rpc
 from nameko.timer import timer
@@ -36,10 +39,13 @@ from legacy_wrappers.legacy_db import LegacyDatabase
 from services.loyalty import accrual, settlement, shadow
 from services.loyalty.config import LoyaltyRules, SettlementSchedule
 from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
+from services.loyalty.rules import Earning
 from services.loyalty.tables import EXCEPTIONS, HOLDS, metadata
 
 log = logging.getLogger(__name__)
 SOURCE = "retailbus/loyalty"
+BATCH = 64  # posted sales per worker (bus/consumer.py `batch`): one transaction records them
+PLATFORM_CALLS = 16  # a batch's sales calling the platform at once
 
 AUTHORISATION_SECONDS = Histogram("retailbus_loyalty_authorisation_seconds",
                                   "Time to authorise a redemption at the platform", ["outcome"])
@@ -60,6 +66,15 @@ EXCEPTIONS_TOTAL = Counter("retailbus_loyalty_exceptions_total", "Loyalty except
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+class Prepared(NamedTuple):
+    """What a sale's platform calls did: the holds captured, the mode, the rules' points, what was booked."""
+    captured: list[dict]
+    mode: str
+    earned: accrual.Earned | None
+    booked: accrual.Earned | None
+    earning: Earning
 
 
 class LoyaltyService:
@@ -143,44 +158,76 @@ class LoyaltyService:
         return {"hold_id": hold_id, "status": status}
 
     # ---------------------------------------------------------------- events (postings)
-    @reliable_handler("erp", "erp.sale_posted.v1")
-    def on_sale_posted(self, doc: ErpSalePostedV1, event: CloudEvent):
-        holds = accrual.open_holds(self.db.engine, doc.store_id, doc.pos_txn_id)
-        # a sale its store redeemed offline is paid by that redemption (capture_offline), not by a hold
-        captured = [] if accrual.redeemed_offline(self.db.engine, doc.store_id, doc.pos_txn_id) else \
-            [self.platform.capture(h["HOLD_ID"]) for h in holds]
+    @reliable_handler("erp", "erp.sale_posted.v1", batch=BATCH)
+    def on_sale_posted(self, items: list[tuple[ErpSalePostedV1, CloudEvent]]) -> list:
+        """A batch of posted sales: their holds read at once, each sale's platform calls
+        (capture, the member's tier, the EARN) side by side, then one transaction records
+        them all with their inbox keys. One result per sale; a sale whose platform call
+        failed gets its error (retried alone: every platform write is keyed)."""
         rules = self.rules.config
-        mode = rules.accrual.mode_at(doc.posted_at)  # the files service decides by the same moment
-        earned = accrual.earn(self.platform, rules.earning, doc) if doc.loyalty_card and mode != "file" else None
-        booked = earned if mode == "api" and earned and sum(earned.points) else None
-        if booked:
-            self.platform.book(doc.loyalty_card, "EARN", sum(booked.points), f"{doc.store_id}/{doc.pos_txn_id}",
-                               doc.store_id, key=f"earn:{doc.store_id}:{doc.pos_txn_id}")
-            ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
-            # the platform booked them: told now, before this worker takes the one database
-            # connection (a redelivery tells it again under the same key; consumers keep one)
-            self._publish(LoyaltyPointsAccruedV1, f"accrued:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
-                          card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
-                          business_day=doc.business_day, points=sum(booked.points),
-                          basis_minor=doc.total_minor, currency=doc.currency)
-        if not inbox.claim(self.db.conn, "loyalty.on_sale_posted", event.idempotencykey, event.id):
-            return DUPLICATE
-        accrual.record_sale(self.db.conn, doc, booked)
-        for hold in captured:
+        holds = accrual.holds_of(self.db.engine, [(doc.store_id, doc.pos_txn_id) for doc, _ in items])
+        pool = GreenPool(PLATFORM_CALLS)
+        prepared = list(pool.imap(lambda item: self._platform_part(item[0], rules, holds), items))
+        self._announce_accruals(items, prepared)
+        claims = inbox.claim_many(self.db.conn, [("loyalty.on_sale_posted", event.idempotencykey, event.id)
+                                                 for (_, event), done in zip(items, prepared)
+                                                 if not isinstance(done, Exception)])
+        fresh = iter(claims)
+        return [done if isinstance(done, Exception) else self._record(doc, done) if next(fresh) else DUPLICATE
+                for (doc, _), done in zip(items, prepared)]
+
+    def _platform_part(self, doc: ErpSalePostedV1, rules, holds) -> "Prepared | Exception":
+        """The sale's calls to the platform, before any database work; its error, not raised."""
+        try:
+            open_holds, redeemed_offline = holds[(doc.store_id, doc.pos_txn_id)]
+            # a sale its store redeemed offline is paid by that redemption (capture_offline), not by a hold
+            captured = [] if redeemed_offline else [self.platform.capture(h["HOLD_ID"]) for h in open_holds]
+            mode = rules.accrual.mode_at(doc.posted_at)  # the files service decides by the same moment
+            earned = accrual.earn(self.platform, rules.earning, doc) if doc.loyalty_card and mode != "file" else None
+            booked = earned if mode == "api" and earned and sum(earned.points) else None
+            if booked:
+                self.platform.book(doc.loyalty_card, "EARN", sum(booked.points), f"{doc.store_id}/{doc.pos_txn_id}",
+                                   doc.store_id, key=f"earn:{doc.store_id}:{doc.pos_txn_id}")
+                ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
+            return Prepared(captured, mode, earned, booked, rules.earning)
+        except Exception as exc:  # noqa: BLE001  (the sale's own result: retried, or parked, alone)
+            return exc
+
+    def _announce_accruals(self, items, prepared: list) -> None:
+        """loyalty.points_accrued.v1 for what the platform booked, in one confirmed round,
+        before the worker takes the one database connection (a redelivery announces it again
+        under the same key; consumers keep one). A sale whose event the broker refused is
+        failed, so it is retried."""
+        booked = [(n, doc) for n, ((doc, _), done) in enumerate(zip(items, prepared))
+                  if not isinstance(done, Exception) and done.booked]
+        events = [CloudEvent.new(LoyaltyPointsAccruedV1.TYPE, SOURCE, LoyaltyPointsAccruedV1(
+            card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id, business_day=doc.business_day,
+            points=sum(prepared[n].booked.points), basis_minor=doc.total_minor, currency=doc.currency),
+            subject=doc.pos_txn_id, idempotencykey=f"accrued:{doc.store_id}:{doc.pos_txn_id}") for n, doc in booked]
+        for (n, _), error in zip(booked, self.events.publish_many(events) if events else []):
+            if isinstance(error, UnroutableError):
+                UNROUTED.labels(LoyaltyPointsAccruedV1.TYPE).inc()
+            elif error is not None:
+                prepared[n] = error
+
+    def _record(self, doc: ErpSalePostedV1, done: "Prepared"):
+        """The sale's rows in the worker's transaction; what the handler returns for it."""
+        accrual.record_sale(self.db.conn, doc, done.booked)
+        for hold in done.captured:
             accrual.mark_hold(self.db.conn, hold["hold_id"], "captured")
             self._publish(LoyaltyRedemptionCapturedV1, f"captured:{hold['hold_id']}", doc.pos_txn_id,
                           hold_id=hold["hold_id"], card=hold["card"], store_id=doc.store_id,
                           pos_txn_id=doc.pos_txn_id, points=hold["points"])
-        ACCRUALS.labels(mode, "ok" if doc.loyalty_card else "no card").inc()
-        if earned is None:
-            return "no card" if not doc.loyalty_card else mode
-        if mode == "shadow":
-            differences = shadow.compare(rules.earning, doc, earned.points)
+        ACCRUALS.labels(done.mode, "ok" if doc.loyalty_card else "no card").inc()
+        if done.earned is None:
+            return "no card" if not doc.loyalty_card else done.mode
+        if done.mode == "shadow":
+            differences = shadow.compare(done.earning, doc, done.earned.points)
             shadow.record(differences)
             if differences:
                 self._exception("shadow_mismatch", doc.store_id, doc.pos_txn_id, doc.loyalty_card,
-                                shadow.describe(differences, earned.tier))
-        return sum(earned.points)
+                                shadow.describe(differences, done.earned.tier))
+        return sum(done.earned.points)
 
     @reliable_handler("erp", "erp.return_posted.v1")
     def on_return_posted(self, doc: ErpReturnPostedV1, event: CloudEvent):

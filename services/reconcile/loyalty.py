@@ -17,6 +17,8 @@ Rules, per transaction (a reference `<store>/<POS id>` at the platform):
 - once the day is closed (the settlement rules), the ERP's settlements carry what the
   loyalty service settled, else `settlement_mismatch`; what grew since the last
   settlement is `pending` (the next pass sends a supplement).
+A transaction booked a moment ago (RETAILBUS.reconcile.loyalty_pending_seconds) may
+still be on its way through the loyalty service: its findings are `pending`.
 """
 from __future__ import annotations
 
@@ -117,15 +119,20 @@ def compare_settlement(records: LoyaltyRecords, erp_rows: list[dict], closed: bo
 
 def add_to(report: StoreReport, records: LoyaltyRecords, entries: dict[tuple[str, str], list[int]],
            known: set[str], erp_tenders: dict[str, int], erp_rows: list[dict], point_value: int,
-           closed: bool) -> StoreReport:
-    """`report` with the loyalty findings of its store and day."""
-    platform = compare_platform(records, entries, known)
+           closed: bool, recent: frozenset[str] = frozenset()) -> StoreReport:
+    """`report` with the loyalty findings of its store and day. A finding about one of
+    `recent` (POS ids the ERP or the platform booked a moment ago: the loyalty service
+    may still be on its way) is pending, not a gap."""
+    found = {**compare_platform(records, entries, known),
+             "redemption_mismatch": compare_redemptions(records, erp_tenders, point_value)}
     mismatch, pending = compare_settlement(records, erp_rows, closed)
+    for name, findings in found.items():
+        pending += [f for f in findings if f.pos_txn_id in recent]
+        found[name] = [f for f in findings if f.pos_txn_id not in recent]
     summary = {kind.lower(): sum(sum(v) for (k, t), v in entries.items() if k == kind
                                  and (t in records.sales or t in records.reversed)) for kind in BOOKINGS}
     return report.model_copy(update={
-        **platform, "loyalty_checked": True, "loyalty_platform": summary,
-        "redemption_mismatch": compare_redemptions(records, erp_tenders, point_value),
+        **found, "loyalty_checked": True, "loyalty_platform": summary,
         "loyalty_exception": [Finding(kind=kind, pos_txn_id=txn, detail=detail)
                               for kind, txn, detail in sorted(records.exceptions)],
         "settlement_mismatch": mismatch, "pending": [*report.pending, *pending]})

@@ -40,6 +40,7 @@ class Estate:
     loyalty_rules: LoyaltyConfig = field(default_factory=LoyaltyConfig)  # the accrual mode, point value, settlement
     loyalty_db: Engine | None = None  # the loyalty service's database, when it has one: the loyalty side is checked
     platform: PlatformClient | None = None
+    loyalty_pending_seconds: float = 120.0
     # the schedule's memory (store -> (day, what it saw, the report listed for it)): service.py
     settling: dict = field(default_factory=dict)
 
@@ -75,6 +76,7 @@ class Estate:
                    drops.outbound.get(POINTS_DROP), tuple(s.id for s in settings.stores),
                    {s.id: (s.http, settings.outbox_path(s).parent / "terminal_keys.json") for s in settings.stores},
                    loyalty_rules=rules, loyalty_db=loyalty_db,
+                   loyalty_pending_seconds=settings.reconcile.loyalty_pending_seconds,
                    platform=None if loyalty_db is None else loyalty_sources.platform_client(
                        settings.loyalty_platform.http, 30.0))
 
@@ -126,16 +128,20 @@ def _loyalty_side(estate: Estate, report: StoreReport) -> StoreReport:
     records = loyalty_sources.loyalty_records(estate.loyalty_db, store_id, day)
     wanted = {f"{store_id}/{txn}" for _, txn in loyalty.expected_bookings(records)}
     try:
-        entries = loyalty_sources.group_entries(
-            loyalty_sources.platform_entries(estate.platform, store_id, day, wanted), store_id)
+        listed = loyalty_sources.platform_entries(estate.platform, store_id, day, wanted)
     except loyalty_sources.PlatformUnavailableError as exc:
         return loyalty.unavailable(report, str(exc))
+    entries = loyalty_sources.group_entries(listed, store_id)
     known = loyalty_sources.known_txns(estate.loyalty_db, store_id, {txn for _, txn in entries})
+    since = datetime.now(timezone.utc) - timedelta(seconds=estate.loyalty_pending_seconds)
+    recent = {d.pos_txn_id for d in sources.erp_docs(estate.legacy, store_id, day)
+              if d.created >= since.strftime("%Y-%m-%dT%H:%M:%S.%f")}
+    recent |= {e["reference"].split("/", 1)[-1] for e in listed if e["created"] >= since.isoformat()}
     return loyalty.add_to(report, records, entries, known,
                           loyalty_sources.erp_loyalty_tenders(estate.legacy, store_id, day),
                           loyalty_sources.erp_settlements(estate.legacy, store_id, day),
                           estate.loyalty_rules.redemption.point_value_minor,
-                          loyalty_sources.day_closed(estate.loyalty_rules, day))
+                          loyalty_sources.day_closed(estate.loyalty_rules, day), frozenset(recent))
 
 
 def _stores_side(estate: Estate, store_id: str, day: date,

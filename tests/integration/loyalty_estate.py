@@ -53,7 +53,7 @@ def random_lines(rng: random.Random, skus=("100001", "100002", "100003")) -> lis
 
 
 class LoyaltyEstate:
-    def __init__(self, root: Path, amqp_uri: str, rules: dict, handlers: dict | None = None):
+    def __init__(self, root: Path, amqp_uri: str, rules: dict, handlers: dict | None = None, **retailbus):
         self.root, self.uri = root, amqp_uri
         (root / "var").mkdir(parents=True, exist_ok=True)
         platform_port, *ports = free_ports(1 + len(MODULES))
@@ -78,7 +78,7 @@ class LoyaltyEstate:
             services={name: {"module": module, "metrics_port": self.metrics_ports[name]}
                       for name, module in MODULES.items()},
             handlers={"loyalty.on_sale_posted": fast, "loyalty.on_return_posted": fast,
-                      "erp.on_loyalty_settlement": fast, **(handlers or {})})
+                      "erp.on_loyalty_settlement": fast, **(handlers or {})}, **retailbus)
         self._purge([*QUEUES.values(), *OTHER_QUEUES])
         self.processes: dict[str, subprocess.Popen] = {}
         self.publisher = ConfirmingPublisher(amqp_uri, window=500)

@@ -61,7 +61,7 @@ def findings(one: dict) -> dict[str, list[tuple[str, str]]]:
 @pytest.mark.timeout(900)
 def test_reconcile_names_the_accrual_deleted_in_the_platform_the_doubled_one_and_the_offline_over_redemption(
         amqp_uri, tmp_path):
-    e = LoyaltyEstate(tmp_path, amqp_uri, RULES)
+    e = LoyaltyEstate(tmp_path, amqp_uri, RULES, reconcile={"loyalty_pending_seconds": 0})
     try:
         e.start("erp", "loyalty")
         for k in range(6):

@@ -99,3 +99,15 @@ def test_the_points_file_is_expected_only_for_postings_the_file_earned():
         return datetime.fromisoformat(created).replace(tzinfo=timezone.utc) < switch
     report = reconcile("S001", DAY, totals, docs, [], file_earns=file_earns)
     assert [f.pos_txn_id for f in report.loyalty_missing] == ["BEFORE"] and report.gap == 1
+
+
+def test_a_transaction_booked_a_moment_ago_is_pending_not_a_gap():
+    report = StoreReport(store_id="S001", business_day=DAY, totals_received=True, agent={}, erp={}, loyalty={})
+    r = records(sales={"T1", "T2", "T3", "T4"})
+    out = loyalty.add_to(report, r, {k: v for k, v in AT_PLATFORM.items() if k != ("EARN", "T1")}, set(),
+                         {"T3": 50, "T4": 10}, [], 1, False, recent=frozenset({"T1", "T4"}))
+    assert out.gap == 0
+    assert sorted((f.kind, f.pos_txn_id) for f in out.pending) == [("earn", "T1"), ("redemption", "T4")]
+    later = loyalty.add_to(report, r, {k: v for k, v in AT_PLATFORM.items() if k != ("EARN", "T1")}, set(),
+                           {"T3": 50, "T4": 10}, [], 1, False)
+    assert later.gap == 2 and not later.pending
