@@ -301,6 +301,10 @@ def test_kill_then_start_recovers(other):
     other.start()
     name = qname("chaos")
     publish(other.uri(), name, ["confirmed-before-kill"])
+    # The claim is about a confirmed message. The queue's own declaration lives in the
+    # broker's metadata log, which a kill -9 a moment after `queue.declare` can lose on a
+    # loaded machine (seen in CI): flush that log first, as any queue declared long ago is.
+    other.rabbitmqctl("eval", "mnesia:sync_log().")
     pid = other.pid()
 
     other.kill()
