@@ -87,6 +87,7 @@ class StoreOutbox(DependencyProvider):
                                  window=settings.agent.signature_window)
         self.answers = AnswerCache(settings.agent.signature_window)
         self.forwarder.attach(self.outbox, store.id, store_uri(uri, credentials_path(path)), settings.publisher)
+        self.forwarder.retention = settings.retention
         self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
                            settings.agent.control_totals_interval, settings.agent.control_totals_days)
         self.loyalty.attach(self.outbox, store.id, uri, settings)
@@ -480,11 +481,6 @@ class StoreAgent:
         return _json(200, {"store": self.store.store_id,
                            "mismatches": self.shadow.mismatches.read(request.args.get("route"), limit)})
 
-    @pos_http("GET", "/metrics")
-    def metrics(self, request):
-        self._stats()
-        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)  # as is: it names its charset
-
     @pos_http("GET", "/control/transactions")
     def control_transactions(self, request):
         """The day's accepted sales and returns, listed (`store.control_totals.v1` JSON), up to
@@ -506,3 +502,8 @@ class StoreAgent:
             return _error(400, "as_of: not an integer")
         listed = self.store.totals.day_list(day, as_of)
         return Response(listed.model_dump_json(), mimetype="application/json")
+
+    @pos_http("GET", "/metrics")
+    def metrics(self, request):
+        self._stats()
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)  # as is: it names its charset
