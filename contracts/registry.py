@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contracts.batch import EventBatchV1
+from contracts.cases import CaseOpenedV1, ProcessStepRetryV1
 from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
 from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
@@ -45,6 +46,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     JournalHopsV1,
     StoreControlTotalsV1,
     StoreControlTotalsV2,
+    CaseOpenedV1,
+    ProcessStepRetryV1,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}

@@ -101,6 +101,12 @@ def valid_payloads() -> dict[str, dict]:
         "event.batch.v1": {"item_type": "customer.updated.v1", "file": "customers_1.csv",
                            "sha256": "a" * 64, "items": [{"row": 2, "idempotencykey": "a:2",
                                                           "data": {"customer_id": "C1"}}]},
+        "case.opened.v1": {"case_id": "return_over_quantity:S001-R-1", "case_type": "return_over_quantity",
+                           "store_id": "S001", "process": "return_refund", "process_id": "S001-R-1",
+                           "transaction_id": "S001-R-1", "summary": "2 returned, 1 sold",
+                           "opened_at": "2026-03-01T10:00:00+00:00"},
+        "process.step_retry.v1": {"process": "return_refund", "process_id": "S001-R-1",
+                                  "case_id": "loyalty_reversal_refused:S001-R-1", "requested_by": "ops"},
     }
 
 
