@@ -48,6 +48,22 @@ def yaml_problem(exc: yaml.YAMLError, text: str, source: str) -> str:
     return f"{source}:{mark.line + 1}: {words}{shown}"
 
 
+def line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error path (or its nearest parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
 def duplicate_keys(node: yaml.Node | None, source: str, path: str = "") -> list[str]:
     """YAML keeps the last of two equal keys without a word: a route with two `mode:`
     lines would run the second. Each repeated key, with both lines."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -153,22 +153,6 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the YAML node at a pydantic error path (or its nearest parent)."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for key in path:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == key), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            break
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-    return line
-
-
 def _duplicate_routes(data: dict, node: yaml.Node | None, source: str) -> list[str]:
     """Two routes with one name, message or legacy call: pointed at the second one."""
     routes = data.get("routes")
@@ -184,17 +168,17 @@ def _duplicate_routes(data: dict, node: yaml.Node | None, source: str) -> list[s
             if not isinstance(value, str):
                 continue
             if value in first:
-                line = _line_of(node, ("routes", i, attr))
+                line = messages.line_of(node, ("routes", i, attr))
                 problems.append(f"{source}:{line}: route {attr} '{value}' is already used by the route "
                                 f"on line {first[value]}; each route needs its own {attr}")
             else:
-                first[value] = _line_of(node, ("routes", i))
+                first[value] = messages.line_of(node, ("routes", i))
     return problems
 
 
 def _problem(err: dict, data: dict, node: yaml.Node | None, source: str) -> str:
     loc = tuple(err["loc"])
-    line = _line_of(node, loc)
+    line = messages.line_of(node, loc)
     where = messages.readable_path(data, loc)
     if err["type"] == "extra_forbidden":
         return f"{source}:{line}: " + messages.unknown_key(RouteTable, loc, messages.readable_path(data, loc[:-1]))
