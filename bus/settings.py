@@ -184,6 +184,17 @@ class ReconcileSettings(Strict):
         "not a gap: the loyalty service may not have handled it yet"))
 
 
+class CasesSettings(Strict):
+    """The business exception workbench (services/cases, `retailbus cases`)."""
+
+    dsn: str = Field("sqlite:///var/cases.db", description="the cases service's database (SQLAlchemy URL)")
+    rules: Path = Field(Path("config/cases.yaml"), description="case types and their SLAs "
+                        "(services/cases/rules.py); read at start")
+    interval: float = Field(15.0, gt=0, description="seconds between samples of the open-case gauges")
+    rpc_timeout: float = Field(10.0, gt=0, description="seconds `retailbus cases assign|resolve|retry` wait "
+                               "for the cases service; a request it did not take by then expires unapplied")
+
+
 class RetentionSettings(Strict):
     """How long what piles up is kept (bus/retention.py; `retailbus_pruned_total{what}` counts
     what went). Pruning runs every `interval` seconds in batches of `batch`, so it never holds
@@ -254,6 +265,7 @@ class RetailbusSettings(Strict):
     agent: AgentSettings = AgentSettings()
     journal: JournalSettings = JournalSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    cases: CasesSettings = CasesSettings()
     retention: RetentionSettings = RetentionSettings()
     routes_file: Path = Path("config/routes.yaml")
     routes_state: Path = Path("var/routes")
