@@ -107,6 +107,36 @@ def valid_payloads() -> dict[str, dict]:
                            "opened_at": "2026-03-01T10:00:00+00:00"},
         "process.step_retry.v1": {"process": "return_refund", "process_id": "S001-R-1",
                                   "case_id": "loyalty_reversal_refused:S001-R-1", "requested_by": "ops"},
+        **order_payloads(),
+    }
+
+
+def order_payloads() -> dict[str, dict]:
+    """Click and collect (contracts/orders.py, inventory.py, fulfilment.py)."""
+    at = "2026-12-07T10:00:00Z"
+    order, store = {"order_id": "W-01J0ORDER"}, {"order_id": "W-01J0ORDER", "store_id": "S001"}
+    level = {"sku": "100001", "quantity": 2, "on_hand": 5, "reserved": 2}
+    return {
+        "order.placed.v1": {**order, "customer_id": "C00001", "loyalty_card": "LC0000000001", "pickup_store": "S001",
+                            "currency": "EUR", "lines": [{"line_no": 1, "sku": "100001", "quantity": 2,
+                                                          "unit_price_minor": 1999, "line_total_minor": 3998}],
+                            "total_minor": 3998, "points": 500, "points_minor": 500, "paid_minor": 3498,
+                            "payment_reference": "PSP-AUTH-77", "placed_at": at},
+        "order.cancel_requested.v1": {**order, "reason": "changed my mind", "requested_at": at},
+        "order.ready_for_pickup.v1": {**store, "ready_at": at, "collect_by": "2026-12-10T10:00:00Z"},
+        "order.collected.v1": {**store, "collected_at": at, "revenue_doc_no": "O00000002", "points_redeemed": 500,
+                               "points_earned": 34},
+        "order.cancelled.v1": {**store, "reason": "out_of_stock", "detail": "100001: 2 wanted, 1 available",
+                               "cancelled_at": at},
+        "inventory.reserved.v1": {**store, "lines": [level], "expires_at": "2026-12-11T10:00:00Z", "at": at},
+        "inventory.released.v1": {**store, "lines": [level], "reason": "cancelled", "at": at},
+        "inventory.unavailable.v1": {**store, "shortages": [{"sku": "100001", "wanted": 2, "available": 1}],
+                                     "at": at},
+        "fulfilment.task_created.v1": {**store, "customer_id": "C00001", "lines": [
+            {"line_no": 1, "sku": "100001", "quantity": 2}], "collect_by": "2026-12-10T10:00:00Z", "created_at": at},
+        "fulfilment.task_cancelled.v1": {**store, "reason": "customer_cancelled", "cancelled_at": at},
+        "fulfilment.picked.v1": {**store, "terminal_id": "A1", "picked_at": at},
+        "fulfilment.collected.v1": {**store, "terminal_id": "A1", "collected_at": at},
     }
 
 
@@ -180,6 +210,21 @@ SALE_CASES = [
 @pytest.mark.parametrize(("path", "value", "expected"), SALE_CASES)
 def test_sale_rejects_bad_input_at_field_path(path, value, expected):
     assert paths_of("pos.sale.v1", _mutate(valid_sale(), path, value)) == [expected]
+
+
+ORDER_CASES = [
+    ("lines.0.line_total_minor", 3997, "data.lines.0.line_total_minor"),
+    ("total_minor", 4000, "data.total_minor"),
+    ("paid_minor", 3998, "data.paid_minor"),  # the points pay 500 of it
+    ("loyalty_card", None, "data.points"),  # points without a card
+    ("lines.0.quantity", 0, "data.lines.0.quantity"),
+    ("order_id", "W/1", "data.order_id"), ("payment_reference", "", "data.payment_reference"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), ORDER_CASES)
+def test_order_rejects_bad_input_at_field_path(path, value, expected):
+    assert paths_of("order.placed.v1", _mutate(order_payloads()["order.placed.v1"], path, value)) == [expected]
 
 
 def test_sale_line_correction_with_negative_quantity_is_accepted():
