@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from .schema import DOC_SEQ, GL_PST, SLS_HDR, SLS_LIN, SLS_TND, STK_LVL, utc_stamp
+from .schema import DOC_SEQ, GL_PST, SLS_HDR, SLS_LIN, SLS_TND, STK_LVL, STK_RSV, utc_stamp
 
 #: GL account debited (sale) or credited (return) per tender type.
 TENDER_ACCOUNTS = {"CASH": "1000", "CARD": "1100", "VOUCHER": "1200",
@@ -297,3 +297,17 @@ def stock_level(conn: Connection, store: str, sku: str) -> int | None:
     return conn.execute(
         select(STK_LVL.c.ON_HAND).where(STK_LVL.c.STORE_NO == store, STK_LVL.c.SKU == sku)
     ).scalar()
+
+
+def stock_answer(conn: Connection, store: str, sku: str, now: datetime) -> dict | None:
+    """``GET /erp/stock``: on hand, reserved for click-and-collect orders (live, unexpired) and
+    what is left to sell; None when the ERP has no such row."""
+    on_hand = stock_level(conn, store, sku)
+    if on_hand is None:
+        return None
+    r = STK_RSV.c
+    reserved = conn.execute(select(func.coalesce(func.sum(r.QTY), 0)).where(
+        r.STORE_NO == store, r.SKU == sku, r.STATUS == "L",
+        r.EXPIRES_TS > now.strftime("%Y-%m-%dT%H:%M:%S.%f"))).scalar()
+    return {"STORE": store, "SKU": sku, "ON_HAND": on_hand, "RESERVED": int(reserved),
+            "AVAILABLE": on_hand - int(reserved)}

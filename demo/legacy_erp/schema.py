@@ -115,8 +115,64 @@ GL_PST = Table(
     Column("POST_DATE", String(8), nullable=False),
 )
 
+# Click-and-collect orders (ecommerce, picked up in store). A reservation holds
+# units of a store's stock for an order until it is collected ('C'), released
+# ('R') or past EXPIRES_TS: available = ON_HAND minus the live ('L', unexpired)
+# reservations. An order's commitment is a document of its own (DOC_NO) with
+# deferred revenue in GL_PST; collection or cancellation writes the second and
+# last one (END_DOC_NO): revenue recognised, or the commitment reversed.
+STK_RSV = Table(
+    "STK_RSV",
+    metadata,
+    Column("RSV_ID", Integer, primary_key=True, autoincrement=True),
+    Column("ORDER_NO", String(40), nullable=False),
+    Column("STORE_NO", String(8), nullable=False),
+    Column("SKU", String(20), nullable=False),
+    Column("QTY", Integer, nullable=False),
+    Column("STATUS", String(1), nullable=False),  # 'L' live, 'C' collected, 'R' released
+    Column("EXPIRES_TS", String(26), nullable=False),
+    Column("CREATED_TS", String(26), nullable=False),
+    Column("UPD_TS", String(26), nullable=False),
+    Index("IX_STK_RSV_LIVE", "STORE_NO", "SKU", "STATUS"),
+    Index("IX_STK_RSV_ORDER", "ORDER_NO"),
+)
+
+ORD_HDR = Table(
+    "ORD_HDR",
+    metadata,
+    Column("ORDER_NO", String(40), primary_key=True),
+    Column("DOC_NO", String(12), nullable=False),  # the commitment document
+    Column("STORE_NO", String(8), nullable=False),  # the pickup store
+    Column("ORDER_DATE", String(8), nullable=False),  # YYYYMMDD
+    Column("CUST_NO", String(12)),
+    Column("LOYALTY_CARD", String(20)),
+    Column("TOTAL_CENTS", BigInteger, nullable=False),
+    Column("POINTS", Integer, nullable=False),
+    Column("POINTS_CENTS", BigInteger, nullable=False),
+    Column("PAID_CENTS", BigInteger, nullable=False),
+    Column("CURRENCY", String(3), nullable=False),
+    Column("PAY_REF", String(64), nullable=False),
+    Column("STATUS", String(1), nullable=False),  # 'O' open, 'C' collected, 'X' reversed
+    Column("END_DOC_NO", String(12)),  # revenue recognised ('C') or commitment reversed ('X')
+    Column("END_DATE", String(8)),
+    Column("CREATED_TS", String(26), nullable=False),
+    Column("UPD_TS", String(26), nullable=False),
+    Index("IX_ORD_HDR_DATE", "ORDER_DATE"),
+)
+
+ORD_LIN = Table(
+    "ORD_LIN",
+    metadata,
+    Column("ORDER_NO", String(40), ForeignKey("ORD_HDR.ORDER_NO"), primary_key=True),
+    Column("LINE_NO", Integer, primary_key=True),
+    Column("SKU", String(20), nullable=False),
+    Column("QTY", Integer, nullable=False),
+    Column("UNIT_PRICE_CENTS", BigInteger, nullable=False),
+    Column("LINE_CENTS", BigInteger, nullable=False),
+)
+
 #: Document number sequences and their first number.
-SEQUENCES = {"SLS": 1, "RTN": 1}
+SEQUENCES = {"SLS": 1, "RTN": 1, "ORD": 1}
 
 DEMO_STORES = ("S001", "S002")
 DEMO_SKUS = tuple(str(n) for n in range(100001, 100021))

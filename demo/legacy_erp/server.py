@@ -135,10 +135,10 @@ class ErpHandler(BaseHTTPRequestHandler):
             if not value:
                 raise HttpError(400, f"{key}: required")
         with self.server.engine.connect() as conn:
-            on_hand = postings.stock_level(conn, store, sku)
-        if on_hand is None:
+            answer = postings.stock_answer(conn, store, sku, datetime.now(timezone.utc))
+        if answer is None:
             raise HttpError(404, f"STORE/SKU: no stock record for {store}/{sku}")
-        return {"STORE": store, "SKU": sku, "ON_HAND": on_hand}
+        return answer
 
     def _sale(self, _query: str, body: bytes) -> dict:
         return self._post(postings.post_sale, body)
