@@ -8,6 +8,14 @@ own durable queue (`store_agent-<STORE>.stock_changed`: each agent must see
 every change, so agents do not compete on one queue); other stores' rows
 are skipped. Events carry the new level, not a delta, and an older change
 never overwrites a newer one, so replays and reordering cannot drift.
+
+Both answers say what click-and-collect orders hold: `RESERVED` (units reserved
+live at the store) and `AVAILABLE` (on hand minus reserved). The cache learns
+the reserved level from the erp's `inventory.reserved.v1` / `inventory.released.v1`
+on the same queue (each line carries the store's level after the change). A
+reservation that lapses at its expiry announces nothing: the cache counts it
+until the order process releases it (no-show), which is the cached answer's
+staleness, marked as such.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from pydantic import ValidationError
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
+from contracts.inventory import InventoryReleasedV1, InventoryReservedV1
 from bus import topology
 from bus.publisher import connection_params
 
@@ -40,10 +49,13 @@ CREATE TABLE IF NOT EXISTS stock (
     deleted    INTEGER NOT NULL DEFAULT 0
 );
 """
+# Columns added after the first release: existing caches are migrated on open.
+COLUMNS = {"reserved": "INTEGER NOT NULL DEFAULT 0", "reserved_at": "TEXT"}
 
 
 # What the stock feed binds (and so what its broker user may read on erp.events).
-FEED_TYPES = (ErpStockChangesV1.TYPE, ErpStockChangedV1.TYPE)
+FEED_TYPES = (ErpStockChangesV1.TYPE, ErpStockChangedV1.TYPE, InventoryReservedV1.TYPE, InventoryReleasedV1.TYPE)
+RESERVATIONS = {InventoryReservedV1.TYPE: InventoryReservedV1, InventoryReleasedV1.TYPE: InventoryReleasedV1}
 
 
 def stock_queue(store_id: str) -> str:
@@ -58,6 +70,10 @@ class StockCache:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(stock)")}
+        for column, kind in COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE stock ADD COLUMN {column} {kind}")
 
     def put(self, change: ErpStockChangedV1) -> bool:
         """Record the change unless a newer one is already there; True if it was applied."""
@@ -70,10 +86,22 @@ class StockCache:
             (change.sku, change.on_hand, at, int(change.deleted)))
         return cur.rowcount == 1
 
-    def get(self, sku: str) -> tuple[int, datetime] | None:
+    def put_reserved(self, sku: str, on_hand: int, reserved: int, at: datetime) -> bool:
+        """The store's live reservations of `sku` as of `at`, unless a newer level is there; a SKU
+        not cached yet starts at the event's on hand."""
+        at_text = at.astimezone(timezone.utc).isoformat()
+        cur = self._db.execute(
+            "INSERT INTO stock (sku, on_hand, changed_at, reserved, reserved_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (sku) DO UPDATE SET reserved = excluded.reserved, reserved_at = excluded.reserved_at "
+            "WHERE stock.reserved_at IS NULL OR excluded.reserved_at >= stock.reserved_at",
+            (sku, on_hand, at_text, reserved, at_text))
+        return cur.rowcount == 1
+
+    def get(self, sku: str) -> tuple[int, datetime, int] | None:
+        """(on hand, as of, reserved) of `sku`, None when it was never seen."""
         row = self._db.execute(
-            "SELECT on_hand, changed_at FROM stock WHERE sku = ? AND deleted = 0", (sku,)).fetchone()
-        return (row[0], datetime.fromisoformat(row[1])) if row else None
+            "SELECT on_hand, changed_at, reserved FROM stock WHERE sku = ? AND deleted = 0", (sku,)).fetchone()
+        return (row[0], datetime.fromisoformat(row[1]), row[2]) if row else None
 
     def close(self):
         self._db.close()
@@ -138,8 +166,12 @@ class StockFeed:
     def _on_message(self, channel, message: amqp.Message):
         try:
             event = CloudEvent.from_json(message.body)
-            changes = ([item.change for item in ErpStockChangesV1.model_validate(event.data).items]
-                       if event.type == ErpStockChangesV1.TYPE else [ErpStockChangedV1.model_validate(event.data)])
+            if event.type in RESERVATIONS:
+                reservation, changes = RESERVATIONS[event.type].model_validate(event.data), []
+            else:
+                reservation = None
+                changes = ([item.change for item in ErpStockChangesV1.model_validate(event.data).items]
+                           if event.type == ErpStockChangesV1.TYPE else [ErpStockChangedV1.model_validate(event.data)])
         except (ContractError, ValidationError) as exc:
             # a cache cannot hold what it cannot read; the ERP stays the truth
             log.error("skipping unreadable stock change: %s", exc,
@@ -148,6 +180,9 @@ class StockFeed:
             for change in changes:
                 if change.store_id == self.store_id:
                     self.cache.put(change)
+            if reservation is not None and reservation.store_id == self.store_id:
+                for line in reservation.lines:
+                    self.cache.put_reserved(line.sku, line.on_hand, line.reserved, reservation.at)
         channel.basic_ack(message.delivery_tag)
 
 
@@ -167,11 +202,13 @@ def ask_erp(uri: str, store_id: str, sku: str, timeout: float) -> dict | None:
 def stock_answer(store_id: str, sku: str, fresh: dict | None, cached, now: datetime) -> tuple[int, dict]:
     """The legacy answer: the ERP's when it answered, else the cache's marked stale."""
     if fresh is not None:
-        return 200, {"STORE": store_id, "SKU": sku, "ON_HAND": fresh["on_hand"], "STALE": False,
-                     "AS_OF": fresh.get("as_of")}
+        reserved = fresh.get("reserved", 0)
+        return 200, {"STORE": store_id, "SKU": sku, "ON_HAND": fresh["on_hand"], "RESERVED": reserved,
+                     "AVAILABLE": fresh["on_hand"] - reserved, "STALE": False, "AS_OF": fresh.get("as_of")}
     if cached is None:
         return 503, {"STATUS": "ERROR", "MESSAGE": f"STORE/SKU: the ERP cannot answer and no cached "
                                                    f"stock level exists for {store_id}/{sku}"}
-    on_hand, as_of = cached
-    return 200, {"STORE": store_id, "SKU": sku, "ON_HAND": on_hand, "STALE": True,
+    on_hand, as_of, reserved = cached
+    return 200, {"STORE": store_id, "SKU": sku, "ON_HAND": on_hand, "RESERVED": reserved,
+                 "AVAILABLE": on_hand - reserved, "STALE": True,
                  "AS_OF": as_of.isoformat(), "AGE_SECONDS": round((now - as_of).total_seconds(), 1)}

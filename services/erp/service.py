@@ -5,6 +5,8 @@ to the ledger inside the idempotent inbox, so a redelivered sale posts once.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from nameko.rpc import rpc
 from pydantic import ValidationError
 from ulid import ULID
@@ -22,7 +24,8 @@ from bus.extensions import EventPublisher
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
 from bus.retention import retention_timer
-from services.erp import customer_master, events, ledger, loyalty_gl, posting, return_links, stock, unknown_sku
+from services.erp import (customer_master, events, ledger, loyalty_gl, orders, posting, reservations, return_links,
+                          stock, unknown_sku)
 from services.erp.outbox import Outbox
 from services.erp.retention import LegacyRetention
 from services.erp.outbox import metadata as outbox_tables
@@ -36,7 +39,7 @@ BATCH = 64
 class ErpService:
     name = "erp"
 
-    db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE),
+    db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE, *orders.TABLES),
                         create=(inbox.metadata, outbox_tables, return_links.metadata, unknown_sku.metadata,
                                 loyalty_gl.metadata))
     postings = BatchedWrites(posting.post_many)
@@ -107,7 +110,13 @@ class ErpService:
 
     @rpc
     def stock_level(self, store_id: str, sku: str) -> dict | None:
-        return stock.stock_level(self.db.conn, self.db.tables[stock.TABLE], store_id, sku)
+        """On hand, reserved for click-and-collect orders, and available to sell."""
+        level = stock.stock_level(self.db.conn, self.db.tables[stock.TABLE], store_id, sku)
+        if level is not None:
+            reserved = reservations.levels(self.db.conn, self.db.tables[stock.TABLE], self.db.tables[reservations.TABLE],
+                                           store_id, [sku], datetime.now(timezone.utc))[sku][1]
+            level.update(reserved=reserved, available=level["on_hand"] - reserved)
+        return level
 
     @rpc
     def customer_account(self, customer_id: str) -> dict | None:
