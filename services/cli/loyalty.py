@@ -84,7 +84,8 @@ def history(config_path):
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 @config_option
 def exceptions(kind, limit, config_path):
-    """What the loyalty service recorded for ops, newest first (shadow mismatches with both sides)."""
+    """What the loyalty service recorded for ops, newest first (shadow mismatches with both sides);
+    over-redemptions and refused reversals are also cases (`retailbus cases`)."""
     from services.loyalty.tables import EXCEPTIONS
 
     config, settings = _settings(config_path)
@@ -107,3 +108,6 @@ def exceptions(kind, limit, config_path):
         click.echo(f"{r['CREATED_AT'][:19]}  {r['KIND']:<16} {r['STORE_ID']}/{r['POS_TXN_ID']}  card {r['CARD']}  "
                    f"{r['DETAIL']}")
     click.echo(f"{len(rows)} exception(s)")
+    if any(r["KIND"] in ("over_redemption", "reversal_refused") for r in rows):
+        click.echo("over_redemption and reversal_refused are worked as cases: "
+                   "retailbus cases list --type loyalty_over_redemption (or loyalty_reversal_refused)")

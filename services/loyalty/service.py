@@ -9,6 +9,9 @@ redeemed points are refunded in proportion; each closed business day is
 settled per store for the ERP's liability account. Every platform write carries an
 idempotency key derived from the business transaction, and every handler
 claims its message in the inbox, so a redelivered event books nothing twice.
+An over-redemption or a refused reversal opens a business exception case
+(`case.opened.v1`, worked with `retailbus cases`): the opening is written to the
+transactional outbox with the exception's row, so a crash loses neither.
 
 Platform calls come before the database is touched: the worker's transaction
 (one SQLite connection) is then held for a few statements, not for an HTTP call.
@@ -30,12 +33,16 @@ from bus.consumer import DUPLICATE, reliable_handler
 from bus.extensions import EventPublisher
 from bus.metrics_http import MetricsHttp
 from bus.publisher import UnroutableError
+from contracts.cases import CaseOpenedV1
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
                                LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from legacy_wrappers import inbox
 from legacy_wrappers.legacy_db import LegacyDatabase
+from services.erp.outbox import Outbox
+from services.erp.outbox import insert as outbox_insert
+from services.erp.outbox import metadata as outbox_tables
 from services.loyalty import accrual, settlement, shadow
 from services.loyalty.config import LoyaltyRules, SettlementSchedule
 from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
@@ -46,6 +53,7 @@ log = logging.getLogger(__name__)
 SOURCE = "retailbus/loyalty"
 BATCH = 64  # posted sales per worker (bus/consumer.py `batch`): one transaction records them
 PLATFORM_CALLS = 16  # a batch's sales calling the platform at once
+CASE_TYPES = {"over_redemption": "loyalty_over_redemption", "reversal_refused": "loyalty_reversal_refused"}
 
 AUTHORISATION_SECONDS = Histogram("retailbus_loyalty_authorisation_seconds",
                                   "Time to authorise a redemption at the platform", ["outcome"])
@@ -80,7 +88,8 @@ class Prepared(NamedTuple):
 class LoyaltyService:
     name = "loyalty"
 
-    db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata))
+    db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata, outbox_tables))
+    outbox = Outbox(config_key="LOYALTY_DB_URI")  # case.opened.v1, committed with the exception
     platform = LoyaltyPlatform()
     rules = LoyaltyRules()
     events = EventPublisher()
@@ -155,6 +164,9 @@ class LoyaltyService:
         if status == "captured":
             self._publish(LoyaltyRedemptionCapturedV1, f"captured:{hold_id}", pos_txn_id, hold_id=hold_id,
                           card=card, store_id=store, pos_txn_id=pos_txn_id, points=points, offline=True)
+        # Committed before the answer (nameko answers an RPC before dependencies commit): an
+        # agent told "over_redeemed" never asks again, so the exception and its case must be durable.
+        self.db.end(success=True)
         return {"hold_id": hold_id, "status": status}
 
     # ---------------------------------------------------------------- events (postings)
@@ -325,4 +337,18 @@ class LoyaltyService:
         log.warning("loyalty exception %s for %s/%s: %s", kind, store, pos_txn_id, detail)
         accrual.upsert(self.db.conn, EXCEPTIONS, dict(KIND=kind, STORE_ID=store, POS_TXN_ID=pos_txn_id, CARD=card,
                                                       DETAIL=detail[:2000], CREATED_AT=now()))
+        if kind in CASE_TYPES:
+            self._open_case(CASE_TYPES[kind], store, pos_txn_id, card, detail)
+
+    def _open_case(self, case_type: str, store: str, pos_txn_id: str, card: str, detail: str) -> None:
+        """case.opened.v1 into the outbox, in the worker's transaction with the exception's row;
+        the relay publishes it once that commits. The case id is the exception's key, so the
+        exception recorded again (a redelivery, an agent asking again) is still one case."""
+        case_id = f"{case_type}:{store}:{pos_txn_id}"
+        case = CaseOpenedV1(case_id=case_id, case_type=case_type, store_id=store, transaction_id=pos_txn_id,
+                            summary=f"card {card}: {detail}"[:2000], opened_at=datetime.now(timezone.utc))
+        statement, rows = outbox_insert([CloudEvent.new(CaseOpenedV1.TYPE, SOURCE, case, subject=pos_txn_id,
+                                                        idempotencykey=case_id)])
+        statement(self.db.conn, rows)
+        self.outbox.added()
 
