@@ -85,6 +85,13 @@ def test_the_dashboard_and_the_alerts_cover_loyalty_and_crm_as_issue_18_asks():
     assert 'outcome="offline"' in alerts and "retailbus_outbox_unroutable_events" in alerts
 
 
+def test_the_dashboard_and_the_alerts_cover_business_exception_cases_as_issue_19_asks():
+    exprs = " ".join(dashboard_exprs())
+    alerts = {r["alert"]: r["expr"] for r in alert_rules()}
+    assert "retailbus_cases_open" in exprs and "retailbus_cases_overdue" in exprs
+    assert "retailbus_cases_overdue" in alerts["RetailbusCaseOverdue"]
+
+
 def test_dashboard_queries_name_only_defined_metrics():
     assert undefined(dashboard_exprs()) == set()
 
