@@ -233,6 +233,21 @@ class RetentionSettings(Strict):
         return self
 
 
+class ProcessStepSettings(Strict):
+    """Overrides of one step of a process definition (bus/process/definition.py `Step`)."""
+
+    timeout: float | None = Field(None, gt=0, description="seconds without a reply before the command is sent again")
+    resends: int | None = Field(None, ge=0, le=100, description="times it is sent again before the step has failed")
+
+
+class ProcessSettings(Strict):
+    """A process engine instance (bus/process), keyed by process name under RETAILBUS.processes."""
+
+    poll_seconds: float = Field(1.0, gt=0, le=60, description="how often due timeouts are looked for")
+    steps: dict[str, ProcessStepSettings] = Field(default_factory=dict, description=(
+        "per step name: timeout and resends replacing the definition's"))
+
+
 class ServiceSettings(Strict):
     module: str
     metrics_port: int | None = None
@@ -262,6 +277,10 @@ class RetailbusSettings(Strict):
                                 "accrual mode switches (`retailbus loyalty mode`)")
     crm: PlatformSettings = Field(PlatformSettings(http="127.0.0.1:8092", db=Path("var/crm.db")),
                                   description="the CRM (profiles, consent, engagement history, segments)")
+    processes: dict[str, ProcessSettings] = Field(default_factory=dict, description=(
+        "process engine settings by process name (bus/process)"))
+    returns_rules: Path = Field(Path("config/returns.yaml"), description="the return authorisation policy and "
+                                "threshold promotions (services/returns/policy.py)")
     agent: AgentSettings = AgentSettings()
     journal: JournalSettings = JournalSettings()
     reconcile: ReconcileSettings = ReconcileSettings()

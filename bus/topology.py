@@ -49,6 +49,13 @@ def events_exchange(service: str) -> str:
     return f"{service}.events"
 
 
+def commands_exchange(service: str) -> str:
+    """Where processes send `service` their commands (bus/process): a topic exchange
+    keyed by command type, like `<service>.events`, so a command is never mistaken for
+    an event others announce."""
+    return f"{service}.commands"
+
+
 def handler_queue(source_service: str, event_type: str, service: str, method: str) -> str:
     return f"evt-{source_service}-{event_type}--{service}.{method}"
 

@@ -1,0 +1,265 @@
+"""Where process instances live: their state, history, inbox and outbox, in one database.
+
+One instance is one row of RB_PROCESS: its correlation key is unique per process (two
+starts racing for one key make one instance: the loser's INSERT does nothing), and its
+VERSION grows with every change, which is written `WHERE VERSION = <the one read>`
+(optimistic concurrency: two processes handling messages of one instance at once
+cannot both win; the loser's message is retried). RB_PROCESS_INBOX holds the
+idempotency keys of the messages applied and RB_PROCESS_OUTBOX the commands (and cases)
+to send, both written in the transaction that changes the state, so a state change,
+the messages it sends and the message that caused it commit together or not at all.
+RB_PROCESS_HISTORY is append-only: what happened to each instance, for `retailbus
+processes show`. DUE_AT is when the awaited reply is late (unix seconds, indexed): the
+timeouts are rows, not timers in memory, so they survive a restart.
+
+SQLAlchemy Core, parameterised; SQLite (WAL, one connection per process, BEGIN
+IMMEDIATE) is the default and PostgreSQL is tested. The messaging core sits below
+legacy_wrappers, so the engine setup here is its own (the same choices as
+legacy_wrappers/legacy_db.py).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from eventlet import tpool
+from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
+                        delete, event, func, select, update)
+from sqlalchemy.dialects import postgresql, sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+metadata = MetaData()
+INSTANCES = Table(
+    "RB_PROCESS", metadata,
+    Column("PROCESS_ID", String(26), primary_key=True),
+    Column("PROCESS", String(64), nullable=False),
+    Column("CORR_KEY", String(200), nullable=False),
+    Column("STATE", String(16), nullable=False),        # running | compensating | completed | failed
+    Column("STEP", Integer, nullable=False),            # the step awaited (or being compensated)
+    Column("ROUND", Integer, nullable=False),           # 0; +1 on every ops retry
+    Column("VERSION", Integer, nullable=False),
+    Column("DATA", Text, nullable=False),               # the process's own JSON
+    Column("STEPS", Text, nullable=False),              # per step: status, attempts, sent_at, reason
+    Column("DUE_AT", Float),                            # unix seconds the awaited reply is late; NULL: none
+    Column("TRACE_ID", String(200), nullable=False),    # correlationid of the start message
+    Column("CREATED_AT", String(32), nullable=False),
+    Column("UPDATED_AT", String(32), nullable=False),
+    UniqueConstraint("PROCESS", "CORR_KEY", name="UQ_RB_PROCESS_KEY"),
+    Index("IX_RB_PROCESS_DUE", "DUE_AT"),
+    Index("IX_RB_PROCESS_STATE", "PROCESS", "STATE"),
+)
+HISTORY = Table(
+    "RB_PROCESS_HISTORY", metadata,
+    Column("ID", Integer, primary_key=True, autoincrement=True),
+    Column("PROCESS_ID", String(26), nullable=False),
+    Column("AT", String(32), nullable=False),
+    Column("STEP", String(64)),
+    Column("WHAT", String(32), nullable=False),
+    Column("DETAIL", Text),
+    Index("IX_RB_PROCESS_HISTORY_ID", "PROCESS_ID", "ID"),
+)
+INBOX = Table(
+    "RB_PROCESS_INBOX", metadata,
+    Column("CONSUMER", String(120), primary_key=True),
+    Column("IDEM_KEY", String(200), primary_key=True),
+    Column("MESSAGE_ID", String(40), nullable=False),
+    Column("RECEIVED_TS", String(32), nullable=False),
+    Index("IX_RB_PROCESS_INBOX_RECEIVED", "RECEIVED_TS"),
+)
+OUTBOX = Table(
+    "RB_PROCESS_OUTBOX", metadata,
+    Column("ID", Integer, primary_key=True, autoincrement=True),
+    Column("EVENT_ID", String(40), nullable=False),
+    Column("EXCHANGE", String(120), nullable=False),
+    Column("ROUTING_KEY", String(120), nullable=False),
+    Column("CORRELATION_ID", String(200)),
+    Column("BODY", Text, nullable=False),
+    Column("CREATED_TS", String(32), nullable=False),
+    Column("NEXT_AT", Float, nullable=False),           # not before (an unroutable row waits)
+    Column("ATTEMPTS", Integer, nullable=False, default=0),
+    Column("SENT_TS", String(32)),
+    Index("IX_RB_PROCESS_OUTBOX_UNSENT", "SENT_TS", "ID"),
+)
+SQLITE_BUSY_SECONDS = 30.0
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class ConcurrentUpdate(Exception):
+    """Another handler changed the instance since it was read: the message is retried."""
+
+
+def open_engine(dsn: str) -> Engine:
+    """SQLite: WAL, synchronous FULL, BEGIN IMMEDIATE (a writer takes the lock up front),
+    one pooled connection (greenthreads must not wait in sqlite's busy loop on a lock a
+    sibling holds); PostgreSQL: a pool, pinged before use."""
+    if not dsn.startswith("sqlite"):
+        return create_engine(dsn, pool_pre_ping=True)
+    engine = create_engine(dsn, pool_size=1, max_overflow=0, pool_timeout=60,
+                           connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
+        deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+        while True:  # processes opening a fresh file together: the switch to WAL may say "locked" at once
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def create(engine: Engine, *more: MetaData) -> None:
+    """The engine's tables (and the process service's own, `more`); another process
+    creating them at the same moment is no error (it looks again)."""
+    for md in (metadata, *more):
+        for attempt in range(3):
+            try:
+                md.create_all(engine)
+                break
+            except DBAPIError:
+                if attempt == 2:
+                    raise
+
+
+@contextmanager
+def transaction(engine: Engine):
+    """One transaction; SQLite's commit (its fsync) in an OS thread so the hub goes on."""
+    with engine.connect() as conn:
+        tx = conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            tx.rollback()
+            raise
+        if conn.dialect.name == "sqlite":
+            tpool.execute(tx.commit)
+        else:
+            tx.commit()
+
+
+def _insert(conn: Connection, table):
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert)(table)
+
+
+def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
+    """Record the message's key in the caller's transaction; False: applied before."""
+    row = dict(CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id, RECEIVED_TS=now_iso())
+    return conn.execute(_insert(conn, INBOX).values(**row).on_conflict_do_nothing()).rowcount == 1
+
+
+@dataclass
+class Instance:
+    """An instance as read; `steps[i]`: {"status", "attempts", "sent_at", "reason"}."""
+
+    process_id: str
+    process: str
+    key: str
+    state: str
+    step: int
+    round: int
+    version: int
+    data: dict
+    steps: list[dict]
+    due_at: float | None
+    trace_id: str
+    created_at: str
+    updated_at: str = ""
+    history: list[tuple[str | None, str, dict]] = field(default_factory=list)  # to append on save
+
+    @classmethod
+    def of(cls, row) -> "Instance":
+        return cls(row.PROCESS_ID, row.PROCESS, row.CORR_KEY, row.STATE, row.STEP, row.ROUND, row.VERSION,
+                   json.loads(row.DATA), json.loads(row.STEPS), row.DUE_AT, row.TRACE_ID, row.CREATED_AT,
+                   row.UPDATED_AT)
+
+    def note(self, step: str | None, what: str, **detail) -> None:
+        self.history.append((step, what, detail))
+
+
+def insert_new(conn: Connection, inst: Instance) -> bool:
+    """Insert a new instance; False when its process and key have one already."""
+    now = now_iso()
+    row = dict(PROCESS_ID=inst.process_id, PROCESS=inst.process, CORR_KEY=inst.key, STATE=inst.state,
+               STEP=inst.step, ROUND=inst.round, VERSION=0, DATA="{}", STEPS=json.dumps(inst.steps),
+               DUE_AT=None, TRACE_ID=inst.trace_id, CREATED_AT=now, UPDATED_AT=now)
+    statement = _insert(conn, INSTANCES).values(**row).on_conflict_do_nothing(index_elements=["PROCESS", "CORR_KEY"])
+    return conn.execute(statement).rowcount == 1
+
+
+def load(conn: Connection, process: str, process_id: str) -> Instance | None:
+    row = conn.execute(select(INSTANCES).where(INSTANCES.c.PROCESS_ID == process_id,
+                                               INSTANCES.c.PROCESS == process)).first()
+    return Instance.of(row) if row is not None else None
+
+
+def save(conn: Connection, inst: Instance) -> None:
+    """Write the instance over the version it was read at, and its new history lines."""
+    c = INSTANCES.c
+    inst.updated_at = now_iso()
+    done = conn.execute(update(INSTANCES).where(c.PROCESS_ID == inst.process_id, c.VERSION == inst.version).values(
+        STATE=inst.state, STEP=inst.step, ROUND=inst.round, VERSION=inst.version + 1, DATA=json.dumps(inst.data),
+        STEPS=json.dumps(inst.steps), DUE_AT=inst.due_at, UPDATED_AT=inst.updated_at)).rowcount
+    if done != 1:
+        raise ConcurrentUpdate(f"process {inst.process_id} changed since version {inst.version}")
+    inst.version += 1
+    if inst.history:
+        conn.execute(HISTORY.insert(), [dict(PROCESS_ID=inst.process_id, AT=inst.updated_at, STEP=step, WHAT=what,
+                                             DETAIL=json.dumps(detail, default=str) if detail else None)
+                                        for step, what, detail in inst.history])
+        inst.history = []
+
+
+def queue_message(conn: Connection, event_id: str, exchange: str, routing_key: str, correlation_id: str,
+                  body: bytes) -> None:
+    conn.execute(OUTBOX.insert().values(EVENT_ID=event_id, EXCHANGE=exchange, ROUTING_KEY=routing_key,
+                                        CORRELATION_ID=correlation_id, BODY=body.decode(), CREATED_TS=now_iso(),
+                                        NEXT_AT=0.0, ATTEMPTS=0))
+
+
+def due(engine: Engine, process: str, at: float, limit: int) -> list[str]:
+    """Instances of `process` whose awaited reply is late at `at`, earliest first."""
+    c = INSTANCES.c
+    with engine.connect() as conn:
+        return list(conn.execute(select(c.PROCESS_ID).where(c.DUE_AT <= at, c.PROCESS == process)
+                                 .order_by(c.DUE_AT).limit(limit)).scalars())
+
+
+def counts(engine: Engine, process: str) -> dict[str, int]:
+    c = INSTANCES.c
+    with engine.connect() as conn:
+        return dict(conn.execute(select(c.STATE, func.count()).where(c.PROCESS == process).group_by(c.STATE)).all())
+
+
+def prune(engine: Engine, older_than: datetime, limit: int) -> int:
+    """Inbox keys and sent outbox rows from before `older_than`, up to `limit` of each."""
+    cut, gone = older_than.isoformat(), 0
+    with transaction(engine) as conn:
+        for table, column in ((INBOX, INBOX.c.RECEIVED_TS), (OUTBOX, OUTBOX.c.SENT_TS)):
+            keys = [c for c in table.primary_key.columns]
+            old = conn.execute(select(*keys).where(column.is_not(None), column < cut).limit(limit)).all()
+            for row in old:
+                conn.execute(delete(table).where(*(k == v for k, v in zip(keys, row))))
+            gone += len(old)
+    return gone
