@@ -18,14 +18,15 @@ from contracts.customer import CustomerUpdatedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
 from contracts.fulfilment import (FulfilmentCollectedV1, FulfilmentPickedV1, FulfilmentTaskCancelledV1,
-                                  FulfilmentTaskCreatedV1, FulfilmentTaskWithdrawnV1)
+                                  FulfilmentTaskCreatedV1)
 from contracts.inventory import InventoryReleasedV1, InventoryReservedV1, InventoryUnavailableV1
 from contracts.journal import JournalHopsV1
 from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
                                LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from contracts.ops import RouteTableAppliedV1
 from contracts.process import ProcessStepFailedV1
-from contracts.orders import OrderCancelledV1, OrderCancelRequestedV1, OrderCollectedV1, OrderPlacedV1
+from contracts.orders import (OrderCancelledV1, OrderCancelRequestedV1, OrderCollectedV1, OrderPlacedV1,
+                              OrderReadyForPickupV1)
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
 
 # Dotted lower-case name whose last segment is the version: `pos.sale.v1`.
@@ -56,6 +57,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ProcessStepFailedV1,
     OrderPlacedV1,
     OrderCancelRequestedV1,
+    OrderReadyForPickupV1,
     OrderCollectedV1,
     OrderCancelledV1,
     InventoryReservedV1,
@@ -65,7 +67,6 @@ _MODELS: tuple[type[BaseModel], ...] = (
     FulfilmentTaskCancelledV1,
     FulfilmentPickedV1,
     FulfilmentCollectedV1,
-    FulfilmentTaskWithdrawnV1,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}
