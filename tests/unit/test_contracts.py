@@ -125,6 +125,7 @@ def order_payloads() -> dict[str, dict]:
                             "total_minor": 3998, "points": 500, "points_minor": 500, "paid_minor": 3498,
                             "payment_reference": "PSP-AUTH-77", "placed_at": at},
         "order.cancel_requested.v1": {**order, "reason": "changed my mind", "requested_at": at},
+        "order.ready_for_pickup.v1": {**store, "ready_at": at, "collect_by": "2026-12-10T10:00:00Z"},
         "order.collected.v1": {**store, "collected_at": at, "revenue_doc_no": "O00000002", "points_redeemed": 500,
                                "points_earned": 34},
         "order.cancelled.v1": {**store, "reason": "out_of_stock", "detail": "100001: 2 wanted, 1 available",
@@ -138,7 +139,6 @@ def order_payloads() -> dict[str, dict]:
         "fulfilment.task_cancelled.v1": {**store, "reason": "customer_cancelled", "cancelled_at": at},
         "fulfilment.picked.v1": {**store, "terminal_id": "A1", "picked_at": at},
         "fulfilment.collected.v1": {**store, "terminal_id": "A1", "collected_at": at},
-        "fulfilment.task_withdrawn.v1": {**store, "reason": "not_collected", "withdrawn_at": at},
     }
 
 
