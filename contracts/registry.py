@@ -14,13 +14,14 @@ from pydantic import BaseModel, ValidationError
 from contracts.batch import EventBatchV1
 from contracts.cases import CaseOpenedV1, ProcessStepRetryV1
 from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
-from contracts.customer import CustomerUpdatedV1
+from contracts.customer import CrmCustomerExportedV1, CustomerUpdatedV1, CustomerUpdatedV2
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
 from contracts.fulfilment import (FulfilmentCollectedV1, FulfilmentPickedV1, FulfilmentTaskCancelledV1,
                                   FulfilmentTaskCreatedV1)
 from contracts.inventory import InventoryReleasedV1, InventoryReservedV1, InventoryUnavailableV1
 from contracts.journal import JournalHopsV1
+from contracts.mastering import ConsentChangedV1, CustomerMasteredV1, CustomerMergedV1
 from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
                                LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from contracts.ops import RouteTableAppliedV1
@@ -41,6 +42,11 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ErpStockChangedV1,
     ErpStockChangesV1,
     CustomerUpdatedV1,
+    CustomerUpdatedV2,
+    CrmCustomerExportedV1,
+    CustomerMasteredV1,
+    CustomerMergedV1,
+    ConsentChangedV1,
     LoyaltyPointsAccruedV1,
     LoyaltyPointsReversedV1,
     LoyaltyRedemptionAuthorizedV1,

@@ -74,6 +74,7 @@ def valid_payloads() -> dict[str, dict]:
         "customer.updated.v1": {"customer_id": "C1", "name": "Ada", "email": "ada@example.org",
                                 "phone": "+33 1 23", "loyalty_card": "LC-1",
                                 "updated_at": "2024-03-01T02:00:00Z"},
+        **customer_payloads(),
         "loyalty.points_accrued.v1": points,
         "loyalty.points_reversed.v1": {**points, "original_pos_txn_id": "S001-07-000100"},
         "loyalty.redemption_authorized.v1": {**hold, "expires_at": "2024-03-01T10:30:00Z"},
@@ -113,6 +114,25 @@ def valid_payloads() -> dict[str, dict]:
     }
 
 
+def customer_payloads() -> dict[str, dict]:
+    """Customer mastering (contracts/customer.py, contracts/mastering.py)."""
+    at = "2026-12-07T10:00:00Z"
+    return {
+        "customer.updated.v2": {"origin": "crm", "record_id": "C1", "changed_at": at,
+                                "values": {"name": "Ada", "email": None, "consent_sms": False}},
+        "crm.customer_exported.v1": {"customer_id": "C1", "name": "Ada", "email": "ada@example.org", "phone": None,
+                                     "loyalty_card": "LC-1", "updated_at": at, "consent_marketing_email": "Y",
+                                     "consent_sms": "N", "consent_data_sharing": None},
+        "customer.mastered.v1": {"mastered_at": at, "writes": [
+            {"system": "erp", "record_id": "C1", "golden_id": "G00000000001", "origin": "crm", "create": True,
+             "write_golden_id": True, "values": {"name": "Ada", "tax_id": None}}]},
+        "customer.merged.v1": {"survivor": "G00000000001", "retired": "G00000000002", "matched_on": ["email"],
+                               "origin": "loyalty", "merged_at": at},
+        "consent.changed.v1": {"golden_id": "G00000000001", "consent": "sms", "granted": False, "origin": "crm",
+                               "source_record": "crm:C1", "changed_at": at},
+    }
+
+
 def order_payloads() -> dict[str, dict]:
     """Click and collect (contracts/orders.py, inventory.py, fulfilment.py)."""
     at = "2026-12-07T10:00:00Z"
@@ -125,7 +145,6 @@ def order_payloads() -> dict[str, dict]:
                             "total_minor": 3998, "points": 500, "points_minor": 500, "paid_minor": 3498,
                             "payment_reference": "PSP-AUTH-77", "placed_at": at},
         "order.cancel_requested.v1": {**order, "reason": "changed my mind", "requested_at": at},
-        "order.ready_for_pickup.v1": {**store, "ready_at": at, "collect_by": "2026-12-10T10:00:00Z"},
         "order.collected.v1": {**store, "collected_at": at, "revenue_doc_no": "O00000002", "points_redeemed": 500,
                                "points_earned": 34},
         "order.cancelled.v1": {**store, "reason": "out_of_stock", "detail": "100001: 2 wanted, 1 available",
@@ -139,6 +158,7 @@ def order_payloads() -> dict[str, dict]:
         "fulfilment.task_cancelled.v1": {**store, "reason": "customer_cancelled", "cancelled_at": at},
         "fulfilment.picked.v1": {**store, "terminal_id": "A1", "picked_at": at},
         "fulfilment.collected.v1": {**store, "terminal_id": "A1", "collected_at": at},
+        "fulfilment.task_withdrawn.v1": {**store, "reason": "not_collected", "withdrawn_at": at},
     }
 
 
@@ -297,6 +317,13 @@ OTHER_CASES = [
     ("customer.updated.v1", "email", "not-an-email", "data.email"),
     ("customer.updated.v1", "email", "", "data.email"),
     ("customer.updated.v1", "updated_at", "2024-03-01T02:00:00", "data.updated_at"),
+    ("customer.updated.v2", "values.email", "not-an-email", "data.values.email"),
+    ("customer.updated.v2", "values.consent_sms", "N", "data.values.consent_sms"),
+    ("customer.updated.v2", "values.shoe_size", "42", "data.values.shoe_size"),
+    ("customer.updated.v2", "origin", "CRM", "data.origin"),
+    ("crm.customer_exported.v1", "consent_sms", "yes", "data.consent_sms"),
+    ("customer.mastered.v1", "writes.0.golden_id", "C1", "data.writes.0.golden_id"),
+    ("customer.mastered.v1", "writes", [], "data.writes"),
     ("loyalty.points_accrued.v1", "points", 0, "data.points"),
     ("loyalty.points_accrued.v1", "basis_minor", 29.0, "data.basis_minor"),
     ("loyalty.points_accrued.v1", "store_id", "", "data.store_id"),
@@ -501,3 +528,17 @@ def test_naive_time_is_rejected_in_python_too():
     with pytest.raises(ValidationError):
         CloudEvent(**attrs, time=datetime(2024, 3, 1, 10, 0))
     assert CloudEvent(**attrs, time=datetime(2024, 3, 1, 10, tzinfo=timezone.utc)).time.hour == 10
+
+
+def test_customer_values_say_held_empty_apart_from_not_held():
+    """null: the system holds the attribute empty; left out: the system does not hold it.
+    The difference survives the envelope's JSON."""
+    data = valid_payloads()["customer.updated.v2"]
+    event = CloudEvent.new("customer.updated.v2", "crm", registry.parse("customer.updated.v2", data),
+                           idempotencykey="k")
+    again = CloudEvent.from_json(event.to_json()).payload()
+    assert event.data["values"] == {"name": "Ada", "email": None, "consent_sms": False}
+    assert again.values.given() == {"name": "Ada", "email": None, "consent_sms": False}
+    row = registry.parse("crm.customer_exported.v1", valid_payloads()["crm.customer_exported.v1"])
+    assert row.values().given() == {"name": "Ada", "email": "ada@example.org", "phone": None, "loyalty_card": "LC-1",
+                                    "consent_marketing_email": True, "consent_sms": False}
