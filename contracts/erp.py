@@ -46,13 +46,30 @@ class ErpSalePostedV1(_PostedDocument):
     TYPE: ClassVar[str] = "erp.sale_posted.v1"
 
 
+class OriginalSale(BaseModel):
+    """The sale a return refers to as the ERP holds it when it posts the return: what each
+    line sold and was paid (after discounts), and what the returns posted before this one
+    took back, per SKU (`returned_before`: units and amounts), so a return's policy is judged
+    by the ERP's record, not by what the till says."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    doc_no: DocNo
+    business_day: date
+    loyalty_card: str | None = None
+    lines: list[PostedLine] = Field(min_length=1)
+    returned_before: list[PostedLine] = Field(default_factory=list)
+
+
 class ErpReturnPostedV1(_PostedDocument):
-    """The original sale is optional: a receipt-less return has none."""
+    """The original sale is optional: a receipt-less return has none; `original` is the
+    sale's record when the ERP had posted it (None: receipt-less, or not posted yet)."""
 
     TYPE: ClassVar[str] = "erp.return_posted.v1"
 
     original_pos_txn_id: PosTxnId | None = None
     original_doc_no: DocNo | None = None
+    original: OriginalSale | None = None
 
 
 class ErpStockChangedV1(BaseModel):

@@ -26,6 +26,8 @@ from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, 
                                LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from contracts.ops import RouteTableAppliedV1
 from contracts.process import ProcessStepFailedV1
+from contracts.returns import (CrmRecordReturnV1, CrmReturnRecordedV1, ErpPostReturnV1, LoyaltyReturnPointsBookedV1,
+                               LoyaltyReturnPointsV1)
 from contracts.orders import (OrderCancelledV1, OrderCancelRequestedV1, OrderCollectedV1, OrderPlacedV1,
                               OrderReadyForPickupV1)
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
@@ -61,6 +63,11 @@ _MODELS: tuple[type[BaseModel], ...] = (
     CaseOpenedV1,
     ProcessStepRetryV1,
     ProcessStepFailedV1,
+    ErpPostReturnV1,
+    LoyaltyReturnPointsV1,
+    LoyaltyReturnPointsBookedV1,
+    CrmRecordReturnV1,
+    CrmReturnRecordedV1,
     OrderPlacedV1,
     OrderCancelRequestedV1,
     OrderReadyForPickupV1,

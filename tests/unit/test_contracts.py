@@ -108,6 +108,7 @@ def valid_payloads() -> dict[str, dict]:
                            "opened_at": "2026-03-01T10:00:00+00:00"},
         "process.step_retry.v1": {"process": "return_refund", "process_id": "S001-R-1",
                                   "case_id": "loyalty_reversal_refused:S001-R-1", "requested_by": "ops"},
+        **return_payloads(posted),
         "process.step_failed.v1": {"command_type": "loyalty.return_points.v1", "command_id": "01J8Z3Q5W8N4T6B2C9D0E1F2G3",
                                    "code": "insufficient_points", "reason": "points: 120 asked, 40 available"},
         **order_payloads(),
@@ -130,6 +131,32 @@ def customer_payloads() -> dict[str, dict]:
                                "origin": "loyalty", "merged_at": at},
         "consent.changed.v1": {"golden_id": "G00000000001", "consent": "sms", "granted": False, "origin": "crm",
                                "source_record": "crm:C1", "changed_at": at},
+    }
+
+
+def return_payloads(posted: dict) -> dict[str, dict]:
+    """Return to refund (contracts/returns.py): the commands and replies of its steps."""
+    ret = {"store_id": "S001", "terminal_id": "07", "pos_txn_id": "S001-07-R1", "business_day": "2024-03-02",
+           "currency": "EUR", "lines": [{"line_no": 1, "sku": "SKU-2", "quantity": 1, "unit_price_minor": 500,
+                                          "line_total_minor": 500}],
+           "total_minor": 500, "tenders": [{"kind": "cash", "amount_minor": 500}],
+           "original": {"store_id": "S001", "pos_txn_id": "S001-07-000123"}}
+    returned = {**posted, "pos_txn_id": "S001-07-R1", "doc_no": "R00000001", "total_minor": 500,
+                "lines": [{"sku": "SKU-2", "quantity": 1, "line_total_minor": 500}],
+                "original_pos_txn_id": "S001-07-000123", "original_doc_no": "INV-9",
+                "original": {"doc_no": "INV-9", "business_day": "2024-03-01", "loyalty_card": "LC-1",
+                             "lines": posted["lines"], "returned_before": []}}
+    return {
+        "erp.post_return.v1": {"pos_return": ret},
+        "loyalty.return_points.v1": {"action": "reverse", "posted": returned, "clawback_points": 50,
+                                     "clawback_promotion": "spend-100"},
+        "loyalty.return_points_booked.v1": {"store_id": "S001", "pos_txn_id": "S001-07-R1", "action": "reverse",
+                                            "card": "LC-1", "points": 55, "clawback_points": 50},
+        "crm.record_return.v1": {"store_id": "S001", "pos_txn_id": "S001-07-R1", "loyalty_card": "LC-1",
+                                 "amount_minor": 500, "posted_at": "2024-03-02T10:00:00Z",
+                                 "original_pos_txn_id": "S001-07-000123"},
+        "crm.return_recorded.v1": {"store_id": "S001", "pos_txn_id": "S001-07-R1", "customer_id": "C1",
+                                   "recorded": True},
     }
 
 
