@@ -47,9 +47,10 @@ def sale_posted(sale: PosSaleV1, doc_no: str, correlationid: str | None) -> Clou
 
 
 def return_posted(ret: PosReturnV1, doc_no: str, original_doc_no: str | None,
-                  correlationid: str | None) -> CloudEvent:
+                  correlationid: str | None, original: dict | None = None) -> CloudEvent:
+    """`original`: the sale as the ERP holds it (services/erp/return_facts.py), None without one."""
     data = {**_document(ret, doc_no), "original_pos_txn_id": ret.original.pos_txn_id if ret.original else None,
-            "original_doc_no": original_doc_no}
+            "original_doc_no": original_doc_no, "original": original}
     return _event(ErpReturnPostedV1.TYPE, doc_no, data, correlationid)
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from contracts.pos import PosReturnV1, PosSaleV1
 from legacy_wrappers.prepared import Prepared, run_together
 from legacy_wrappers import inbox
-from services.erp import events, ledger, outbox, return_links
+from services.erp import events, ledger, outbox, return_facts, return_links
 
 CONSUMERS = {PosSaleV1.TYPE: "erp.on_pos_sale", PosReturnV1.TYPE: "erp.on_pos_return"}
 _WAIT_FOR_SALE = Prepared(return_links.TABLE.insert())
@@ -65,10 +65,12 @@ def post_many(conn: Connection, postings: list[Posting]) -> list[Booked]:
         statements += writes
         for move in moves:
             unknown.setdefault(move[0], []).append(move)
-        for (i, p), doc_no, original in zip(todo, written, originals):
+        facts = return_facts.originals(conn, t, [(doc_no, original, p.txn.lines) for (_, p), doc_no, original
+                                                  in zip(todo, written, originals)]) if kind == "R" else None
+        for n, ((i, p), doc_no, original) in enumerate(zip(todo, written, originals)):
             doc_nos[i] = doc_no
             posted.append(events.sale_posted(p.txn, doc_no, p.correlationid) if kind == "S"
-                          else events.return_posted(p.txn, doc_no, original, p.correlationid))
+                          else events.return_posted(p.txn, doc_no, original, p.correlationid, facts[n]))
         if kind == "S":
             return_links.link(conn, t.header, {(p.txn.store_id, p.txn.pos_txn_id): doc_nos[i] for i, p in todo})
         else:

@@ -3,7 +3,7 @@ Prometheus (Debian's `prometheus`) scraping a bus that `retailbus up` runs, and
 config/alerts.yml loads and evaluates in that Prometheus.
 
 The estate: a managed broker, the demo legacy ERP, every service (erp, files,
-route_guard, dlq, reconcile, journal) with a metrics port each, and a store agent. A little real traffic
+route_guard, dlq, reconcile, journal, loyalty, cases) with a metrics port each, and a store agent. A little real traffic
 makes the counters move: a sale and a stock query through the agent (stock in
 shadow mode, for parity), a redemption the agent authorises and a sale that pays
 with it (loyalty), a good customer export, a bad stock snapshot (a rejected file)
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration  # needs Debian's prometheus package (.ci/b
 
 SERVICES = {"erp": "services.erp", "files": "services.files", "route_guard": "routing.guard",
             "dlq": "services.dlq", "reconcile": "services.reconcile", "journal": "services.journal",
-            "loyalty": "services.loyalty"}
+            "loyalty": "services.loyalty", "cases": "services.cases"}
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__range": "1h"}
 QUERY_TIMEOUT = 120  # seconds for every query to return data on a busy 2-core machine
 
