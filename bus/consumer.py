@@ -84,7 +84,8 @@ class ReliableHandler(Entrypoint):
                  ordered: bool = False, batch: int = 1, **kwargs):
         """`exchange`/`exchange_type` override nameko's `<source>.events` topic exchange;
         `queue` overrides the queue name and may name config keys, e.g. `routes.{STORE_ID}`
-        for a queue of its own per store agent.
+        for a queue of its own per store agent; so may `event_type`, the binding key (a
+        topic pattern), e.g. `fulfilment.*.v1.{STORE_ID}` for the store's commands only.
 
         `ordered`: messages of one store (header `x-retailbus-store`, else the event's
         source) are handled one at a time in the store's order, stores in parallel: in
@@ -113,6 +114,7 @@ class ReliableHandler(Entrypoint):
         super().__init__(**kwargs)
 
     def setup(self):
+        self.event_type = self.event_type.format(**self.container.config)
         self.exchange = self._exchange or topology.events_exchange(self.source_service)
         self.queue = self._queue.format(**self.container.config) if self._queue else topology.handler_queue(
             self.source_service, self.event_type, self.container.service_name, self.method_name)

@@ -141,7 +141,7 @@ def _reliable_handler(ext, service: str, config: dict) -> Access:
         access.read = {lit(q) for q in partitions.partition_queues(queue, parts)}
         access.declares = {("partitioned", exchange, ext.event_type, queue, parts, tuple(delays))}
         return access
-    return _handler_queues(exchange, ext.exchange_type, [ext.event_type], queue, delays,
+    return _handler_queues(exchange, ext.exchange_type, [ext.event_type.format(**config)], queue, delays,
                            ext.ordered if ordered is None else ordered)
 
 
