@@ -2,13 +2,14 @@
 
 A task reaches the store's agent on the store's own queue (so a store that is offline
 finds its tasks waiting when it reconnects); associates list, pick and hand over orders
-through signed calls on their agent, which sends `fulfilment.picked.v1` and
-`fulfilment.collected.v1` through the store's outbox like a sale: a collection recorded
-while the store is offline reaches the order process when the link returns.
+through signed calls on their agent, which sends `fulfilment.picked.v1`,
+`fulfilment.collected.v1` and `fulfilment.task_withdrawn.v1` through the store's outbox
+like a sale: a collection recorded while the store is offline reaches the order process
+when the link returns.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
@@ -40,13 +41,14 @@ class FulfilmentTaskCreatedV1(_Message):
 
 
 class FulfilmentTaskCancelledV1(_Message):
-    """Put the order's goods back: it was cancelled (the reason is the order's)."""
+    """The customer cancelled: withdraw the task unless the order was handed over (the store,
+    where handover happens, decides; a cancellation that arrives before its task waits for it)."""
 
     TYPE: ClassVar[str] = "fulfilment.task_cancelled.v1"
 
     order_id: OrderId
     store_id: StoreId
-    reason: str = Field(min_length=1, max_length=40)
+    reason: Literal["customer_cancelled"] = "customer_cancelled"
     cancelled_at: AwareDatetime
 
 
@@ -70,3 +72,15 @@ class FulfilmentCollectedV1(_StoreReport):
     TYPE: ClassVar[str] = "fulfilment.collected.v1"
 
     collected_at: AwareDatetime
+
+
+class FulfilmentTaskWithdrawnV1(_Message):
+    """The store put the order's goods back and will not hand it over: the customer cancelled,
+    or did not come by `collect_by` (the store's agent decides at its clock, offline too)."""
+
+    TYPE: ClassVar[str] = "fulfilment.task_withdrawn.v1"
+
+    order_id: OrderId
+    store_id: StoreId
+    reason: Literal["customer_cancelled", "not_collected"]
+    withdrawn_at: AwareDatetime

@@ -1,8 +1,8 @@
 """Click and collect: an online order, paid partly with loyalty points, picked up in store.
 
 `order.placed.v1` is what the ecommerce experience API recorded (the order as the
-customer placed it); the order process answers with the outcome events the customer
-sees (`order.ready_for_pickup.v1`, `order.collected.v1`, `order.cancelled.v1`).
+customer placed it); the order process closes it with `order.collected.v1` or
+`order.cancelled.v1` (the store's `fulfilment.picked.v1` says it is ready for pickup).
 Amounts are minor units of one currency; the points' value is fixed when the order is
 placed, so what the customer was shown is what the ERP books.
 """
@@ -112,17 +112,6 @@ class OrderCancelRequestedV1(_Message):
     order_id: OrderId
     reason: str | None = Field(None, max_length=200, description="what the customer gave, if anything")
     requested_at: AwareDatetime
-
-
-class OrderReadyForPickupV1(_Message):
-    """The store has picked the order: the customer may come."""
-
-    TYPE: ClassVar[str] = "order.ready_for_pickup.v1"
-
-    order_id: OrderId
-    store_id: StoreId
-    ready_at: AwareDatetime
-    collect_by: AwareDatetime = Field(description="after this the order is cancelled as not collected")
 
 
 class OrderCollectedV1(_Message):

@@ -18,7 +18,7 @@ from contracts.customer import CrmCustomerExportedV1, CustomerUpdatedV1, Custome
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1, ErpStockChangesV1
 from contracts.errors import ContractError
 from contracts.fulfilment import (FulfilmentCollectedV1, FulfilmentPickedV1, FulfilmentTaskCancelledV1,
-                                  FulfilmentTaskCreatedV1)
+                                  FulfilmentTaskCreatedV1, FulfilmentTaskWithdrawnV1)
 from contracts.inventory import InventoryReleasedV1, InventoryReservedV1, InventoryUnavailableV1
 from contracts.journal import JournalHopsV1
 from contracts.mastering import ConsentChangedV1, CustomerMasteredV1, CustomerMergedV1
@@ -28,8 +28,7 @@ from contracts.ops import RouteTableAppliedV1
 from contracts.process import ProcessStepFailedV1
 from contracts.returns import (CrmRecordReturnV1, CrmReturnRecordedV1, ErpPostReturnV1, LoyaltyReturnPointsBookedV1,
                                LoyaltyReturnPointsV1)
-from contracts.orders import (OrderCancelledV1, OrderCancelRequestedV1, OrderCollectedV1, OrderPlacedV1,
-                              OrderReadyForPickupV1)
+from contracts.orders import OrderCancelledV1, OrderCancelRequestedV1, OrderCollectedV1, OrderPlacedV1
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
 
 # Dotted lower-case name whose last segment is the version: `pos.sale.v1`.
@@ -70,7 +69,6 @@ _MODELS: tuple[type[BaseModel], ...] = (
     CrmReturnRecordedV1,
     OrderPlacedV1,
     OrderCancelRequestedV1,
-    OrderReadyForPickupV1,
     OrderCollectedV1,
     OrderCancelledV1,
     InventoryReservedV1,
@@ -80,6 +78,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     FulfilmentTaskCancelledV1,
     FulfilmentPickedV1,
     FulfilmentCollectedV1,
+    FulfilmentTaskWithdrawnV1,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}

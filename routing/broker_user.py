@@ -1,5 +1,6 @@
 """Each store agent publishes as its own broker user, allowed nothing but
-publishing `pos.*` messages (and its `store.control_totals.v1`/`v2`) to
+publishing `pos.*` messages (and its `store.control_totals.v1`/`v2`, and its
+click-and-collect reports `fulfilment.picked|collected|task_withdrawn.v1`) to
 `store_agent.events`; with AMQP `user_id`
 set to that user (the broker checks it), a consumer can trust which store
 sent a message, and parks one that names another store (bus/identity.py;
@@ -23,7 +24,8 @@ from bus.broker_uri import with_user
 from bus.publisher import connect
 
 EXCHANGE = "store_agent.events"
-TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v[12])$"  # its sales and returns, its control totals
+# its sales and returns, its control totals, what its associates report on click-and-collect tasks
+TOPIC_WRITE = r"^(?:pos\..+|store\.control_totals\.v[12]|fulfilment\.(?:picked|collected|task_withdrawn)\.v1)$"
 
 
 def store_user(store_id: str) -> str:

@@ -31,6 +31,8 @@ from routing.answers import AnswerCache
 from routing.edge_auth import AuthError, TerminalKeys, Verifier
 from routing.control_totals import ControlTotalsPublisher
 from routing.forwarder import OutboxForwarder
+from routing.fulfilment import StoreFulfilment
+from routing import fulfilment_http  # the module, not its mixin class: `nameko run` takes every class with entrypoints
 from routing.control import ROUTES_EXCHANGE, TABLE_APPLIED
 from routing.outbox import EventIdReusedError, Outbox, OutboxConflict, OutboxUnavailable
 from routing.pos_http import pos_http
@@ -74,6 +76,7 @@ class StoreOutbox(DependencyProvider):
     forwarder = OutboxForwarder()
     totals = ControlTotalsPublisher()
     loyalty = TillRedemption()  # the loyalty holds its tills take, in the outbox database
+    fulfilment = StoreFulfilment()  # click-and-collect tasks, in the outbox database
     later_delay = 0.5  # seconds; bounds how late a legacy-mode sale shows in the control totals
 
     def setup(self):
@@ -91,6 +94,7 @@ class StoreOutbox(DependencyProvider):
         self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
                            settings.agent.control_totals_interval, settings.agent.control_totals_days)
         self.loyalty.attach(self.outbox, store.id, uri, settings)
+        self.fulfilment.attach(self.outbox, store.id, self.forwarder)
 
     def later(self, fn, *args):
         """Run bookkeeping no POS answer waits for (the legacy-mode control-totals note)
@@ -168,7 +172,7 @@ def _window(request) -> float:
         return 60.0
 
 
-class StoreAgent:
+class StoreAgent(fulfilment_http.FulfilmentCalls):
     name = "store_agent"
 
     store = StoreOutbox()
