@@ -57,7 +57,11 @@ class Step:
     has failed. `on_failure`: `compensate` undoes the steps done before it, latest first,
     then opens a case `case_type`; `case` opens the case and leaves the steps done as they
     are (a step whose failure must not undo the others, e.g. a CRM entry). A refusal
-    (the target's `process.step_failed.v1`) fails the step at once."""
+    (the target's `process.step_failed.v1`) fails the step at once.
+
+    `route(command)` gives the routing key of the step's commands on `<target>.commands`
+    (default: the command's type): e.g. `<type>.<store>` for a target whose instances each
+    bind their own commands only (each store's agent binds `fulfilment.*.v1.<store>`)."""
 
     name: str
     target: str
@@ -70,6 +74,7 @@ class Step:
     resends: int = 2
     on_failure: OnFailure = "compensate"
     case_type: str | None = None
+    route: Callable[[BaseModel], str] | None = None
 
     def __post_init__(self):
         if self.compensation is not None and self.compensation_reply is None:

@@ -293,8 +293,8 @@ class Engine:
         key = f"{self.d.name}:{inst.process_id}:{step.name}:{inst.round}{UNDO if compensation else ''}"
         event = CloudEvent.new(command.TYPE, self.source, command, subject=inst.key,
                                correlationid=inst.process_id, idempotencykey=key)
-        store.queue_message(conn, event.id, topology.commands_exchange(step.target), command.TYPE,
-                            inst.process_id, event.to_json())
+        store.queue_message(conn, event.id, topology.commands_exchange(step.target),
+                            step.route(command) if step.route else command.TYPE, inst.process_id, event.to_json())
         fx.sent += 1
         st.update(status="compensating" if compensation else "sent", attempts=st["attempts"] + 1,
                   sent_at=time.time(), key=key)
