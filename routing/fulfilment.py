@@ -16,8 +16,13 @@ customer cancelled it, or when nobody came by its `collect_by` (a timer here, at
 store's clock, offline too). A cancellation that arrives before its task leaves a
 tombstone (a row without lines) that withdraws the task as it arrives.
 
-A withdrawal is announced in a second transaction after the state changed (`announced`
-tells which are still to be sent); the timer announces any a crash left behind.
+What closes a task, `fulfilment.collected.v1` or `fulfilment.task_withdrawn.v1`, is the
+process's reply to the task's command: it carries the command's key + `:reply`
+(bus/process/commands.py), so the store's outbox itself refuses a second, different
+outcome for one task. A withdrawal is announced in a second transaction after the state
+changed (`announced` tells which are still to be sent); the timer announces any a crash
+left behind. A task sent again under a new key (an ops retry of the process) has its
+outcome announced again under that key.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from eventlet.queue import Empty, LightQueue
 from nameko.extensions import Extension
 from prometheus_client import Counter, Gauge
 
+from bus.process.engine import REPLY_SUFFIX
 from contracts.envelope import CloudEvent
 from contracts.fulfilment import (FulfilmentCollectedV1, FulfilmentPickedV1, FulfilmentTaskCancelledV1,
                                   FulfilmentTaskCreatedV1, FulfilmentTaskWithdrawnV1)
@@ -42,7 +48,8 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fulfilment_task (
     order_id       TEXT PRIMARY KEY,
-    correlation_id TEXT,
+    correlation_id TEXT,               -- the process instance
+    command_key    TEXT,               -- the task command's idempotency key: the outcome's + ':reply'
     customer_id    TEXT,
     lines          TEXT,               -- JSON [{line_no, sku, quantity}]; NULL: a tombstone
     collect_by     TEXT,               -- ISO UTC
@@ -58,7 +65,8 @@ ACTIVE = ("open", "picked")
 SWEEP_SECONDS = 30.0  # how often overdue tasks and unannounced withdrawals are looked for
 
 TASKS = Counter("retailbus_agent_fulfilment_total", "Click-and-collect task changes at the store, by what "
-                "(received, picked, collected, withdrawn)", ["store", "what"])
+                "(received, picked, collected, announced: a withdrawal or a repeated outcome sent)",
+                ["store", "what"])
 OPEN_TASKS = Gauge("retailbus_agent_fulfilment_open", "Tasks not yet collected nor withdrawn", ["store"])
 
 
@@ -78,6 +86,7 @@ class _Unchanged(Exception):
 class Task:
     order_id: str
     correlation_id: str | None
+    command_key: str | None
     customer_id: str | None
     lines: list[dict]
     collect_by: str | None
@@ -94,16 +103,21 @@ class Task:
                 "LINES": [{"LINE_NO": x["line_no"], "SKU": x["sku"], "QTY": x["quantity"]} for x in self.lines]}
 
 
-COLUMNS = "order_id, correlation_id, customer_id, lines, collect_by, status, reason, terminal_id, announced, changed_at"
+COLUMNS = ("order_id, correlation_id, command_key, customer_id, lines, collect_by, status, reason, terminal_id, "
+           "announced, changed_at")
 
 
 def _task(row) -> Task:
-    return Task(row[0], row[1], row[2], json.loads(row[3]) if row[3] else [], row[4], row[5], row[6], row[7],
-                bool(row[8]), row[9])
+    return Task(*row[:4], json.loads(row[4]) if row[4] else [], *row[5:9], bool(row[9]), row[10])
+
+
+def _iso(at: datetime) -> str:
+    """One text form for every stored time, so they compare as text."""
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return _iso(datetime.now(timezone.utc))
 
 
 def _get(db, order_id: str) -> Task | None:
@@ -144,21 +158,27 @@ class TaskBook:
 
     def unannounced(self) -> list[str]:
         return [r[0] for r in self._db.execute(
-            "SELECT order_id FROM fulfilment_task WHERE announced = 0 AND lines IS NOT NULL")]
+            "SELECT order_id FROM fulfilment_task WHERE announced = 0 AND lines IS NOT NULL "
+            "AND status IN ('collected', 'withdrawn')")]
 
     # -- what the order process sends ------------------------------------------
-    def receive(self, task: FulfilmentTaskCreatedV1, correlation_id: str | None) -> Task:
-        """Record a task (a repeat changes nothing; a tombstone gets its lines and stays withdrawn)."""
+    def receive(self, task: FulfilmentTaskCreatedV1, correlation_id: str | None, command_key: str) -> Task:
+        """Record a task: a repeat changes nothing, a tombstone gets its lines (and stays
+        withdrawn), a task closed already and sent again under a new key is announced again."""
         lines = json.dumps([line.model_dump() for line in task.lines])
 
         def apply(db):
             db.execute(
-                "INSERT INTO fulfilment_task (order_id, correlation_id, customer_id, lines, collect_by, status, "
-                "changed_at) VALUES (?, ?, ?, ?, ?, 'open', ?) ON CONFLICT (order_id) DO UPDATE SET "
-                "correlation_id = excluded.correlation_id, customer_id = excluded.customer_id, "
-                "lines = excluded.lines, collect_by = excluded.collect_by, announced = 0 "
-                "WHERE fulfilment_task.lines IS NULL",
-                (task.order_id, correlation_id, task.customer_id, lines, task.collect_by.isoformat(), _now()))
+                "INSERT INTO fulfilment_task (order_id, correlation_id, command_key, customer_id, lines, collect_by, "
+                "status, changed_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?) ON CONFLICT (order_id) DO UPDATE SET "
+                "announced = CASE WHEN fulfilment_task.lines IS NULL OR (fulfilment_task.command_key IS NOT "
+                "excluded.command_key AND fulfilment_task.status IN ('collected', 'withdrawn')) THEN 0 "
+                "ELSE fulfilment_task.announced END, "
+                "correlation_id = excluded.correlation_id, command_key = excluded.command_key, "
+                "customer_id = coalesce(fulfilment_task.customer_id, excluded.customer_id), "
+                "lines = coalesce(fulfilment_task.lines, excluded.lines), "
+                "collect_by = coalesce(fulfilment_task.collect_by, excluded.collect_by)",
+                (task.order_id, correlation_id, command_key, task.customer_id, lines, _iso(task.collect_by), _now()))
             return _get(db, task.order_id)
         return self.outbox.write(apply)
 
@@ -189,13 +209,17 @@ class TaskBook:
         return _get(db, task.order_id)
 
     def announce(self, order_id: str) -> bool:
-        """Send the withdrawal of `order_id` if it was not sent yet; True when sent now."""
+        """Send the outcome of `order_id` (withdrawn, or collected again under a new key) if it
+        was not sent yet; True when sent now."""
         task = self.get(order_id)
-        if task is None or task.status != "withdrawn" or task.announced or not task.lines:
+        if task is None or task.status not in ("collected", "withdrawn") or task.announced or not task.lines:
             return False
-        event = self._event(FulfilmentTaskWithdrawnV1(
-            order_id=task.order_id, store_id=self.store_id, reason=task.reason,
-            withdrawn_at=datetime.fromisoformat(task.changed_at)), task)
+        at = datetime.fromisoformat(task.changed_at)
+        event = self._event(
+            FulfilmentTaskWithdrawnV1(order_id=task.order_id, store_id=self.store_id, reason=task.reason,
+                                      withdrawn_at=at) if task.status == "withdrawn" else
+            FulfilmentCollectedV1(order_id=task.order_id, store_id=self.store_id, terminal_id=task.terminal_id,
+                                  collected_at=at), task)
 
         def mark(db):
             if db.execute("UPDATE fulfilment_task SET announced = 1 WHERE order_id = ? AND announced = 0",
@@ -233,8 +257,8 @@ class TaskBook:
                 raise TaskRefusedError(409, f"ORDER_ID: order {order_id} is {current.status}"
                                             + (f" ({current.reason})" if current.reason else "")
                                             + f"; it cannot be {status}")
-            db.execute("UPDATE fulfilment_task SET status = ?, terminal_id = ?, changed_at = ? WHERE order_id = ?",
-                       (status, terminal, at.isoformat(), order_id))
+            db.execute("UPDATE fulfilment_task SET status = ?, terminal_id = ?, changed_at = ?, announced = 1 "
+                       "WHERE order_id = ?", (status, terminal, _iso(at), order_id))
         try:
             self.outbox.accept(self._event(report, task), apply)
         except _Unchanged:
@@ -242,10 +266,13 @@ class TaskBook:
         return self.get(order_id), True
 
     def _event(self, data, task: Task) -> CloudEvent:
-        """One event per order and kind: its key makes a repeat the same outbox row."""
+        """The task's outcome is the reply to its command (the command's key + REPLY_SUFFIX); a
+        pick is one event per order. The key makes a repeat the same outbox row."""
+        reply = isinstance(data, (FulfilmentCollectedV1, FulfilmentTaskWithdrawnV1)) and task.command_key
         return CloudEvent.new(data.TYPE, f"store/{self.store_id}/fulfilment", data, subject=task.order_id,
                               correlationid=task.correlation_id,
-                              idempotencykey=f"{data.TYPE}:{self.store_id}:{task.order_id}")
+                              idempotencykey=task.command_key + REPLY_SUFFIX if reply else
+                              f"{data.TYPE}:{self.store_id}:{task.order_id}")
 
 
 class StoreFulfilment(Extension):
@@ -276,13 +303,13 @@ class StoreFulfilment(Extension):
     def on_command(self, command, event: CloudEvent) -> str:
         """A task or a cancellation from the order process; what it did."""
         if isinstance(command, FulfilmentTaskCreatedV1):
-            task = self.book.receive(command, event.correlationid)
+            task = self.book.receive(command, event.correlationid, event.idempotencykey)
             TASKS.labels(self.store_id, "received").inc()
             outcome = task.status
         else:
             task = self.book.cancel(command, event.correlationid)
             outcome = "withdrawn" if task else "remembered or too late"
-        if task is not None and task.status == "withdrawn":
+        if task is not None and not task.announced:
             self._announce(task.order_id)
         OPEN_TASKS.labels(self.store_id).set(self.book.open_count())
         return outcome
@@ -297,7 +324,7 @@ class StoreFulfilment(Extension):
 
     def _announce(self, order_id: str) -> None:
         if self.book.announce(order_id):
-            TASKS.labels(self.store_id, "withdrawn").inc()
+            TASKS.labels(self.store_id, "announced").inc()
             self.forwarder.wake()
 
     def sweep(self) -> int:
@@ -308,7 +335,7 @@ class StoreFulfilment(Extension):
         for order_id in self.book.unannounced():
             sent += self.book.announce(order_id)
         if sent:
-            TASKS.labels(self.store_id, "withdrawn").inc(sent)
+            TASKS.labels(self.store_id, "announced").inc(sent)
             self.forwarder.wake()
         OPEN_TASKS.labels(self.store_id).set(self.book.open_count())
         return sent

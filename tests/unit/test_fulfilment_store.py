@@ -43,21 +43,21 @@ def desk(tmp_path):
     outbox.close()
 
 
-def command(kind, order_id, collect_by=NOW + timedelta(days=3), process="P-" ):
+def command(kind, order_id, collect_by=NOW + timedelta(days=3), process="P-", round_=0):
     data = (FulfilmentTaskCreatedV1(order_id=order_id, store_id="S001", customer_id="C00001", collect_by=collect_by,
                                     lines=[{"line_no": 1, "sku": "100001", "quantity": 2}], created_at=NOW)
             if kind == "task" else FulfilmentTaskCancelledV1(order_id=order_id, store_id="S001", cancelled_at=NOW))
     event = CloudEvent.new(data.TYPE, "retailbus/orders", data, correlationid=process + order_id,
-                           idempotencykey=f"{data.TYPE}:{order_id}")
+                           idempotencykey=f"click_collect:{process}{order_id}:handover:{round_}")
     return data, event
 
 
-def sent(outbox) -> list[tuple[str, str, str]]:
-    """(type, order id, correlation id) of every event in the outbox."""
+def sent(outbox, keys=False) -> list[tuple]:
+    """(type, order id, correlation id) of every event in the outbox (and its idempotency key)."""
     out = []
     for entry in outbox.unsent(100):
         event = CloudEvent.from_json(entry.body)
-        out.append((event.type, event.data["order_id"], event.correlationid))
+        out.append((event.type, event.data["order_id"], event.correlationid) + ((event.idempotencykey,) if keys else ()))
     return out
 
 
@@ -72,8 +72,16 @@ def test_tasks_picked_and_collected_once_each_with_their_event(desk):
     assert changed and task.status == "collected"
     assert fulfilment.report("collected", "W-1", "A2")[1] is False
     assert fulfilment.on_command(*command("cancel", "W-1")) == "remembered or too late"  # handed over already
-    assert sent(outbox) == [("fulfilment.picked.v1", "W-1", "P-W-1"), ("fulfilment.collected.v1", "W-1", "P-W-1")]
+    # the outcome is the reply to the task's command (its key + ":reply"); the pick is not
+    assert sent(outbox, keys=True) == [
+        ("fulfilment.picked.v1", "W-1", "P-W-1", "fulfilment.picked.v1:S001:W-1"),
+        ("fulfilment.collected.v1", "W-1", "P-W-1", "click_collect:P-W-1:handover:0:reply")]
     assert fulfilment.sweep() == 0
+    # an ops retry of the process sends the task under a new key: the outcome is said again under it
+    assert fulfilment.on_command(*command("task", "W-1", round_=1)) == "collected"
+    assert sent(outbox, keys=True)[-1] == ("fulfilment.collected.v1", "W-1", "P-W-1",
+                                            "click_collect:P-W-1:handover:1:reply")
+    assert fulfilment.on_command(*command("task", "W-1", round_=1)) == "collected" and len(sent(outbox)) == 3
 
 
 def test_cancelled_task_is_withdrawn_and_never_handed_over(desk):
