@@ -6,6 +6,7 @@ losing, doubling and dead-lettering nothing."""
 from __future__ import annotations
 
 import random
+import time
 from datetime import date, datetime, timezone
 
 import pytest
@@ -36,6 +37,16 @@ SKUS = ("100001", "200001", "990001")  # plain, in a campaign, a gift card (neve
 
 @pytest.fixture
 def estate(amqp_uri, tmp_path):
+    yield from _estate(amqp_uri, tmp_path, [0.5, 1, 2, 4])
+
+
+@pytest.fixture
+def patient_estate(amqp_uri, tmp_path):
+    """Retries spanning minutes, as config/bus.yaml has them, compressed to 20 s steps."""
+    yield from _estate(amqp_uri, tmp_path, [1, 2, 5, 10, 20])
+
+
+def _estate(amqp_uri, tmp_path, delays):
     platform = Platform("demo.loyalty_platform", tmp_path / "platform.db", free_port())
     rules = tmp_path / "config" / "loyalty.yaml"
     rules.parent.mkdir(parents=True, exist_ok=True)
@@ -44,16 +55,18 @@ def estate(amqp_uri, tmp_path):
     host_port = platform.url.removeprefix("http://")
     config = write_config(tmp_path, amqp_uri, loyalty_platform={"http": host_port, "db": "var/unused.db"},
                           loyalty_rules=str(rules),
-                          handlers={f"loyalty.{m}": {"attempts": 12, "delays": [0.5, 1, 2, 4]}
+                          handlers={f"loyalty.{m}": {"attempts": 12, "delays": delays}
                                     for m in ("on_sale_posted", "on_return_posted")})
     service = nameko_run(config, "services.loyalty", tmp_path / "loyalty.log")
     queues = [topology.handler_queue("erp", t, "loyalty", m) for t, m in HANDLERS]
     assert wait_for(lambda: all(queue_state(amqp_uri, q)[1] for q in queues), 120), "the loyalty service did not start"
     publisher = ConfirmingPublisher(amqp_uri, window=500)
-    yield platform, publisher, amqp_uri
-    publisher.close()
-    stop(service)
-    platform.stop()
+    try:
+        yield platform, publisher, amqp_uri
+    finally:
+        publisher.close()
+        stop(service)
+        platform.stop()
 
 
 def posted(store: str, txn: str, card: str | None, lines: list[tuple[str, int, int]], kind=ErpSalePostedV1,
@@ -113,6 +126,42 @@ def test_1000_sales_delivered_twice_earn_once_by_the_rules_while_the_platform_fa
     wait_for(lambda: booked() == {c: p for c, p in expected.items() if p}, 300, interval=0.5)
     assert platform.rows("SELECT COUNT(*), COUNT(DISTINCT reference) FROM ledger WHERE type = 'EARN'")[0] == \
         (sum(1 for s in sales if s.payload().lines and _earns(s)),) * 2
+    assert dead_letters(uri) == 0
+
+
+@pytest.mark.timeout(600)
+def test_the_platform_stopped_for_60_s_during_accrual_loses_doubles_and_dead_letters_nothing(patient_estate):
+    platform, publisher, uri = patient_estate
+    cards = [f"P{n:03d}" for n in range(20)]
+    for card in cards:
+        enrol(platform, card)
+    rng = random.Random(11)
+    sales = [posted("S002", f"S002-01-{n:05d}", rng.choice(cards), [("100001", rng.randint(1, 5), 1_000)])
+             for n in range(300)]
+    expected: dict[str, int] = {}
+    for sale in sales:
+        doc = sale.payload()
+        points = sum(sale_points(Earning(**RULES["earning"]), "BASE", DAY,
+                                 [(line.sku, line.quantity, line.line_total_minor) for line in doc.lines]))
+        expected[doc.loyalty_card] = expected.get(doc.loyalty_card, 0) + points
+    publish(publisher, sales[:100] + sales[:100])
+    assert wait_for(lambda: platform.rows("SELECT COUNT(*) FROM ledger WHERE type = 'EARN'")[0][0] >= 50, 120)
+    platform.proc.terminate()  # the platform goes away: connections refused, not 5xx
+    platform.proc.wait(timeout=15)
+    stopped = time.monotonic()
+    publish(publisher, sales[100:] + sales[100:])
+    sales_queue = topology.handler_queue("erp", "erp.sale_posted.v1", "loyalty", "on_sale_posted")
+    retrying = [topology.retry_queue(sales_queue, delay) for delay in (1, 2, 5, 10, 20)]
+    assert wait_for(lambda: sum(queue_state(uri, q)[0] for q in retrying) >= 100, 60), "no sale was retried"
+    time.sleep(max(0.0, 60 - (time.monotonic() - stopped)))  # the outage itself, not a wait for a condition
+    assert dead_letters(uri) == 0
+    back = Platform("demo.loyalty_platform", platform.db, int(platform.url.rsplit(":", 1)[1]))
+    platform.proc = back.proc  # the fixture stops whichever process is running
+
+    def booked() -> dict:
+        return dict(back.rows("SELECT card, SUM(points) FROM ledger WHERE type = 'EARN' GROUP BY card"))
+    assert wait_for(lambda: booked() == expected, 180, interval=0.5), (booked(), expected)
+    assert back.rows("SELECT COUNT(*), COUNT(DISTINCT reference) FROM ledger WHERE type = 'EARN'")[0] == (300, 300)
     assert dead_letters(uri) == 0
 
 
