@@ -64,11 +64,12 @@ class LoyaltyRedemptionCapturedV1(_HoldEvent):
 
 
 class LoyaltyRedemptionReleasedV1(_HoldEvent):
-    """The hold gave its points back: the till voided the sale, or the hold expired."""
+    """The hold gave its points back: the till voided the sale, the hold expired, or the order
+    it was taken for was cancelled."""
 
     TYPE: ClassVar[str] = "loyalty.redemption_released.v1"
 
-    reason: Literal["voided", "expired"]
+    reason: Literal["voided", "expired", "cancelled"]
 
 
 class LoyaltySettlementV1(BaseModel):

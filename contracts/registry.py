@@ -25,6 +25,11 @@ from contracts.mastering import ConsentChangedV1, CustomerMasteredV1, CustomerMe
 from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
                                LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from contracts.ops import RouteTableAppliedV1
+from contracts.order_process import (CrmOrderRecordedV1, CrmRecordOrderV1, ErpCommitOrderV1, ErpFulfilOrderV1,
+                                     ErpOrderCommittedV1, ErpOrderFulfilledV1, ErpOrderReversedV1, ErpReleaseStockV1,
+                                     ErpReserveStockV1, ErpReverseOrderV1, LoyaltyAccrueOrderV1, LoyaltyCapturePointsV1,
+                                     LoyaltyHoldPointsV1, LoyaltyOrderAccruedV1, LoyaltyRedemptionRefusedV1,
+                                     LoyaltyReleasePointsV1, OrderCloseV1)
 from contracts.process import ProcessStepFailedV1
 from contracts.returns import (CrmRecordReturnV1, CrmReturnRecordedV1, ErpPostReturnV1, LoyaltyReturnPointsBookedV1,
                                LoyaltyReturnPointsV1)
@@ -79,6 +84,23 @@ _MODELS: tuple[type[BaseModel], ...] = (
     FulfilmentPickedV1,
     FulfilmentCollectedV1,
     FulfilmentTaskWithdrawnV1,
+    ErpReserveStockV1,
+    ErpReleaseStockV1,
+    ErpCommitOrderV1,
+    ErpOrderCommittedV1,
+    ErpReverseOrderV1,
+    ErpOrderReversedV1,
+    ErpFulfilOrderV1,
+    ErpOrderFulfilledV1,
+    LoyaltyHoldPointsV1,
+    LoyaltyRedemptionRefusedV1,
+    LoyaltyCapturePointsV1,
+    LoyaltyReleasePointsV1,
+    LoyaltyAccrueOrderV1,
+    LoyaltyOrderAccruedV1,
+    CrmRecordOrderV1,
+    CrmOrderRecordedV1,
+    OrderCloseV1,
 )
 
 REGISTRY: dict[str, type[BaseModel]] = {model.TYPE: model for model in _MODELS}

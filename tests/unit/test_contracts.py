@@ -112,6 +112,7 @@ def valid_payloads() -> dict[str, dict]:
         "process.step_failed.v1": {"command_type": "loyalty.return_points.v1", "command_id": "01J8Z3Q5W8N4T6B2C9D0E1F2G3",
                                    "code": "insufficient_points", "reason": "points: 120 asked, 40 available"},
         **order_payloads(),
+        **order_process_payloads(),
     }
 
 
@@ -186,6 +187,38 @@ def order_payloads() -> dict[str, dict]:
         "fulfilment.picked.v1": {**store, "terminal_id": "A1", "picked_at": at},
         "fulfilment.collected.v1": {**store, "terminal_id": "A1", "collected_at": at},
         "fulfilment.task_withdrawn.v1": {**store, "reason": "not_collected", "withdrawn_at": at},
+    }
+
+
+def order_process_payloads() -> dict[str, dict]:
+    """The click-and-collect process's commands and replies (contracts/order_process.py)."""
+    order = {"order_id": "W-01J0ORDER", "store_id": "S001"}
+    placed = order_payloads()["order.placed.v1"]
+    card, day = {"card": "LC0000000001"}, {"business_day": "2026-12-08"}
+    return {
+        "erp.reserve_stock.v1": {**order, "lines": [{"sku": "100001", "quantity": 2}],
+                                 "expires_at": "2026-12-11T10:00:00Z"},
+        "erp.release_stock.v1": order,
+        "erp.commit_order.v1": {"order": placed},
+        "erp.order_committed.v1": {**order, "doc_no": "O00000001", "total_minor": 3998, "currency": "EUR"},
+        "erp.reverse_order.v1": {**order, **day},
+        "erp.order_reversed.v1": {**order, "doc_no": "O00000002"},
+        "erp.fulfil_order.v1": {**order, **day},
+        "erp.order_fulfilled.v1": {**order, "revenue_doc_no": "O00000002", "total_minor": 3998, "currency": "EUR"},
+        "loyalty.hold_points.v1": {**order, **card, "points": 500, "ttl_seconds": 345600,
+                                   "answer_by": "2026-12-07T10:02:00Z"},
+        "loyalty.redemption_refused.v1": {**card, "store_id": "S001", "pos_txn_id": "W-01J0ORDER", "points": 500,
+                                          "code": "insufficient_points", "reason": "balance 120"},
+        "loyalty.capture_points.v1": {**order, "hold_id": "01J0HOLD"},
+        "loyalty.release_points.v1": {**order, "hold_id": "01J0HOLD"},
+        "loyalty.accrue_order.v1": {**order, **card, **day, "currency": "EUR",
+                                    "lines": [{"sku": "100001", "quantity": 2, "line_total_minor": 3998}]},
+        "loyalty.order_accrued.v1": {**order, **card, **day, "points": 39},
+        "crm.record_order.v1": {**order, "customer_id": "C00001", "amount_minor": 3998, "currency": "EUR",
+                                "placed_at": "2026-12-07T10:00:00Z"},
+        "crm.order_recorded.v1": {**order, "customer_id": "C00001"},
+        "order.close.v1": {**order, "outcome": "collected", "at": "2026-12-08T15:00:00Z", "detail": "collected",
+                           "revenue_doc_no": "O00000002", "points_redeemed": 500, "points_earned": 39},
     }
 
 
