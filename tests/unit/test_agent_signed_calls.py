@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 
 import eventlet
+from eventlet.event import Event
 import pytest
 from nameko.testing.services import worker_factory
 
@@ -98,14 +99,17 @@ def test_a_retry_of_a_refused_call_gets_the_same_refusal(estate):
 
 def test_a_retry_while_the_first_is_in_flight_waits_for_its_answer(estate, monkeypatch):
     real_accept = estate.outbox.accept
+    inside, release = Event(), Event()
 
     def slow_accept(event, also=None):
-        eventlet.sleep(0.2)
+        inside.send()
+        release.wait()
         return real_accept(event, also)
     monkeypatch.setattr(estate.outbox, "accept", slow_accept)
     same = signed(estate.keys, legacy_sale())
     first = eventlet.spawn(lambda: answer(estate.agent.post_sale(same())))
-    eventlet.sleep(0.05)  # the first is inside the outbox commit
+    inside.wait()  # the first is inside the outbox commit
+    eventlet.spawn_after(0.2, release.send)  # the commit finishes while the retry waits
     retry = answer(estate.agent.post_sale(same()))
     assert retry == first.wait() and retry[0] == 200
     assert len(estate.outbox.unsent(10)) == 1
