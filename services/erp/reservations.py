@@ -127,6 +127,15 @@ def release(conn: Connection, stock: Table, rsv: Table, order_id: str, now: date
     return store, _with_levels(conn, stock, rsv, store, wanted((row.SKU, row.QTY) for row in rows), now)
 
 
+def order_lines(conn: Connection, stock: Table, rsv: Table, order_id: str, now: datetime) -> tuple[str | None, list[Level]]:
+    """(store, every line the order ever reserved with the store's levels now): what a repeated
+    release or collection answers."""
+    rows = _order_rows(conn, rsv, order_id)
+    if not rows:
+        return None, []
+    return rows[0].STORE_NO, _with_levels(conn, stock, rsv, rows[0].STORE_NO, wanted((r.SKU, r.QTY) for r in rows), now)
+
+
 class ReservationReleasedError(ValueError):
     """Raised when an order whose reservation was released is to be collected."""
 

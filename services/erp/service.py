@@ -26,6 +26,7 @@ from bus.metrics_http import MetricsHttp
 from bus.retention import retention_timer
 from services.erp import (customer_master, events, ledger, loyalty_gl, orders, posting, reservations, return_links,
                           stock, unknown_sku)
+from services.erp import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.erp.outbox import Outbox
 from services.erp.retention import LegacyRetention
 from services.erp.outbox import metadata as outbox_tables
@@ -36,7 +37,7 @@ from services.erp.outbox import metadata as outbox_tables
 BATCH = 64
 
 
-class ErpService:
+class ErpService(order_commands.OrderCommands):
     name = "erp"
 
     db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE, *orders.TABLES),
