@@ -10,7 +10,7 @@ broker, journal off.
     `loyalty.authorize_redemption` one after another, each a new transaction (a new
     hold at the platform), p50 and p99 per run. Goal: p99 < 50 ms.
 (b) the same through the store agent: signed `POST /v1/loyalty/authorize` on one
-    keep-alive connection (what a till waits; bench_redemption.py measures it alone).
+    keep-alive connection: what a till waits.
 (c) raw: the same hold asked of the platform directly (`POST /holds`, keep-alive).
     Runs alternate (a), (b), (c), so a slow spell hits all three.
 (d) accrual lag at RATE sales/s, open loop: `erp.sale_posted.v1` events published on
@@ -44,8 +44,8 @@ import amqp  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench.bench_redemption import call, start, stop, timed  # noqa: E402
-from bench.common import bench_broker, emit_json, environment, median, percentile, wait_http  # noqa: E402
+from bench.common import (bench_broker, emit_json, environment, median, percentile, start_process,  # noqa: E402
+                          stop_process, wait_http)
 from bus.extensions import event_message  # noqa: E402
 from bus.publisher import ConfirmingPublisher, connection_params  # noqa: E402
 from contracts.envelope import CloudEvent  # noqa: E402
@@ -53,12 +53,35 @@ from contracts.erp import ErpSalePostedV1  # noqa: E402
 from routing.edge_auth import TerminalKeys, signed_headers  # noqa: E402
 from services.broker.setup import free_ports  # noqa: E402
 
-GOALS = {"authorise_rpc_p99_ms": 50.0, "accrual_lag_p99_s": 2.0}
+# The issue asks authorisation p99 < 50 ms through the agent (what a till waits); the RPC alone is held to it too.
+GOALS = {"authorise_agent_p99_ms": 50.0, "authorise_rpc_p99_ms": 50.0, "accrual_lag_p99_s": 2.0}
 REPO = Path(__file__).resolve().parents[1]
 STORE, TERMINAL, CARD = "S001", "07", "LC0000000001"
 CARDS = [f"LB{n:04d}" for n in range(200)]
 RAW_QUEUE = "bench-loyalty-raw-accrual"
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
+
+
+def call(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    conn.request("POST", path, body, {"Content-Type": "application/json", **headers})
+    # The demo platform writes its answer's head and body in two segments (Nagle): without a quick
+    # ACK the body waits ~40 ms for our delayed one. The loyalty service's client does the same
+    # (legacy_wrappers/legacy_http.py), so both sides measure the platform, not that stall.
+    conn.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+    answer = conn.getresponse()
+    return answer.status, json.loads(answer.read())
+
+
+def timed(conn, requests) -> list[float]:
+    """Milliseconds per call; every call must be granted online (else the figure means nothing)."""
+    out = []
+    for path, body, headers in requests:
+        started = time.perf_counter()
+        status, answer = call(conn, path, body, headers)
+        out.append((time.perf_counter() - started) * 1000)
+        if status not in (200, 201) or answer.get("OFFLINE"):
+            raise RuntimeError(f"{path}: {status} {answer}")
+    return out
 
 
 def write_config(home: Path, uri: str, agent_port: int, platform_port: int) -> Path:
@@ -210,14 +233,14 @@ def main():
         key = bytes.fromhex(TerminalKeys(home / "var" / "stores" / STORE / "terminal_keys.json").add(TERMINAL))
         runner = [sys.executable, "-m", "bus.runner", "--config", str(config)]
         platform_db = home / "var" / "platform.db"
-        processes = [start([sys.executable, "-m", "demo.loyalty_platform", "--db", str(platform_db),
+        processes = [start_process([sys.executable, "-m", "demo.loyalty_platform", "--db", str(platform_db),
                             "--port", str(platform_port)], home, "platform", PYTHONPATH=str(REPO))]
         auth = {"rpc": [], "agent": [], "raw": []}
         accrual = {"ours": [], "raw": []}
         try:
             wait_http(f"http://127.0.0.1:{platform_port}/health")
-            processes.append(start(runner + ["services.loyalty"], home, "loyalty", PYTHONPATH=str(REPO)))
-            processes.append(start(runner + ["routing.store_agent"], home, "agent", RETAILBUS_STORE=STORE,
+            processes.append(start_process(runner + ["services.loyalty"], home, "loyalty", PYTHONPATH=str(REPO)))
+            processes.append(start_process(runner + ["routing.store_agent"], home, "agent", RETAILBUS_STORE=STORE,
                                    PYTHONPATH=str(REPO)))
             wait_http(f"http://127.0.0.1:{agent_port}/healthz", timeout=120)
             platform = http.client.HTTPConnection("127.0.0.1", platform_port, timeout=30)
@@ -241,7 +264,8 @@ def main():
                         ms.append((time.perf_counter() - started) * 1000)
                     agent_calls, raw_calls = [], []
                     for n in range(args.calls):
-                        body = json.dumps({"CARD": CARD, "POINTS": 1, "TXN_ID": f"{STORE}-{TERMINAL}-{run}-{n}"}).encode()
+                        txn = f"{STORE}-{TERMINAL}-{run}-{n}"
+                        body = json.dumps({"CARD": CARD, "POINTS": 1, "TXN_ID": txn}).encode()
                         agent_calls.append(("/v1/loyalty/authorize", body,
                                             signed_headers(TERMINAL, key, "POST", "/v1/loyalty/authorize", body)))
                         body = json.dumps({"card": CARD, "points": 1, "reference": f"raw-{run}-{n}", "store": STORE,
@@ -263,7 +287,7 @@ def main():
                       f"raw p50 {accrual['raw'][-1][0]:.3f} s p99 {accrual['raw'][-1][1]:.3f} s", flush=True)
         finally:
             for process in reversed(processes):
-                stop(process)
+                stop_process(process)
         figures = {f"authorise_{name}_{p}_ms": median([v[i] for v in values])
                    for name, values in auth.items() for i, p in enumerate(("p50", "p99"))}
         figures.update({f"accrual_lag_{name}_{p}_s": median([v[i] for v in values])
@@ -272,13 +296,14 @@ def main():
         figures["accrual_lag_p99_ratio"] = figures["accrual_lag_ours_p99_s"] / figures["accrual_lag_raw_p99_s"]
         print(f"authorisation p99: RPC {figures['authorise_rpc_p99_ms']:.2f} ms, agent "
               f"{figures['authorise_agent_p99_ms']:.2f} ms, platform directly {figures['authorise_raw_p99_ms']:.2f} ms "
-              f"(goal RPC < {GOALS['authorise_rpc_p99_ms']:g} ms); accrual lag p99 at {args.rate:g}/s: ours "
+              f"(goal < {GOALS['authorise_agent_p99_ms']:g} ms); accrual lag p99 at {args.rate:g}/s: ours "
               f"{figures['accrual_lag_ours_p99_s']:.3f} s, raw {figures['accrual_lag_raw_p99_s']:.3f} s "
               f"(goal < {GOALS['accrual_lag_p99_s']:g} s)", flush=True)
         emit_json({"bench": "loyalty", **figures, "calls": args.calls, "runs": args.runs, "rate": args.rate,
                    "seconds": args.seconds, "goals": GOALS,
-                   "goals_met": {"authorise_rpc_p99_ms": figures["authorise_rpc_p99_ms"] < GOALS["authorise_rpc_p99_ms"],
-                                 "accrual_lag_p99_s": figures["accrual_lag_ours_p99_s"] < GOALS["accrual_lag_p99_s"]},
+                   "goals_met": {name: figures[name] < goal for name, goal in GOALS.items()
+                                 if name != "accrual_lag_p99_s"}
+                   | {"accrual_lag_p99_s": figures["accrual_lag_ours_p99_s"] < GOALS["accrual_lag_p99_s"]},
                    **environment(uri)})
 
 

@@ -15,7 +15,9 @@ import math
 import os
 import platform
 import resource
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -136,3 +138,18 @@ def environment(uri: str) -> dict:
 def emit_json(record: dict) -> None:
     """The one machine-readable line, always last on stdout."""
     print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def start_process(argv: list[str], home: Path, name: str, **env) -> subprocess.Popen:
+    log = (home / f"{name}.log").open("ab")
+    return subprocess.Popen(argv, cwd=home, stdout=log, stderr=log, start_new_session=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+
+
+def stop_process(process: subprocess.Popen):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
