@@ -44,6 +44,7 @@ from services.erp.outbox import Outbox
 from services.erp.outbox import insert as outbox_insert
 from services.erp.outbox import metadata as outbox_tables
 from services.loyalty import accrual, settlement, shadow
+from services.loyalty import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.loyalty.config import LoyaltyRules, SettlementSchedule
 from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
 from services.loyalty.rules import Earning
@@ -85,7 +86,7 @@ class Prepared(NamedTuple):
     earning: Earning
 
 
-class LoyaltyService:
+class LoyaltyService(order_commands.OrderCommands):
     name = "loyalty"
 
     db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata, outbox_tables))
