@@ -4,10 +4,10 @@ One process per `order.placed.v1` asks each system for its part by a command on
 `<system>.commands` and waits for its reply on `<system>.events`: the loyalty service
 holds, captures, releases the points and earns the order's points; the erp reserves
 and releases stock, records the financial commitment and reverses it or recognises
-the revenue; the crm records the order in the customer's engagement history; the
-pickup store's agent gets the task (contracts/fulfilment.py) and answers with its
-outcome; the experience API closes the order where the customer sees it
-(`order.close.v1`, answered by `order.collected.v1` or `order.cancelled.v1`). A
+the revenue; the pickup store's agent gets the task (contracts/fulfilment.py) and
+answers with its outcome; the experience API closes the order where the customer sees
+it (`order.close.v1`, answered by `order.collected.v1` or `order.cancelled.v1`); last,
+the crm records the closed order in the customer's engagement history. A
 business "no" (not enough points, not enough stock) is a reply of its own, not a
 failure: the process then cancels the order with that reason.
 """
@@ -167,14 +167,16 @@ class LoyaltyOrderAccruedV1(_Order):
 
 # ---------------------------------------------------------------------- crm
 class CrmRecordOrderV1(_Order):
-    """Add the order to the customer's engagement history (once per order)."""
+    """Add the closed order to the customer's engagement history, once per order: a purchase
+    when it was collected, a service interaction when it was cancelled."""
 
     TYPE: ClassVar[str] = "crm.record_order.v1"
 
     customer_id: CustomerId
+    outcome: Literal["collected", "cancelled"]
     amount_minor: NonNegativeMinor
     currency: Currency
-    placed_at: AwareDatetime
+    at: AwareDatetime = Field(description="when it was collected or cancelled")
 
 
 class CrmOrderRecordedV1(_Order):

@@ -19,6 +19,7 @@ from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from legacy_wrappers.json_http import JsonHttpClient, RemoteRefusedError, segment
 from legacy_wrappers.legacy_http import LegacyHttpClient
+from services.crm import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.loyalty.platform import LoyaltyPlatform, UnknownMemberError
 
 
@@ -39,7 +40,7 @@ def engagement(doc: ErpSalePostedV1 | ErpReturnPostedV1) -> dict:
             "amount_minor": abs(doc.total_minor), "at": doc.posted_at.isoformat()}
 
 
-class CrmService:
+class CrmService(order_commands.OrderCommands):
     name = "crm"
 
     crm = Crm()
