@@ -1,19 +1,26 @@
 """The business exception workbench without a broker: SLA arithmetic, the age buckets the
 gauges count, config/cases.yaml refused by line and field path, and the cases database
 (real SQLite files): one case per id, state changes refused once resolved, a retry only for
-a case with a process, and a history the database itself keeps append-only."""
+a case with a process, and a history the database itself keeps append-only; the service's
+workers (worker_factory) on that database."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from nameko.testing.services import worker_factory
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from contracts.cases import CaseOpenedV1
+from bus.consumer import DUPLICATE
+from bus.publisher import UnroutableError
+from contracts.cases import CaseOpenedV1, ProcessStepRetryV1
+from contracts.envelope import CloudEvent
 from services.cases import rules, store
 from services.cases.rules import CasesConfigError
+from services.cases.service import CasesService
 
 pytestmark = pytest.mark.unit
 
@@ -162,3 +169,64 @@ def test_the_database_refuses_to_change_or_delete_history(engine):
             conn.execute(text(statement))
     with engine.connect() as conn:
         assert [h["actor"] for h in store.history(conn, case().case_id)] == ["retailbus/loyalty"]
+
+
+# ---------------------------------------------------------------------- the service's workers
+class Events:
+    """Stands in for the broker: records what was published, or refuses it as unroutable."""
+
+    def __init__(self, routable: bool = True):
+        self.routable, self.sent = routable, []
+
+    def publish(self, event):
+        if not self.routable:
+            raise UnroutableError("no queue bound")
+        self.sent.append(event)
+
+
+def cases_worker(engine, events: Events):
+    book = SimpleNamespace(engine=engine, rules=rules.parse("types:\n  return_over_quantity: {sla: 2d}\n"))
+    return worker_factory(CasesService, book=book, events=events)
+
+
+def envelope(c: CaseOpenedV1, key: str | None = None) -> CloudEvent:
+    return CloudEvent.new(CaseOpenedV1.TYPE, "retailbus/returns", c, subject=c.case_id,
+                          idempotencykey=key or c.case_id)
+
+
+def test_the_handler_opens_once_with_the_type_sla_or_the_default(engine):
+    worker = cases_worker(engine, Events())
+    known = case("return_over_quantity:S001-R-9", "return_over_quantity", process="return_to_refund",
+                 process_id="P-9")
+    assert worker.on_returns_case(known, envelope(known)) == known.case_id
+    assert worker.on_returns_case(known, envelope(known)) is DUPLICATE                 # redelivered
+    assert worker.on_loyalty_case(known, envelope(known, "another key")) is DUPLICATE   # sent again
+    odd = case("odd_one:1", "odd_one")
+    worker.on_loyalty_case(odd, envelope(odd))
+    with engine.connect() as conn:
+        assert store.get(conn, known.case_id)["due_at"] == store.stamp(T0 + timedelta(days=2))
+        assert store.get(conn, "odd_one:1")["due_at"] == store.stamp(T0 + timedelta(hours=24))
+
+
+def test_a_retry_no_process_service_receives_is_refused_and_leaves_no_history(engine):
+    c = case("return_over_quantity:S001-R-8", "return_over_quantity", process="return_to_refund", process_id="P-8")
+    cases_worker(engine, Events()).on_returns_case(c, envelope(c))
+    with pytest.raises(store.CaseRefusedError, match="no queue takes process.step_retry.v1"):
+        cases_worker(engine, Events(routable=False)).retry(c.case_id, "ops")
+    with engine.connect() as conn:
+        assert [h["action"] for h in store.history(conn, c.case_id)] == ["opened"]
+    events = Events()
+    assert cases_worker(engine, events).retry(c.case_id, "ops")["case_id"] == c.case_id
+    [sent] = events.sent
+    assert sent.payload() == ProcessStepRetryV1(process="return_to_refund", process_id="P-8", case_id=c.case_id,
+                                                requested_by="ops")
+
+
+def test_the_cli_given_values_are_checked_by_the_service(engine):
+    c = case()
+    worker = cases_worker(engine, Events())
+    worker.on_loyalty_case(c, envelope(c))
+    for call in (lambda: worker.assign(c.case_id, " ", "ops"), lambda: worker.resolve(c.case_id, "", "ops"),
+                 lambda: worker.assign(c.case_id, "x" * 65, "ops"), lambda: worker.resolve(c.case_id, "ok", "")):
+        with pytest.raises(store.CaseRefusedError, match="expected 1 to"):
+            call()
