@@ -248,12 +248,20 @@ class ProcessSettings(Strict):
         "per step name: timeout and resends replacing the definition's"))
 
 
+class CustomersSettings(Strict):
+    """Customer mastering (services/customers, `retailbus customers`); its database is CUSTOMERS_DB_URI."""
+
+    rules: Path = Field(Path("config/customers.yaml"), description="system-of-record boundaries, survivorship "
+                        "and matching keys (services/customers/config.py); read when the service starts")
+
+
 class ServiceSettings(Strict):
     module: str
     metrics_port: int | None = None
     processes: int = Field(1, ge=1, le=64, description=(
         "processes `retailbus up` runs; process i (from 0) of N owns the partitions p with "
         "p % N == i of its partitioned handlers and serves its metrics on metrics_port + 100 * i"))
+    http: str | None = Field(None, description="host:port of its HTTP API (handed to it as WEB_SERVER_ADDRESS)")
 
 
 class RetailbusSettings(Strict):
@@ -281,6 +289,9 @@ class RetailbusSettings(Strict):
         "process engine settings by process name (bus/process)"))
     returns_rules: Path = Field(Path("config/returns.yaml"), description="the return authorisation policy and "
                                 "threshold promotions (services/returns/policy.py)")
+    orders_rules: Path = Field(Path("config/orders.yaml"), description="click and collect: the pickup deadline, "
+                               "the loyalty wait, the SLAs, the API's client keys (services/orders/config.py)")
+    customers: CustomersSettings = CustomersSettings()
     agent: AgentSettings = AgentSettings()
     journal: JournalSettings = JournalSettings()
     reconcile: ReconcileSettings = ReconcileSettings()

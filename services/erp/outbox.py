@@ -34,7 +34,8 @@ from bus.publisher import OutgoingMessage, UnroutableError
 log = logging.getLogger(__name__)
 
 RELAYED = Counter("retailbus_outbox_relayed_total",
-                  "Outbox events relayed to the broker, by outcome (confirmed, unroutable, failed)",
+                  "Outbox events relayed to the broker, by outcome (confirmed, unroutable, failed; unrouted: a "
+                  "notice no queue takes, dropped)",
                   ["exchange", "outcome"])
 UNROUTABLE = Gauge("retailbus_outbox_unroutable_events",
                    "Events of the last relay round that no queue took: kept unsent and retried (alert when > 0)",
@@ -109,8 +110,12 @@ class Outbox(DependencyProvider):
     bus = BusConnection()
     engines = LegacyEngines()
 
-    def __init__(self, config_key: str = "LEGACY_DB_URI", batch: int = 500, interval: float = 1.0):
+    def __init__(self, config_key: str = "LEGACY_DB_URI", batch: int = 500, interval: float = 1.0,
+                 notices: tuple[str, ...] = ()):
+        """`notices`: event types told to whoever listens, with no subscriber in this estate
+        necessarily: one no queue takes is counted (`unrouted`) and marked sent, not kept."""
         self.config_key = config_key
+        self.notices = frozenset(notices)
         self.batch = batch
         self.interval = interval
         self._writers: dict = {}
@@ -182,6 +187,9 @@ class Outbox(DependencyProvider):
         for row, error in zip(rows, results):
             if error is None:
                 RELAYED.labels(self.exchange, "confirmed").inc()
+                done.append(row.ID)
+            elif isinstance(error, UnroutableError) and row.TYPE in self.notices:
+                RELAYED.labels(self.exchange, "unrouted").inc()
                 done.append(row.ID)
             elif isinstance(error, UnroutableError):
                 # No queue took it (a binding or queue removed, setup not run): marking it

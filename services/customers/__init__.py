@@ -1,0 +1,1 @@
+from services.customers.service import CustomersService  # noqa: F401  (nameko run services.customers)

@@ -1,0 +1,177 @@
+"""The customer hub's unit of work on a real SQLite file, without a broker: linking, deciding,
+merging once, steward cases, echoes recognised, consent that stays withdrawn, writes per system."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlalchemy import create_engine, text
+
+from legacy_wrappers import inbox
+from services.customers import hub, tables
+from services.customers.config import load
+from services.customers.mastering import Statement
+from services.erp.outbox import metadata as outbox_tables
+
+pytestmark = pytest.mark.unit
+
+CONFIG = load(Path(__file__).parents[2] / "config" / "customers.yaml")
+
+
+class Hub:
+    def __init__(self, path: Path):
+        self.engine = create_engine(f"sqlite:///{path}")
+        for metadata in (tables.metadata, inbox.metadata, outbox_tables):
+            metadata.create_all(self.engine)
+        self.keys = 0
+
+    def master(self, *statements: Statement):
+        with self.engine.begin() as conn:
+            return hub.master(conn, CONFIG, [(s, f"m-{s.key}") for s in statements])[0]
+
+    def rows(self, sql: str, **args) -> list:
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql), args).all()
+
+    def golden(self, record: str) -> dict:
+        """{attribute: value} of the golden record `<system>:<id>` belongs to."""
+        system, record_id = record.split(":")
+        [(values,)] = self.rows("SELECT g.VALUES_JSON FROM CUS_GOLDEN g JOIN CUS_RECORD r USING (GOLDEN_ID) "
+                                "WHERE r.SYSTEM = :s AND r.RECORD_ID = :r", s=system, r=record_id)
+        return {a: v[0] for a, v in orjson.loads(values).items()}
+
+    def golden_id(self, record: str) -> str:
+        system, record_id = record.split(":")
+        return self.rows("SELECT GOLDEN_ID FROM CUS_RECORD WHERE SYSTEM = :s AND RECORD_ID = :r",
+                         s=system, r=record_id)[0][0]
+
+    def events(self) -> list[str]:
+        return [r[0] for r in self.rows("SELECT TYPE FROM RB_OUTBOX ORDER BY ID")]
+
+
+@pytest.fixture
+def customers(tmp_path):
+    return Hub(tmp_path / "customers.db")
+
+
+def said(origin: str, record_id: str, day: int, key: str | None = None, **values) -> Statement:
+    system = CONFIG.origins[origin]
+    return Statement(system, origin, record_id, f"2026-12-{day:02d}T10:00:00.000000Z", values,
+                     key or f"{origin}:{record_id}:{day}:{sorted(values.items())}")
+
+
+def writes(outcome, system: str) -> dict:
+    return {w.record_id: {**w.values, **({"golden_id": w.golden_id} if w.write_golden_id else {})}
+            for w in outcome.writes if w.system == system}
+
+
+def test_a_file_row_makes_a_golden_record_and_the_erp_an_account(customers):
+    out = customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", phone=None,
+                                loyalty_card="L1", consent_sms=True))
+    golden = customers.golden_id("crm:C1")
+    assert golden == "G00000000001"
+    assert writes(out, "crm") == {"C1": {"golden_id": golden}}  # the CRM holds its own values already
+    assert writes(out, "erp") == {"C1": {"name": "Ada", "email": "ada@x.org", "loyalty_card": "L1",
+                                         "consent_sms": True, "golden_id": golden}}
+    assert [w.create for w in out.writes if w.system == "erp"] == [True]
+    assert writes(out, "loyalty") == {}  # no member: the platform enrols at the till only
+    assert customers.golden_id("erp:C1") == golden
+
+
+def test_a_systems_own_change_coming_back_is_no_change(customers):
+    customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", consent_sms=True))
+    # the ERP reports the account the hub wrote (an echo): nothing new, nothing sent
+    out = customers.master(said("erp", "C1", 2, name="Ada", email="ada@x.org", phone=None, consent_sms=True))
+    assert out.writes == [] and out.consents == []
+    # the CRM edits by its API, and the nightly file repeats it later: one change, sent once
+    edit = customers.master(said("crm", "C1", 3, name="Ada Lovelace", email="ada@x.org", consent_sms=True))
+    assert writes(edit, "erp") == {"C1": {"name": "Ada Lovelace"}} and writes(edit, "crm") == {}
+    again = customers.master(said("crm_file", "C1", 3, name="Ada Lovelace", email="ada@x.org", consent_sms=True))
+    assert again.writes == []
+    # the same statement delivered twice is taken once (the inbox)
+    first = said("erp", "C1", 4, tax_id="DE1")
+    assert writes(customers.master(first), "erp") == {}  # the ERP's own value: not sent back to it
+    with customers.engine.begin() as conn:
+        assert hub.master(conn, CONFIG, [(first, "m-again")])[1] == [False]
+    assert customers.golden("crm:C1")["tax_id"] == "DE1"
+
+
+def test_a_change_goes_to_each_system_only_for_what_it_consumes(customers):
+    customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", loyalty_card="L1"),
+                     said("loyalty", "L1", 1, loyalty_card="L1", email="ada@x.org"))
+    out = customers.master(said("erp", "C1", 2, tax_id="DE1", billing_address="1 Main St"),
+                           said("loyalty", "L1", 2, loyalty_card="L1", email="ada@x.org", household_id="H7"))
+    assert writes(out, "crm") == {}                       # consumes neither billing, tax nor households
+    assert writes(out, "loyalty") == {"L1": {"name": "Ada"}} or writes(out, "loyalty") == {}
+    assert "household_id" not in writes(out, "erp").get("C1", {})
+    assert customers.golden("loyalty:L1")["household_id"] == "H7"
+
+
+def test_one_person_with_two_cards_is_merged_once_and_every_system_learns_the_survivor(customers):
+    customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", loyalty_card="L1"))
+    customers.master(said("loyalty", "L2", 1, loyalty_card="L2", phone="+44 1"))  # no email yet: on its own
+    survivor, retired = customers.golden_id("crm:C1"), customers.golden_id("loyalty:L2")
+    assert survivor != retired
+    out = customers.master(said("loyalty", "L2", 2, loyalty_card="L2", phone="+44 1", email="ADA@x.org"))
+    assert out.merges == [{"survivor": survivor, "retired": retired, "matched_on": ["email"], "origin": "loyalty"}]
+    assert customers.golden_id("loyalty:L2") == survivor and customers.golden_id(f"erp:{retired}") == survivor
+    assert writes(out, "loyalty")["L2"]["golden_id"] == survivor
+    assert writes(out, "erp")[retired]["golden_id"] == survivor and writes(out, "erp")["C1"]["phone"] == "+44 1"
+    assert customers.rows("SELECT STATUS, SURVIVOR FROM CUS_GOLDEN WHERE GOLDEN_ID = :g", g=retired) == [
+        ("retired", survivor)]
+    # the same evidence again, and more of it: no second merge
+    for day in (3, 4):
+        again = customers.master(said("loyalty", "L2", day, loyalty_card="L2", phone="+44 1", email="ada@x.org",
+                                      household_id=f"H{day}"),
+                                 said("crm", "C1", day, name="Ada", email="ada@x.org"))
+        assert again.merges == []
+    assert customers.events().count("customer.merged.v1") == 1
+
+
+def test_an_uncertain_match_opens_one_case_and_merges_nothing(customers):
+    customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", phone="+44 1"))
+    out = customers.master(said("crm_file", "C9", 1, name="Ada L", email="ada@x.org", phone="+44 2"))
+    assert out.merges == [] and [c["case_id"] for c in out.cases] == ["customer_match:G00000000001:G00000000002"]
+    assert customers.golden_id("crm:C9") != customers.golden_id("crm:C1")
+    assert "agree on email but differ on phone" in out.cases[0]["summary"]
+    again = customers.master(said("crm", "C9", 2, name="Ada L", email="ada@x.org", phone="+44 2", consent_sms=True))
+    assert again.cases == [] and again.merges == []
+    assert customers.events().count("case.opened.v1") == 1
+    assert customers.rows("SELECT count(*) FROM CUS_GOLDEN WHERE STATUS = 'active'") == [(2,)]
+
+
+def test_a_withdrawn_consent_is_not_granted_again_by_an_older_row(customers):
+    customers.master(said("crm_file", "C1", 1, name="Ada", loyalty_card="L1", consent_marketing_email=True))
+    out = customers.master(said("crm", "C1", 5, name="Ada", consent_marketing_email=False))
+    assert [(c["consent"], c["granted"]) for c in out.consents] == [("marketing_email", False)]
+    assert writes(out, "erp") == {"C1": {"consent_marketing_email": False}}
+    late = customers.master(said("crm_file", "C1", 3, name="Ada", consent_marketing_email=True),
+                            said("loyalty", "L1", 9, loyalty_card="L1", consent_marketing_email=True))
+    assert late.consents == [] and customers.golden("crm:C1")["consent_marketing_email"] is False
+    assert customers.golden_id("loyalty:L1") == customers.golden_id("crm:C1")  # the member's card: one customer
+    assert writes(late, "loyalty")["L1"]["consent_marketing_email"] is False  # the member is told, not asked
+
+
+def test_any_order_of_the_same_changes_gives_the_same_golden_records(tmp_path):
+    rng = random.Random(21)
+    changes = []
+    for n in range(1, 61):
+        c, card = f"C{n:04d}", f"L{n:04d}"
+        changes += [said("crm_file", c, 1, name=f"N{n}", email=f"c{n}@x.org", loyalty_card=card, consent_sms=True),
+                    said("crm", c, rng.randint(2, 9), name=f"N{n} b", email=f"c{n}@x.org", consent_sms=False),
+                    said("erp", c, rng.randint(2, 9), name=f"N{n} erp", phone=f"+1{n}", tax_id=f"T{n}"),
+                    said("loyalty", card, rng.randint(2, 9), loyalty_card=card, email=f"C{n}@X.org",
+                         reward_preference="points")]
+    results = []
+    for attempt in range(3):
+        shuffled = changes[:]
+        random.Random(attempt).shuffle(shuffled)
+        customers = Hub(tmp_path / f"hub{attempt}.db")
+        for start in range(0, len(shuffled), 37):
+            customers.master(*shuffled[start:start + 37])
+        results.append({r: customers.golden(f"crm:{r}") for r in (f"C{n:04d}" for n in range(1, 61))})
+        assert customers.rows("SELECT count(*) FROM CUS_GOLDEN WHERE STATUS = 'active'") == [(60,)]
+    assert results[0] == results[1] == results[2]
+    assert results[0]["C0007"]["consent_sms"] is False and results[0]["C0007"]["tax_id"] == "T7"
