@@ -31,7 +31,7 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from eventlet.queue import Empty, LightQueue
 from nameko.extensions import Extension
@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS fulfilment_task (
 CREATE INDEX IF NOT EXISTS fulfilment_due ON fulfilment_task (status, collect_by);
 """
 ACTIVE = ("open", "picked")
-SWEEP_SECONDS = 30.0  # how often overdue tasks and unannounced withdrawals are looked for
+SWEEP_SECONDS = 30.0  # how often unannounced outcomes are looked for (overdue tasks: at their deadline)
+PRUNE_EVERY = 600.0  # seconds between prunings of tasks closed longer than the agent's retention
 
 TASKS = Counter("retailbus_agent_fulfilment_total", "Click-and-collect task changes at the store, by what "
                 "(received, picked, collected, announced: a withdrawal or a repeated outcome sent)",
@@ -155,6 +156,19 @@ class TaskBook:
         return [r[0] for r in self._db.execute(
             "SELECT order_id FROM fulfilment_task WHERE status IN ('open', 'picked') AND lines IS NOT NULL "
             "AND collect_by < ?", (now_iso,))]
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest active task is due (None: none is)."""
+        first = self._db.execute("SELECT min(collect_by) FROM fulfilment_task WHERE status IN ('open', 'picked') "
+                                 "AND lines IS NOT NULL").fetchone()[0]
+        return None if first is None else (datetime.fromisoformat(first) - datetime.now(timezone.utc)).total_seconds()
+
+    def prune(self, older_than: datetime, limit: int = 500) -> int:
+        """Forget closed tasks (and tombstones) last changed before `older_than`, whose outcome was sent."""
+        return self.outbox.write(lambda db: db.execute(
+            "DELETE FROM fulfilment_task WHERE order_id IN (SELECT order_id FROM fulfilment_task WHERE status IN "
+            "('collected', 'withdrawn') AND announced = 1 AND changed_at < ? LIMIT ?)",
+            (_iso(older_than), limit)).rowcount)
 
     def unannounced(self) -> list[str]:
         return [r[0] for r in self._db.execute(
@@ -284,8 +298,8 @@ class StoreFulfilment(Extension):
         self._wake = LightQueue()
         self._running = False
 
-    def attach(self, outbox: Outbox, store_id: str, forwarder):
-        self.store_id, self.forwarder = store_id, forwarder
+    def attach(self, outbox: Outbox, store_id: str, forwarder, retention_days: float = 30.0):
+        self.store_id, self.forwarder, self.retention_days = store_id, forwarder, retention_days
         self.book = TaskBook(outbox, store_id)
 
     def start(self):
@@ -306,6 +320,8 @@ class StoreFulfilment(Extension):
             task = self.book.receive(command, event.correlationid, event.idempotencykey)
             TASKS.labels(self.store_id, "received").inc()
             outcome = task.status
+            if not self._wake.qsize():  # its deadline may come before the sweep's next round
+                self._wake.put_nowait(True)
         else:
             task = self.book.cancel(command, event.correlationid)
             outcome = "withdrawn" if task else "remembered or too late"
@@ -341,14 +357,22 @@ class StoreFulfilment(Extension):
         return sent
 
     def _sweep_loop(self):
+        pruned = 0.0
         while self._running:
+            wait = SWEEP_SECONDS
             try:
                 self.sweep()
+                if time.monotonic() - pruned > PRUNE_EVERY:
+                    pruned = time.monotonic()
+                    self.book.prune(datetime.now(timezone.utc) - timedelta(days=self.retention_days))
+                due = self.book.next_due()
+                if due is not None:  # the next task's deadline, if it comes first
+                    wait = min(SWEEP_SECONDS, max(0.05, due))
             except Exception:  # a locked or closed database: the next round tries again
                 if not self._running:
                     return
                 log.exception("fulfilment sweep failed", extra={"id": None, "correlationid": None})
             try:
-                self._wake.get(timeout=SWEEP_SECONDS)
+                self._wake.get(timeout=wait)
             except Empty:
                 pass

@@ -94,7 +94,7 @@ class StoreOutbox(DependencyProvider):
         self.totals.attach(path, store.id, store_uri(uri, credentials_path(path)), settings.publisher,
                            settings.agent.control_totals_interval, settings.agent.control_totals_days)
         self.loyalty.attach(self.outbox, store.id, uri, settings)
-        self.fulfilment.attach(self.outbox, store.id, self.forwarder)
+        self.fulfilment.attach(self.outbox, store.id, self.forwarder, settings.agent.retention_days)
 
     def later(self, fn, *args):
         """Run bookkeeping no POS answer waits for (the legacy-mode control-totals note)

@@ -123,7 +123,8 @@ class Supervisor:
         # which open HTTP connections per request, keep it.
         service_env = {"EVENTLET_NO_GREENDNS": "yes", **env}
         for name, service in s.services.items():
-            children += self._instances(name, nameko + [service.module], service_env, service.processes,
+            own_env = {**service_env, "WEB_SERVER_ADDRESS": service.http} if service.http else service_env
+            children += self._instances(name, nameko + [service.module], own_env, service.processes,
                                         service.metrics_port)
         for store in s.stores:
             children.append(Child(
