@@ -65,6 +65,7 @@ class CaseBook(DependencyProvider):
         self.engine = store.open_engine(settings.absolute_dsn(settings.cases.dsn))
         self.retention = settings.retention
         self.sampled: set[str] = set()  # case types with gauge series, so a type's last case drops it to 0
+        self.late: dict[str, int] = {}  # cases past their SLA by type, as last logged
         for case_type in self.rules.types:
             for action in ACTION_NAMES:
                 ACTIONS.labels(case_type, action)  # exported at 0 from the start
@@ -178,11 +179,13 @@ class CasesService:
     # ---------------------------------------------------------------- housekeeping
     @SampleTimer.decorator(interval=15, eager=True)
     def sample(self) -> dict[str, int]:
+        """The gauges; a log line when the cases past their SLA change (not every sample)."""
         overdue = self.book.sample(utcnow())
         late = {t: n for t, n in overdue.items() if n}
-        if late:
+        if late != self.book.late:
+            self.book.late = late
             log.warning("cases past their SLA: %s (retailbus cases list --overdue)",
-                        ", ".join(f"{t}={n}" for t, n in sorted(late.items())))
+                        ", ".join(f"{t}={n}" for t, n in sorted(late.items())) or "none now")
         return overdue
 
     @retention_timer()
