@@ -114,6 +114,14 @@ class CasesService:
     def on_returns_case(self, case: CaseOpenedV1, event: CloudEvent):
         return self._open(case, event)
 
+    @reliable_handler("orders", CaseOpenedV1.TYPE)
+    def on_orders_case(self, case: CaseOpenedV1, event: CloudEvent):
+        return self._open(case, event)
+
+    @reliable_handler("customers", CaseOpenedV1.TYPE)
+    def on_customers_case(self, case: CaseOpenedV1, event: CloudEvent):
+        return self._open(case, event)
+
     def _open(self, case: CaseOpenedV1, event: CloudEvent):
         now = utcnow()
         due = rules.due_at(self.book.rules, case.case_type, case.opened_at)

@@ -43,8 +43,8 @@ types:
   return_over_quantity: {sla: 2d}
   quick_check: {sla: 3s}
 """
-QUEUES = [topology.handler_queue(source, CaseOpenedV1.TYPE, "cases", f"on_{source}_case")
-          for source in ("loyalty", "returns")]
+SENDERS = ("loyalty", "returns", "orders", "customers")
+QUEUES = [topology.handler_queue(source, CaseOpenedV1.TYPE, "cases", f"on_{source}_case") for source in SENDERS]
 NOW = datetime.now(timezone.utc)
 
 
@@ -68,7 +68,7 @@ class Workbench:
                                                      "rpc_timeout": 30},
                                    services={"cases": {"module": "services.cases", "metrics_port": self.metrics_port}},
                                    handlers={f"cases.on_{s}_case": {"attempts": 5, "delays": [0.5, 1]}
-                                             for s in ("loyalty", "returns")})
+                                             for s in SENDERS})
         for queue in QUEUES:  # openings other tests of the session left (loyalty's) are not ours
             purge(uri, queue)
         self.process = nameko_run(self.config, "services.cases", root / "cases.log")
@@ -212,7 +212,7 @@ def test_retry_publishes_the_step_retry_for_the_case_process_and_refuses_a_case_
         topology.declare_exchange(channel, topology.events_exchange("cases"))
         channel.queue_declare(queue, auto_delete=False, durable=False, exclusive=True)
         channel.queue_bind(queue, topology.events_exchange("cases"), ProcessStepRetryV1.TYPE)
-        bench.publish([opening("process_compensation_failed:T4-R-1", "process_compensation_failed", "T4",
+        bench.publish([opening("loyalty_reversal_refused:T4-R-1", "loyalty_reversal_refused", "T4",
                                process="return_to_refund", process_id="P-T4-1"),
                        opening("loyalty_over_redemption:T4:2", "loyalty_over_redemption", "T4")],
                       exchange="returns.events")
@@ -220,20 +220,20 @@ def test_retry_publishes_the_step_retry_for_the_case_process_and_refuses_a_case_
 
         refused = bench.cli("retry", "loyalty_over_redemption:T4:2")
         assert refused.returncode == 1 and "has no process instance to retry" in refused.stderr
-        done = bench.cli("retry", "process_compensation_failed:T4-R-1")
+        done = bench.cli("retry", "loyalty_reversal_refused:T4-R-1")
         assert done.returncode == 0, done.stderr
         message = wait_for(lambda: channel.basic_get(queue, no_ack=True), 30)
         assert message is not None and channel.basic_get(queue, no_ack=True) is None  # one command, only for that case
         event = CloudEvent.from_json(message.body)
         assert event.type == ProcessStepRetryV1.TYPE
         assert event.payload() == ProcessStepRetryV1(process="return_to_refund", process_id="P-T4-1",
-                                                      case_id="process_compensation_failed:T4-R-1",
+                                                      case_id="loyalty_reversal_refused:T4-R-1",
                                                       requested_by=getpass.getuser())
-        assert event.idempotencykey == "step_retry:process_compensation_failed:T4-R-1:1"
-        history = bench.show("process_compensation_failed:T4-R-1")["history"]
+        assert event.idempotencykey == "step_retry:loyalty_reversal_refused:T4-R-1:1"
+        history = bench.show("loyalty_reversal_refused:T4-R-1")["history"]
         assert [(h["action"], h["actor"]) for h in history] == [("opened", "tests/cases"),
                                                                 ("retried", getpass.getuser())]
-        assert bench.show("process_compensation_failed:T4-R-1")["state"] == "open"
+        assert bench.show("loyalty_reversal_refused:T4-R-1")["state"] == "open"
     finally:
         conn.collect()
 

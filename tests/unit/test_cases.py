@@ -38,7 +38,7 @@ def case(case_id="loyalty_over_redemption:S001:S001-07-1", case_type="loyalty_ov
 def test_the_shipped_file_is_valid_and_sets_the_deadline_by_type():
     config = rules.load(ROOT / "config" / "cases.yaml")
     assert rules.due_at(config, "loyalty_over_redemption", T0) == T0 + timedelta(days=2)
-    assert rules.due_at(config, "process_compensation_failed", T0) == T0 + timedelta(hours=4)
+    assert rules.due_at(config, "order_failed", T0) == T0 + timedelta(hours=4)
     assert rules.due_at(config, "never_heard_of", T0) == T0 + timedelta(hours=24)  # default_sla
     assert config.known("return_over_quantity") and not config.known("never_heard_of")
 
