@@ -65,12 +65,15 @@ def _call(config_path: Path, method: str, *args) -> dict:
     from nameko.standalone.rpc import ServiceRpcProxy
 
     from bus import nameko_rpc  # noqa: F401  (the bus declares nameko's RPC exchange)
-    from bus.broker_uri import resolve_amqp_uri
+    from bus.broker_uri import BrokerError, resolve_amqp_uri
 
     config, settings = _settings(config_path)
     timeout = settings.cases.rpc_timeout
-    rpc_config = {"AMQP_URI": resolve_amqp_uri(config, settings),
-                  **({"AMQP_SSL": config["AMQP_SSL"]} if config.get("AMQP_SSL") else {})}
+    try:
+        uri = resolve_amqp_uri(config, settings)
+    except BrokerError as exc:
+        raise click.ClickException(f"{exc}; nothing was changed") from None
+    rpc_config = {"AMQP_URI": uri, **({"AMQP_SSL": config["AMQP_SSL"]} if config.get("AMQP_SSL") else {})}
     proxy = ServiceRpcProxy(SERVICE, rpc_config, timeout=timeout)
     proxy._proxy = ServiceProxy(proxy._worker_ctx, SERVICE, proxy._reply_listener, expiration=timeout)
     try:

@@ -46,6 +46,7 @@ types:
 SENDERS = ("loyalty", "returns", "orders", "customers")
 QUEUES = [topology.handler_queue(source, CaseOpenedV1.TYPE, "cases", f"on_{source}_case") for source in SENDERS]
 NOW = datetime.now(timezone.utc)
+RPC_TIMEOUT = 8  # seconds the CLI waits for the service (an answer takes well under one)
 
 
 def opening(case_id: str, case_type: str, store: str, key: str | None = None, **fields) -> CloudEvent:
@@ -65,15 +66,18 @@ class Workbench:
         rules.write_text(RULES)
         self.metrics_port = free_port()
         self.config = write_config(root, uri, cases={"dsn": dsn, "rules": str(rules), "interval": 0.5,
-                                                     "rpc_timeout": 30},
+                                                     "rpc_timeout": RPC_TIMEOUT},
                                    services={"cases": {"module": "services.cases", "metrics_port": self.metrics_port}},
                                    handlers={f"cases.on_{s}_case": {"attempts": 5, "delays": [0.5, 1]}
                                              for s in SENDERS})
         for queue in QUEUES:  # openings other tests of the session left (loyalty's) are not ours
             purge(uri, queue)
-        self.process = nameko_run(self.config, "services.cases", root / "cases.log")
-        assert wait_for(lambda: all(queue_state(uri, q)[1] for q in [*QUEUES, "rpc-cases"]), 120), self.log()
+        self.start()
         self.publisher = ConfirmingPublisher(uri, window=100)
+
+    def start(self) -> None:
+        self.process = nameko_run(self.config, "services.cases", self.root / "cases.log")
+        assert wait_for(lambda: all(queue_state(self.uri, q)[1] for q in [*QUEUES, "rpc-cases"]), 120), self.log()
 
     def log(self) -> str:
         return (self.root / "cases.log").read_text()[-4000:]
@@ -200,6 +204,22 @@ def test_assign_and_resolve_go_through_the_service_and_are_audited_with_the_os_u
     assert bench.list("--store", "T3") == [] and bench.list("--store", "T3", "--state", "resolved") == \
         ["loyalty_over_redemption:T3:1"]
     assert len(bench.show("loyalty_over_redemption:T3:1")["history"]) == 3  # the refusals wrote nothing
+
+
+@pytest.mark.timeout(240)
+def test_a_change_asked_while_the_service_is_down_expires_and_is_never_applied_later(bench):
+    bench.publish([opening("loyalty_over_redemption:T7:1", "loyalty_over_redemption", "T7")])
+    assert wait_for(lambda: bench.show("loyalty_over_redemption:T7:1"), 60)
+    assert stop(bench.process) == 0, bench.log()
+    try:
+        late = bench.cli("resolve", "loyalty_over_redemption:T7:1", "--reason", "asked while it was down")
+        assert late.returncode == 1 and f"no answer from the cases service within {RPC_TIMEOUT}s" in late.stderr
+    finally:
+        bench.start()
+    assert wait_for(lambda: queue_state(bench.uri, "rpc-cases")[0] == 0, 30)  # the request is gone, not handled
+    assert bench.cli("assign", "loyalty_over_redemption:T7:1", "--to", "ana").returncode == 0  # served again
+    case = bench.show("loyalty_over_redemption:T7:1")
+    assert case["state"] == "assigned" and [h["action"] for h in case["history"]] == ["opened", "assigned"]
 
 
 @pytest.mark.timeout(180)
