@@ -61,7 +61,8 @@ class CaseBook(DependencyProvider):
 
     def setup(self):
         settings = container_settings(self.container.config)[1]
-        self.rules = rules.load(settings.path(settings.cases.rules))
+        self.rules_path = settings.path(settings.cases.rules)
+        self.rules = rules.load(self.rules_path)
         self.engine = store.open_engine(settings.absolute_dsn(settings.cases.dsn))
         self.retention = settings.retention
         self.sampled: set[str] = set()  # case types with gauge series, so a type's last case drops it to 0
@@ -132,7 +133,7 @@ class CasesService:
         ACTIONS.labels(case.case_type, "opened").inc()
         if not self.book.rules.known(case.case_type):
             log.warning("case type %s is not in %s: its SLA is default_sla (%s); add the type",
-                        case.case_type, "config/cases.yaml", self.book.rules.default_sla)
+                        case.case_type, self.book.rules_path, self.book.rules.default_sla)
         log.info("case %s opened (%s, due %s)", case.case_id, case.case_type, store.stamp(due),
                  extra={"id": event.id, "correlationid": event.correlationid, "outcome": "opened"})
         journal.record("case_opened", id=event.id, correlationid=event.correlationid,

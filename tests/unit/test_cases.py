@@ -185,7 +185,8 @@ class Events:
 
 
 def cases_worker(engine, events: Events):
-    book = SimpleNamespace(engine=engine, rules=rules.parse("types:\n  return_over_quantity: {sla: 2d}\n"))
+    book = SimpleNamespace(engine=engine, rules=rules.parse("types:\n  return_over_quantity: {sla: 2d}\n"),
+                           rules_path="cases.yaml")
     return worker_factory(CasesService, book=book, events=events)
 
 
