@@ -5,6 +5,7 @@ a case with a process, and a history the database itself keeps append-only; the 
 workers (worker_factory) on that database."""
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from nameko.testing.services import worker_factory
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from bus import journal
 from bus.consumer import DUPLICATE
 from bus.publisher import UnroutableError
 from contracts.cases import CaseOpenedV1, ProcessStepRetryV1
@@ -231,3 +233,14 @@ def test_the_cli_given_values_are_checked_by_the_service(engine):
                  lambda: worker.assign(c.case_id, "x" * 65, "ops"), lambda: worker.resolve(c.case_id, "ok", "")):
         with pytest.raises(store.CaseRefusedError, match="expected 1 to"):
             call()
+
+
+def test_openings_and_changes_are_trace_hops_of_their_transaction(engine, monkeypatch):
+    monkeypatch.setattr(journal.BUFFER, "limit", 100)  # as a process running a Journal has it
+    monkeypatch.setattr(journal.BUFFER, "hops", deque())
+    c = case()
+    worker = cases_worker(engine, Events())
+    worker.on_loyalty_case(c, envelope(c))
+    worker.resolve(c.case_id, "settled", "ops")
+    assert [(h["hop"], h["subject"], h["detail"]["case"]) for h in journal.BUFFER.hops] == [
+        ("case_opened", "S001-07-1", c.case_id), ("case_resolved", "S001-07-1", c.case_id)]
