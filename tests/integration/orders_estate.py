@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -107,6 +108,20 @@ class OrdersEstate:
             env = {"WEB_SERVER_ADDRESS": self.api_url.removeprefix("http://")} if name == "orders_api" else {}
             self.processes[name] = nameko_run(self.config, SERVICES[name], self.root / f"{name}.log", **env)
 
+    def start_offline(self, store: str) -> None:
+        """The store's agent cut off from the bus (its broker address answers nothing)."""
+        dead = f"amqp://nobody:nothing@127.0.0.1:{free_ports(1)[0]}/retailbus"
+        self.processes[store] = nameko_run(self.config, "routing.store_agent", self.root / f"agent-{store}.log",
+                                           RETAILBUS_STORE=store, RETAILBUS_AMQP_URI=dead,
+                                           WEB_SERVER_ADDRESS=f"127.0.0.1:{self.agent_ports[store]}")
+        assert wait_for(lambda: self.answers(store), 60), self.log(store)
+
+    def answers(self, store: str) -> bool:
+        try:
+            return self.agent(store, "GET", "/healthz")[0] == 200
+        except OSError:  # not listening yet
+            return False
+
     def wait_running(self, name: str, timeout: float = 120) -> None:
         queue = f"fulfilment.{name}" if name in STORES else READY[name]
         assert wait_for(lambda: queue_state(self.uri, queue)[1] >= 1, timeout), self.log(name)
@@ -119,6 +134,13 @@ class OrdersEstate:
         process = self.processes.pop(name)
         process.kill()
         process.wait()
+
+    def queue(self, name: str) -> tuple[int, int]:
+        return queue_state(self.uri, name)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=120, cwd=self.root)
 
     def log(self, name: str) -> str:
         path = self.root / (f"agent-{name}.log" if name in STORES else f"{name}.log")
@@ -194,6 +216,10 @@ class OrdersEstate:
         if points:
             assert self.platform.call("POST", "/transactions", {"card": card, "type": "EARN", "points": points,
                                                                 "reference": f"seed-{card}"}, f"seed-{card}")[0] in (200, 201)
+
+    def process_states(self) -> dict[str, int]:
+        with sqlite3.connect(self.root / "var" / "orders.db", timeout=30) as db:
+            return dict(db.execute("SELECT STATE, count(*) FROM RB_PROCESS GROUP BY STATE").fetchall())
 
     def member(self, card: str) -> dict:
         return self.platform.call("GET", f"/members/{card}")[1]
