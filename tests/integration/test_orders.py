@@ -8,7 +8,7 @@ import eventlet
 import pytest
 
 from tests.integration.orders_estate import OrdersEstate, order_body
-from tests.integration.support import wait_for
+from tests.integration.support import Platform, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +235,34 @@ def test_300_orders_across_two_stores_against_limited_stock(estate):
 
 def _lines(body: dict) -> list[tuple[str, int]]:
     return [(x["sku"], x["quantity"]) for x in body["lines"]]
+
+
+@pytest.mark.timeout(300)
+def test_loyalty_platform_down_the_order_waits_then_is_cancelled(estate):
+    """The platform away for less than the order's loyalty wait (15 s here): the order waits and goes
+    on; away for longer: cancelled as loyalty_unavailable, nothing reserved, nothing held."""
+    card, store, sku = "LC9000000003", "S001", "100008"
+    estate.enrol(card, 600)
+    estate.set_stock(store, sku, 10)
+    port = int(estate.platform.url.rsplit(":", 1)[1])
+    estate.platform.stop()
+    try:
+        assert estate.place(order_body("W-WAIT", store, [(sku, 1, 900)], card=card, points=200))[0] == 202
+        eventlet.sleep(5)
+        assert estate.order("W-WAIT")["status"] == "accepted"  # waiting for the points
+    finally:
+        estate.platform = Platform("demo.loyalty_platform", estate.platform.db, port)
+    assert wait_for(lambda: [t["ORDER_ID"] for t in estate.tasks(store)] == ["W-WAIT"], 90), estate.log("loyalty")
+    assert estate.member(card)["held_points"] == 200
+    estate.cancel("W-WAIT")
+    settle(estate, "W-WAIT")
+    estate.platform.stop()
+    try:
+        assert estate.place(order_body("W-GIVEUP", store, [(sku, 1, 900)], card=card, points=200))[0] == 202
+        gave_up = settle(estate, "W-GIVEUP", timeout=120)
+    finally:
+        estate.platform = Platform("demo.loyalty_platform", estate.platform.db, port)
+    assert (gave_up["status"], gave_up["reason"]) == ("cancelled", "loyalty_unavailable"), gave_up
+    assert estate.legacy("SELECT count(*) FROM STK_RSV WHERE ORDER_NO = 'W-GIVEUP'") == [(0,)]
+    assert estate.legacy("SELECT count(*) FROM ORD_HDR WHERE ORDER_NO = 'W-GIVEUP'") == [(0,)]
+    assert estate.member(card)["held_points"] == 0
