@@ -37,6 +37,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request TEXT NOT NULL, status INTEGER NOT NULL, answer TEXT NOT NULL,
     created TEXT NOT NULL)
 """
+# The change feed SaaS platforms offer (webhooks' pull-based twin): every change of a record,
+# in order, with who made it (the API client: `X-Api-Client`) and the record as it then was.
+CHANGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT NOT NULL, actor TEXT NOT NULL, at TEXT NOT NULL,
+    record TEXT NOT NULL)
+"""
+DEFAULT_ACTOR = "user"  # a change without an X-Api-Client header: a person at the platform's own screens
+MAX_CHANGES = 1000
 
 
 class ApiError(Exception):
@@ -55,6 +64,7 @@ class Request:
     query: dict             # first value per query key
     body: dict
     conn: sqlite3.Connection
+    actor: str = DEFAULT_ACTOR  # who calls: the X-Api-Client header
 
 
 Handler = Callable[[Request], tuple[int, dict]]
@@ -73,6 +83,35 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def add_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Columns a database made by an older version of the platform lacks (CREATE TABLE IF NOT
+    EXISTS keeps an old table as it was)."""
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def record_change(conn: sqlite3.Connection, record_id: str, actor: str, record: dict) -> None:
+    """Note a change of `record_id` in the feed, in the caller's transaction."""
+    conn.execute("INSERT INTO changes (record_id, actor, at, record) VALUES (?, ?, ?, ?)",
+                 (record_id, actor, now(), json.dumps(record)))
+
+
+def list_changes(req: Request) -> tuple[int, dict]:
+    """`GET /changes?after=SEQ&limit=N`: the changes after SEQ, oldest first."""
+    try:
+        after, limit = int(req.query.get("after", 0)), int(req.query.get("limit", 500))
+    except ValueError:
+        raise ApiError(400, "invalid_query", "after, limit: integers") from None
+    if not 1 <= limit <= MAX_CHANGES:
+        raise ApiError(400, "invalid_query", f"limit: 1..{MAX_CHANGES}")
+    rows = req.conn.execute("SELECT seq, record_id, actor, at, record FROM changes WHERE seq > ? ORDER BY seq "
+                            "LIMIT ?", (after, limit)).fetchall()
+    return 200, {"changes": [{"seq": r["seq"], "id": r["record_id"], "by": r["actor"], "at": r["at"],
+                              "record": json.loads(r["record"])} for r in rows]}
+
+
 def require(body: dict, field: str, kind: type, *, positive: bool = False):
     """The body's `field`, of `kind` (bool is never an int here); ApiError 400 naming it otherwise."""
     value = body.get(field)
@@ -89,7 +128,7 @@ class JsonApiServer(DrainingServer):
     """Routes, the database file and faults the handlers share (and the in-flight count)."""
 
     def __init__(self, address, name: str, db_path: str, schema: str,
-                 routes: list[tuple[str, str, Handler, bool]]):
+                 routes: list[tuple[str, str, Handler, bool]], migrate: Callable | None = None):
         super().__init__(address, JsonApiHandler)
         self.name, self.db_path = name, db_path
         self.routes = [(method, re.compile(f"^{pattern}$"), handler, write)
@@ -97,7 +136,9 @@ class JsonApiServer(DrainingServer):
         self.latency_ms, self.fail_rate = 0, 0.0
         self._local = threading.local()
         with self.db() as conn:
-            conn.executescript(schema + ";" + IDEMPOTENCY_SCHEMA)
+            conn.executescript(schema + ";" + IDEMPOTENCY_SCHEMA + ";" + CHANGES_SCHEMA)
+            if migrate is not None:
+                migrate(conn)
 
     @contextmanager
     def db(self):
@@ -157,7 +198,8 @@ class JsonApiHandler(BaseHTTPRequestHandler):
                 raise ApiError(503, "unavailable", "simulated failure, nothing written")
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             with self.server.db() as conn:
-                request = Request(method, url.path, match.groupdict(), query, body, conn)
+                request = Request(method, url.path, match.groupdict(), query, body, conn,
+                                  self.headers.get("X-Api-Client", "").strip() or DEFAULT_ACTOR)
                 return self._idempotent(handler, request) if write else handler(request)
         raise ApiError(404, "not_found", f"path: no {method} {url.path}")
 

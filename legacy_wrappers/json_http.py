@@ -1,7 +1,8 @@
 """`JsonHttpClient`: a SaaS-style JSON API over `LegacyHttpClient` (breaker, timeouts, pool).
 
 What the estate's platforms share (the loyalty platform, the CRM): JSON bodies, an
-Idempotency-Key on every write, so a retried call is booked once, and errors as
+Idempotency-Key on every write, so a retried call is booked once, the caller named
+(`X-Api-Client: retailbus`) so their change feeds tell the bus's changes apart, and errors as
 `{"error": {"code", "message"}}`. A refusal on the merits (4xx) is an answer the
 caller decides on (`RemoteRefusedError` with the platform's code); the platform down,
 failing or answering nonsense is `RemoteUnavailableError`, which callers retry.
@@ -27,6 +28,11 @@ class RemoteUnavailableError(RetailbusError):
     """Raised when the platform does not answer usefully (down, slow, 5xx, breaker open): retry later."""
 
 
+# Who the estate's platforms see calling (the `X-Api-Client` header): their change feeds name
+# it, so a system API recognises the changes the bus made itself and never reports them back.
+CLIENT = "retailbus"
+
+
 def segment(value: str) -> str:
     """A value as one URL path segment."""
     return quote(value, safe="")
@@ -45,7 +51,8 @@ class JsonHttpClient:
     def call(self, method: str, path: str, body: dict | None = None, key: str | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
         try:
-            answer = self.http.request(method, path, data, headers={"Idempotency-Key": key} if key else None)
+            headers = {"X-Api-Client": CLIENT, **({"Idempotency-Key": key} if key else {})}
+            answer = self.http.request(method, path, data, headers=headers)
         except LegacyUnavailable as exc:
             raise self.unavailable(str(exc)) from exc
         try:

@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 
+HEADER = ["customer_id", "name", "email", "phone", "loyalty_card", "updated_at", "consent_marketing_email",
+          "consent_sms", "consent_data_sharing"]
+
+
 def customer_rows(n: int, start: int = 1):
     for i in range(start, start + n):
         yield [f"C{i:08d}", f"Customer {i}", f"c{i}@example.com", f"+49 30 {i:07d}",
-               f"LC{i:010d}", "2026-11-27T06:00:00+00:00"]
+               f"LC{i:010d}", "2026-11-27T06:00:00+00:00", "Y", "N", "N"]
 
 
 def write_customer_export(path: Path, rows, marker: bool = True, delay: float = 0.0,
@@ -24,7 +28,7 @@ def write_customer_export(path: Path, rows, marker: bool = True, delay: float = 
     n = 0
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["customer_id", "name", "email", "phone", "loyalty_card", "updated_at"])
+        w.writerow(HEADER)
         for row in rows:
             w.writerow(row)
             n += 1
@@ -32,7 +36,7 @@ def write_customer_export(path: Path, rows, marker: bool = True, delay: float = 
                 f.flush()
                 time.sleep(delay)
         if trailer:
-            w.writerow(["TRL", n, "", "", "", ""])
+            w.writerow(["TRL", n] + [""] * (len(HEADER) - 2))
     if marker:
         Path(str(path) + ".done").touch()
     return n

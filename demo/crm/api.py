@@ -1,11 +1,18 @@
-"""The CRM's HTTP API: profiles, consent, engagement history and segments."""
+"""The CRM's HTTP API: profiles, consent, engagement history and segments.
+
+Every profile change (by whom: the API client) is in the change feed
+(`GET /changes`), with the profile as it then was; a write that changes nothing
+is no change. `POST /customers/batch` writes many profiles at once, as CRMs'
+bulk APIs do.
+"""
 from __future__ import annotations
 
-from demo.json_api import ApiError, JsonApiServer, Request, now, require
+from demo.json_api import (ApiError, JsonApiServer, Request, add_columns, list_changes, now, record_change,
+                           require)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS customers (
-    customer_id TEXT PRIMARY KEY, email TEXT, phone TEXT, name TEXT, loyalty_tier TEXT,
+    customer_id TEXT PRIMARY KEY, email TEXT, phone TEXT, name TEXT, loyalty_tier TEXT, golden_id TEXT,
     consent_marketing_email INTEGER NOT NULL DEFAULT 0, consent_sms INTEGER NOT NULL DEFAULT 0,
     consent_data_sharing INTEGER NOT NULL DEFAULT 0, updated TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS interactions (
@@ -16,7 +23,8 @@ CREATE TABLE IF NOT EXISTS segments (
     customer_id TEXT NOT NULL, segment TEXT NOT NULL, PRIMARY KEY (customer_id, segment))
 """
 
-PROFILE_FIELDS = ("email", "phone", "name", "loyalty_tier")
+PROFILE_FIELDS = ("email", "phone", "name", "loyalty_tier", "golden_id")
+MAX_BATCH = 500
 CONSENTS = ("marketing_email", "sms", "data_sharing")
 INTERACTIONS = ("purchase", "return", "service")
 # Segment rules, the CRM's own (not retailbus's): recomputed from the whole history.
@@ -67,9 +75,8 @@ def _view(conn, customer_id: str) -> dict:
             "updated": row["updated"]}
 
 
-def put_customer(req: Request) -> tuple[int, dict]:
+def _upsert(conn, cid: str, body: dict, actor: str) -> dict:
     """Create or update; only the fields given change (`null` clears a profile field)."""
-    cid, body = req.params["customer_id"], req.body
     unknown = set(body) - set(PROFILE_FIELDS) - {"consent"}
     if unknown:
         raise ApiError(400, "invalid_field", f"{sorted(unknown)[0]}: unknown field")
@@ -79,17 +86,42 @@ def put_customer(req: Request) -> tuple[int, dict]:
     consent = body.get("consent", {})
     if not isinstance(consent, dict) or any(k not in CONSENTS or not isinstance(v, bool) for k, v in consent.items()):
         raise ApiError(400, "invalid_field", f"consent: an object of booleans among {', '.join(CONSENTS)}")
-    conn = req.conn
-    if conn.execute("SELECT 1 FROM customers WHERE customer_id = ?", (cid,)).fetchone() is None:
+    exists = conn.execute("SELECT 1 FROM customers WHERE customer_id = ?", (cid,)).fetchone() is not None
+    before = _view(conn, cid) if exists else None
+    if not exists:
         conn.execute("INSERT INTO customers (customer_id, updated) VALUES (?, ?)", (cid, now()))
     changes = {f: body[f] for f in PROFILE_FIELDS if f in body}
     changes.update({f"consent_{k}": int(v) for k, v in consent.items()})
     if changes:
         assignments = ", ".join(f"{column} = :{column}" for column in changes)
-        conn.execute(f"UPDATE customers SET {assignments}, updated = :updated WHERE customer_id = :cid",
-                     {**changes, "updated": now(), "cid": cid})
+        conn.execute(f"UPDATE customers SET {assignments} WHERE customer_id = :cid", {**changes, "cid": cid})
+    after = _view(conn, cid)
+    if before is None or _profile(before) != _profile(after):
+        conn.execute("UPDATE customers SET updated = ? WHERE customer_id = ?", (now(), cid))
+        after = _view(conn, cid)
+        record_change(conn, cid, actor, _profile(after))
     _recompute(conn, cid)
-    return 200, _view(conn, cid)
+    return _view(conn, cid)
+
+
+def _profile(view: dict) -> dict:
+    """What a change of the profile is: its fields and consents (not segments, not the stamp)."""
+    return {**{f: view[f] for f in PROFILE_FIELDS}, "consent": view["consent"]}
+
+
+def put_customer(req: Request) -> tuple[int, dict]:
+    return 200, _upsert(req.conn, req.params["customer_id"], req.body, req.actor)
+
+
+def put_customers(req: Request) -> tuple[int, dict]:
+    """Many profiles in one call and one transaction: {"customers": [{"customer_id", ...fields}]}."""
+    items = req.body.get("customers")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH or not all(
+            isinstance(i, dict) and isinstance(i.get("customer_id"), str) and i["customer_id"] for i in items):
+        raise ApiError(400, "invalid_field", f"customers: 1..{MAX_BATCH} objects each with a customer_id")
+    return 200, {"customers": [_upsert(req.conn, item["customer_id"],
+                                       {k: v for k, v in item.items() if k != "customer_id"}, req.actor)
+                               for item in items]}
 
 
 def get_customer(req: Request) -> tuple[int, dict]:
@@ -123,6 +155,8 @@ def list_interactions(req: Request) -> tuple[int, dict]:
 
 
 ROUTES = [
+    ("POST", "/customers/batch", put_customers, True),
+    ("GET", "/changes", list_changes, False),
     ("PUT", "/customers/(?P<customer_id>[^/]+)", put_customer, True),
     ("GET", "/customers/(?P<customer_id>[^/]+)", get_customer, False),
     ("POST", "/customers/(?P<customer_id>[^/]+)/interactions", add_interaction, True),
@@ -131,4 +165,5 @@ ROUTES = [
 
 
 def make_server(db_path: str, host: str = "127.0.0.1", port: int = 8092) -> JsonApiServer:
-    return JsonApiServer((host, port), "crm", db_path, SCHEMA, ROUTES)
+    return JsonApiServer((host, port), "crm", db_path, SCHEMA, ROUTES,
+                         migrate=lambda conn: add_columns(conn, "customers", {"golden_id": "TEXT"}))

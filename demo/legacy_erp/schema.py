@@ -28,10 +28,11 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 metadata = MetaData()
 
@@ -102,6 +103,14 @@ CUST_MST = Table(
     Column("PHONE", String(30)),
     Column("LOYALTY_CARD", String(20)),
     Column("UPD_TS", String(26), nullable=False),
+    # Billing and tax (the ERP's own), marketing consents ('Y'/'N') and the customer hub's id
+    # (MASTER_ID): added to an older database by create_schema.
+    Column("BILL_ADDR", String(200)),
+    Column("TAX_ID", String(20)),
+    Column("MKT_EMAIL", String(1)),
+    Column("MKT_SMS", String(1)),
+    Column("DATA_SHARE", String(1)),
+    Column("MASTER_ID", String(12)),
 )
 
 GL_PST = Table(
@@ -213,8 +222,9 @@ def engine_for(dsn: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and DOC_SEQ rows; safe to run again and again."""
+    """Create missing tables, columns and DOC_SEQ rows; safe to run again and again."""
     metadata.create_all(engine)
+    _add_missing_columns(engine, CUST_MST)
     for name, first in SEQUENCES.items():
         # One transaction per row: a concurrent init inserting the same row
         # only costs us an IntegrityError, which means the row exists.
@@ -227,6 +237,20 @@ def create_schema(engine: Engine) -> None:
                     conn.execute(DOC_SEQ.insert().values(SEQ_NAME=name, NEXT_NO=first))
         except IntegrityError:
             pass
+
+
+def _add_missing_columns(engine: Engine, table: Table) -> None:
+    """Nullable columns a table made by an older version lacks (create_all leaves it as it was)."""
+    have = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    for column in table.columns:
+        if column.name not in have:
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+            except DBAPIError:  # another process added it meanwhile
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def seed_demo_data(conn: Connection) -> None:

@@ -5,12 +5,15 @@ from datetime import datetime, timedelta, timezone
 
 from ulid import ULID
 
-from demo.json_api import ApiError, JsonApiServer, Request, now, require
+from demo.json_api import (ApiError, JsonApiServer, Request, add_columns, list_changes, now, record_change,
+                           require)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS members (
     card TEXT PRIMARY KEY, customer_id TEXT NOT NULL, tier TEXT NOT NULL, status TEXT NOT NULL,
-    created TEXT NOT NULL);
+    created TEXT NOT NULL, name TEXT, email TEXT, phone TEXT, household_id TEXT, reward_preference TEXT,
+    consent_marketing_email INTEGER, consent_sms INTEGER, consent_data_sharing INTEGER, golden_id TEXT,
+    updated TEXT);
 CREATE TABLE IF NOT EXISTS ledger (
     txn_id TEXT PRIMARY KEY, card TEXT NOT NULL REFERENCES members(card), type TEXT NOT NULL,
     points INTEGER NOT NULL, reference TEXT NOT NULL, store TEXT, hold_id TEXT, created TEXT NOT NULL);
@@ -25,6 +28,12 @@ CREATE INDEX IF NOT EXISTS holds_card ON holds (card, status)
 
 TYPES = {"EARN": 1, "REFUND": 1, "REDEEM": -1, "EXPIRE": -1, "ADJUST": 0}  # sign; ADJUST is signed itself
 TIERS = ("BASE", "SILVER", "GOLD")
+# What a member holds about the customer besides card, tier and status: the till asks at enrolment,
+# the customer hub keeps it in step (household and reward preferences are the programme's own).
+PROFILE = {"name": str, "email": str, "phone": str, "household_id": str, "reward_preference": str,
+           "consent_marketing_email": bool, "consent_sms": bool, "consent_data_sharing": bool, "golden_id": str}
+NEW_COLUMNS = {**{f: "INTEGER" if kind is bool else "TEXT" for f, kind in PROFILE.items()}, "updated": "TEXT"}
+MAX_BATCH = 500
 DEFAULT_HOLD_TTL = 900
 MAX_HOLD_TTL = 7 * 24 * 3600
 
@@ -45,8 +54,40 @@ def balance(conn, card: str) -> dict:
 
 
 def _member_view(conn, row) -> dict:
-    return {"card": row["card"], "customer_id": row["customer_id"], "tier": row["tier"],
-            "status": row["status"], **balance(conn, row["card"])}
+    return {**_member_record(row), **balance(conn, row["card"])}
+
+
+def _member_record(row) -> dict:
+    """The member without its points: what a change of the member is."""
+    return {"card": row["card"], "customer_id": row["customer_id"], "tier": row["tier"], "status": row["status"],
+            **{f: (None if row[f] is None else bool(row[f])) if kind is bool else row[f]
+               for f, kind in PROFILE.items()}}
+
+
+def _profile(body: dict) -> dict:
+    """The profile fields given in `body` as columns; 400 naming a field of the wrong type."""
+    found = {}
+    for field, kind in PROFILE.items():
+        if field not in body:
+            continue
+        value = body[field]
+        if value is not None and (not isinstance(value, kind) or (kind is str and not value.strip())):
+            raise ApiError(400, "invalid_field", f"{field}: a {'boolean' if kind is bool else 'string'} or null")
+        found[field] = int(value) if kind is bool and value is not None else value
+    return found
+
+
+def _change_member(conn, card: str, changes: dict, actor: str) -> dict:
+    """Apply column `changes` to member `card`; noted in the change feed when something changed."""
+    before = _member_record(_member(conn, card))
+    if changes:
+        assignments = ", ".join(f"{column} = :{column}" for column in changes)
+        conn.execute(f"UPDATE members SET {assignments} WHERE card = :card", {**changes, "card": card})
+    after = _member_record(_member(conn, card))
+    if after != before:
+        conn.execute("UPDATE members SET updated = ? WHERE card = ?", (now(), card))
+        record_change(conn, card, actor, after)
+    return after
 
 
 def _hold_view(row) -> dict:
@@ -89,20 +130,46 @@ def create_member(req: Request) -> tuple[int, dict]:
         raise ApiError(400, "invalid_field", f"tier: one of {', '.join(TIERS)}")
     if req.conn.execute("SELECT 1 FROM members WHERE card = ?", (card,)).fetchone():
         raise ApiError(409, "member_exists", f"card: {card} is enrolled already")
-    req.conn.execute("INSERT INTO members (card, customer_id, tier, status, created) VALUES (?, ?, ?, 'ACTIVE', ?)",
-                     (card, customer, tier, now()))
+    profile = _profile(req.body)
+    columns = ["card", "customer_id", "tier", "status", "created", "updated", *profile]
+    req.conn.execute(f"INSERT INTO members ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     (card, customer, tier, "ACTIVE", now(), now(), *profile.values()))
+    record_change(req.conn, card, req.actor, _member_record(_member(req.conn, card)))
     return 201, _member_view(req.conn, _member(req.conn, card))
 
 
-def update_member(req: Request) -> tuple[int, dict]:
-    row = _member(req.conn, req.params["card"])
-    tier, status = req.body.get("tier", row["tier"]), req.body.get("status", row["status"])
+def _update(conn, card: str, body: dict, actor: str) -> dict:
+    row = _member(conn, card)
+    tier, status = body.get("tier", row["tier"]), body.get("status", row["status"])
     if tier not in TIERS:
         raise ApiError(400, "invalid_field", f"tier: one of {', '.join(TIERS)}")
     if status not in ("ACTIVE", "BLOCKED"):
         raise ApiError(400, "invalid_field", "status: ACTIVE or BLOCKED")
-    req.conn.execute("UPDATE members SET tier = ?, status = ? WHERE card = ?", (tier, status, row["card"]))
-    return 200, _member_view(req.conn, _member(req.conn, row["card"]))
+    return _change_member(conn, card, {"tier": tier, "status": status, **_profile(body)}, actor)
+
+
+def update_member(req: Request) -> tuple[int, dict]:
+    _update(req.conn, req.params["card"], req.body, req.actor)
+    return 200, _member_view(req.conn, _member(req.conn, req.params["card"]))
+
+
+def update_members(req: Request) -> tuple[int, dict]:
+    """Many members in one call and one transaction: {"members": [{"card", ...fields}]}; an
+    unknown card is reported in its place, the others are written."""
+    items = req.body.get("members")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH or not all(
+            isinstance(i, dict) and isinstance(i.get("card"), str) and i["card"] for i in items):
+        raise ApiError(400, "invalid_field", f"members: 1..{MAX_BATCH} objects each with a card")
+    results = []
+    for item in items:
+        try:
+            results.append(_update(req.conn, item["card"], {k: v for k, v in item.items() if k != "card"},
+                                   req.actor))
+        except ApiError as exc:
+            if exc.code != "unknown_member":
+                raise
+            results.append({"card": item["card"], "error": exc.code})
+    return 200, {"members": results}
 
 
 def get_member(req: Request) -> tuple[int, dict]:
@@ -186,6 +253,8 @@ def release_hold(req: Request) -> tuple[int, dict]:
 
 ROUTES = [  # method, path pattern, handler, is a write (Idempotency-Key required)
     ("POST", "/members", create_member, True),
+    ("POST", "/members/batch", update_members, True),
+    ("GET", "/changes", list_changes, False),
     ("GET", "/members/(?P<card>[^/]+)", get_member, False),
     ("PUT", "/members/(?P<card>[^/]+)", update_member, True),
     ("GET", "/members/(?P<card>[^/]+)/transactions", list_transactions, False),
@@ -199,4 +268,5 @@ ROUTES = [  # method, path pattern, handler, is a write (Idempotency-Key require
 
 
 def make_server(db_path: str, host: str = "127.0.0.1", port: int = 8091) -> JsonApiServer:
-    return JsonApiServer((host, port), "loyalty-platform", db_path, SCHEMA, ROUTES)
+    return JsonApiServer((host, port), "loyalty-platform", db_path, SCHEMA, ROUTES,
+                         migrate=lambda conn: add_columns(conn, "members", NEW_COLUMNS))

@@ -15,6 +15,7 @@ from contracts.errors import ContractError
 from services.cli.agent import agent
 from services.cli.broker import broker
 from services.cli.cases import cases
+from services.cli.customers import customers
 from services.cli.dlq import dlq
 from services.cli.files import files
 from services.cli.loyalty import loyalty
@@ -86,6 +87,7 @@ main.add_command(reconcile)
 main.add_command(trace)
 main.add_command(dlq)
 main.add_command(loyalty)
+main.add_command(customers)
 main.add_command(cases)
 
 if __name__ == "__main__":

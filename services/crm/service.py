@@ -3,7 +3,8 @@
 Posted sales and returns with a loyalty card become the customer's engagement
 history (the card's member at the loyalty platform names the customer, and its
 tier is kept on the profile, so the CRM's tier segments follow tier changes);
-`customer.updated.v1` updates the profile. Every write carries a key derived from
+profiles follow the customer hub's golden records, and the CRM users' changes reach
+it (services/crm/customers.py). Every write carries a key derived from
 the business transaction, so a redelivered event adds nothing; the CRM keeps one
 entry per (customer, type, reference) besides.
 """
@@ -14,12 +15,12 @@ from nameko.extensions import DependencyProvider
 from bus.consumer import PermanentError, reliable_handler
 from bus.metrics_http import MetricsHttp
 from bus.settings import retailbus_settings
-from contracts.customer import CustomerUpdatedV1
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from legacy_wrappers.json_http import JsonHttpClient, RemoteRefusedError, segment
 from legacy_wrappers.legacy_http import LegacyHttpClient
 from services.crm import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
+from services.crm import customers  # the module, as order_commands
 from services.loyalty.platform import LoyaltyPlatform, UnknownMemberError
 
 
@@ -40,7 +41,7 @@ def engagement(doc: ErpSalePostedV1 | ErpReturnPostedV1) -> dict:
             "amount_minor": abs(doc.total_minor), "at": doc.posted_at.isoformat()}
 
 
-class CrmService(order_commands.OrderCommands):
+class CrmService(order_commands.OrderCommands, customers.CustomerSync):
     name = "crm"
 
     crm = Crm()
@@ -54,13 +55,6 @@ class CrmService(order_commands.OrderCommands):
     @reliable_handler("erp", "erp.return_posted.v1")
     def on_return_posted(self, doc: ErpReturnPostedV1, event: CloudEvent):
         return self._engage(doc)
-
-    @reliable_handler("erp", "customer.updated.v1")
-    def on_customer_updated(self, customer: CustomerUpdatedV1, event: CloudEvent):
-        self.crm.call("PUT", f"/customers/{segment(customer.customer_id)}",
-                      {"name": customer.name, "email": customer.email, "phone": customer.phone},
-                      key=f"crm:profile:{event.idempotencykey}")
-        return customer.customer_id
 
     def _engage(self, doc: ErpSalePostedV1 | ErpReturnPostedV1):
         if not doc.loyalty_card:

@@ -48,7 +48,7 @@ class CustomersService:
             raise PermanentError(str(exc)) from None
         items = [(hub.file_statement(self.rules, row, item.idempotencykey), event.id)
                  for item, row in zip(batch.items, rows)]
-        fresh = self._master(items, event, {"file": batch.file})
+        fresh = self._master(items, event, {"file": batch.file}, {item.idempotencykey: item.row for item in batch.items})
         return "mastered" if any(fresh) else DUPLICATE
 
     @reliable_handler("crm", CustomerUpdatedV2.TYPE, batch=BATCH)
@@ -76,14 +76,16 @@ class CustomersService:
             fresh = iter(self._master(items, None, {}))
         return [r if r is not None else ("mastered" if next(fresh) else DUPLICATE) for r in results]
 
-    def _master(self, items, event: CloudEvent | None, detail: dict) -> list[bool]:
-        """Master the items in the worker's transaction; which of them were new."""
+    def _master(self, items, event: CloudEvent | None, detail: dict, rows: dict | None = None) -> list[bool]:
+        """Master the items in the worker's transaction; which of them were new. `rows`: a file
+        row's number by its key, for the journal."""
         outcome, fresh = hub.master(self.db.conn, self.rules, items)
         if outcome.writes or outcome.merges or outcome.consents or outcome.cases:
             self.outbox.added()
         if outcome.traced:
             ids = {} if event is None else {"id": event.id, "correlationid": event.correlationid}
-            self.hops.add("mastered", items=outcome.traced, detail={
+            traced = [{**item, "row": rows[item["key"]]} for item in outcome.traced] if rows else outcome.traced
+            self.hops.add("mastered", items=traced, detail={
                 **detail, "writes": len(outcome.writes), "merges": len(outcome.merges),
                 "cases": len(outcome.cases)}, **ids)
         return fresh

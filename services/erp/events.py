@@ -54,15 +54,16 @@ def return_posted(ret: PosReturnV1, doc_no: str, original_doc_no: str | None,
     return _event(ErpReturnPostedV1.TYPE, doc_no, data, correlationid)
 
 
-def publish_changes(publisher, changes, mapper, table: str, envelopes=list) -> int:
+def publish_changes(publisher, changes, mapper, table: str, envelopes=list, unroutable_ok: bool = True) -> int:
     """Map captured rows to events (or to items, which `envelopes` packs into events)
     and publish them, confirmed; returns how many rows left.
 
     A row the contract refuses (legacy data the contract cannot carry) is
     logged and counted, not retried: no retry can change the row, and holding
     it would stop the capture of every later change. UnroutableError events (no
-    subscriber yet) are not an error for the same reason. Any other publish
-    failure raises, so the batch comes again.
+    subscriber yet) are not an error for the same reason, unless `unroutable_ok`
+    is False (a change its subscriber must not miss: the batch waits for its queue).
+    Any other publish failure raises, so the batch comes again.
     """
     out = []
     for change in changes:
@@ -71,7 +72,8 @@ def publish_changes(publisher, changes, mapper, table: str, envelopes=list) -> i
         except (ValueError, TypeError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
             REFUSED.labels(table).inc()
             log.error("%s row refused by the contract: %s", table, exc, extra={"id": repr(change.row)[:200]})
-    errors = [e for e in publisher.publish_many(envelopes(out)) if e is not None and not isinstance(e, UnroutableError)]
+    errors = [e for e in publisher.publish_many(envelopes(out))
+              if e is not None and not (unroutable_ok and isinstance(e, UnroutableError))]
     if errors:
         raise errors[0]
     return len(out)

@@ -1,12 +1,15 @@
 """Rows of legacy batch files (`event.batch.v1`, services/files) the erp applies, by row type.
 
-`APPLIERS` is the one list of the row types the erp applies: the customer export
-goes to CUST_MST (services/erp/customers.py), the warehouse stock snapshot to
-STK_LVL (here), which the erp's change capture then announces to the stores'
-stock caches like any other stock change. A chunk of a row type not listed is
-not "someone else's business" to be acked: it is parked (`UnappliedRowsError`),
-and the files service refuses to start with a drop whose rows nobody applies
-(services/files/appliers.py), so the configuration error shows at start.
+`APPLIERS` is the one list of the row types the erp applies: the warehouse stock
+snapshot goes to STK_LVL (here), which the erp's change capture then announces
+to the stores' stock caches like any other stock change. The CRM's customer
+export is mastered by the customer hub first (services/customers), whose
+golden records reach CUST_MST as `customer.mastered.v1` (customer_sync.py):
+its chunks are `ELSEWHERE`, acked here. A chunk of a row type listed in
+neither is not "someone else's business" to be acked: it is parked
+(`UnappliedRowsError`), and the files service refuses to start with a drop
+whose rows nobody applies (services/files/appliers.py), so the configuration
+error shows at start.
 
 A snapshot row states the level a store held at `changed_at`. It is applied
 when it is newer than the row's last change: a sale booked after the count is
@@ -25,13 +28,13 @@ from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from contracts.batch import EventBatchV1
-from contracts.customer import CustomerUpdatedV1
+from contracts.customer import CrmCustomerExportedV1
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpStockChangedV1
 from contracts.errors import RetailbusError
 from legacy_wrappers.inbox import claim
 from legacy_wrappers.legacy_db import check_row
-from services.erp import customer_master, customers, stock
+from services.erp import stock
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +82,12 @@ def apply_stock_batch(conn: Connection, tables: dict[str, Table], batch: EventBa
     return taken
 
 
-def apply_customer_batch(conn: Connection, tables: dict[str, Table], batch: EventBatchV1, event: CloudEvent) -> int:
-    return customers.apply_customer_batch(conn, tables[customer_master.TABLE], CONSUMER, batch, event)
-
-
 # row type -> (the legacy table it reaches, its applier)
 APPLIERS = {
-    CustomerUpdatedV1.TYPE: (customer_master.TABLE, apply_customer_batch),
     ErpStockChangedV1.TYPE: (stock.TABLE, apply_stock_batch),
 }
+# row type -> the service that applies it (the erp acks its chunks)
+ELSEWHERE = {CrmCustomerExportedV1.TYPE: "customers"}
 
 
 def table_of(batch: EventBatchV1) -> str:
@@ -106,8 +106,6 @@ def apply(conn: Connection, tables: dict[str, Table], batch: EventBatchV1, event
 
 def trace_items(batch: EventBatchV1) -> list[dict]:
     """The chunk's rows for the journal: key, file row, and the row's business name."""
-    if batch.item_type == ErpStockChangedV1.TYPE:
-        return [{"key": item.idempotencykey, "row": item.row,
-                 "refs": [f"{item.data.get('store_id') or ''}/{item.data.get('sku') or ''}"]}
-                for item in batch.items]
-    return customers.trace_items(batch)
+    return [{"key": item.idempotencykey, "row": item.row,
+             "refs": [f"{item.data.get('store_id') or ''}/{item.data.get('sku') or ''}"]}
+            for item in batch.items]

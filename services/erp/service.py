@@ -27,6 +27,7 @@ from bus.retention import retention_timer
 from services.erp import (customer_master, events, ledger, loyalty_gl, orders, posting, reservations, return_links,
                           stock, unknown_sku)
 from services.erp import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
+from services.erp import customer_sync  # the module, as order_commands
 from services.erp.outbox import Outbox
 from services.erp.retention import LegacyRetention
 from services.erp.outbox import metadata as outbox_tables
@@ -37,12 +38,12 @@ from services.erp.outbox import metadata as outbox_tables
 BATCH = 64
 
 
-class ErpService(order_commands.OrderCommands):
+class ErpService(order_commands.OrderCommands, customer_sync.CustomerSync):
     name = "erp"
 
     db = LegacyDatabase(reflect=(*ledger.LEGACY_TABLES, customer_master.TABLE, *orders.TABLES),
                         create=(inbox.metadata, outbox_tables, return_links.metadata, unknown_sku.metadata,
-                                loyalty_gl.metadata))
+                                loyalty_gl.metadata, customer_master.metadata))
     postings = BatchedWrites(posting.post_many)
     outbox = Outbox()
     events = EventPublisher()
@@ -156,17 +157,14 @@ class ErpService(order_commands.OrderCommands):
         each item an erp.stock_changed.v1."""
         events.publish_changes(self.events, changes, stock.stock_change, stock.TABLE, stock.stock_changes)
 
-    @table_changes(customer_master.TABLE, key=customer_master.KEY)
-    def on_customer_changes(self, changes):
-        """CUST_MST rows changed by anyone -> customer.updated.v1."""
-        events.publish_changes(self.events, changes, customer_master.customer_updated,
-                               customer_master.TABLE)
-
     @reliable_handler("files", "event.batch.v1")
     def on_file_rows(self, batch, event: CloudEvent):
-        """Rows of legacy batch files (services/files), applied by row type: customers to
-        CUST_MST, the stock snapshot to STK_LVL; a row type the erp does not apply is parked."""
+        """Rows of legacy batch files (services/files), applied by row type: the stock snapshot
+        to STK_LVL; the customer export is the customer hub's (it reaches CUST_MST mastered);
+        a row type nobody applies is parked."""
         from services.erp import file_rows
+        if batch.item_type in file_rows.ELSEWHERE:
+            return f"applied by {file_rows.ELSEWHERE[batch.item_type]}"
         try:
             table = file_rows.table_of(batch)
         except file_rows.UnappliedRowsError as exc:

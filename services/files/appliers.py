@@ -5,7 +5,8 @@ warehouse's stock snapshot once went that way, acked as "not the erp's
 business" while the stores never saw it. So the files service refuses to start
 (the error names the drop) when a drop configured in filedrops.yaml has no row
 contract here, or its row type is applied by no service: the applying service
-declares the types it applies (services/erp/file_rows.py `APPLIERS`). Whether
+declares the types it applies (services/erp/file_rows.py `APPLIERS`; the customer
+export is the customer hub's, `ELSEWHERE`). Whether
 that service is running is for `retailbus up` and the dashboards to show (its
 queue has no consumer): RETAILBUS.services does not list every deployment's.
 """
@@ -17,10 +18,11 @@ from nameko.extensions import DependencyProvider
 
 from contracts.errors import RetailbusError
 from legacy_wrappers.filedrop import config as fd_config
-from services.erp.file_rows import APPLIERS as ERP_APPLIERS
+from services.erp.file_rows import APPLIERS as ERP_APPLIERS, ELSEWHERE
 from services.files.mapping import ROW_TYPES
 
-APPLIED_BY = {row_type: "erp" for row_type in ERP_APPLIERS}  # row type -> the service that applies it
+# row type -> the service that applies it
+APPLIED_BY = {**{row_type: "erp" for row_type in ERP_APPLIERS}, **ELSEWHERE}
 
 
 class UnappliedDropError(RetailbusError):

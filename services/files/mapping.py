@@ -7,12 +7,12 @@ import orjson
 from ulid import ULID
 
 from contracts.batch import EventBatchV1, validate_rows
-from contracts.customer import CustomerUpdatedV1
+from contracts.customer import CrmCustomerExportedV1
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1, ErpStockChangedV1
 from contracts.envelope import AssembledEvent, CloudEvent
 from legacy_wrappers.filedrop.inbound import RowChunk
 
-ROW_TYPES = {"customers": CustomerUpdatedV1, "stock": ErpStockChangedV1}
+ROW_TYPES = {"customers": CrmCustomerExportedV1, "stock": ErpStockChangedV1}
 # The business name of a row, by which `retailbus trace` finds it: these fields (the contract
 # requires them), joined by "/"; the drop's row loop writes it (`file_drop(name_fields=...)`).
 NAME_FIELDS = {"customers": ("customer_id",), "stock": ("store_id", "sku")}

@@ -1,7 +1,7 @@
 """The `files` service: the demo estate's batch files on the bus.
 
 The CRM customer export and the warehouse stock snapshot become chunks of
-`customer.updated.v1` / `erp.stock_changed.v1` rows (envelope `event.batch.v1`);
+`crm.customer_exported.v1` / `erp.stock_changed.v1` rows (envelope `event.batch.v1`);
 posted sales and returns become the legacy loyalty job's points file, while
 config/loyalty.yaml's accrual mode says the file earns (`file`, `shadow`); in
 `api` the loyalty platform earns and the file gets no line for the posting.

@@ -45,6 +45,7 @@ from services.erp.outbox import insert as outbox_insert
 from services.erp.outbox import metadata as outbox_tables
 from services.loyalty import accrual, settlement, shadow
 from services.loyalty import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
+from services.loyalty import members  # the module, as order_commands
 from services.loyalty.config import LoyaltyRules, SettlementSchedule
 from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
 from services.loyalty.rules import Earning
@@ -86,7 +87,7 @@ class Prepared(NamedTuple):
     earning: Earning
 
 
-class LoyaltyService(order_commands.OrderCommands):
+class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
     name = "loyalty"
 
     db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata, outbox_tables))

@@ -113,12 +113,22 @@ class StoreReport(BaseModel):
     loyalty_exception: list[Finding] = Field(default_factory=list)
     settlement_mismatch: list[Finding] = Field(default_factory=list)
     loyalty_unavailable: list[Finding] = Field(default_factory=list)
+    # click-and-collect orders: the experience API vs the ERP's order documents vs loyalty (reconcile/orders.py)
+    orders_checked: bool = False
+    orders: dict[str, int] = Field(default_factory=dict)  # accepted, collected, cancelled, open, erp_documents
+    order_erp_missing: list[Finding] = Field(default_factory=list)
+    order_unexpected: list[Finding] = Field(default_factory=list)
+    order_status_mismatch: list[Finding] = Field(default_factory=list)
+    order_amount_mismatch: list[Finding] = Field(default_factory=list)
+    order_capture_mismatch: list[Finding] = Field(default_factory=list)
     pending: list[Finding] = Field(default_factory=list)  # posted after the totals were taken: no gap
 
     FINDINGS: ClassVar[tuple[str, ...]] = ("erp_missing", "erp_duplicated", "erp_unexpected", "amount_mismatch",
                 "loyalty_missing", "loyalty_duplicated", "loyalty_unexpected", "digest_mismatch",
                 "platform_missing", "platform_doubled", "platform_mismatch", "platform_unexpected",
-                "redemption_mismatch", "loyalty_exception", "settlement_mismatch", "loyalty_unavailable")
+                "redemption_mismatch", "loyalty_exception", "settlement_mismatch", "loyalty_unavailable",
+                "order_erp_missing", "order_unexpected", "order_status_mismatch", "order_amount_mismatch",
+                "order_capture_mismatch")
 
     @computed_field
     @property
@@ -256,6 +266,9 @@ def render(report: StoreReport) -> str:
                      f"   loyalty records {report.loyalty[kind]}")
     if report.loyalty_checked and report.loyalty_platform:
         lines.append("  loyalty platform points: " + ", ".join(f"{k} {v}" for k, v in report.loyalty_platform.items()))
+    if report.orders_checked:
+        lines.append("  click-and-collect orders: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                              for k, v in report.orders.items()))
     for name in (*StoreReport.FINDINGS, "pending"):
         for f in getattr(report, name):
             lines.append(f"  {name.replace('_', ' '):<19} {f.kind:<6} {f.pos_txn_id}"

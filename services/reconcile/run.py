@@ -18,7 +18,7 @@ from legacy_wrappers.filedrop.config import DropOut
 from services.loyalty.platform import PlatformClient
 from services.loyalty.rules import LoyaltyConfig, LoyaltyConfigError
 from services.loyalty.rules import load as load_rules
-from services.reconcile import loyalty, loyalty_sources, sources, store
+from services.reconcile import loyalty, loyalty_sources, orders, orders_sources, sources, store
 from contracts.control import StoreControlTotalsV1, StoreControlTotalsV2
 from routing.edge_auth import TerminalKeys, signed_headers
 from routing.store_agent import OPS_TERMINAL
@@ -41,6 +41,7 @@ class Estate:
     loyalty_db: Engine | None = None  # the loyalty service's database, when it has one: the loyalty side is checked
     platform: PlatformClient | None = None
     loyalty_pending_seconds: float = 120.0
+    orders_db: Engine | None = None  # the experience API's database, when it has one: the orders are checked
     # the schedule's memory (store -> (day, what it saw, the report listed for it)): service.py
     settling: dict = field(default_factory=dict)
 
@@ -71,11 +72,14 @@ class Estate:
         loyalty_file = Path(loyalty_dsn[len("sqlite:///"):]) if loyalty_dsn.startswith("sqlite:///") else None
         loyalty_db = None if not loyalty_dsn or (loyalty_file and not loyalty_file.exists()) \
             else create_engine(loyalty_dsn)
+        orders_dsn = settings.absolute_dsn(str(config.get("ORDERS_API_DB_URI") or ""))
+        orders_file = Path(orders_dsn[len("sqlite:///"):]) if orders_dsn.startswith("sqlite:///") else None
+        orders_db = None if not orders_dsn or (orders_file and not orders_file.exists()) else create_engine(orders_dsn)
         # plain engines: reading must never take the legacy writers' lock (no BEGIN IMMEDIATE)
         return cls(create_engine(legacy_dsn), store.open_engine(settings.absolute_dsn(settings.reconcile.dsn)),
                    drops.outbound.get(POINTS_DROP), tuple(s.id for s in settings.stores),
                    {s.id: (s.http, settings.outbox_path(s).parent / "terminal_keys.json") for s in settings.stores},
-                   loyalty_rules=rules, loyalty_db=loyalty_db,
+                   loyalty_rules=rules, loyalty_db=loyalty_db, orders_db=orders_db,
                    loyalty_pending_seconds=settings.reconcile.loyalty_pending_seconds,
                    platform=None if loyalty_db is None else loyalty_sources.platform_client(
                        settings.loyalty_platform.http, 30.0))
@@ -83,8 +87,9 @@ class Estate:
     def dispose(self):
         self.legacy.dispose()
         self.totals.dispose()
-        if self.loyalty_db is not None:
-            self.loyalty_db.dispose()
+        for engine in (self.loyalty_db, self.orders_db):
+            if engine is not None:
+                engine.dispose()
 
     def file_earns(self, created: str | None) -> bool:
         """Whether the points file earned a posting the ERP booked at `created` (CREATED_TS, UTC;
@@ -112,14 +117,29 @@ def reconcile_day(estate: Estate, day: date, store_id: str | None = None, may_li
     digests differ is not asked for its list (its report says UNSETTLED)."""
     held = store.totals_for(estate.totals, day, store_id)
     stores = [store_id] if store_id else sorted(
-        set(estate.stores) | held.keys() | sources.erp_stores(estate.legacy, day))
+        set(estate.stores) | held.keys() | sources.erp_stores(estate.legacy, day)
+        | (orders_sources.stores_with_orders(estate.orders_db, day) if estate.orders_db is not None else set()))
     return [_one(estate, s, day, held.get(s), may_list) for s in stores]
 
 
 def _one(estate: Estate, store_id: str, day: date,
          totals: StoreControlTotalsV1 | StoreControlTotalsV2 | None, may_list: bool) -> StoreReport:
     report = _stores_side(estate, store_id, day, totals, may_list)
+    if estate.orders_db is not None:
+        report = _orders_side(estate, report)
     return _loyalty_side(estate, report) if estate.loyalty_db is not None else report
+
+
+def _orders_side(estate: Estate, report: StoreReport) -> StoreReport:
+    """The experience API's orders vs the ERP's order documents vs the loyalty captures (reconcile/orders.py)."""
+    store_id, day = report.store_id, report.business_day
+    api = orders_sources.api_orders(estate.orders_db, store_id, day)
+    erp = orders_sources.erp_orders(estate.legacy, store_id, day, {o.order_id for o in api})
+    ids = {o.order_id for o in api} | {o.order_id for o in erp}
+    captured = orders_sources.captured(estate.loyalty_db, store_id, ids) if estate.loyalty_db is not None else None
+    since = (datetime.now(timezone.utc) - timedelta(seconds=estate.loyalty_pending_seconds)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%f")
+    return orders.add_to(report, api, erp, captured, frozenset(o.order_id for o in erp if o.changed >= since))
 
 
 def _loyalty_side(estate: Estate, report: StoreReport) -> StoreReport:
@@ -138,7 +158,8 @@ def _loyalty_side(estate: Estate, report: StoreReport) -> StoreReport:
               if d.created >= since.strftime("%Y-%m-%dT%H:%M:%S.%f")}
     recent |= {e["reference"].split("/", 1)[-1] for e in listed if e["created"] >= since.isoformat()}
     return loyalty.add_to(report, records, entries, known,
-                          loyalty_sources.erp_loyalty_tenders(estate.legacy, store_id, day),
+                          {**loyalty_sources.erp_loyalty_tenders(estate.legacy, store_id, day),
+                           **orders_sources.collected_points(estate.legacy, store_id, day)},
                           loyalty_sources.erp_settlements(estate.legacy, store_id, day),
                           estate.loyalty_rules.redemption.point_value_minor,
                           loyalty_sources.day_closed(estate.loyalty_rules, day), frozenset(recent))

@@ -20,6 +20,7 @@ from bus.publisher import connection_params
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.edge_auth import TerminalKeys, signed_headers
 from tests.conftest import free_ports
+from tests.integration.filedrop_support import write_drops
 from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
 
 STORES = ("S001", "S002")
@@ -42,6 +43,7 @@ class OrdersEstate:
         self.root, self.uri = root, amqp_uri
         (root / "var").mkdir(parents=True, exist_ok=True)
         (root / "config").mkdir(parents=True, exist_ok=True)
+        write_drops(root)  # `retailbus reconcile` reads where the points file would be
         self.legacy_db = root / "var" / "legacy_erp.db"
         engine = engine_for(f"sqlite:///{self.legacy_db}")
         create_schema(engine)
@@ -71,6 +73,7 @@ class OrdersEstate:
             crm={"http": self.crm.url.removeprefix("http://"), "db": "var/unused-crm.db"},
             stores=[{"id": s, "http": f"127.0.0.1:{self.agent_ports[s]}"} for s in STORES],
             journal={"flush_seconds": 0.1}, orders_rules="config/orders.yaml", loyalty_rules="config/loyalty.yaml",
+            reconcile={"loyalty_pending_seconds": 2},  # what `retailbus reconcile` takes as still on its way
             processes={"click_collect": {"poll_seconds": 0.5}})
         self.web_key = bytes.fromhex(TerminalKeys(root / "var" / "orders_api" / "client_keys.json").add("WEB"))
         self.associate_keys = {s: bytes.fromhex(TerminalKeys(root / "var" / "stores" / s / "terminal_keys.json")
@@ -204,6 +207,10 @@ class OrdersEstate:
     def legacy(self, sql: str, *args) -> list[tuple]:
         with sqlite3.connect(self.legacy_db, timeout=30) as db:
             return db.execute(sql, args).fetchall()
+
+    def legacy_write(self, sql: str, *args) -> None:
+        with sqlite3.connect(self.legacy_db, timeout=30) as db:
+            db.execute(sql, args)
 
     def set_stock(self, store: str, sku: str, on_hand: int) -> None:
         with sqlite3.connect(self.legacy_db, timeout=30) as db:

@@ -1,17 +1,21 @@
 """The crm service as a real process on a real broker, against the demo CRM and loyalty
 platform over HTTP: posted sales and returns become engagement history once however
-often they are delivered, the member's tier reaches the CRM's segments, a customer
-update reaches the profile, and the CRM away for a while loses nothing."""
+often they are delivered, the member's tier reaches the CRM's segments, the customer
+hub's writes reach the profiles (and only the CRM users' changes go back), and the CRM away for a while loses nothing."""
 from __future__ import annotations
 
+import json
+import time
 from datetime import date, datetime, timezone
 
+import amqp
 import pytest
 
 from bus import topology
 from bus.extensions import event_message
-from bus.publisher import ConfirmingPublisher
-from contracts.customer import CustomerUpdatedV1
+from bus.publisher import ConfirmingPublisher, connection_params
+from contracts.customer import CustomerUpdatedV2, CustomerValues
+from contracts.mastering import CustomerMasteredV1, CustomerWrite
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from tests.conftest import free_port
@@ -19,12 +23,12 @@ from tests.integration.support import Platform, nameko_run, queue_state, stop, w
 
 pytestmark = pytest.mark.integration
 
-HANDLERS = (("erp.sale_posted.v1", "on_sale_posted"), ("erp.return_posted.v1", "on_return_posted"),
-            ("customer.updated.v1", "on_customer_updated"))
+HANDLERS = (("erp.sale_posted.v1", "on_sale_posted"), ("erp.return_posted.v1", "on_return_posted"))
 
 
 @pytest.fixture
 def estate(amqp_uri, tmp_path):
+    (tmp_path / "var").mkdir()  # the crm service keeps its place in the CRM's change feed there
     loyalty = Platform("demo.loyalty_platform", tmp_path / "loyalty.db", free_port())
     crm = Platform("demo.crm", tmp_path / "crm.db", free_port())
     config = write_config(tmp_path, amqp_uri,
@@ -77,12 +81,37 @@ def test_postings_become_engagement_once_and_the_tier_reaches_the_segments(estat
 
 
 @pytest.mark.timeout(120)
-def test_a_customer_update_reaches_the_profile(estate):
-    _, crm, publisher, _ = estate
-    update = CustomerUpdatedV1(customer_id="CU7", name="Ada", email="ada@example.org", phone=None,
-                               updated_at=datetime.now(timezone.utc))
-    publish(publisher, [CloudEvent.new(CustomerUpdatedV1.TYPE, "retailbus/erp", update, subject="CU7",
-                                       idempotencykey="customer.updated.v1:CU7:1")])
+def test_the_hubs_writes_reach_the_profile_and_only_the_users_changes_go_back(estate):
+    """customer.mastered.v1 from the customer hub writes the profile through the bulk API; the
+    CRM's change feed then reports the CRM user's change to the hub, never the bus's own."""
+    _, crm, publisher, uri = estate
+    queue = topology.handler_queue("customers", CustomerMasteredV1.TYPE, "crm", "on_customer_mastered")
+    assert wait_for(lambda: queue_state(uri, queue)[1], 60)
+    conn = amqp.Connection(**connection_params(uri, 5))
+    conn.connect()
+    channel = conn.channel()
+    topology.declare_exchange(channel, "crm.events")
+    tap, *_ = channel.queue_declare("", exclusive=True)  # the broker names it
+    channel.queue_bind(tap, "crm.events", CustomerUpdatedV2.TYPE)
+    write = CustomerWrite(system="crm", record_id="CU7", golden_id="G00000000007", origin="crm_file",
+                          write_golden_id=True, values=CustomerValues(name="Ada", email="ada@example.org",
+                                                                      consent_sms=False))
+    mastered = CustomerMasteredV1(mastered_at=datetime.now(timezone.utc), writes=[write])
+    event = CloudEvent.new(CustomerMasteredV1.TYPE, "retailbus/customers", mastered, idempotencykey="mastered:1")
+    assert publisher.publish_many([event_message(event, "customers.events")] * 2) == [None, None]  # and again
     assert wait_for(lambda: crm.call("GET", "/customers/CU7")[0] == 200, 60)
     profile = crm.call("GET", "/customers/CU7")[1]
-    assert (profile["name"], profile["email"], profile["phone"]) == ("Ada", "ada@example.org", None)
+    assert (profile["name"], profile["email"], profile["golden_id"], profile["consent"]["sms"]) == (
+        "Ada", "ada@example.org", "G00000000007", False)
+    assert crm.rows("SELECT actor FROM changes WHERE record_id = 'CU7'") == [("retailbus",)]  # written once
+    assert crm.call("PUT", "/customers/CU7", {"phone": "+33 1 23"}, "user-edit")[0] == 200  # a CRM user
+    statements = []
+
+    def reported():
+        while (message := channel.basic_get(tap, no_ack=True)) is not None:
+            statements.append(json.loads(message.body)["data"])
+        return statements
+    assert wait_for(reported, 30)
+    time.sleep(1)  # anything more the feed would send (it polls every 0.5 s)
+    assert [(s["origin"], s["record_id"], s["values"]["phone"]) for s in reported()] == [("crm", "CU7", "+33 1 23")]
+    conn.collect()

@@ -47,7 +47,7 @@ def erp(container_factory, amqp_uri, legacy_dsn, tmp_path):
     config = {"AMQP_URI": amqp_uri, "LEGACY_DB_URI": legacy_dsn, "max_workers": 16,
               "RETAILBUS": {"root": str(tmp_path), "retry": {"delays": [1]}}}
     posted = Subscriber(amqp_uri, "erp.sale_posted.v1 erp.return_posted.v1", f"test.posted.{tmp_path.name}")
-    customers = Subscriber(amqp_uri, "customer.updated.v1", f"test.cust.{tmp_path.name}")
+    customers = Subscriber(amqp_uri, "customer.updated.v2", f"test.cust.{tmp_path.name}")
     container = container_factory(ErpService, config)
     container.start()
     try:
@@ -190,5 +190,6 @@ def test_hostile_events_are_parked_and_legacy_writes_are_emitted_verbatim(erp, a
         db.execute(sa.update(schema.CUST_MST).where(schema.CUST_MST.c.CUST_NO == "C00001")
                    .values(NAME=name, UPD_TS=schema.utc_stamp()))
     assert wait_for(lambda: (customers.drain(), any(
-        e["data"]["name"] == name for e in customers.events))[1], timeout=15)
+        e["data"]["values"]["name"] == name and e["data"]["origin"] == "erp" for e in customers.events))[1],
+        timeout=15)
     assert snapshot(engine)[0] == before[0]

@@ -1,4 +1,4 @@
-"""`retailbus trace` end to end: a store agent in bus mode, the erp, files and journal
+"""`retailbus trace` end to end: a store agent in bus mode, the erp, files, customers and journal
 services as real `nameko run` processes on a real broker, the legacy SQLite
 database, real folders; the trace is read by the real command line."""
 from __future__ import annotations
@@ -33,8 +33,9 @@ QUEUES = {  # process -> a queue it consumes: it is up once that queue has its c
     "journal": journal.QUEUE,
     "erp": topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale"),
     "files": topology.handler_queue("erp", "batch", "files", "on_posted"),
+    "customers": topology.handler_queue("files", "event.batch.v1", "customers", "on_file_rows"),
 }
-FILE_ROWS_QUEUE = topology.handler_queue("files", "event.batch.v1", "erp", "on_file_rows")
+FILE_ROWS_QUEUE = topology.handler_queue("files", "event.batch.v1", "customers", "on_file_rows")
 
 
 def purge(uri: str, queue: str) -> None:
@@ -147,7 +148,7 @@ def test_a_sale_is_traced_from_the_pos_to_the_erp_to_the_loyalty_points_file(est
 
 
 @pytest.mark.timeout(300)
-def test_a_customer_row_is_traced_from_the_crm_export_file_to_the_erp_customer_table(estate):
+def test_a_customer_row_is_traced_from_the_crm_export_file_through_the_hub_to_the_erp_customer_table(estate):
     folder = estate.root / "drops" / "customers"
     export = folder / "customers_20261127_trace.csv"
     write_customer_export(export, customer_rows(600, start=700_001))  # two chunks: 500 + 100
@@ -159,13 +160,19 @@ def test_a_customer_row_is_traced_from_the_crm_export_file_to_the_erp_customer_t
     assert wait_for(cust_mst, timeout=90), estate.log("erp")
 
     rows = estate.trace_until(customer, "applied")
-    assert [(row[1], row[2]) for row in rows] == [("files", "read"), ("erp", "consumed"), ("erp", "applied")], rows
-    assert rows[0][4] == rows[1][4] == rows[2][4]  # the chunk's message
+    hops = {(row[1], row[2], row[4]): row[5] for row in rows}
+    chunk, mastered = rows[0][4], rows[-1][4]  # the file's chunk; the hub's customer.mastered.v1
+    assert [(row[1], row[2]) for row in rows[:1] + rows[-2:]] == [
+        ("files", "read"), ("erp", "consumed"), ("erp", "applied")], rows
+    assert set(hops) == {("files", "read", chunk), ("customers", "consumed", chunk),
+                         ("customers", "mastered", chunk), ("erp", "consumed", chunk),  # the erp acks it: not its
+                         ("erp", "consumed", mastered), ("erp", "applied", mastered)}, rows
     archived = next((folder / "archive").rglob(export.name))
     line = next(n for n, text in enumerate(archived.read_text().splitlines(), start=1) if customer in text)
     assert line == 551
-    assert rows[0][5].startswith(f"{export.name} line {line}, chunk 1, rows 502-601")
-    assert rows[2][5] == f"{export.name} line {line}, table CUST_MST"
+    assert hops[("files", "read", chunk)].startswith(f"{export.name} line {line}, chunk 1, rows 502-601")
+    assert hops[("customers", "mastered", chunk)].startswith(f"{export.name} line {line}, writes ")
+    assert hops[("erp", "applied", mastered)].startswith(f"key erp:{customer}, table CUST_MST")
     assert queue_state(estate.uri, f"{FILE_ROWS_QUEUE}.dlq")[0] == 0
 
 

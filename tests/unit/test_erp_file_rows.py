@@ -84,7 +84,8 @@ def test_a_chunk_of_rows_the_erp_does_not_apply_is_parked_not_acked(service, db)
 
 def test_every_shipped_drop_is_applied_and_a_drop_nobody_applies_is_named(monkeypatch):
     assert appliers.unapplied(["customers", "stock"]) == []
-    assert set(file_rows.APPLIERS) == {"customer.updated.v1", "erp.stock_changed.v1"}
+    assert set(file_rows.APPLIERS) == {"erp.stock_changed.v1"}
+    assert appliers.APPLIED_BY["crm.customer_exported.v1"] == "customers"  # mastered first (services/customers)
     assert appliers.unapplied(["prices"])[0].startswith("inbound.prices: the files service has no row")
     monkeypatch.delitem(appliers.APPLIED_BY, "erp.stock_changed.v1")  # as it was: nobody applied the snapshot
     assert appliers.unapplied(["customers", "stock"]) == [

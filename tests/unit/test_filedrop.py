@@ -1,34 +1,33 @@
-"""Layouts, config errors and the CUST_MST mapping (real SQLite file, no broker)."""
+"""Layouts and config errors of file drops (no broker)."""
 from __future__ import annotations
 
 import csv
 import io
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 import orjson
 import pytest
-from sqlalchemy import MetaData, text
 
-from contracts.batch import BatchItem, EventBatchV1
-from contracts.customer import CustomerUpdatedV1
+from contracts.batch import EventBatchV1
 from contracts.envelope import CloudEvent
 from contracts.journal import FileRows
-from demo.legacy_erp.schema import create_schema, engine_for
 from legacy_wrappers.filedrop import config as fd_config
 from legacy_wrappers.filedrop.layout import FileProblemError, Layout
 from legacy_wrappers.filedrop.records import records
 from legacy_wrappers.filedrop.rowcode import CANONICAL_STAMP, GoodRows, json_safe
 from legacy_wrappers.filedrop.wakeup import FolderWakeup
-from legacy_wrappers.inbox import metadata as inbox_tables
-from services.erp import file_rows
-from services.erp.customers import upsert_customer
 
 pytestmark = pytest.mark.unit
 
 
 def drops():
-    return fd_config.load(fd_config.DEFAULT_PATH)
+    """The shipped drops, the customer export without its consent columns: the rows below were
+    written for its first six columns (test_filedrop_count.py reads the whole layout)."""
+    shipped = fd_config.load(fd_config.DEFAULT_PATH)
+    customers = shipped.inbound["customers"]
+    return shipped.model_copy(update={"inbound": {**shipped.inbound, "customers": customers.model_copy(
+        update={"fields": customers.fields[:6]})}})
 
 
 def test_config_errors_name_the_field_path(tmp_path):
@@ -60,52 +59,6 @@ def test_wrong_trailer_count_is_a_file_problem():
     out = layout.scan(io.BytesIO(f"HDR\n{good}\nTRL000000002000000000000005\n".encode()),
                       lambda *a: None, lambda *a: None)
     assert out.problems == ["trailer count '000000002' does not match 1 data rows"]
-
-
-def customer(cid: str, name: str, hour: int) -> CustomerUpdatedV1:
-    return CustomerUpdatedV1(customer_id=cid, name=name, email=None,
-                             updated_at=datetime(2026, 11, 27, hour, tzinfo=timezone.utc))
-
-
-@pytest.fixture
-def engine(tmp_path):
-    e = engine_for(f"sqlite:///{tmp_path / 'legacy.db'}")
-    create_schema(e)
-    inbox_tables.create_all(e)
-    yield e
-    e.dispose()
-
-
-def cust_mst(engine):
-    md = MetaData()
-    md.reflect(engine, only=("CUST_MST",))
-    return md.tables["CUST_MST"]
-
-
-def test_newest_updated_at_wins(engine):
-    table = cust_mst(engine)
-    with engine.begin() as conn:
-        assert upsert_customer(conn, table, customer("C1", "new", 10))
-        assert not upsert_customer(conn, table, customer("C1", "old", 9))
-        assert not upsert_customer(conn, table, customer("C1", "new", 10))
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT NAME, UPD_TS FROM CUST_MST WHERE CUST_NO='C1'")).one() == (
-            "new", "2026-11-27T10:00:00.000000")
-
-
-def test_a_redelivered_chunk_applies_no_row_twice(engine):
-    items = [BatchItem(row=n, idempotencykey=f"{'a' * 64}:{n}",
-                       data=customer(f"C{n}", f"n{n}", 8).model_dump(mode="json")) for n in (2, 3)]
-    batch = EventBatchV1(item_type="customer.updated.v1", file="f.csv", sha256="a" * 64, items=items)
-    event = CloudEvent.new("event.batch.v1", "legacy/filedrop/customers", batch, idempotencykey="x")
-    tables = {"CUST_MST": cust_mst(engine)}
-    with engine.begin() as conn:
-        assert file_rows.apply(conn, tables, batch, event) == 2
-    with engine.begin() as conn:  # redelivered: every row key was claimed
-        assert file_rows.apply(conn, tables, batch, event) == 0
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM RB_INBOX")).scalar() == 2
-        assert conn.execute(text("SELECT count(*) FROM CUST_MST WHERE CUST_NO IN ('C2','C3')")).scalar() == 2
 
 
 @pytest.mark.parametrize("drop, records", [
