@@ -2,6 +2,7 @@
 merging once, steward cases, echoes recognised, consent that stays withdrawn, writes per system."""
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -21,15 +22,17 @@ CONFIG = load(Path(__file__).parents[2] / "config" / "customers.yaml")
 
 
 class Hub:
-    def __init__(self, path: Path):
-        self.engine = create_engine(f"sqlite:///{path}")
+    """The hub's tables in a database (`where`: a SQLite file, or a DSN), mastered as the service does."""
+
+    def __init__(self, where: Path | str):
+        self.engine = create_engine(where if isinstance(where, str) else f"sqlite:///{where}")
         for metadata in (tables.metadata, inbox.metadata, outbox_tables):
             metadata.create_all(self.engine)
         self.keys = 0
 
     def master(self, *statements: Statement):
         with self.engine.begin() as conn:
-            return hub.master(conn, CONFIG, [(s, f"m-{s.key}") for s in statements])[0]
+            return hub.master(conn, CONFIG, [(s, "01J0TEST") for s in statements])[0]
 
     def rows(self, sql: str, **args) -> list:
         with self.engine.connect() as conn:
@@ -38,17 +41,17 @@ class Hub:
     def golden(self, record: str) -> dict:
         """{attribute: value} of the golden record `<system>:<id>` belongs to."""
         system, record_id = record.split(":")
-        [(values,)] = self.rows("SELECT g.VALUES_JSON FROM CUS_GOLDEN g JOIN CUS_RECORD r USING (GOLDEN_ID) "
-                                "WHERE r.SYSTEM = :s AND r.RECORD_ID = :r", s=system, r=record_id)
+        [(values,)] = self.rows('SELECT g."VALUES_JSON" FROM "CUS_GOLDEN" g JOIN "CUS_RECORD" r USING ("GOLDEN_ID") '
+                                'WHERE r."SYSTEM" = :s AND r."RECORD_ID" = :r', s=system, r=record_id)
         return {a: v[0] for a, v in orjson.loads(values).items()}
 
     def golden_id(self, record: str) -> str:
         system, record_id = record.split(":")
-        return self.rows("SELECT GOLDEN_ID FROM CUS_RECORD WHERE SYSTEM = :s AND RECORD_ID = :r",
+        return self.rows('SELECT "GOLDEN_ID" FROM "CUS_RECORD" WHERE "SYSTEM" = :s AND "RECORD_ID" = :r',
                          s=system, r=record_id)[0][0]
 
     def events(self) -> list[str]:
-        return [r[0] for r in self.rows("SELECT TYPE FROM RB_OUTBOX ORDER BY ID")]
+        return [r[0] for r in self.rows('SELECT "TYPE" FROM "RB_OUTBOX" ORDER BY "ID"')]
 
 
 @pytest.fixture
@@ -58,8 +61,9 @@ def customers(tmp_path):
 
 def said(origin: str, record_id: str, day: int, key: str | None = None, **values) -> Statement:
     system = CONFIG.origins[origin]
+    what = f"{origin}:{record_id}:{day}:{sorted(values.items())}"
     return Statement(system, origin, record_id, f"2026-12-{day:02d}T10:00:00.000000Z", values,
-                     key or f"{origin}:{record_id}:{day}:{sorted(values.items())}")
+                     key or hashlib.sha256(what.encode()).hexdigest())
 
 
 def writes(outcome, system: str) -> dict:
@@ -94,7 +98,7 @@ def test_a_systems_own_change_coming_back_is_no_change(customers):
     first = said("erp", "C1", 4, tax_id="DE1")
     assert writes(customers.master(first), "erp") == {}  # the ERP's own value: not sent back to it
     with customers.engine.begin() as conn:
-        assert hub.master(conn, CONFIG, [(first, "m-again")])[1] == [False]
+        assert hub.master(conn, CONFIG, [(first, "01J0AGAIN")])[1] == [False]
     assert customers.golden("crm:C1")["tax_id"] == "DE1"
 
 
@@ -119,7 +123,7 @@ def test_one_person_with_two_cards_is_merged_once_and_every_system_learns_the_su
     assert customers.golden_id("loyalty:L2") == survivor and customers.golden_id(f"erp:{retired}") == survivor
     assert writes(out, "loyalty")["L2"]["golden_id"] == survivor
     assert writes(out, "erp")[retired]["golden_id"] == survivor and writes(out, "erp")["C1"]["phone"] == "+44 1"
-    assert customers.rows("SELECT STATUS, SURVIVOR FROM CUS_GOLDEN WHERE GOLDEN_ID = :g", g=retired) == [
+    assert customers.rows('SELECT "STATUS", "SURVIVOR" FROM "CUS_GOLDEN" WHERE "GOLDEN_ID" = :g', g=retired) == [
         ("retired", survivor)]
     # the same evidence again, and more of it: no second merge
     for day in (3, 4):
@@ -139,7 +143,7 @@ def test_an_uncertain_match_opens_one_case_and_merges_nothing(customers):
     again = customers.master(said("crm", "C9", 2, name="Ada L", email="ada@x.org", phone="+44 2", consent_sms=True))
     assert again.cases == [] and again.merges == []
     assert customers.events().count("case.opened.v1") == 1
-    assert customers.rows("SELECT count(*) FROM CUS_GOLDEN WHERE STATUS = 'active'") == [(2,)]
+    assert customers.rows('SELECT count(*) FROM "CUS_GOLDEN" WHERE "STATUS" = \'active\'') == [(2,)]
 
 
 def test_a_withdrawn_consent_is_not_granted_again_by_an_older_row(customers):
@@ -172,6 +176,6 @@ def test_any_order_of_the_same_changes_gives_the_same_golden_records(tmp_path):
         for start in range(0, len(shuffled), 37):
             customers.master(*shuffled[start:start + 37])
         results.append({r: customers.golden(f"crm:{r}") for r in (f"C{n:04d}" for n in range(1, 61))})
-        assert customers.rows("SELECT count(*) FROM CUS_GOLDEN WHERE STATUS = 'active'") == [(60,)]
+        assert customers.rows('SELECT count(*) FROM "CUS_GOLDEN" WHERE "STATUS" = \'active\'') == [(60,)]
     assert results[0] == results[1] == results[2]
     assert results[0]["C0007"]["consent_sms"] is False and results[0]["C0007"]["tax_id"] == "T7"
