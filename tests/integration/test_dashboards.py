@@ -3,11 +3,13 @@ Prometheus (Debian's `prometheus`) scraping a bus that `retailbus up` runs, and
 config/alerts.yml loads and evaluates in that Prometheus.
 
 The estate: a managed broker, the demo legacy ERP, every service (erp, files,
-route_guard, dlq, reconcile, journal, loyalty, cases) with a metrics port each, and a store agent. A little real traffic
+route_guard, dlq, reconcile, journal, loyalty, cases, orders, orders_api) with a metrics port each,
+and a store agent. A little real traffic
 makes the counters move: a sale and a stock query through the agent (stock in
 shadow mode, for parity), a redemption the agent authorises and a sale that pays
 with it (loyalty), a good customer export, a bad stock snapshot (a rejected file)
-and a stock update in the legacy database (change capture).
+a stock update in the legacy database (change capture), and two click-and-collect orders
+(one collected at the store, one out of stock).
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import yaml
 from demo.batch.jobs import customer_rows, stock_line, write_customer_export, write_stock_snapshot
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data, utc_stamp
 from tests.conftest import free_ports
+from routing.edge_auth import TerminalKeys, signed_headers
 from tests.integration.filedrop_support import write_drops
+from tests.integration.orders_estate import order_body
 from tests.integration.support import legacy_sale, read_config, stop, wait_for, write_config
 from tests.unit.test_dashboards import ALERTS, dashboard_exprs
 
@@ -36,7 +40,8 @@ pytestmark = pytest.mark.integration  # needs Debian's prometheus package (.ci/b
 
 SERVICES = {"erp": "services.erp", "files": "services.files", "route_guard": "routing.guard",
             "dlq": "services.dlq", "reconcile": "services.reconcile", "journal": "services.journal",
-            "loyalty": "services.loyalty", "cases": "services.cases"}
+            "loyalty": "services.loyalty", "cases": "services.cases", "orders": "services.orders.process",
+            "orders_api": "services.orders.api"}
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__range": "1h"}
 QUERY_TIMEOUT = 120  # seconds for every query to return data on a busy 2-core machine
 
@@ -94,7 +99,7 @@ def test_promtool_accepts_the_alert_rules():
 @pytest.fixture
 def estate(tmp_path):
     """`retailbus up` with every service on its own metrics port; yields the scrape targets."""
-    mq, dist, mgmt, agent_port, legacy_port, *metric_ports = free_ports(5 + len(SERVICES))
+    mq, dist, mgmt, agent_port, legacy_port, api_port, *metric_ports = free_ports(6 + len(SERVICES))
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "routes.yaml").write_text(routes_yaml(legacy_port))
     write_drops(tmp_path)
@@ -108,7 +113,8 @@ def estate(tmp_path):
         tmp_path,
         broker={"home": "var/broker", "port": mq, "dist_port": dist, "management_port": mgmt},
         retry={"delays": [0.5, 1]},
-        services={name: {"module": module, "metrics_port": port}
+        services={name: {"module": module, "metrics_port": port, **({"http": f"127.0.0.1:{api_port}"}
+                                                                   if name == "orders_api" else {})}
                   for (name, module), port in zip(SERVICES.items(), metric_ports)},
         stores=[{"id": "S001", "http": f"127.0.0.1:{agent_port}"}],
         # control totals and reconciliation every 2 s, not every minutes: the gap gauge gets its value
@@ -129,7 +135,8 @@ def estate(tmp_path):
         assert wait_for(lambda: all(reachable(f"http://{t}/metrics") for t in targets.values())
                         or up.poll() is not None, timeout=240), log.read_text()[-4000:]
         assert up.poll() is None, log.read_text()[-4000:]
-        yield tmp_path, targets, f"http://{targets['store_agent']}", read_config(config)["RETAILBUS"]["loyalty_platform"]["http"]
+        yield tmp_path, targets, f"http://{targets['store_agent']}", read_config(config)["RETAILBUS"]["loyalty_platform"]["http"], \
+            f"http://127.0.0.1:{api_port}"
     finally:
         code = stop(up, timeout=120)
         assert code == 0, log.read_text()[-4000:]
@@ -168,6 +175,19 @@ def traffic(root: Path, agent: str, loyalty_platform: str):
     assert changed == 1
 
 
+def orders(root: Path, agent: str, api: str):
+    """Click and collect: one order collected at the store, one cancelled (more than the store has)."""
+    key = bytes.fromhex(TerminalKeys(root / "var" / "orders_api" / "client_keys.json").add("WEB"))
+    for order_id, quantity in (("W-DASH-1", 1), ("W-DASH-2", 5000)):
+        body = json.dumps(order_body(order_id, "S001", [("100004", quantity, 100)])).encode()
+        request = urllib.request.Request(f"{api}/v1/orders", data=body, headers={
+            "Content-Type": "application/json", **signed_headers("WEB", key, "POST", "/v1/orders", body)})
+        assert urllib.request.urlopen(request, timeout=10).status == 202
+    assert wait_for(lambda: http_json(f"{agent}/v1/fulfilment/tasks")["TASKS"], timeout=120)
+    for what in ("picked", "collected"):
+        assert http_json(f"{agent}/v1/fulfilment/{what}", {"ORDER_ID": "W-DASH-1", "TERMINAL": "A1"})["STATUS"] == "OK"
+
+
 def start_prometheus(root: Path, targets: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port, = free_ports(1)
     config = {
@@ -190,8 +210,9 @@ def start_prometheus(root: Path, targets: dict[str, str]) -> tuple[subprocess.Po
 
 @pytest.mark.timeout(600)
 def test_every_dashboard_query_returns_data_from_a_running_bus(estate):
-    root, targets, agent, loyalty_platform = estate
+    root, targets, agent, loyalty_platform, orders_api = estate
     traffic(root, agent, loyalty_platform)
+    orders(root, agent, orders_api)
     prometheus, base = start_prometheus(root, targets)
     try:
         assert wait_for(lambda: all(t["health"] == "up" for t in

@@ -178,3 +178,11 @@ def test_a_taken_port_is_logged_and_the_service_still_runs(container_factory, mo
         container.stop()
     finally:
         taken.close()
+
+
+def test_the_dashboard_and_the_alerts_cover_click_and_collect_as_issue_20_asks():
+    exprs = " ".join(dashboard_exprs())
+    for metric in ("retailbus_orders", "retailbus_order_ready_seconds_bucket", "retailbus_orders_closed_total",
+                   "retailbus_orders_stuck", "retailbus_agent_fulfilment_open"):
+        assert metric in exprs, metric
+    assert any("retailbus_orders_stuck" in rule["expr"] for rule in alert_rules())
