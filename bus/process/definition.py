@@ -29,9 +29,10 @@ class Context:
     """What a step's functions see of one instance while a message is handled."""
 
     def __init__(self, process: str, process_id: str, key: str, data: dict, conn: Any, round_: int,
-                 open_case: Callable[..., str]):
+                 open_case: Callable[..., str], extras: dict | None = None):
         self.process, self.process_id, self.key, self.data, self.conn, self.round = (
             process, process_id, key, data, conn, round_)
+        self.extras = extras or {}  # what the service passed with the start (`start_many(items, extras)`)
         self._open_case = open_case
 
     def open_case(self, case_type: str, summary: str, *, store_id: str | None = None,
@@ -87,9 +88,11 @@ class Step:
 class ProcessDefinition:
     """A process: `start` (a contract model) starts one instance per `correlate(start)`
     (the unique correlation key: a second start with the same key is the same instance);
-    `begin(ctx, start)` fills `ctx.data` from it (default: the start message's fields);
+    `begin(ctx, start)` fills `ctx.data` from it and `ctx.extras` (default: the start
+    message's fields under "start");
     then the steps run in order. `case_type` is the case opened when a step without a
-    `case_type` of its own fails."""
+    `case_type` of its own fails; `case_context(ctx)` gives the `store_id` and
+    `transaction_id` of the cases the engine opens (a failed step's)."""
 
     name: str
     start: type[BaseModel]
@@ -97,6 +100,7 @@ class ProcessDefinition:
     steps: tuple[Step, ...]
     begin: Callable[[Context, BaseModel], None] | None = None
     case_type: str | None = None
+    case_context: Callable[[Context], dict] | None = None
     _by_name: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):

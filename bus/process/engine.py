@@ -50,7 +50,7 @@ class Engine:
         self.source = f"retailbus/{service}"
 
     # ------------------------------------------------------------------ messages
-    def start(self, conn, event: CloudEvent, payload: BaseModel, fx: Effects) -> str | None:
+    def start(self, conn, event: CloudEvent, payload: BaseModel, fx: Effects, extras: dict | None = None) -> str | None:
         """A new instance for the start message's key; None when it has one already."""
         if not store.claim(conn, self.consumer, event.idempotencykey, event.id):
             return None
@@ -61,6 +61,7 @@ class Engine:
         if not store.insert_new(conn, inst):
             return None
         ctx = self._ctx(conn, inst, fx)
+        ctx.extras = extras or {}
         if self.d.begin is not None:
             self.d.begin(ctx, payload)
         else:
@@ -283,7 +284,8 @@ class Engine:
         undone = [self.d.steps[k].name for k, st in enumerate(inst.steps) if st["status"] == "compensated"]
         summary = (f"{self.d.name} {inst.key}: step {step.name} failed: {inst.steps[n].get('reason')}. "
                    f"Undone: {', '.join(undone) or 'nothing'}. Still in effect: {', '.join(standing) or 'nothing'}.")
-        self._ctx(conn, inst, fx).open_case(self.d.failure_case(step), summary)
+        ctx = self._ctx(conn, inst, fx)
+        ctx.open_case(self.d.failure_case(step), summary, **(self.d.case_context(ctx) if self.d.case_context else {}))
         self._hop(fx, inst, "failed", "failed", step=step.name)
 
     # ------------------------------------------------------------------ messages out

@@ -90,9 +90,10 @@ class ProcessManager(DependencyProvider):
         return self
 
     # ------------------------------------------------------------------ what services call
-    def start_many(self, items: list) -> list:
-        """(start message, event) each: a new instance's id, DUPLICATE (the key has one), or the error."""
-        return self._run(items, lambda conn, event, payload, fx: self.engine.start(conn, event, payload, fx)
+    def start_many(self, items: list, extras: dict | None = None) -> list:
+        """(start message, event) each: a new instance's id, DUPLICATE (the key has one), or the
+        error. `extras` reach the definition's `begin` as `ctx.extras` (e.g. the rules in force)."""
+        return self._run(items, lambda conn, event, payload, fx: self.engine.start(conn, event, payload, fx, extras)
                          or DUPLICATE)
 
     def handle_many(self, items: list) -> list:

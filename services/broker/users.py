@@ -230,6 +230,26 @@ def _dead_letters(ext, service: str, config: dict) -> Access:
     return Access(read={lit(topology.dead_letter_queue(q)) for q in queues})
 
 
+def _command_handler(ext, service: str, config: dict) -> Access:
+    """A reliable handler on `<service>.commands` that answers on `<service>.events`."""
+    events = topology.events_exchange(service)
+    return _reliable_handler(ext, service, config).update(Access(
+        write={lit(events)}, topic_write={events: {ANY}},
+        declares={("exchange", events, topology.EVENTS_EXCHANGE_TYPE)}))
+
+
+def _process_manager(ext, service: str, config: dict) -> Access:
+    """A process (bus/process) sends its steps' commands to `<target>.commands` (any command
+    type: a step's command is built at run time) and opens cases on its own `<service>.events`."""
+    from contracts.cases import CaseOpenedV1
+
+    commands = {topology.commands_exchange(target) for target in ext.definition.targets()}
+    events = topology.events_exchange(service)
+    return Access(write={lit(x) for x in commands | {events}},
+                  topic_write={**{x: {ANY} for x in commands}, events: {lit(CaseOpenedV1.TYPE)}},
+                  declares={("exchange", x, topology.EVENTS_EXCHANGE_TYPE) for x in commands | {events}})
+
+
 def _store_outbox(ext, service: str, config: dict) -> Access:
     return Access()  # its forwarder publishes as the store's own user (routing/broker_user.py)
 
@@ -243,14 +263,17 @@ def _describers() -> dict[type, Callable[..., Access]]:
     from bus.consumer import ReliableHandler
     from bus.extensions import EventPublisher
     from bus.journal import Journal
+    from bus.process import ProcessManager
+    from bus.process.commands import CommandHandler
     from services.dlq.service import DeadLetters
     from services.erp.outbox import Outbox
 
-    return {ReliableHandler: _reliable_handler, BatchFileConsumer: _batch_file_consumer,
+    return {CommandHandler: _command_handler,  # before ReliableHandler: the first class that matches describes
+            ReliableHandler: _reliable_handler, BatchFileConsumer: _batch_file_consumer,
             EventPublisher: _own_events, Outbox: _own_events, Rpc: _rpc_server,
             StoreStock: _store_stock, ShadowComparer: _shadow, GuardWatch: _route_broadcast,
             StoreOutbox: _store_outbox, Journal: _journal, DeadLetters: _dead_letters,
-            TillRedemption: _till_loyalty}
+            TillRedemption: _till_loyalty, ProcessManager: _process_manager}
 
 
 def _uses_broker(ext) -> bool:

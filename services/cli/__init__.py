@@ -19,6 +19,7 @@ from services.cli.customers import customers
 from services.cli.dlq import dlq
 from services.cli.files import files
 from services.cli.loyalty import loyalty
+from services.cli.processes import processes
 from services.cli.orders import orders
 from services.cli.reconcile import reconcile
 from services.cli.routes import routes
@@ -88,6 +89,7 @@ main.add_command(reconcile)
 main.add_command(trace)
 main.add_command(dlq)
 main.add_command(loyalty)
+main.add_command(processes)
 main.add_command(orders)
 main.add_command(customers)
 main.add_command(cases)

@@ -1,8 +1,9 @@
 """The `crm` service: the CRM's system API on the bus.
 
-Posted sales and returns with a loyalty card become the customer's engagement
-history (the card's member at the loyalty platform names the customer, and its
-tier is kept on the profile, so the CRM's tier segments follow tier changes);
+Posted sales and, on the return process's command (services/returns), returns
+with a loyalty card become the customer's engagement history (the card's member
+at the loyalty platform names the customer, and its tier is kept on the profile,
+so the CRM's tier segments follow tier changes);
 profiles follow the customer hub's golden records, and the CRM users' changes reach
 it (services/crm/customers.py). Every write carries a key derived from
 the business transaction, so a redelivered event adds nothing; the CRM keeps one
@@ -16,7 +17,9 @@ from bus.consumer import PermanentError, reliable_handler
 from bus.metrics_http import MetricsHttp
 from bus.settings import retailbus_settings
 from contracts.envelope import CloudEvent
-from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
+from contracts.erp import ErpSalePostedV1
+from contracts.returns import CrmRecordReturnV1, CrmReturnRecordedV1
+from bus.process import StepRefused, command_handler
 from legacy_wrappers.json_http import JsonHttpClient, RemoteRefusedError, segment
 from legacy_wrappers.legacy_http import LegacyHttpClient
 from services.crm import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
@@ -35,9 +38,8 @@ class Crm(DependencyProvider):
         return self.client
 
 
-def engagement(doc: ErpSalePostedV1 | ErpReturnPostedV1) -> dict:
-    kind = "return" if isinstance(doc, ErpReturnPostedV1) else "purchase"
-    return {"type": kind, "reference": f"{doc.store_id}/{doc.pos_txn_id}", "store": doc.store_id,
+def engagement(doc: ErpSalePostedV1) -> dict:
+    return {"type": "purchase", "reference": f"{doc.store_id}/{doc.pos_txn_id}", "store": doc.store_id,
             "amount_minor": abs(doc.total_minor), "at": doc.posted_at.isoformat()}
 
 
@@ -52,26 +54,46 @@ class CrmService(order_commands.OrderCommands, customers.CustomerSync):
     def on_sale_posted(self, doc: ErpSalePostedV1, event: CloudEvent):
         return self._engage(doc)
 
-    @reliable_handler("erp", "erp.return_posted.v1")
-    def on_return_posted(self, doc: ErpReturnPostedV1, event: CloudEvent):
-        return self._engage(doc)
+    @command_handler(CrmRecordReturnV1.TYPE)
+    def on_record_return(self, command: CrmRecordReturnV1, event: CloudEvent) -> CrmReturnRecordedV1:
+        """A return in the card holder's history, on the return process's command (services/returns)."""
+        member = self._member(command.loyalty_card)
+        if member is not None:
+            entry = {"type": "return", "reference": f"{command.store_id}/{command.pos_txn_id}",
+                     "store": command.store_id, "amount_minor": command.amount_minor,
+                     "at": command.posted_at.isoformat()}
+            try:
+                self._record(member, entry)
+            except RemoteRefusedError as exc:
+                raise StepRefused("crm_refused", f"the CRM refused return {entry['reference']}: {exc}") from exc
+        return CrmReturnRecordedV1(store_id=command.store_id, pos_txn_id=command.pos_txn_id,
+                                   customer_id=member and member["customer_id"], recorded=member is not None)
 
-    def _engage(self, doc: ErpSalePostedV1 | ErpReturnPostedV1):
+    def _engage(self, doc: ErpSalePostedV1):
         if not doc.loyalty_card:
             return "no card"
-        try:
-            member = self.loyalty.member(doc.loyalty_card)
-        except UnknownMemberError:
+        member = self._member(doc.loyalty_card)
+        if member is None:
             return "unknown card"
-        customer = segment(member["customer_id"])
         entry = engagement(doc)
+        try:
+            self._record(member, entry)
+        except RemoteRefusedError as exc:  # retrying cannot change the CRM's mind: parked, with why
+            raise PermanentError(f"the CRM refused {entry['type']} {entry['reference']}: {exc}") from exc
+        return entry["reference"]
+
+    def _member(self, card: str) -> dict | None:
+        """The card's member at the loyalty platform (None: no member has it)."""
+        try:
+            return self.loyalty.member(card)
+        except UnknownMemberError:
+            return None
+
+    def _record(self, member: dict, entry: dict) -> None:
+        customer = segment(member["customer_id"])
         # The profile first (created if the CRM does not know the customer yet), with the tier
         # the loyalty platform has now: the CRM recomputes its segments from both.
         self.crm.call("PUT", f"/customers/{customer}", {"loyalty_tier": member["tier"]},
                       key=f"crm:tier:{entry['reference']}:{member['tier']}")
-        try:
-            self.crm.call("POST", f"/customers/{customer}/interactions", entry,
-                          key=f"crm:{entry['type']}:{entry['reference']}")
-        except RemoteRefusedError as exc:  # retrying cannot change the CRM's mind: parked, with why
-            raise PermanentError(f"the CRM refused {entry['type']} {entry['reference']}: {exc}") from exc
-        return entry["reference"]
+        self.crm.call("POST", f"/customers/{customer}/interactions", entry,
+                      key=f"crm:{entry['type']}:{entry['reference']}")

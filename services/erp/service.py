@@ -15,10 +15,13 @@ from contracts.envelope import CloudEvent
 from contracts.loyalty import LoyaltySettlementV1
 from contracts.errors import ContractError
 from contracts.pos import PosReturnV1, PosSaleV1, idempotency_key
+from contracts.returns import ErpPostReturnV1
 from legacy_wrappers.batched_writes import BatchedWrites
 from legacy_wrappers.legacy_db import LegacyDatabase, LegacyValueError
 from legacy_wrappers.table_changes import table_changes
 from legacy_wrappers import inbox
+from legacy_wrappers.prepared import run_together
+from bus import topology
 from bus.consumer import DUPLICATE, PermanentError, reliable_handler
 from bus.extensions import EventPublisher
 from bus.journal import JournalHops
@@ -28,7 +31,9 @@ from services.erp import (customer_master, events, ledger, loyalty_gl, orders, p
                           stock, unknown_sku)
 from services.erp import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.erp import customer_sync  # the module, as order_commands
+from services.erp import return_facts
 from services.erp.outbox import Outbox
+from services.erp.outbox import insert as outbox_insert
 from services.erp.retention import LegacyRetention
 from services.erp.outbox import metadata as outbox_tables
 
@@ -55,17 +60,31 @@ class ErpService(order_commands.OrderCommands, customer_sync.CustomerSync):
     def on_pos_sale(self, sales: list[tuple[PosSaleV1, CloudEvent]]):
         return self._post_events(sales)
 
-    @reliable_handler("store_agent", "pos.return.v1", batch=BATCH)
-    def on_pos_return(self, returns: list[tuple[PosReturnV1, CloudEvent]]):
-        return self._post_events(returns)
+    @reliable_handler("erp", ErpPostReturnV1.TYPE, exchange=topology.commands_exchange("erp"), batch=BATCH)
+    def on_post_return(self, commands: list[tuple[ErpPostReturnV1, CloudEvent]]):
+        """A bus-routed return, posted on the return process's command (services/returns): the one
+        way a bus-routed return reaches the ERP, keyed as the till's return. The reply is the
+        erp.return_posted.v1 the posting announces (correlated to the process); a return
+        posted before (the legacy API booked it, or the process asked again) is announced
+        again, so the process always has its answer."""
+        items = [(command.pos_return, event) for command, event in commands]
+        results = self._post_events(items, keyed=True)
+        again = [return_facts.announced_again(self.db.conn, ledger.LegacyTables.of(self.db.tables), txn,
+                                              event.correlationid)
+                 for (txn, event), result in zip(items, results) if result is DUPLICATE]
+        if again:
+            run_together(self.db.conn, [outbox_insert(again)])
+            self.outbox.added()
+        return results
 
-    def _post_events(self, items: list) -> list:
+    def _post_events(self, items: list, keyed: bool = False) -> list:
         """One result per (txn, event), committed with the postings of other workers when
         `postings` returns: the document number, DUPLICATE, or the item's error; a value
-        the legacy columns cannot hold is parked at once (retrying cannot fix it)."""
+        the legacy columns cannot hold is parked at once (retrying cannot fix it). `keyed`:
+        the inbox key is the transaction's own (`idempotency_key`), not the message's."""
         tables = ledger.LegacyTables.of(self.db.tables)
-        written = self.postings([posting.Posting(tables, txn, event.idempotencykey, event.id, event.correlationid)
-                                 for txn, event in items])
+        written = self.postings([posting.Posting(tables, txn, idempotency_key(txn) if keyed else event.idempotencykey,
+                                                 event.id, event.correlationid) for txn, event in items])
         results = []
         for (txn, event), outcome in zip(items, written):
             if isinstance(outcome, BaseException):

@@ -17,13 +17,22 @@ from sqlalchemy.engine import Connection, Engine
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
 from contracts.errors import RetailbusError
 from services.loyalty.platform import UnknownMemberError
-from services.loyalty.rules import Earning, reversal, sale_points
+from services.loyalty.rules import Earning, eligible_spend, reversal, sale_points, threshold_promotion
 from services.loyalty.tables import ACCRUALS, HOLDS, REVERSALS
+
+
+PROMOTION_LINE = 0  # LOY_ACCRUAL's line of a sale's threshold promotion bonus
 
 
 class Earned(NamedTuple):
     tier: str
     points: list[int]  # per line of the sale, in order
+    bonus: int = 0     # a threshold promotion's, on top of the lines'
+    promotion: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.points) + self.bonus
 
 
 class Reversal(NamedTuple):
@@ -103,7 +112,10 @@ def earn(platform, earning: Earning, doc: ErpSalePostedV1) -> Earned | None:
     except UnknownMemberError:
         return None
     lines = [(line.sku, line.quantity, line.line_total_minor) for line in doc.lines]
-    return Earned(tier, sale_points(earning, tier, doc.business_day, lines))
+    promotion = threshold_promotion(earning, doc.business_day,
+                                    eligible_spend(earning, [(line.sku, line.line_total_minor) for line in doc.lines]))
+    return Earned(tier, sale_points(earning, tier, doc.business_day, lines),
+                  promotion.bonus_points if promotion else 0, promotion.name if promotion else None)
 
 
 def record_sale(conn: Connection, doc: ErpSalePostedV1, booked: Earned | None) -> None:
@@ -117,6 +129,11 @@ def record_sale(conn: Connection, doc: ErpSalePostedV1, booked: Earned | None) -
                                     CARD=doc.loyalty_card or "", BUSINESS_DAY=doc.business_day.isoformat(),
                                     SKU=line.sku, QUANTITY=line.quantity,
                                     LINE_TOTAL_MINOR=line.line_total_minor, POINTS=line_points))
+    if booked and booked.bonus:  # line 0: the promotion's bonus, which no returned SKU matches
+        upsert(conn, ACCRUALS, dict(STORE_ID=doc.store_id, POS_TXN_ID=doc.pos_txn_id, LINE_NO=PROMOTION_LINE,
+                                    CARD=doc.loyalty_card or "", BUSINESS_DAY=doc.business_day.isoformat(),
+                                    SKU=f"promotion:{booked.promotion}", QUANTITY=0, LINE_TOTAL_MINOR=0,
+                                    POINTS=booked.bonus))
 
 
 def plan_reversal(engine: Engine, doc: ErpReturnPostedV1) -> Reversal | None:

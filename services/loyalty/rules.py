@@ -58,6 +58,25 @@ class Campaign(Strict):
         return self.valid_from <= day <= self.valid_to and (not self.skus or sku in self.skus)
 
 
+class ThresholdPromotion(Strict):
+    """Spend X get Y: a sale with a card whose earning lines total at least `min_spend_minor`
+    on a business day within the validity earns `bonus_points` once (the richest promotion
+    met, one per sale); a return that takes the sale back below the threshold takes the
+    bonus back (the return process, services/returns)."""
+
+    name: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")
+    min_spend_minor: int = Field(gt=0, description="the earning lines' total a sale must reach")
+    bonus_points: int = Field(gt=0, description="points earned once on top of the lines'")
+    valid_from: date
+    valid_to: date
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.valid_to < self.valid_from:
+            raise ValueError(f"promotion {self.name}: valid_to {self.valid_to} is before valid_from {self.valid_from}")
+        return self
+
+
 class Earning(Strict):
     points_per_unit: float = Field(1.0, ge=0, description="points per whole currency unit of a line's total")
     tier_multipliers: dict[str, float] = Field(
@@ -67,6 +86,7 @@ class Earning(Strict):
     excluded_sku_prefixes: tuple[str, ...] = Field(
         (), description="categories that never earn, by SKU prefix (the category digits of the SKU)")
     campaigns: tuple[Campaign, ...] = ()
+    threshold_promotions: tuple[ThresholdPromotion, ...] = Field((), description="spend X get Y bonus points")
     rounding: Literal["line", "sale"] = Field(
         "line", description="line: each line's points rounded down; sale: the sale's exact points rounded "
                             "down once and shared out over its lines (the legacy points file's way)")
@@ -195,6 +215,18 @@ def sale_points(earning: Earning, tier: str, day: date, lines: list[tuple[str, i
     for n in sorted(range(len(exact)), key=lambda i: (points[i] - exact[i], i))[:left]:
         points[n] += 1
     return points
+
+
+def eligible_spend(earning: Earning, lines: list[tuple[str, int]]) -> int:
+    """What a sale's lines (sku, total in minor units) count towards a threshold promotion."""
+    return sum(total for sku, total in lines if eligible(earning, sku, total))
+
+
+def threshold_promotion(earning: Earning, day: date, spend: float) -> ThresholdPromotion | None:
+    """The richest promotion valid on `day` whose threshold `spend` reaches, if any."""
+    met = [p for p in earning.threshold_promotions
+           if p.valid_from <= day <= p.valid_to and spend >= p.min_spend_minor]
+    return max(met, key=lambda p: (p.bonus_points, p.name)) if met else None
 
 
 def reversal(accrued: list[tuple[str, int, int]], returned: list[tuple[str, int]]) -> int:

@@ -4,14 +4,16 @@ RPC for what a till waits on (balance, authorise a redemption, capture,
 release); events for what follows a posting: the ERP posts a sale -> its holds
 are captured and, by the accrual mode at its posting, its lines earn points
 at the platform (api) or are compared with the points file's figure (shadow);
-the ERP posts a return -> what the returned lines earned goes back and the
-redeemed points are refunded in proportion; each closed business day is
+the return process (services/returns) commands a return's points: the redeemed
+points refunded in proportion, what the returned lines earned taken back, or
+either undone (`loyalty.return_points.v1`); each closed business day is
 settled per store for the ERP's liability account. Every platform write carries an
 idempotency key derived from the business transaction, and every handler
 claims its message in the inbox, so a redelivered event books nothing twice.
-An over-redemption or a refused reversal opens a business exception case
-(`case.opened.v1`, worked with `retailbus cases`): the opening is written to the
-transactional outbox with the exception's row, so a crash loses neither.
+An over-redemption opens a business exception case (`case.opened.v1`, worked
+with `retailbus cases`): the opening is written to the transactional outbox with
+the exception's row, so a crash loses neither. A refused reversal is answered to
+the return process, which compensates and opens the case.
 
 Platform calls come before the database is touched: the worker's transaction
 (one SQLite connection) is then held for a few statements, not for an HTTP call.
@@ -35,7 +37,9 @@ from bus.metrics_http import MetricsHttp
 from bus.publisher import UnroutableError
 from contracts.cases import CaseOpenedV1
 from contracts.envelope import CloudEvent
-from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
+from contracts.erp import ErpSalePostedV1
+from contracts.returns import LoyaltyReturnPointsBookedV1, LoyaltyReturnPointsV1
+from bus.process import command_handler
 from contracts.loyalty import (LoyaltyPointsAccruedV1, LoyaltyPointsReversedV1, LoyaltyRedemptionAuthorizedV1,
                                LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1, LoyaltySettlementV1)
 from legacy_wrappers import inbox
@@ -43,7 +47,7 @@ from legacy_wrappers.legacy_db import LegacyDatabase
 from services.erp.outbox import Outbox
 from services.erp.outbox import insert as outbox_insert
 from services.erp.outbox import metadata as outbox_tables
-from services.loyalty import accrual, settlement, shadow
+from services.loyalty import accrual, returns, settlement, shadow
 from services.loyalty import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.loyalty import members  # the module, as order_commands
 from services.loyalty.config import LoyaltyRules, SettlementSchedule
@@ -55,7 +59,7 @@ log = logging.getLogger(__name__)
 SOURCE = "retailbus/loyalty"
 BATCH = 64  # posted sales per worker (bus/consumer.py `batch`): one transaction records them
 PLATFORM_CALLS = 16  # a batch's sales calling the platform at once
-CASE_TYPES = {"over_redemption": "loyalty_over_redemption", "reversal_refused": "loyalty_reversal_refused"}
+CASE_TYPES = {"over_redemption": "loyalty_over_redemption"}  # a refused reversal: the return process's case
 
 AUTHORISATION_SECONDS = Histogram("retailbus_loyalty_authorisation_seconds",
                                   "Time to authorise a redemption at the platform", ["outcome"])
@@ -90,7 +94,7 @@ class Prepared(NamedTuple):
 class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
     name = "loyalty"
 
-    db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata, outbox_tables))
+    db = LegacyDatabase(config_key="LOYALTY_DB_URI", create=(metadata, inbox.metadata, outbox_tables, returns.metadata))
     outbox = Outbox(config_key="LOYALTY_DB_URI")  # case.opened.v1, committed with the exception
     platform = LoyaltyPlatform()
     rules = LoyaltyRules()
@@ -198,9 +202,9 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
             captured = [] if redeemed_offline else [self.platform.capture(h["HOLD_ID"]) for h in open_holds]
             mode = rules.accrual.mode_at(doc.posted_at)  # the files service decides by the same moment
             earned = accrual.earn(self.platform, rules.earning, doc) if doc.loyalty_card and mode != "file" else None
-            booked = earned if mode == "api" and earned and sum(earned.points) else None
+            booked = earned if mode == "api" and earned and earned.total else None
             if booked:
-                self.platform.book(doc.loyalty_card, "EARN", sum(booked.points), f"{doc.store_id}/{doc.pos_txn_id}",
+                self.platform.book(doc.loyalty_card, "EARN", booked.total, f"{doc.store_id}/{doc.pos_txn_id}",
                                    doc.store_id, key=f"earn:{doc.store_id}:{doc.pos_txn_id}")
                 ACCRUAL_LAG.observe(max(0.0, (datetime.now(timezone.utc) - doc.posted_at).total_seconds()))
             return Prepared(captured, mode, earned, booked, rules.earning)
@@ -216,7 +220,7 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
                   if not isinstance(done, Exception) and done.booked]
         events = [CloudEvent.new(LoyaltyPointsAccruedV1.TYPE, SOURCE, LoyaltyPointsAccruedV1(
             card=doc.loyalty_card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id, business_day=doc.business_day,
-            points=sum(prepared[n].booked.points), basis_minor=doc.total_minor, currency=doc.currency),
+            points=prepared[n].booked.total, basis_minor=doc.total_minor, currency=doc.currency),
             subject=doc.pos_txn_id, idempotencykey=f"accrued:{doc.store_id}:{doc.pos_txn_id}") for n, doc in booked]
         for (n, _), error in zip(booked, self.events.publish_many(events) if events else []):
             if isinstance(error, UnroutableError):
@@ -243,34 +247,30 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
                                 shadow.describe(differences, done.earned.tier))
         return sum(done.earned.points)
 
-    @reliable_handler("erp", "erp.return_posted.v1")
-    def on_return_posted(self, doc: ErpReturnPostedV1, event: CloudEvent):
-        plan = accrual.plan_reversal(self.db.engine, doc)
-        if plan is None:
-            return "nothing to reverse"
-        if plan.refund:
-            self.platform.book(plan.card, "REFUND", plan.refund, f"{doc.store_id}/{doc.pos_txn_id}", doc.store_id,
-                               key=f"refund:{doc.store_id}:{doc.pos_txn_id}")
-        refused = None
-        if plan.points:
-            try:
-                self.platform.book(plan.card, "ADJUST", -plan.points, f"{doc.store_id}/{doc.pos_txn_id}",
-                                   doc.store_id, key=f"reverse:{doc.store_id}:{doc.pos_txn_id}")
-            except LoyaltyRefusedError as exc:
-                refused = exc
-        if not inbox.claim(self.db.conn, "loyalty.on_return_posted", event.idempotencykey, event.id):
-            return DUPLICATE
-        if refused is not None:
-            self._exception("reversal_refused", doc.store_id, doc.pos_txn_id, plan.card,
-                            f"reversing {plan.points} points would make the balance negative: {refused}")
-            plan = plan._replace(points=0)
-        accrual.record_reversal(self.db.conn, doc, plan)
-        if plan.points:
+    @command_handler(LoyaltyReturnPointsV1.TYPE)
+    def on_return_points(self, command: LoyaltyReturnPointsV1, event: CloudEvent) -> LoyaltyReturnPointsBookedV1:
+        """A return's points, on the return process's command (services/returns): the redeemed
+        points refunded, what the returned lines earned (and a promotion's bonus) reversed,
+        or either undone, keyed at the platform by the command. A reversal the balance cannot
+        cover is refused back to the process (which compensates and opens the case) and
+        recorded as an exception for reconciliation."""
+        doc = command.posted
+        try:
+            booked = returns.book(self.platform, self.db.engine, command, event.idempotencykey)
+        except returns.Refused as exc:
+            EXCEPTIONS_TOTAL.labels("reversal_refused").inc()
+            accrual.upsert(self.db.conn, EXCEPTIONS, dict(KIND="reversal_refused", STORE_ID=doc.store_id,
+                                                          POS_TXN_ID=doc.pos_txn_id, CARD=doc.loyalty_card or "",
+                                                          DETAIL=exc.reason[:2000], CREATED_AT=now()))
+            self.db.end(success=True)  # the refusal is answered once the worker ends: its record first
+            raise
+        returns.record(self.db.conn, command, booked)
+        if command.action == "reverse" and booked.points:
             self._publish(LoyaltyPointsReversedV1, f"reversed:{doc.store_id}:{doc.pos_txn_id}", doc.pos_txn_id,
-                          card=plan.card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
+                          card=booked.card, store_id=doc.store_id, pos_txn_id=doc.pos_txn_id,
                           original_pos_txn_id=doc.original_pos_txn_id, business_day=doc.business_day,
-                          points=plan.points, basis_minor=abs(doc.total_minor), currency=doc.currency)
-        return plan.points
+                          points=booked.points, basis_minor=abs(doc.total_minor), currency=doc.currency)
+        return booked
 
     # ---------------------------------------------------------------- housekeeping
     @timer(interval=30)

@@ -33,7 +33,7 @@ QUEUES = {  # the queue each service must be consuming before a test publishes
     "files": topology.handler_queue("erp", "batch", "files", "on_posted"),
     "erp": topology.handler_queue("loyalty", "loyalty.settlement.v1", "erp", "on_loyalty_settlement"),
 }
-OTHER_QUEUES = (topology.handler_queue("erp", "erp.return_posted.v1", "loyalty", "on_return_posted"),
+OTHER_QUEUES = (topology.handler_queue("loyalty", "loyalty.return_points.v1", "loyalty", "on_return_points"),
                 topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale"))
 
 
@@ -77,7 +77,7 @@ class LoyaltyEstate:
             loyalty_rules=str(self.rules),
             services={name: {"module": module, "metrics_port": self.metrics_ports[name]}
                       for name, module in MODULES.items()},
-            handlers={"loyalty.on_sale_posted": fast, "loyalty.on_return_posted": fast,
+            handlers={"loyalty.on_sale_posted": fast, "loyalty.on_return_points": fast,
                       "erp.on_loyalty_settlement": fast, **(handlers or {})}, **retailbus)
         self._purge([*QUEUES.values(), *OTHER_QUEUES])
         self.processes: dict[str, subprocess.Popen] = {}

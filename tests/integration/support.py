@@ -52,7 +52,8 @@ def write_config(root: Path, amqp_uri: str = "", legacy_db: str | None = None, p
     path = root / "config" / "bus.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    for name in ("routes.yaml", "loyalty.yaml", "cases.yaml", "customers.yaml"):  # agents start from routes.yaml until a table is applied
+    # agents start from routes.yaml until a table is applied; the services refuse to start without theirs
+    for name in ("routes.yaml", "loyalty.yaml", "cases.yaml", "returns.yaml", "customers.yaml"):
         copy = path.with_name(name)
         if not copy.exists():
             copy.write_text((Path(__file__).parents[2] / "config" / name).read_text())

@@ -1,6 +1,6 @@
 """The crm service as a real process on a real broker, against the demo CRM and loyalty
-platform over HTTP: posted sales and returns become engagement history once however
-often they are delivered, the member's tier reaches the CRM's segments, the customer
+platform over HTTP: posted sales and returns (on the return process's command) become
+engagement history once however often they are delivered, the member's tier reaches the CRM's segments, the customer
 hub's writes reach the profiles (and only the CRM users' changes go back), and the CRM away for a while loses nothing."""
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ from bus.publisher import ConfirmingPublisher, connection_params
 from contracts.customer import CustomerUpdatedV2, CustomerValues
 from contracts.mastering import CustomerMasteredV1, CustomerWrite
 from contracts.envelope import CloudEvent
-from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
+from contracts.erp import ErpSalePostedV1
+from contracts.returns import CrmRecordReturnV1
 from tests.conftest import free_port
+from tests.integration.returns_estate import reply_queue, taken
 from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
-HANDLERS = (("erp.sale_posted.v1", "on_sale_posted"), ("erp.return_posted.v1", "on_return_posted"))
+HANDLERS = (("erp.sale_posted.v1", "on_sale_posted"),)
+# a return reaches the CRM on the return process's command (services/returns)
+RETURNS = topology.handler_queue("crm", CrmRecordReturnV1.TYPE, "crm", "on_record_return")
 
 
 @pytest.fixture
@@ -36,7 +40,7 @@ def estate(amqp_uri, tmp_path):
                           crm={"http": crm.url.removeprefix("http://"), "db": "var/c.db"},
                           handlers={f"crm.{m}": {"attempts": 12, "delays": [0.5, 1, 2]} for _, m in HANDLERS})
     service = nameko_run(config, "services.crm", tmp_path / "crm.log")
-    queues = [topology.handler_queue("erp", t, "crm", m) for t, m in HANDLERS]
+    queues = [topology.handler_queue("erp", t, "crm", m) for t, m in HANDLERS] + [RETURNS]
     assert wait_for(lambda: all(queue_state(amqp_uri, q)[1] for q in queues), 120), "the crm service did not start"
     publisher = ConfirmingPublisher(amqp_uri, window=100)
     yield loyalty, crm, publisher, amqp_uri
@@ -68,8 +72,12 @@ def test_postings_become_engagement_once_and_the_tier_reaches_the_segments(estat
     assert wait_for(lambda: queue_state(uri, topology.retry_queue(sales_queue, 0.5))[0]
                     + queue_state(uri, topology.retry_queue(sales_queue, 1))[0] > 0, 60), "nothing was retried"
     crm.call("POST", "/_faults", {"fail_rate": 0.0})
-    ret = posted("S001-01-R", "L1", -5_000, kind=ErpReturnPostedV1, original_pos_txn_id="S001-01-0")
-    publish(publisher, [ret, ret])
+    command = CrmRecordReturnV1(store_id="S001", pos_txn_id="S001-01-R", loyalty_card="L1", amount_minor=5_000,
+                                posted_at=datetime.now(timezone.utc), original_pos_txn_id="S001-01-0")
+    ret = CloudEvent.new(command.TYPE, "retailbus/returns", command, subject="S001:S001-01-R",
+                         idempotencykey="return_to_refund:P:crm_history:0")
+    replies = reply_queue(uri, "crm", "crm.return_recorded.v1")  # where the process would hear it
+    assert publisher.publish_many([event_message(ret, topology.commands_exchange("crm"))] * 2) == [None] * 2
 
     def history():
         return crm.rows("SELECT type, reference, amount_minor FROM interactions WHERE customer_id = 'CU1' "
@@ -78,6 +86,10 @@ def test_postings_become_engagement_once_and_the_tier_reaches_the_segments(estat
     assert wait_for(lambda: history() == expected, 120), history()
     assert crm.call("GET", "/customers/CU1")[1]["segments"] == ["active", "frequent", "high_value", "tier_gold"]
     assert sum(queue_state(uri, topology.handler_queue("erp", t, "crm", m) + ".dlq")[0] for t, m in HANDLERS) == 0
+    assert queue_state(uri, RETURNS + ".dlq")[0] == 0
+    answers = wait_for(lambda: (got := taken(uri, replies)) and got, 30)
+    assert {(a["idempotencykey"], a["correlationid"], a["data"]["customer_id"], a["data"]["recorded"])
+            for a in answers} == {("return_to_refund:P:crm_history:0:reply", ret.correlationid, "CU1", True)}
 
 
 @pytest.mark.timeout(120)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.integration
 
 EXCHANGE = topology.events_exchange("store_agent")
 SALES = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
-RETURNS = topology.handler_queue("store_agent", "pos.return.v1", "erp", "on_pos_return")
+# the erp's second queue: the return process's commands (a bus-routed pos.return.v1 goes to the returns service)
+RETURNS = topology.handler_queue("erp", "erp.post_return.v1", "erp", "on_post_return")
 SPY = "test-dlq-spy-sales"  # another consumer of the sales: a replay must not reach it
 # A line number no legacy column can hold (SLS_LIN.LINE_NO; SQLite: OverflowError, PostgreSQL:
 # integer out of range): the ERP fails on every attempt, the contract allows it.
@@ -214,9 +215,9 @@ def test_not_retried_error_parks_at_once_and_list_filters_and_purge(amqp_uri, es
         **HANDLER, "not_retried": ["ArithmeticError", "sqlalchemy.exc.DataError"]})
     try:
         sale = poison_sale("POISON-0002")
-        bad_return = OutgoingMessage(  # not a valid pos.return.v1: parked at once as well
-            exchange=EXCHANGE, routing_key="pos.return.v1", message_id="01JDLQTESTRETURN0000000001",
-            type="pos.return.v1", body=b'{"not": "a cloudevent"}')
+        bad_return = OutgoingMessage(  # not a valid erp.post_return.v1: parked at once as well
+            exchange=topology.commands_exchange("erp"), routing_key="erp.post_return.v1",
+            message_id="01JDLQTESTRETURN0000000001", type="erp.post_return.v1", body=b'{"not": "a cloudevent"}')
         publish(amqp_uri, event_message(sale, EXCHANGE), bad_return)
         assert wait_for(lambda: queue_state(amqp_uri, topology.dead_letter_queue(SALES))[0] == 1
                         and queue_state(amqp_uri, topology.dead_letter_queue(RETURNS))[0] == 1, timeout=60)
@@ -231,10 +232,10 @@ def test_not_retried_error_parks_at_once_and_list_filters_and_purge(amqp_uri, es
         both = {sale.id, bad_return.message_id}
         assert listed() == both
         assert listed("--type", "pos.sale.v1") == {sale.id}
-        assert listed("--queue", "*on_pos_return") == {bad_return.message_id}
+        assert listed("--queue", "*on_post_return") == {bad_return.message_id}
         assert listed("--since", "1h") == both
         assert listed("--since", "2999-01-01T00:00") == set()
-        assert listed("--queue", "*on_pos_return", "--type", "pos.sale.v1") == set()
+        assert listed("--queue", "*on_post_return", "--type", "pos.sale.v1") == set()
         bad = cli(config, "list", "--since", "yesterday-ish")
         assert bad.returncode == 2 and "--since" in bad.stderr
         assert queue_state(amqp_uri, topology.dead_letter_queue(SALES))[0] == 1  # listing took nothing

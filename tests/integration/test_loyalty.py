@@ -1,7 +1,7 @@
 """The loyalty service as a real process on a real broker, against the demo loyalty
 platform over HTTP: accrual by the earning rules once per sale however often it is
-delivered, a partial return reversing in proportion, a redemption held at the till and
-captured once when the ERP posts the sale, and the platform failing for a while
+delivered, a partial return (the return process's commands) reversing in proportion, a
+redemption held at the till and captured once when the ERP posts the sale, and the platform failing for a while
 losing, doubling and dead-lettering nothing."""
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from bus.extensions import event_message
 from bus.publisher import ConfirmingPublisher
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1, ErpSalePostedV1
+from contracts.returns import LoyaltyReturnPointsV1
 from services.loyalty.rules import Earning, sale_points
 from tests.conftest import free_port
+from tests.integration.returns_estate import reply_queue, taken
 from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -31,7 +33,9 @@ RULES = {"accrual": {"mode": "api"},
                      "campaigns": [{"name": "sku-200", "multiplier": 3, "valid_from": "2026-12-01",
                                     "valid_to": "2026-12-31", "skus": ["200001"]}]},
          "redemption": {"hold_ttl_seconds": 600}}
-HANDLERS = (("erp.sale_posted.v1", "on_sale_posted"), ("erp.return_posted.v1", "on_return_posted"))
+HANDLERS = (("erp.sale_posted.v1", "on_sale_posted"),)
+# a return's points move on the return process's commands (services/returns)
+RETURNS = topology.handler_queue("loyalty", LoyaltyReturnPointsV1.TYPE, "loyalty", "on_return_points")
 SKUS = ("100001", "200001", "990001")  # plain, in a campaign, a gift card (never earns)
 
 
@@ -56,9 +60,9 @@ def _estate(amqp_uri, tmp_path, delays):
     config = write_config(tmp_path, amqp_uri, loyalty_platform={"http": host_port, "db": "var/unused.db"},
                           loyalty_rules=str(rules),
                           handlers={f"loyalty.{m}": {"attempts": 12, "delays": delays}
-                                    for m in ("on_sale_posted", "on_return_posted")})
+                                    for m in ("on_sale_posted", "on_return_points")})
     service = nameko_run(config, "services.loyalty", tmp_path / "loyalty.log")
-    queues = [topology.handler_queue("erp", t, "loyalty", m) for t, m in HANDLERS]
+    queues = [topology.handler_queue("erp", t, "loyalty", m) for t, m in HANDLERS] + [RETURNS]
     assert wait_for(lambda: all(queue_state(amqp_uri, q)[1] for q in queues), 120), "the loyalty service did not start"
     publisher = ConfirmingPublisher(amqp_uri, window=500)
     try:
@@ -96,7 +100,8 @@ def ledger(platform, card: str) -> list[tuple[str, int]]:
 
 
 def dead_letters(uri: str) -> int:
-    return sum(queue_state(uri, topology.handler_queue("erp", t, "loyalty", m) + ".dlq")[0] for t, m in HANDLERS)
+    return sum(queue_state(uri, topology.handler_queue("erp", t, "loyalty", m) + ".dlq")[0]
+               for t, m in HANDLERS) + queue_state(uri, RETURNS + ".dlq")[0]
 
 
 @pytest.mark.timeout(600)
@@ -184,13 +189,22 @@ def test_a_partial_return_reverses_in_proportion_and_refunds_the_redeemed_points
     wait_for(lambda: ("EARN", 140) in ledger(platform, "C1"), 60)
     assert ledger(platform, "C1") == [("REDEEM", -400), ("EARN", 140)]  # the hold captured once
     ret = posted("S001", "S001-07-R1", "C1", [("100001", -1, -2000)], kind=ErpReturnPostedV1,
-                 original_pos_txn_id="S001-07-1")
-    publish(publisher, [ret, ret])
+                 original_pos_txn_id="S001-07-1").payload()
+    commands = [CloudEvent.new(LoyaltyReturnPointsV1.TYPE, "retailbus/returns",
+                               LoyaltyReturnPointsV1(action=action, posted=ret), subject="S001:S001-07-R1",
+                               idempotencykey=f"return_to_refund:P1:{action}:0") for action in ("refund", "reverse")]
+    messages = [event_message(c, topology.commands_exchange("loyalty")) for c in commands for _ in (1, 2)]
+    replies = reply_queue(uri, "loyalty", "loyalty.return_points_booked.v1")  # where the process would hear it
+    assert publisher.publish_many(messages) == [None] * 4  # each command twice: booked once
     wait_for(lambda: len(ledger(platform, "C1")) == 4, 60)
     # one of four units of a line that earned 80: 20 back; 2000 of 10000 paid: a fifth of 400 refunded
     assert sorted(ledger(platform, "C1")[2:]) == [("ADJUST", -20), ("REFUND", 80)]
     assert platform.call("GET", "/members/C1")[1]["balance"] == 1000 - 400 + 140 - 20 + 80
     assert dead_letters(uri) == 0
+    answers = []
+    assert wait_for(lambda: answers.extend(taken(uri, replies)) or len(answers) == 4, 30), answers
+    assert sorted((a["data"]["action"], a["data"]["points"]) for a in answers) == [
+        ("refund", 80), ("refund", 80), ("reverse", 20), ("reverse", 20)]  # each delivery answered, the same
 
 
 def _try(call):

@@ -34,6 +34,7 @@ CARD = "LC0000000001"
 TOTALS_QUEUE = topology.handler_queue("store_agent", "store.control_totals.v2", "reconcile", "on_control_digests")
 SALES_QUEUE = topology.handler_queue("store_agent", "pos.sale.v1", "erp", "on_pos_sale")
 POINTS_QUEUE = topology.handler_queue("erp", "batch", "files", "on_posted")
+RETURNS_QUEUE = topology.handler_queue("store_agent", "pos.return.v1", "returns", "on_pos_return")
 
 
 class Estate:
@@ -115,9 +116,11 @@ def estate(tmp_path_factory):
         e.start("erp", "services.erp")
         e.start("files", "services.files")
         e.start("reconcile", "services.reconcile")
+        e.start("returns", "services.returns")  # a bus-routed return reaches the ERP by the return process
         assert wait_for(lambda: e.consumers(SALES_QUEUE) == 1, timeout=90), e.log("erp")
         assert wait_for(lambda: e.consumers(TOTALS_QUEUE) == 1, timeout=90), e.log("reconcile")
         assert wait_for(lambda: e.consumers(POINTS_QUEUE) == 1, timeout=90), e.log("files")
+        assert wait_for(lambda: e.consumers(RETURNS_QUEUE) == 1, timeout=90), e.log("returns")
         e.start("agent", "routing.store_agent", RETAILBUS_STORE="S001",
                 WEB_SERVER_ADDRESS=f"127.0.0.1:{e.agent_port}")
         assert wait_for(lambda: e.post("/erp/sales", {}) == 400, timeout=90), e.log("agent")

@@ -3,6 +3,7 @@ the posting, the inbox key and the outbox event in one transaction (worker_facto
 from __future__ import annotations
 
 import gc
+import json
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from legacy_wrappers.legacy_db import LegacyDatabase, LegacyDb, LegacyValueError
 from legacy_wrappers import inbox
 from bus.consumer import DUPLICATE
 from legacy_wrappers.batched_writes import write_batch
+from contracts.returns import ErpPostReturnV1
 from services.erp import ledger, outbox, posting, return_links, unknown_sku
 from services.erp.service import ErpService
 
@@ -40,6 +42,14 @@ def refund(txn_id="S001-07-R00001", orig="S001-07-000001", sku="100001") -> PosR
                    "line_total_minor": 1999}],
         "total_minor": 1999, "tenders": [{"kind": "cash", "amount_minor": 1999}],
         "original": {"store_id": "S001", "pos_txn_id": orig}})
+
+
+def command(ret: PosReturnV1) -> tuple[ErpPostReturnV1, CloudEvent]:
+    """The return process's command to post `ret` (services/returns), as it sends it."""
+    cmd = ErpPostReturnV1(pos_return=ret)
+    return cmd, CloudEvent.new(cmd.TYPE, "retailbus/returns", cmd, subject=f"S001:{ret.pos_txn_id}",
+                               correlationid="01J8Z3Q5W8N4T6B2C9D0E1F2G3",
+                               idempotencykey=f"return_to_refund:01J8Z3Q5W8N4T6B2C9D0E1F2G3:post_return:0")
 
 
 def envelope(txn) -> CloudEvent:
@@ -82,7 +92,7 @@ def postings(engine):
 
 
 def post(handler, txn, event):
-    """One message through a batching handler (`on_pos_sale`, `on_pos_return`): its result."""
+    """One message through a batching handler (`on_pos_sale`, `on_post_return`): its result."""
     [result] = handler([(txn, event)])
     return result
 
@@ -175,12 +185,34 @@ def test_different_sales_both_post(service, db):
 def test_return_posts_once_and_references_the_sale(service, db):
     post(service.on_pos_sale, sale(), envelope(sale()))
     ret = refund()
-    ev = envelope(ret)
-    assert post(service.on_pos_return, ret, ev) == "R00000001"
-    assert post(service.on_pos_return, ret, ev) is DUPLICATE
+    assert post(service.on_post_return, *command(ret)) == "R00000001"
+    assert post(service.on_post_return, *command(ret)) is DUPLICATE
     assert headers(db, "R") == [("R00000001", "S001-07-R00001", "S00000001", "RBUS")]
     assert on_hand(db, "100001") == DEMO_ON_HAND - 2 + 1
+    # keyed as the till's return, whatever the process's key: the RPC path and the bus post it once
     assert ("erp.on_pos_return", "pos.return.v1:S001:S001-07-R00001") in inbox_keys(db)
+    # the process asking again is answered again: the same announcement (key), for the same document
+    with db.engine.connect() as conn:
+        announced = [json.loads(r.BODY) for r in conn.execute(sa.select(outbox.OUTBOX.c.BODY).where(
+            outbox.OUTBOX.c.TYPE == "erp.return_posted.v1"))]
+    assert [a["idempotencykey"] for a in announced] == ["erp.return_posted.v1:R00000001"] * 2
+    assert {a["correlationid"] for a in announced} == {"01J8Z3Q5W8N4T6B2C9D0E1F2G3"}
+    assert announced[0]["data"] == announced[1]["data"] | {"posted_at": announced[0]["data"]["posted_at"]}
+    assert announced[0]["data"]["original"] == {
+        "doc_no": "S00000001", "business_day": "2026-11-27", "loyalty_card": None, "returned_before": [],
+        "lines": [{"sku": "100001", "quantity": 2, "line_total_minor": 3998}]}
+
+
+def test_a_return_knows_what_the_returns_posted_before_it_took_back(db):
+    """By document order: within one batch and across batches."""
+    _batch(db, sale("A", qty=3), refund("R1", orig="A"), refund("R2", orig="A"))
+    _batch(db, refund("R3", orig="A"))
+    with db.engine.connect() as conn:
+        events = [json.loads(r.BODY)["data"] for r in conn.execute(sa.select(outbox.OUTBOX.c.BODY).where(
+            outbox.OUTBOX.c.TYPE == "erp.return_posted.v1").order_by(outbox.OUTBOX.c.ID))]
+    assert [e["original"]["returned_before"] for e in events] == [
+        [], [{"sku": "100001", "quantity": 1, "line_total_minor": 1999}],
+        [{"sku": "100001", "quantity": 2, "line_total_minor": 3998}]]
 
 
 def test_failure_inside_posting_leaves_no_header_and_no_inbox_row(service, db, monkeypatch):
@@ -327,7 +359,7 @@ def test_a_sale_the_legacy_api_booked_already_is_a_duplicate(service, db):
 def test_a_return_posted_before_its_sale_is_linked_when_the_sale_posts(service, db):
     """After a backlog the returns queue can run ahead of the sales queue."""
     ret = refund()
-    assert post(service.on_pos_return, ret, envelope(ret)) == "R00000001"
+    assert post(service.on_post_return, *command(ret)) == "R00000001"
     assert headers(db, "R") == [("R00000001", "S001-07-R00001", None, "RBUS")]
     txn = sale()
     assert post(service.on_pos_sale, txn, envelope(txn)) == "S00000001"

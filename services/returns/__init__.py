@@ -1,0 +1,1 @@
+from services.returns.service import ReturnsService  # noqa: F401  (what `nameko run services.returns` runs)
