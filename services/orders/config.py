@@ -34,9 +34,9 @@ class Pickup(Strict):
 
 
 class LoyaltyWait(Strict):
-    wait_seconds: float = Field(120.0, gt=0, le=3600, description=(
+    wait_seconds: float = Field(120.0, gt=0, le=480, description=(
         "how long an order waits for the loyalty platform to hold its points; then it is cancelled "
-        "as loyalty_unavailable"))
+        "as loyalty_unavailable (the hold step's timeout, 600 s, must outlast it)"))
 
 
 class Sla(Strict):
