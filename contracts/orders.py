@@ -23,10 +23,8 @@ CustomerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,12}$")]
 Card = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,20}$")]  # LOYALTY_CARD's width
 Units = Annotated[StrictInt, Field(gt=0, le=10_000, description="units ordered on the line")]
 
-CANCEL_REASONS = ("out_of_stock", "customer_cancelled", "not_collected", "loyalty_refused",
-                  "loyalty_unavailable", "failed")
 CancelReason = Literal["out_of_stock", "customer_cancelled", "not_collected", "loyalty_refused",
-                       "loyalty_unavailable", "failed"]
+                       "loyalty_unavailable"]
 
 
 class _Message(BaseModel):
