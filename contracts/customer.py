@@ -107,11 +107,12 @@ class CrmCustomerExportedV1(BaseModel):
     consent_sms: YesNo | None = None
     consent_data_sharing: YesNo | None = None
 
-    def values(self) -> CustomerValues:
-        """The row as the attributes the CRM holds (a consent column left empty: not held)."""
+    def given(self) -> dict:
+        """The row as the attributes the CRM holds, `CustomerValues.given()`'s shape (a consent
+        column left empty: not held). The row's constraints are CustomerValues' own."""
         given = {"name": self.name, "email": self.email, "phone": self.phone, "loyalty_card": self.loyalty_card}
         given.update({c: getattr(self, c) == "Y" for c in CONSENTS if getattr(self, c) is not None})
-        return CustomerValues(**given)
+        return given
 
 
 ConsentName = Literal["marketing_email", "sms", "data_sharing"]

@@ -75,8 +75,9 @@ def _view(conn, customer_id: str) -> dict:
             "updated": row["updated"]}
 
 
-def _upsert(conn, cid: str, body: dict, actor: str) -> dict:
-    """Create or update; only the fields given change (`null` clears a profile field)."""
+def _upsert(conn, cid: str, body: dict, actor: str) -> bool:
+    """Create or update; only the fields given change (`null` clears a profile field). True when
+    the profile changed (noted in the change feed); segments follow a new profile or tier."""
     unknown = set(body) - set(PROFILE_FIELDS) - {"consent"}
     if unknown:
         raise ApiError(400, "invalid_field", f"{sorted(unknown)[0]}: unknown field")
@@ -86,31 +87,32 @@ def _upsert(conn, cid: str, body: dict, actor: str) -> dict:
     consent = body.get("consent", {})
     if not isinstance(consent, dict) or any(k not in CONSENTS or not isinstance(v, bool) for k, v in consent.items()):
         raise ApiError(400, "invalid_field", f"consent: an object of booleans among {', '.join(CONSENTS)}")
-    exists = conn.execute("SELECT 1 FROM customers WHERE customer_id = ?", (cid,)).fetchone() is not None
-    before = _view(conn, cid) if exists else None
-    if not exists:
-        conn.execute("INSERT INTO customers (customer_id, updated) VALUES (?, ?)", (cid, now()))
-    changes = {f: body[f] for f in PROFILE_FIELDS if f in body}
-    changes.update({f"consent_{k}": int(v) for k, v in consent.items()})
-    if changes:
-        assignments = ", ".join(f"{column} = :{column}" for column in changes)
-        conn.execute(f"UPDATE customers SET {assignments} WHERE customer_id = :cid", {**changes, "cid": cid})
-    after = _view(conn, cid)
-    if before is None or _profile(before) != _profile(after):
-        conn.execute("UPDATE customers SET updated = ? WHERE customer_id = ?", (now(), cid))
-        after = _view(conn, cid)
-        record_change(conn, cid, actor, _profile(after))
-    _recompute(conn, cid)
-    return _view(conn, cid)
-
-
-def _profile(view: dict) -> dict:
-    """What a change of the profile is: its fields and consents (not segments, not the stamp)."""
-    return {**{f: view[f] for f in PROFILE_FIELDS}, "consent": view["consent"]}
+    row = conn.execute("SELECT * FROM customers WHERE customer_id = ?", (cid,)).fetchone()
+    before = dict(row) if row is not None else {**{f: None for f in PROFILE_FIELDS},
+                                                **{f"consent_{c}": 0 for c in CONSENTS}}
+    after = {**before, **{f: body[f] for f in PROFILE_FIELDS if f in body},
+             **{f"consent_{k}": int(v) for k, v in consent.items()}}
+    if row is not None and after == before:
+        return False
+    columns = [*PROFILE_FIELDS, *(f"consent_{c}" for c in CONSENTS)]
+    values = {c: after[c] for c in columns}
+    if row is None:
+        conn.execute(f"INSERT INTO customers (customer_id, {', '.join(columns)}, updated) "
+                     f"VALUES (:cid, {', '.join(':' + c for c in columns)}, :updated)",
+                     {**values, "cid": cid, "updated": now()})
+    else:
+        conn.execute(f"UPDATE customers SET {', '.join(f'{c} = :{c}' for c in columns)}, updated = :updated "
+                     "WHERE customer_id = :cid", {**values, "cid": cid, "updated": now()})
+    record_change(conn, cid, actor, {**{f: after[f] for f in PROFILE_FIELDS},
+                                     "consent": {c: bool(after[f"consent_{c}"]) for c in CONSENTS}})
+    if row is None or before["loyalty_tier"] != after["loyalty_tier"]:
+        _recompute(conn, cid)
+    return True
 
 
 def put_customer(req: Request) -> tuple[int, dict]:
-    return 200, _upsert(req.conn, req.params["customer_id"], req.body, req.actor)
+    _upsert(req.conn, req.params["customer_id"], req.body, req.actor)
+    return 200, _view(req.conn, req.params["customer_id"])
 
 
 def put_customers(req: Request) -> tuple[int, dict]:
@@ -119,9 +121,9 @@ def put_customers(req: Request) -> tuple[int, dict]:
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH or not all(
             isinstance(i, dict) and isinstance(i.get("customer_id"), str) and i["customer_id"] for i in items):
         raise ApiError(400, "invalid_field", f"customers: 1..{MAX_BATCH} objects each with a customer_id")
-    return 200, {"customers": [_upsert(req.conn, item["customer_id"],
-                                       {k: v for k, v in item.items() if k != "customer_id"}, req.actor)
-                               for item in items]}
+    return 200, {"customers": [{"customer_id": item["customer_id"], "changed": _upsert(
+        req.conn, item["customer_id"], {k: v for k, v in item.items() if k != "customer_id"}, req.actor)}
+        for item in items]}
 
 
 def get_customer(req: Request) -> tuple[int, dict]:

@@ -20,7 +20,7 @@ from contracts.envelope import CloudEvent
 from contracts.mastering import CustomerMasteredV1, CustomerWrite
 from legacy_wrappers.feed_changes import feed_changes
 from legacy_wrappers.json_http import CLIENT
-from services.customers.propagation import applied, writes_for
+from services.customers.propagation import applied, binding, writes_for
 
 log = logging.getLogger(__name__)
 SYSTEM = "crm"
@@ -83,7 +83,7 @@ class CustomerSync:
     def on_crm_changes(self, changes: list[dict]):
         return publish_statements(self.customer_changes, changes, statement, SYSTEM)
 
-    @reliable_handler("customers", CustomerMasteredV1.TYPE, ordered=True)
+    @reliable_handler("customers", binding(SYSTEM), ordered=True)
     def on_customer_mastered(self, mastered: CustomerMasteredV1, event: CloudEvent):
         """The hub's writes for CRM profiles, in its order, through the bulk API."""
         writes = writes_for(mastered, SYSTEM)

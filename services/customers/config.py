@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import yaml
 from nameko.extensions import DependencyProvider
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, model_validator
 
 from bus.settings import retailbus_settings
 from contracts.customer import ATTRIBUTES
@@ -110,11 +110,19 @@ class CustomersConfig(Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    _owners: dict = PrivateAttr(default_factory=dict)
+    _ranks: dict = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, _context) -> None:
+        """Look-ups the rules make for every attribute of every record, computed once."""
+        self._owners = {a: g for g in self.groups.values() for a in g.attributes}
+        self._ranks = {system: n for n, system in enumerate(self.priority)}
+
     def owner_of(self, attribute: str) -> Group:
-        return next(g for g in self.groups.values() if attribute in g.attributes)
+        return self._owners[attribute]
 
     def rank(self, system: str) -> int:
-        return self.priority.index(system)
+        return self._ranks[system]
 
 
 def parse(text: str, source: str = "customers.yaml") -> CustomersConfig:

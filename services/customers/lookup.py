@@ -67,6 +67,11 @@ def describe(kind: str, detail: dict) -> str:
     if kind == "case":
         return (f"steward case {detail['case_id']}: agree on {', '.join(detail['agree'])}, differ on "
                 f"{', '.join(detail['conflict'])}")
+    if kind == "created":
+        parts = [f"{a}: {c['to']!r} ({c['rule']})" for a, c in detail.get("values", {}).items()]
+        parts += [f"records made: {', '.join(detail['created_in'])}"] if detail.get("created_in") else []
+        parts += [f"steward cases with {', '.join(detail['cases'])}"] if detail.get("cases") else []
+        return "; ".join(parts)
     if kind == "linked":
         return "created in its system by the hub" if detail.get("created") else \
             f"matched on {', '.join(detail.get('matched_on', []))}"

@@ -42,6 +42,8 @@ MERGES = Counter("retailbus_customer_merges_total", "Golden records merged into 
 CASES = Counter("retailbus_customer_steward_cases_total", "Uncertain matches given to data stewards (case.opened.v1)")
 CONFLICTS = Counter("retailbus_customer_conflicts_total",
                     "Values a system said that the survivorship rules overruled, by attribute", ["attribute"])
+for _attribute in ATTRIBUTES:  # every attribute's series from the start: a dashboard shows 0, not "no data"
+    CONFLICTS.labels(_attribute)
 STATEMENTS = Counter("retailbus_customer_statements_total",
                      "Records' changes taken by the hub, by origin and outcome (changed: at least one attribute "
                      "new to the hub; unchanged: all held already, e.g. an echo of the hub's own write)",
@@ -90,6 +92,7 @@ class Master:
         self.out = Outcome()
         self._cause: dict[str, str] = {}  # golden id -> origin of its latest change (for its writes)
         self._created: set[str] = set()   # refs of the records this batch creates in their systems
+        self._fresh: dict[str, dict] = {}  # golden records this batch created -> their history entry
 
     # ------------------------------------------------------------------ statements
     def take(self, statement: Statement) -> None:
@@ -98,21 +101,27 @@ class Master:
         if new:
             record = Record(statement.system, statement.record_id, golden_id="", new=True)
         changed = _absorb(record, statement)
-        STATEMENTS.labels(statement.origin, "changed" if changed or new else "unchanged").inc()
+        _counted(STATEMENTS, statement.origin, "changed" if changed or new else "unchanged").inc()
+        entry = None
         if new:
-            golden = self._link(record, statement)
+            golden, entry = self._link(record, statement)
             changed = list(record.attrs)
         else:
             golden = self.ws.golden(record.golden_id)
             if changed:
                 self.ws.touch_record(record)
         if changed:
-            self._decide(golden, changed, statement.origin, record.ref)
-            self._conflicts(golden, record, changed)
-            self._merge_check(golden, statement.origin)
+            self._decide(golden, changed, statement.origin, record.ref, entry)
+            if len(self.ws.records_of(golden)) > 1:  # one record cannot disagree, nor match another than by link
+                self._conflicts(golden, record, changed)
+                self._merge_check(golden, statement.origin)
+            elif entry is None or entry.get("cases"):
+                self._merge_check(golden, statement.origin)
         self.out.traced.append({"key": statement.key, "refs": [statement.record_id, self._active(golden).golden_id]})
 
-    def _link(self, record: Record, statement: Statement) -> Golden:
+    def _link(self, record: Record, statement: Statement) -> tuple[Golden, dict | None]:
+        """The golden record a new record belongs to; and, if it is a new one, its history entry
+        (the rest of the batch adds to it: its values, the records made for it)."""
         keys = matching.record_keys(self.config, record)
         agreeing = {g.golden_id: (g, v) for g in self.ws.goldens_with(keys)
                     for v in [matching.evaluate(self.config, keys, self.ws.golden_keys(g))] if v.kind != "none"}
@@ -121,17 +130,20 @@ class Master:
             record.golden_id = golden.golden_id
             self.ws.add_record(record)
             self._history(golden, "linked", statement.origin, record.ref, {"matched_on": list(verdict.agree)})
-            return golden
+            return golden, None
         golden = self.ws.new_golden(self.now)
         record.golden_id = golden.golden_id
         self.ws.add_record(record)
-        self._history(golden, "created", statement.origin, record.ref, {})
+        entry = self._fresh[golden.golden_id] = self._history(golden, "created", statement.origin, record.ref, {})
         for other, verdict in agreeing.values():  # any doubt: nothing is merged, a steward decides
             self._open_case(other, golden, verdict)
-        return golden
+            entry.setdefault("cases", []).append(other.golden_id)
+        return golden, entry
 
     # ------------------------------------------------------------------ deciding
-    def _decide(self, golden: Golden, attributes, origin: str, ref: str | None) -> None:
+    def _decide(self, golden: Golden, attributes, origin: str, ref: str | None, entry: dict | None = None) -> None:
+        """Decide `attributes` again; their changes go to the history (into `entry`, a new golden
+        record's own, when given)."""
         records = self.ws.records_of(golden)
         changes = {}
         for attribute in attributes:
@@ -143,13 +155,15 @@ class Master:
             if before is None or before.value != after.value:
                 changes[attribute] = {"from": None if before is None else before.value, "to": after.value,
                                       "rule": after.rule, "source": after.record, "at": after.at}
-                if attribute in CONSENTS:
+                if attribute in CONSENTS and before is not None:  # a consent first recorded is no change
                     self.out.consents.append({"golden_id": golden.golden_id, "consent": attribute[8:],
                                               "granted": after.value, "origin": after.origin,
                                               "source_record": after.record, "at": after.at})
         if changes or golden.new:
             golden.version += 1
-        if changes:
+        if changes and entry is not None:
+            entry["values"] = changes
+        elif changes:
             self._history(golden, "changed", origin, ref, changes)
         self._cause[golden.golden_id] = origin
         self.ws.touch_golden(golden)
@@ -159,7 +173,7 @@ class Master:
         for attribute in attributes:
             said = record.filled(attribute)
             if said is not None and golden.value(attribute) != said:
-                CONFLICTS.labels(attribute).inc()
+                _counted(CONFLICTS, attribute).inc()
 
     # ------------------------------------------------------------------ merging
     def _merge_check(self, golden: Golden, origin: str) -> None:
@@ -218,8 +232,10 @@ class Master:
             golden = self.ws.golden(golden.survivor)
         return golden
 
-    def _history(self, golden: Golden, kind: str, origin: str, ref: str | None, detail: dict) -> None:
+    def _history(self, golden: Golden, kind: str, origin: str, ref: str | None, detail: dict) -> dict:
+        """Note an entry in the golden record's history; its detail (kept until the batch is saved)."""
         self.ws.add_history(golden.golden_id, self.now, kind, origin, ref, detail)
+        return detail
 
     # ------------------------------------------------------------------ propagation
     def finish(self) -> Outcome:
@@ -244,7 +260,10 @@ class Master:
         record = Record(system, record_id, golden.golden_id, new=True)
         self.ws.add_record(record)
         self._created.add(record.ref)
-        self._history(golden, "linked", "customers", record.ref, {"created": True})
+        if golden.golden_id in self._fresh:
+            self._fresh[golden.golden_id].setdefault("created_in", []).append(record.ref)
+        else:
+            self._history(golden, "linked", "customers", record.ref, {"created": True})
         return record
 
     def _write(self, golden: Golden, record: Record, spec, origin: str) -> None:
@@ -266,7 +285,18 @@ class Master:
         golden_id = values.pop(GOLDEN_ID, None)
         self.out.writes.append(Write(record.system, record.record_id, golden.golden_id, origin,
                                      record.ref in self._created, golden_id is not None, values))
-        WRITES.labels(record.system).inc()
+        _counted(WRITES, record.system).inc()
+
+
+_CHILDREN: dict = {}
+
+
+def _counted(metric, *labels):
+    """`metric.labels(*labels)`, kept: taking a labelled child costs more than counting with it."""
+    child = _CHILDREN.get((metric, labels))
+    if child is None:
+        child = _CHILDREN[(metric, labels)] = metric.labels(*labels)
+    return child
 
 
 def _absorb(record: Record, statement: Statement) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from services.customers.config import CustomersConfig
 from services.customers.model import Golden, Record
@@ -29,6 +30,7 @@ _NOT_CARD = re.compile(r"[\s\-]")
 _NOT_DIGIT = re.compile(r"\D")
 
 
+@lru_cache(maxsize=65536)  # a value is normalised again each time its golden record's keys are taken
 def normalise(kind: str, value) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return None

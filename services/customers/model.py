@@ -44,15 +44,15 @@ class AttrState:
     filled: Said | None = None
 
     def to_json(self) -> list:
-        return [_said(self.held), _said(self.latest), _said(self.filled)]
+        held, latest, filled = self.held, self.latest, self.filled
+        return [None if held is None else [held.value, held.at, held.origin],
+                None if latest is None else [latest.value, latest.at, latest.origin],
+                None if filled is None else [filled.value, filled.at, filled.origin]]
 
     @classmethod
     def from_json(cls, data: list) -> AttrState:
         return cls(*(None if s is None else Said(*s) for s in data))
 
-
-def _said(said: Said | None) -> list | None:
-    return None if said is None else [said.value, said.at, said.origin]
 
 
 @dataclass(slots=True)

@@ -1,9 +1,10 @@
 """What every system API shares when it applies the customer hub's writes.
 
-Each system API (services/erp, services/crm, services/loyalty) takes
-`customer.mastered.v1` in the order the hub published it (an ordered handler:
-one message at a time, a failure retried in place), keeps its own system's
-writes, and applies them through that system's interface. The lag from the
+Each system API (services/erp, services/crm, services/loyalty) takes the
+`customer.mastered.v1` the hub addressed to its system (routing key
+`customer.mastered.v1.<system>`), in the order the hub published them (an
+ordered handler: one message at a time, a failure retried in place), and
+applies the writes through that system's interface. The lag from the
 hub's commit to the write is measured per system.
 """
 from __future__ import annotations
@@ -17,6 +18,11 @@ from contracts.mastering import CustomerMasteredV1, CustomerWrite
 LAG = Histogram("retailbus_customer_propagation_lag_seconds",
                 "From the customer hub's commit to the write in a system, per system", ["system"],
                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+
+
+def binding(system: str) -> str:
+    """The routing key of a system's `customer.mastered.v1`: each system API takes only its own."""
+    return f"{CustomerMasteredV1.TYPE}.{system}"
 
 
 def writes_for(mastered: CustomerMasteredV1, system: str) -> list[CustomerWrite]:

@@ -18,15 +18,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 import orjson
-from sqlalchemy import bindparam, delete, insert, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.engine import Connection
 
+from legacy_wrappers.prepared import Prepared, run_together
 from services.customers import matching
 from services.customers.config import CustomersConfig
 from services.customers.model import AttrState, Decided, Golden, Record
 from services.customers.tables import CASES, GOLDEN, HISTORY, KEYS, RECORDS, SEQUENCE
 
-CHUNK = 400          # (a, b) pairs per IN list
+CHUNK = 400          # values per IN list
 ADVISORY_LOCK = 21_2100  # PostgreSQL: the customer hub's mastering lock
 FIRST_GOLDEN = 1
 
@@ -51,6 +52,7 @@ class Workspace:
         self._key_hits: dict[tuple[str, str], set[str]] = {}
         self._keys_now: dict[str, matching.Keys] = {}       # goldens changed in this batch: their keys now
         self._overlay: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._stale: set[str] = set()                       # changed since their keys were taken
         self._touched_records: dict[tuple[str, str], Record] = {}
         self._touched_goldens: dict[str, Golden] = {}
         self._cases: dict[tuple[str, str], bool] = {}
@@ -68,13 +70,13 @@ class Workspace:
         self._load_goldens([g for g in wanted if g not in self._goldens])
 
     def _load_records(self, pairs: list[tuple[str, str]]) -> None:
-        for chunk in _chunks(pairs):
-            for pair in chunk:
-                self._records.setdefault(pair, None)
-            rows = self.conn.execute(select(RECORDS).where(
-                tuple_(RECORDS.c.SYSTEM, RECORDS.c.RECORD_ID).in_(chunk))).all()
-            for row in rows:
-                self._records[(row.SYSTEM, row.RECORD_ID)] = _record(row)
+        for pair in pairs:
+            self._records.setdefault(pair, None)
+        for system, ids in _by_first(pairs).items():  # `SYSTEM = ? AND RECORD_ID IN (..)`: the primary key's order
+            for chunk in _chunks(ids):
+                for row in self.conn.execute(select(RECORDS).where(RECORDS.c.SYSTEM == system,
+                                                                   RECORDS.c.RECORD_ID.in_(chunk))):
+                    self._records[(row.SYSTEM, row.RECORD_ID)] = _record(row)
 
     def _load_goldens(self, ids: list[str]) -> None:
         for chunk in _chunks(ids):
@@ -90,11 +92,13 @@ class Workspace:
 
     def _query_keys(self, pairs) -> None:
         fresh = [p for p in dict.fromkeys(pairs) if p not in self._key_hits]
-        for chunk in _chunks(fresh):
-            for pair in chunk:
-                self._key_hits[pair] = set()
-            for row in self.conn.execute(select(KEYS).where(tuple_(KEYS.c.KEY_NAME, KEYS.c.KEY_VALUE).in_(chunk))):
-                self._key_hits[(row.KEY_NAME, row.KEY_VALUE)].add(row.GOLDEN_ID)
+        for pair in fresh:
+            self._key_hits[pair] = set()
+        for name, values in _by_first(fresh).items():
+            for chunk in _chunks(values):
+                for row in self.conn.execute(select(KEYS.c.KEY_VALUE, KEYS.c.GOLDEN_ID).where(
+                        KEYS.c.KEY_NAME == name, KEYS.c.KEY_VALUE.in_(chunk))):
+                    self._key_hits[(name, row.KEY_VALUE)].add(row.GOLDEN_ID)
 
     # ------------------------------------------------------------------ what Master asks
     def record(self, system: str, record_id: str) -> Record | None:
@@ -112,6 +116,7 @@ class Workspace:
         return self._by_golden.setdefault(golden.golden_id, [])
 
     def golden_keys(self, golden: Golden) -> matching.Keys:
+        self._refresh()
         found = self._keys_now.get(golden.golden_id)
         if found is None:
             found = matching.golden_keys(self.config, golden, self.records_of(golden))
@@ -119,6 +124,7 @@ class Workspace:
 
     def goldens_with(self, keys: matching.Keys) -> list[Golden]:
         """The active golden records holding any of `keys`' values, as they are now."""
+        self._refresh()
         pairs = [(name, value) for name, values in keys.items() for value in values]
         self._query_keys(pairs)
         ids = set()
@@ -155,15 +161,24 @@ class Workspace:
         self._touched_records[(record.system, record.record_id)] = record
 
     def touch_golden(self, golden: Golden) -> None:
-        """`golden` changed (values, records or status): its keys are taken again."""
+        """`golden` changed (values, records or status): its keys are taken again before the next look-up."""
         self._touched_goldens[golden.golden_id] = golden
-        for pair in _pairs(self._keys_now.get(golden.golden_id, {})):
-            self._overlay[pair].discard(golden.golden_id)
-        keys = {} if golden.status != "active" else \
-            matching.golden_keys(self.config, golden, self.records_of(golden))
-        self._keys_now[golden.golden_id] = keys
-        for pair in _pairs(keys):
-            self._overlay[pair].add(golden.golden_id)
+        self._stale.add(golden.golden_id)
+
+    def _refresh(self) -> None:
+        """The keys of the golden records changed since they were last taken, in the index overlay."""
+        if not self._stale:
+            return
+        for golden_id in self._stale:
+            golden = self._goldens[golden_id]
+            for pair in _pairs(self._keys_now.get(golden_id, {})):
+                self._overlay[pair].discard(golden_id)
+            keys = {} if golden.status != "active" else \
+                matching.golden_keys(self.config, golden, self.records_of(golden))
+            self._keys_now[golden_id] = keys
+            for pair in _pairs(keys):
+                self._overlay[pair].add(golden_id)
+        self._stale.clear()
 
     def changed_goldens(self) -> list[Golden]:
         return list(self._touched_goldens.values())
@@ -180,35 +195,38 @@ class Workspace:
         self._new_cases.append(dict(CASE_ID=case_id, GOLDEN_A=a, GOLDEN_B=b, DETAIL=summary[:2000], OPENED_AT=now))
 
     def add_history(self, golden_id: str, now: str, kind: str, origin: str, ref: str | None, detail: dict) -> None:
-        self._history.append(dict(GOLDEN_ID=golden_id, AT=now, KIND=kind, ORIGIN=origin, RECORD=ref,
-                                  EVENT_ID=None, DETAIL_JSON=orjson.dumps(detail).decode()))
+        self._history.append({"GOLDEN_ID": golden_id, "AT": now, "KIND": kind, "ORIGIN": origin, "RECORD": ref,
+                              "EVENT_ID": None, "DETAIL_JSON": detail})  # written as JSON when saved
 
     # ------------------------------------------------------------------ saving
     def save(self, now: str) -> None:
-        """Write back what the batch changed, in the worker's transaction."""
+        """Write back what the batch changed, in the worker's transaction (a statement per table
+        and kind of change, each compiled once: `Prepared`)."""
+        self._refresh()
+        dumps = orjson.dumps
         records = list(self._touched_records.values())
-        rows = [dict(SYSTEM=r.system, RECORD_ID=r.record_id, GOLDEN_ID=r.golden_id, UPDATED_AT=now,
-                     STATE_JSON=orjson.dumps({a: s.to_json() for a, s in r.attrs.items()}).decode())
-                for r in records]
-        self._upsert(RECORDS, [row for r, row in zip(records, rows) if r.new],
-                     [row for r, row in zip(records, rows) if not r.new], ("SYSTEM", "RECORD_ID"))
+        rows = [{"SYSTEM": r.system, "RECORD_ID": r.record_id, "GOLDEN_ID": r.golden_id, "UPDATED_AT": now,
+                 "STATE_JSON": dumps({a: s.to_json() for a, s in r.attrs.items()}).decode()} for r in records]
         goldens = list(self._touched_goldens.values())
-        rows = [dict(GOLDEN_ID=g.golden_id, VERSION=g.version, STATUS=g.status, SURVIVOR=g.survivor,
-                     VALUES_JSON=orjson.dumps({a: d.to_json() for a, d in g.values.items()}).decode(),
-                     CREATED_AT=g.created or now, UPDATED_AT=now) for g in goldens]
-        self._upsert(GOLDEN, [row for g, row in zip(goldens, rows) if g.new],
-                     [row for g, row in zip(goldens, rows) if not g.new], ("GOLDEN_ID",))
-        ids = [g.golden_id for g in goldens]
-        for chunk in _chunks(ids):
-            self.conn.execute(delete(KEYS).where(KEYS.c.GOLDEN_ID.in_(chunk)))
-        keys = [dict(KEY_NAME=name, KEY_VALUE=value[:254], GOLDEN_ID=g) for g in ids
-                for name, value in _pairs(self._keys_now.get(g, {}))]
+        golden_rows = [{"GOLDEN_ID": g.golden_id, "VERSION": g.version, "STATUS": g.status, "SURVIVOR": g.survivor,
+                        "VALUES_JSON": dumps({a: d.to_json() for a, d in g.values.items()}).decode(),
+                        "CREATED_AT": g.created or now, "UPDATED_AT": now} for g in goldens]
+        old = [{"g": g.golden_id} for g in goldens if not g.new]  # a new one has no keys to take away yet
+        keys = [{"KEY_NAME": name, "KEY_VALUE": value[:254], "GOLDEN_ID": g.golden_id} for g in goldens
+                for name, value in _pairs(self._keys_now.get(g.golden_id, {}))]
+        run_together(self.conn, [
+            (_INSERT[RECORDS], [row for r, row in zip(records, rows) if r.new]),
+            (_INSERT[GOLDEN], [row for g, row in zip(goldens, golden_rows) if g.new]),
+            (_INSERT[HISTORY], [{**h, "DETAIL_JSON": dumps(h["DETAIL_JSON"]).decode()} for h in self._history]),
+            (_INSERT[CASES], self._new_cases)])
+        for prepared, changed in (
+                (_UPDATE_RECORD, _keyed([row for r, row in zip(records, rows) if not r.new], ("SYSTEM", "RECORD_ID"))),
+                (_UPDATE_GOLDEN, _keyed([row for g, row in zip(goldens, golden_rows) if not g.new], ("GOLDEN_ID",))),
+                (_DELETE_KEYS, old)):
+            if changed:
+                prepared(self.conn, changed)
         if keys:
-            self.conn.execute(insert(KEYS), keys)
-        if self._history:
-            self.conn.execute(insert(HISTORY), self._history)
-        if self._new_cases:
-            self.conn.execute(insert(CASES), self._new_cases)
+            _INSERT[KEYS](self.conn, keys)
         if self._next_number is not None:
             done = self.conn.execute(update(SEQUENCE).where(SEQUENCE.c.NAME == "golden").values(
                 NEXT_NO=self._next_number)).rowcount
@@ -219,15 +237,29 @@ class Workspace:
         for golden in goldens:
             golden.new = False
 
-    def _upsert(self, table, new: list[dict], changed: list[dict], key: tuple[str, ...]) -> None:
-        if new:
-            self.conn.execute(insert(table), new)
-        if changed:
-            columns = [c for c in changed[0] if c not in key]
-            statement = update(table).where(*[table.c[k] == bindparam(f"k_{k}") for k in key]).values(
-                {c: bindparam(f"v_{c}") for c in columns})
-            self.conn.execute(statement, [{**{f"k_{k}": row[k] for k in key},
-                                           **{f"v_{c}": row[c] for c in columns}} for row in changed])
+
+def _update(table, key: tuple[str, ...]) -> Prepared:
+    """UPDATE of every other column of a row by its key (the key as `k_<column>`): the rows'
+    dicts carry every column (`_keyed`)."""
+    return Prepared(update(table).where(*[table.c[k] == bindparam(f"k_{k}") for k in key]).values(
+        {c.name: bindparam(c.name) for c in table.columns if c.name not in key}))
+
+
+def _keyed(rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    return [{**{c: v for c, v in row.items() if c not in key}, **{f"k_{k}": row[k] for k in key}} for row in rows]
+
+
+_INSERT = {table: Prepared(insert(table)) for table in (RECORDS, GOLDEN, KEYS, HISTORY, CASES)}
+_UPDATE_RECORD = _update(RECORDS, ("SYSTEM", "RECORD_ID"))
+_UPDATE_GOLDEN = _update(GOLDEN, ("GOLDEN_ID",))
+_DELETE_KEYS = Prepared(delete(KEYS).where(KEYS.c.GOLDEN_ID == bindparam("g")))
+
+
+def _by_first(pairs) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for first, second in pairs:
+        grouped[first].append(second)
+    return grouped
 
 
 def _pairs(keys: matching.Keys):

@@ -30,6 +30,13 @@ def _candidate(record: Record, said: Said | None) -> tuple[Record, Said] | None:
 def decide(config: CustomersConfig, attribute: str, records: list[Record]) -> Decided | None:
     """The golden value of `attribute` from `records` (None: no system said anything usable)."""
     group = config.owner_of(attribute)
+    if len(records) == 1:  # most golden records have one record: the rules reduce to this
+        record = records[0]
+        state = record.attrs.get(attribute)
+        owner = record.system == group.owner
+        said = None if state is None else state.latest if owner and group.owner_clears else state.filled
+        return None if said is None else Decided(said.value, said.origin, record.ref, said.at,
+                                                  "owner" if owner else "only")
     owner = [c for r in records if r.system == group.owner and attribute in r.attrs
              for c in [_candidate(r, r.attrs[attribute].latest if group.owner_clears
                                   else r.attrs[attribute].filled)] if c]
@@ -40,8 +47,8 @@ def decide(config: CustomersConfig, attribute: str, records: list[Record]) -> De
               for c in [_candidate(r, r.attrs[attribute].filled)] if c]
     if not others:
         return None
-    ranked = sorted(others, key=lambda c: (config.rank(c[0].system), _descending(c[1].at), c[1].origin,
-                                           c[0].record_id))
+    ranked = sorted(others, key=lambda c: (c[1].at, c[1].origin, c[0].record_id), reverse=True)  # latest first
+    ranked.sort(key=lambda c: config.rank(c[0].system))  # stable: the latest first within a rank
     (record, said), rest = ranked[0], ranked[1:]
     if not rest:
         rule = "only"
@@ -51,7 +58,3 @@ def decide(config: CustomersConfig, attribute: str, records: list[Record]) -> De
         rule = "most_recent"
     return Decided(said.value, said.origin, record.ref, said.at, rule)
 
-
-def _descending(at: str) -> tuple:
-    """Sorts later times first (ISO strings of one shape compare as text)."""
-    return tuple(-ord(ch) for ch in at)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from sqlalchemy import Column, MetaData, String, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,6 +29,7 @@ from contracts.customer import CustomerUpdatedV1, CustomerUpdatedV2, CustomerVal
 from contracts.envelope import CloudEvent
 from contracts.mastering import CustomerWrite
 from legacy_wrappers.legacy_db import check_row
+from legacy_wrappers.prepared import Prepared
 from services.erp.stock import legacy_time
 
 TABLE = "CUST_MST"
@@ -108,6 +110,12 @@ def not_ours(conn: Connection, rows: list[dict]) -> list[dict]:
 _NOTE = {name: insert(ECHO) for name, insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))}
 
 
+@lru_cache(maxsize=8)
+def _insert(cust: Table) -> Prepared:
+    """INSERT into CUST_MST as the database has it (reflected), compiled once."""
+    return Prepared(cust.insert())
+
+
 def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> tuple[int, list[dict]]:
     """The hub's writes to CUST_MST in the caller's transaction: (rows written, the earlier versions
     of rows a legacy program changed since the bus last wrote them, to report before they go)."""
@@ -118,7 +126,7 @@ def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> 
     current = {r["CUST_NO"]: dict(r) for r in conn.execute(
         select(cust).where(cust.c.CUST_NO.in_(numbers))).mappings()}
     unseen = {r["CUST_NO"] for r in not_ours(conn, list(current.values()))}
-    overwritten, written = [], {}
+    overwritten, written, inserted = [], {}, []
     for write in writes:
         columns = {COLUMNS[a]: _to_column(COLUMNS[a], v) for a, v in write.values.given().items() if a in COLUMNS}
         if write.write_golden_id:
@@ -128,8 +136,8 @@ def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> 
         if row is None:
             row = current[write.record_id] = {c.name: None for c in cust.columns}
             row.update(CUST_NO=write.record_id, NAME=columns.get("NAME") or "", UPD_TS=now)
-            conn.execute(cust.insert().values(**{**row, **columns}))
             row.update(columns)
+            inserted.append(row)
             written[write.record_id] = now
             continue
         changed = {k: v for k, v in columns.items() if row.get(k) != v}
@@ -141,6 +149,8 @@ def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> 
         conn.execute(cust.update().where(cust.c.CUST_NO == write.record_id).values(**changed, UPD_TS=now))
         row.update(changed, UPD_TS=now)
         written[write.record_id] = now
+    if inserted:  # new accounts in one statement (a new customer's row is written once above)
+        _insert(cust)(conn, [dict(row) for row in inserted])
     if written:
         rows = [{"CUST_NO": n, "UPD_TS": ts} for n, ts in written.items()]
         statement = _NOTE[conn.dialect.name]

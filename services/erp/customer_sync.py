@@ -12,7 +12,7 @@ from contracts.envelope import CloudEvent
 from contracts.mastering import CustomerMasteredV1
 from legacy_wrappers import inbox
 from legacy_wrappers.table_changes import table_changes
-from services.customers.propagation import applied, writes_for
+from services.customers.propagation import applied, binding, writes_for
 from services.erp import customer_master, events
 from services.erp.outbox import insert as outbox_insert
 
@@ -31,7 +31,7 @@ class CustomerSync:
         events.publish_changes(self.events, [c for c in changes if id(c.row) in ours],
                                customer_master.customer_updated, customer_master.TABLE, unroutable_ok=False)
 
-    @reliable_handler("customers", CustomerMasteredV1.TYPE, ordered=True)
+    @reliable_handler("customers", binding(customer_master.SYSTEM), ordered=True)
     def on_customer_mastered(self, mastered: CustomerMasteredV1, event: CloudEvent):
         """The hub's writes for ERP accounts, in its order, once."""
         writes = writes_for(mastered, customer_master.SYSTEM)

@@ -47,7 +47,7 @@ OUTBOX = Table(
     "RB_OUTBOX", metadata,
     Column("ID", Integer, primary_key=True, autoincrement=True),
     Column("EVENT_ID", String(40), nullable=False),
-    Column("TYPE", String(80), nullable=False),
+    Column("TYPE", String(80), nullable=False),             # the routing key: the type, or a type.<topic>
     Column("CORRELATION_ID", String(200)),
     Column("BODY", Text, nullable=False),
     Column("CREATED_TS", String(32), nullable=False),
@@ -65,12 +65,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def insert(events: list[CloudEvent]) -> tuple[Prepared, list[dict]]:
+def insert(events: list[CloudEvent], routing_keys: list[str] | None = None) -> tuple[Prepared, list[dict]]:
     """The statement that queues `events` in the caller's transaction (they leave once
-    it commits), for the caller to run with its own (`run_together`)."""
+    it commits), for the caller to run with its own (`run_together`). `routing_keys`:
+    one per event where it is not the event's type (`TYPE` holds the routing key)."""
     now = _now()
-    return _INSERT, [dict(EVENT_ID=e.id, TYPE=e.type, CORRELATION_ID=e.correlationid,
-                          BODY=e.to_json().decode(), CREATED_TS=now) for e in events]
+    keys = routing_keys or [e.type for e in events]
+    return _INSERT, [dict(EVENT_ID=e.id, TYPE=key, CORRELATION_ID=e.correlationid,
+                          BODY=e.to_json().decode(), CREATED_TS=now) for e, key in zip(events, keys)]
 
 
 def prune_sent(engine, older_than: datetime, limit: int) -> int:

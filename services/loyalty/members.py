@@ -19,7 +19,7 @@ from contracts.envelope import CloudEvent
 from contracts.mastering import CustomerMasteredV1, CustomerWrite
 from legacy_wrappers.feed_changes import feed_changes
 from services.crm.customers import publish_statements
-from services.customers.propagation import applied, writes_for
+from services.customers.propagation import applied, binding, writes_for
 
 log = logging.getLogger(__name__)
 SYSTEM = "loyalty"
@@ -58,7 +58,7 @@ class MemberSync:
     def on_member_changes(self, changes: list[dict]):
         return publish_statements(self.customer_changes, changes, statement, SYSTEM)
 
-    @reliable_handler("customers", CustomerMasteredV1.TYPE, ordered=True)
+    @reliable_handler("customers", binding(SYSTEM), ordered=True)
     def on_customer_mastered(self, mastered: CustomerMasteredV1, event: CloudEvent):
         """The hub's writes for members, in its order, through the bulk API."""
         writes = writes_for(mastered, SYSTEM)

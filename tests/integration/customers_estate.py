@@ -18,18 +18,17 @@ from bus import topology
 from bus.publisher import connection_params
 from demo.batch.jobs import write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for
+from services.customers.propagation import binding
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
 from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
 
 MODULES = {"customers": "services.customers", "erp": "services.erp", "crm": "services.crm",
            "loyalty": "services.loyalty", "files": "services.files"}
-MASTERED = "customer.mastered.v1"
 READY = {  # a queue each service consumes once it runs
     "customers": topology.handler_queue("crm", "customer.updated.v2", "customers", "on_crm_change"),
-    "erp": topology.handler_queue("customers", MASTERED, "erp", "on_customer_mastered"),
-    "crm": topology.handler_queue("customers", MASTERED, "crm", "on_customer_mastered"),
-    "loyalty": topology.handler_queue("customers", MASTERED, "loyalty", "on_customer_mastered"),
+    **{system: topology.handler_queue("customers", binding(system), system, "on_customer_mastered")
+       for system in ("erp", "crm", "loyalty")},
     "files": topology.handler_queue("erp", "batch", "files", "on_posted"),
 }
 TAPPED = ("customer.merged.v1", "case.opened.v1", "consent.changed.v1")

@@ -16,6 +16,7 @@ from bus.extensions import event_message
 from bus.publisher import ConfirmingPublisher, connection_params
 from contracts.customer import CustomerUpdatedV2, CustomerValues
 from contracts.mastering import CustomerMasteredV1, CustomerWrite
+from services.customers.propagation import binding
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpSalePostedV1
 from contracts.returns import CrmRecordReturnV1
@@ -97,7 +98,7 @@ def test_the_hubs_writes_reach_the_profile_and_only_the_users_changes_go_back(es
     """customer.mastered.v1 from the customer hub writes the profile through the bulk API; the
     CRM's change feed then reports the CRM user's change to the hub, never the bus's own."""
     _, crm, publisher, uri = estate
-    queue = topology.handler_queue("customers", CustomerMasteredV1.TYPE, "crm", "on_customer_mastered")
+    queue = topology.handler_queue("customers", binding("crm"), "crm", "on_customer_mastered")
     assert wait_for(lambda: queue_state(uri, queue)[1], 60)
     conn = amqp.Connection(**connection_params(uri, 5))
     conn.connect()
@@ -110,7 +111,7 @@ def test_the_hubs_writes_reach_the_profile_and_only_the_users_changes_go_back(es
                                                                       consent_sms=False))
     mastered = CustomerMasteredV1(mastered_at=datetime.now(timezone.utc), writes=[write])
     event = CloudEvent.new(CustomerMasteredV1.TYPE, "retailbus/customers", mastered, idempotencykey="mastered:1")
-    assert publisher.publish_many([event_message(event, "customers.events")] * 2) == [None, None]  # and again
+    assert publisher.publish_many([event_message(event, "customers.events", binding("crm"))] * 2) == [None, None]
     assert wait_for(lambda: crm.call("GET", "/customers/CU7")[0] == 200, 60)
     profile = crm.call("GET", "/customers/CU7")[1]
     assert (profile["name"], profile["email"], profile["golden_id"], profile["consent"]["sms"]) == (

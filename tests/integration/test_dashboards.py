@@ -3,11 +3,12 @@ Prometheus (Debian's `prometheus`) scraping a bus that `retailbus up` runs, and
 config/alerts.yml loads and evaluates in that Prometheus.
 
 The estate: a managed broker, the demo legacy ERP, every service (erp, files,
-route_guard, dlq, reconcile, journal, loyalty, cases, orders, orders_api) with a metrics port each,
+route_guard, dlq, reconcile, journal, loyalty, cases, orders, orders_api, customers) with a metrics port each,
 and a store agent. A little real traffic
 makes the counters move: a sale and a stock query through the agent (stock in
 shadow mode, for parity), a redemption the agent authorises and a sale that pays
-with it (loyalty), a good customer export, a bad stock snapshot (a rejected file)
+with it (loyalty), a good customer export (mastered by the customer hub, written to the ERP), a bad stock
+snapshot (a rejected file)
 a stock update in the legacy database (change capture), and two click-and-collect orders
 (one collected at the store, one out of stock).
 """
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.integration  # needs Debian's prometheus package (.ci/b
 SERVICES = {"erp": "services.erp", "files": "services.files", "route_guard": "routing.guard",
             "dlq": "services.dlq", "reconcile": "services.reconcile", "journal": "services.journal",
             "loyalty": "services.loyalty", "cases": "services.cases", "orders": "services.orders.process",
-            "orders_api": "services.orders.api"}
+            "orders_api": "services.orders.api", "customers": "services.customers"}
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__range": "1h"}
 QUERY_TIMEOUT = 120  # seconds for every query to return data on a busy 2-core machine
 

@@ -15,13 +15,14 @@ from demo.batch.jobs import customer_rows, write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for
 from bus import topology
 from bus.publisher import connection_params
+from services.customers.propagation import binding
 from tests.integration.filedrop_support import write_drops
 from tests.integration.support import nameko_run, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
 QUEUE = topology.handler_queue("files", "event.batch.v1", "customers", "on_file_rows")
-MASTERED = topology.handler_queue("customers", "customer.mastered.v1", "erp", "on_customer_mastered")
+MASTERED = topology.handler_queue("customers", binding("erp"), "erp", "on_customer_mastered")
 ROWS = 1_201  # three chunks of 500 and a short one
 
 

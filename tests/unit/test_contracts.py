@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from contracts import registry
 from contracts.envelope import CloudEvent
 from contracts.errors import ContractError
+from contracts.customer import CustomerValues
 from contracts.pos import PosReturnV1, PosSaleV1, PosStockQueryV1
 
 pytestmark = pytest.mark.unit
@@ -600,5 +601,5 @@ def test_customer_values_say_held_empty_apart_from_not_held():
     assert event.data["values"] == {"name": "Ada", "email": None, "consent_sms": False}
     assert again.values.given() == {"name": "Ada", "email": None, "consent_sms": False}
     row = registry.parse("crm.customer_exported.v1", valid_payloads()["crm.customer_exported.v1"])
-    assert row.values().given() == {"name": "Ada", "email": "ada@example.org", "phone": None, "loyalty_card": "LC-1",
+    assert CustomerValues(**row.given()).given() == row.given() == {"name": "Ada", "email": "ada@example.org", "phone": None, "loyalty_card": "LC-1",
                                     "consent_marketing_email": True, "consent_sms": False}

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from sqlalchemy import create_engine, text
 
+from contracts.envelope import CloudEvent
 from legacy_wrappers import inbox
 from services.customers import hub, tables
 from services.customers.config import load
@@ -51,7 +52,9 @@ class Hub:
                          s=system, r=record_id)[0][0]
 
     def events(self) -> list[str]:
-        return [r[0] for r in self.rows('SELECT "TYPE" FROM "RB_OUTBOX" ORDER BY "ID"')]
+        """The types of the events queued; each one's data is its contract's (assembled ones too)."""
+        bodies = [r[0] for r in self.rows('SELECT "BODY" FROM "RB_OUTBOX" ORDER BY "ID"')]
+        return [type(CloudEvent.from_json(body).payload()).TYPE for body in bodies]
 
 
 @pytest.fixture
@@ -72,6 +75,7 @@ def writes(outcome, system: str) -> dict:
 
 
 def test_a_file_row_makes_a_golden_record_and_the_erp_an_account(customers):
+    """(and the events queued are their contracts': Hub.events parses each)"""
     out = customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", phone=None,
                                 loyalty_card="L1", consent_sms=True))
     golden = customers.golden_id("crm:C1")
@@ -82,6 +86,9 @@ def test_a_file_row_makes_a_golden_record_and_the_erp_an_account(customers):
     assert [w.create for w in out.writes if w.system == "erp"] == [True]
     assert writes(out, "loyalty") == {}  # no member: the platform enrols at the till only
     assert customers.golden_id("erp:C1") == golden
+    assert customers.events() == ["customer.mastered.v1"] * 2  # one per system, each routed to it alone:
+    assert sorted(customers.rows('SELECT "TYPE" FROM "RB_OUTBOX"')) == [("customer.mastered.v1.crm",),
+                                                                         ("customer.mastered.v1.erp",)]
 
 
 def test_a_systems_own_change_coming_back_is_no_change(customers):

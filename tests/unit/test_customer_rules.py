@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.customers import matching, survivorship
-from services.customers.config import CustomersConfigError, load, parse
+from services.customers.config import CustomersConfig, CustomersConfigError, load, parse
 from services.customers.model import AttrState, Record, Said
 
 pytestmark = pytest.mark.unit
@@ -60,8 +60,9 @@ def test_an_empty_value_never_overwrites_unless_the_owner_clears():
     said(erp, "phone", None, t(3))            # the ERP blanked it: its last value still counts
     said(crm, "phone", None, t(4))            # the owner holds none: not a word about the value
     assert survivorship.decide(CONFIG, "phone", [crm, erp]).value == "+49 1"
-    clearing = CONFIG.model_copy(update={"groups": {**CONFIG.groups, "contact": CONFIG.groups["contact"].model_copy(
-        update={"owner_clears": True})}})
+    shipped = CONFIG.model_dump()
+    shipped["groups"]["contact"]["owner_clears"] = True
+    clearing = CustomersConfig.model_validate(shipped)
     decided = survivorship.decide(clearing, "phone", [crm, erp])
     assert (decided.value, decided.rule) == (None, "owner")
 
