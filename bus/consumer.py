@@ -198,13 +198,20 @@ class ReliableHandler(Entrypoint):
         elif error is None and (not isinstance(results, list) or len(results) != len(items)):
             got = f"{len(results)} results" if isinstance(results, list) else type(results).__name__
             error = TypeError(f"{self.method_name} returned {got} for {len(items)} messages")
+        outcomes = []
         for n, delivery in enumerate(items):
             result = None if error is not None else results[n]
             if isinstance(result, BaseException):  # this message's own failure
                 result, failed = None, result
             else:
                 failed = error
-            self._settle_one(delivery, result, failed, started)
+            outcomes.append((delivery, result, failed))
+        self._settle_all(outcomes, started)
+
+    def _settle_all(self, outcomes: list, started):
+        """(delivery, result, error) of each message of a worker: ack, retry or park each."""
+        for delivery, result, error in outcomes:
+            self._settle_one(delivery, result, error, started)
 
     def _settle_one(self, delivery: Delivery, result, error, started):
         self._seconds.observe(time.monotonic() - started)

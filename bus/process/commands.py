@@ -32,7 +32,6 @@ from bus import topology
 from bus.consumer import ReliableHandler
 from bus.extensions import event_message
 from bus.process.engine import REPLY_SUFFIX
-from bus.publisher import PublishError
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +67,33 @@ class CommandHandler(ReliableHandler):
         self.reply_exchange = topology.events_exchange(self.container.service_name)
         self.bus.register_exchange(self.reply_exchange)
 
-    def _settle_one(self, delivery, result, error, started):
-        if error is None or isinstance(error, StepRefused):
+    def _settle_all(self, outcomes: list, started):
+        """Answer every command of the worker that did not fail for a reason retrying may cure,
+        in one confirmed round, then ack them; one whose answer the broker did not take runs again."""
+        answered = [(n, delivery.event, result, error) for n, (delivery, result, error) in enumerate(outcomes)
+                    if error is None or isinstance(error, StepRefused)]
+        events, failures = [], {}
+        for n, command, result, refused in answered:
             try:
-                self._answer(delivery.event, result, error)
-                result, error = (_Answered() if error is not None else result), None
-            except PublishError as exc:  # not confirmed: the command runs again (its effects are keyed)
-                result, error = None, exc
+                events.append((n, self._answer(command, result, refused)))
             except (TypeError, ValueError) as exc:  # the method returned no reply: a bug, parked like one
-                result, error = None, exc
-        super()._settle_one(delivery, result, error, started)
+                failures[n] = exc
+        confirmed = self.bus.publisher.publish_many([event_message(e, self.reply_exchange) for _, e in events]) \
+            if events else []
+        for (n, _), failed in zip(events, confirmed):
+            if failed is not None:  # not confirmed: the command runs again (its effects are keyed)
+                failures[n] = failed
+        settled = []
+        for n, (delivery, result, error) in enumerate(outcomes):
+            if n in failures:
+                settled.append((delivery, None, failures[n]))
+            elif isinstance(error, StepRefused):
+                settled.append((delivery, _Answered(), None))
+            else:
+                settled.append((delivery, result, error))
+        super()._settle_all(settled, started)
 
-    def _answer(self, command: CloudEvent, reply: BaseModel | None, refused: StepRefused | None) -> None:
+    def _answer(self, command: CloudEvent, reply: BaseModel | None, refused: StepRefused | None) -> CloudEvent:
         if refused is not None:
             reply = ProcessStepFailedV1(command_type=command.type, command_id=command.id, code=refused.code,
                                         reason=refused.reason[:2000])
@@ -87,10 +101,9 @@ class CommandHandler(ReliableHandler):
                         extra={"id": command.id, "correlationid": command.correlationid, "outcome": "refused"})
         if not isinstance(reply, BaseModel) or not hasattr(reply, "TYPE"):
             raise TypeError(f"{self.method_name} returned {type(reply).__name__}, not a reply contract")
-        event = CloudEvent.new(reply.TYPE, f"retailbus/{self.container.service_name}", reply,
-                               subject=command.subject, correlationid=command.correlationid,
-                               idempotencykey=command.idempotencykey + REPLY_SUFFIX)
-        self.bus.publisher.publish(event_message(event, self.reply_exchange))
+        return CloudEvent.new(reply.TYPE, f"retailbus/{self.container.service_name}", reply,
+                              subject=command.subject, correlationid=command.correlationid,
+                              idempotencykey=command.idempotencykey + REPLY_SUFFIX)
 
 
 command_handler = CommandHandler.decorator

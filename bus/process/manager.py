@@ -122,6 +122,7 @@ class ProcessManager(DependencyProvider):
                     log.warning("%s: %s not applied: %s", self.definition.name, event.type, exc,
                                 extra={"id": event.id, "correlationid": event.correlationid})
                     results[n] = exc
+            store.write(conn, [row for fx in done for row in fx.history], [row for fx in done for row in fx.outbox])
         self._after_commit(done)
         return results
 
@@ -134,7 +135,7 @@ class ProcessManager(DependencyProvider):
                 metrics.BY_NAME[metric].labels(*labels).inc()
             for step, seconds in fx.timings:
                 metrics.STEP_SECONDS.labels(name, step).observe(seconds)
-        if any(fx.sent for fx in done):
+        if any(fx.outbox for fx in done):
             self.database.wake()
 
     def _tick(self):

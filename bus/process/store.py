@@ -24,12 +24,13 @@ import random
 import sqlite3
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from eventlet import tpool
-from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
-                        delete, event, func, select, update)
+from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
+                        create_engine, delete, event, func, select, update)
 from sqlalchemy.dialects import postgresql, sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -159,14 +160,55 @@ def transaction(engine: Engine):
             tx.commit()
 
 
-def _insert(conn: Connection, table):
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert)(table)
+class _Compiled:
+    """A statement compiled once per dialect and run on the driver's cursor. SQLAlchemy's own
+    execute costs ~40 us of Python a statement even for a cached one, more than SQLite spends
+    on these rows, and a transition runs a handful (legacy_wrappers/prepared.py does the same
+    for the legacy tables; the messaging core sits below it). Only for statements whose values
+    need no type processing (strings, integers, floats): the values still travel as bound
+    parameters, never in the text."""
+
+    def __init__(self, statement, keys: tuple[str, ...] = ()):
+        self.statement, self.keys = statement, keys
+        self._forms: dict[str, tuple] = {}
+
+    def _form(self, dialect) -> tuple:
+        compiled = self.statement.compile(dialect=dialect, column_keys=list(self.keys) or None)
+        return compiled.string, compiled.positiontup if compiled.positional else None
+
+    def cursor(self, conn: Connection, params: dict):
+        form = self._forms.get(conn.dialect.name)
+        if form is None:
+            form = self._forms[conn.dialect.name] = self._form(conn.dialect)
+        sql, order = form
+        cursor = conn.connection.cursor()
+        cursor.execute(sql, [params[k] for k in order] if order is not None else params)
+        return cursor
+
+
+def _upsert(table, **conflict):
+    """INSERT .. ON CONFLICT DO NOTHING per dialect, built once: building a Core statement costs
+    more than running it, and a transition runs a handful."""
+    return {name: insert(table).on_conflict_do_nothing(**conflict)
+            for name, insert in (("sqlite", sqlite_dialect.insert), ("postgresql", postgresql.insert))}
+
+
+I = INSTANCES.c
+_INBOX_KEYS = ("CONSUMER", "IDEM_KEY", "MESSAGE_ID", "RECEIVED_TS")
+_CLAIM = {name: _Compiled(statement, _INBOX_KEYS) for name, statement in _upsert(INBOX).items()}
+_INSERT_NEW = _upsert(INSTANCES, index_elements=["PROCESS", "CORR_KEY"])
+_LOAD = _Compiled(select(INSTANCES).where(I.PROCESS_ID == bindparam("pid"), I.PROCESS == bindparam("process")))
+_SAVE = _Compiled(update(INSTANCES).where(I.PROCESS_ID == bindparam("pid"), I.VERSION == bindparam("read")).values(
+    STATE=bindparam("state"), STEP=bindparam("step"), ROUND=bindparam("round"), VERSION=bindparam("version"),
+    DATA=bindparam("data"), STEPS=bindparam("steps"), DUE_AT=bindparam("due_at"), UPDATED_AT=bindparam("at")))
+_HISTORY = HISTORY.insert()
+_OUTBOX = OUTBOX.insert()
 
 
 def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
     """Record the message's key in the caller's transaction; False: applied before."""
     row = dict(CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id, RECEIVED_TS=now_iso())
-    return conn.execute(_insert(conn, INBOX).values(**row).on_conflict_do_nothing()).rowcount == 1
+    return _CLAIM[conn.dialect.name].cursor(conn, row).rowcount == 1
 
 
 @dataclass
@@ -204,38 +246,53 @@ def insert_new(conn: Connection, inst: Instance) -> bool:
     row = dict(PROCESS_ID=inst.process_id, PROCESS=inst.process, CORR_KEY=inst.key, STATE=inst.state,
                STEP=inst.step, ROUND=inst.round, VERSION=0, DATA="{}", STEPS=json.dumps(inst.steps),
                DUE_AT=None, TRACE_ID=inst.trace_id, CREATED_AT=now, UPDATED_AT=now)
-    statement = _insert(conn, INSTANCES).values(**row).on_conflict_do_nothing(index_elements=["PROCESS", "CORR_KEY"])
-    return conn.execute(statement).rowcount == 1
+    return conn.execute(_INSERT_NEW[conn.dialect.name], row).rowcount == 1
 
 
 def load(conn: Connection, process: str, process_id: str) -> Instance | None:
-    row = conn.execute(select(INSTANCES).where(INSTANCES.c.PROCESS_ID == process_id,
-                                               INSTANCES.c.PROCESS == process)).first()
-    return Instance.of(row) if row is not None else None
+    cursor = _LOAD.cursor(conn, {"pid": process_id, "process": process})
+    found = cursor.fetchone()
+    if found is None:
+        return None
+    return Instance.of(SimpleNamespace(**dict(zip((d[0] for d in cursor.description), found))))
 
 
-def save(conn: Connection, inst: Instance) -> None:
-    """Write the instance over the version it was read at, and its new history lines."""
-    c = INSTANCES.c
+def save(conn: Connection, inst: Instance) -> list[dict]:
+    """Write the instance over the version it was read at; returns its new history rows, for
+    `write` (the rows of a batch of transitions go in one statement)."""
     inst.updated_at = now_iso()
-    done = conn.execute(update(INSTANCES).where(c.PROCESS_ID == inst.process_id, c.VERSION == inst.version).values(
-        STATE=inst.state, STEP=inst.step, ROUND=inst.round, VERSION=inst.version + 1, DATA=json.dumps(inst.data),
-        STEPS=json.dumps(inst.steps), DUE_AT=inst.due_at, UPDATED_AT=inst.updated_at)).rowcount
+    done = _SAVE.cursor(conn, dict(
+        pid=inst.process_id, read=inst.version, state=inst.state, step=inst.step, round=inst.round,
+        version=inst.version + 1, data=json.dumps(inst.data), steps=json.dumps(inst.steps), due_at=inst.due_at,
+        at=inst.updated_at)).rowcount
     if done != 1:
         raise ConcurrentUpdate(f"process {inst.process_id} changed since version {inst.version}")
     inst.version += 1
-    if inst.history:
-        conn.execute(HISTORY.insert(), [dict(PROCESS_ID=inst.process_id, AT=inst.updated_at, STEP=step, WHAT=what,
-                                             DETAIL=json.dumps(detail, default=str) if detail else None)
-                                        for step, what, detail in inst.history])
-        inst.history = []
+    rows = [dict(PROCESS_ID=inst.process_id, AT=inst.updated_at, STEP=step, WHAT=what,
+                 DETAIL=json.dumps(detail, default=str) if detail else None) for step, what, detail in inst.history]
+    inst.history = []
+    return rows
+
+
+def message_row(event_id: str, exchange: str, routing_key: str, correlation_id: str, body: bytes) -> dict:
+    """An outbox row, for `write`."""
+    return dict(EVENT_ID=event_id, EXCHANGE=exchange, ROUTING_KEY=routing_key, CORRELATION_ID=correlation_id,
+                BODY=body.decode(), CREATED_TS=now_iso(), NEXT_AT=0.0, ATTEMPTS=0)
 
 
 def queue_message(conn: Connection, event_id: str, exchange: str, routing_key: str, correlation_id: str,
                   body: bytes) -> None:
-    conn.execute(OUTBOX.insert().values(EVENT_ID=event_id, EXCHANGE=exchange, ROUTING_KEY=routing_key,
-                                        CORRELATION_ID=correlation_id, BODY=body.decode(), CREATED_TS=now_iso(),
-                                        NEXT_AT=0.0, ATTEMPTS=0))
+    """One message into the outbox in the caller's transaction, outside a transition (a
+    service's own command, e.g. a cancellation a process waits for)."""
+    conn.execute(_OUTBOX, message_row(event_id, exchange, routing_key, correlation_id, body))
+
+
+def write(conn: Connection, history: list[dict], outbox: list[dict]) -> None:
+    """History lines and outbox messages of the transitions of one transaction."""
+    if history:
+        conn.execute(_HISTORY, history)
+    if outbox:
+        conn.execute(_OUTBOX, outbox)
 
 
 def due(engine: Engine, process: str, at: float, limit: int) -> list[str]:

@@ -61,8 +61,10 @@ def test_starts_of_one_key_racing_make_one_instance(process_db):
     process = Engine(DEFINITION, "tests", {"one": (60, 1), "two": (60, 1)})
 
     def start(n: int):
+        fx = Effects()
         with store.transaction(engine) as conn:
-            found = process.start(conn, _event(f"start-{n}"), Started(ref="K"), Effects())
+            found = process.start(conn, _event(f"start-{n}"), Started(ref="K"), fx)
+            store.write(conn, fx.history, fx.outbox)
             eventlet.sleep(0.05)  # hold the transaction open while the others try
             return found
 

@@ -92,6 +92,16 @@ def test_the_dashboard_and_the_alerts_cover_business_exception_cases_as_issue_19
     assert "retailbus_cases_overdue" in alerts["RetailbusCaseOverdue"]
 
 
+def test_the_dashboard_and_the_alerts_cover_process_instances_as_issue_19_asks():
+    """Instances by process and state, step latency, compensations and timeouts (bus/process)."""
+    exprs, alerts = " ".join(dashboard_exprs()), {r["alert"]: r["expr"] for r in alert_rules()}
+    for metric in ("retailbus_process_instances", "retailbus_process_step_seconds_bucket",
+                   "retailbus_process_transitions_total"):
+        assert metric in exprs, metric
+    assert "retailbus_process_timeouts_total" in alerts["RetailbusProcessStepTimeouts"]
+    assert "retailbus_process_compensations_total" in alerts["RetailbusProcessCompensationFailed"]
+
+
 def test_dashboard_queries_name_only_defined_metrics():
     assert undefined(dashboard_exprs()) == set()
 

@@ -41,7 +41,7 @@ def _step(name: str, target: str, undo: bool = True, on_failure: str = "compensa
 
 DEFINITION = ProcessDefinition("test_flow", Started, lambda m: m.ref, (
     _step("pivot", "erp", undo=False), _step("first", "loyalty"), _step("second", "loyalty"),
-    _step("note", "crm", undo=False, on_failure="case")))
+    _step("third", "loyalty"), _step("note", "crm", undo=False, on_failure="case")))
 
 
 @pytest.fixture
@@ -64,9 +64,13 @@ def _outbox(db) -> list[tuple[str, dict]]:
 
 
 def _apply(pair, fn):
+    """One transition in its transaction, its history and messages written as the manager does."""
     engine, db = pair
+    fx = Effects()
     with store.transaction(db) as conn:
-        return fn(engine, conn, Effects())
+        result = fn(engine, conn, fx)
+        store.write(conn, fx.history, fx.outbox)
+    return result
 
 
 def _reply_to(db, model) -> CloudEvent:
@@ -86,34 +90,38 @@ def test_a_start_twice_is_one_instance_and_replies_run_the_steps_in_order(engine
     pid = _apply(engine, lambda e, c, fx: e.start(c, start, Started(ref="K1"), fx))
     again = _apply(engine, lambda e, c, fx: e.start(c, _event(Started(ref="K1"), key="start-2"), Started(ref="K1"), fx))
     assert pid and again is None
-    for _ in range(4):
+    for _ in range(5):
         reply = _reply_to(db, Did)
         assert _apply(engine, lambda e, c, fx: e.handle(c, reply, Did(ref="x"), fx)) == "done"
         assert _apply(engine, lambda e, c, fx: e.handle(c, reply, Did(ref="x"), fx)) == "duplicate"
     inst = _instance(db, pid)
-    assert inst.state == "completed" and inst.data["done"] == ["pivot", "first", "second", "note"]
-    assert [key for key, _ in _outbox(db)] == ["test.did.v1"] * 4
-    assert [body["idempotencykey"].split(":")[2] for _, body in _outbox(db)] == ["pivot", "first", "second", "note"]
+    assert inst.state == "completed" and inst.data["done"] == ["pivot", "first", "second", "third", "note"]
+    assert [key for key, _ in _outbox(db)] == ["test.did.v1"] * 5
+    assert [body["idempotencykey"].split(":")[2] for _, body in _outbox(db)] == [
+        "pivot", "first", "second", "third", "note"]
 
 
 def test_a_refusal_undoes_the_done_steps_latest_first_and_opens_a_case(engine):
     _, db = engine
     pid = _apply(engine, lambda e, c, fx: e.start(c, _event(Started(ref="K2")), Started(ref="K2"), fx))
-    for _ in range(2):  # pivot and first done
+    for _ in range(3):  # pivot, first and second done
         reply = _reply_to(db, Did)
         _apply(engine, lambda e, c, fx: e.handle(c, reply, Did(ref="x"), fx))
     refusal = _reply_to(db, ProcessStepFailedV1)
     payload = ProcessStepFailedV1(command_type="test.did.v1", command_id="x", code="no", reason="not today")
     assert _apply(engine, lambda e, c, fx: e.handle(c, refusal, payload, fx)) == "refused"
-    assert _outbox(db)[-1][1]["data"] == {"ref": "undo first"}  # the only done step that can be undone
-    undone = _reply_to(db, Undid)
-    assert _apply(engine, lambda e, c, fx: e.handle(c, undone, Undid(ref="x"), fx)) == "compensated"
+    undone = []
+    for _ in range(2):  # the latest done step first
+        undone.append(_outbox(db)[-1][1]["data"]["ref"])
+        reply = _reply_to(db, Undid)
+        assert _apply(engine, lambda e, c, fx: e.handle(c, reply, Undid(ref="x"), fx)) == "compensated"
+    assert undone == ["undo second", "undo first"]
     inst = _instance(db, pid)
     assert inst.state == "failed"
-    assert [s["status"] for s in inst.steps] == ["not_compensated", "compensated", "failed", "pending"]
+    assert [s["status"] for s in inst.steps] == ["not_compensated", "compensated", "compensated", "failed", "pending"]
     kind, case = _outbox(db)[-1]
-    assert kind == "case.opened.v1" and case["data"]["case_id"] == "test_flow_second_failed:K2"
-    assert "Still in effect: pivot" in case["data"]["summary"]
+    assert kind == "case.opened.v1" and case["data"]["case_id"] == "test_flow_third_failed:K2"
+    assert "Undone: first, second. Still in effect: pivot" in case["data"]["summary"]
     # ops retry: the process runs on from the first step not done, with new keys
     retry = ProcessStepRetryV1(process="test_flow", process_id=pid, case_id=case["data"]["case_id"], requested_by="me")
     assert _apply(engine, lambda e, c, fx: e.handle(c, _event(retry), retry, fx)) == "retried"
@@ -124,7 +132,7 @@ def test_a_refusal_undoes_the_done_steps_latest_first_and_opens_a_case(engine):
 def test_no_reply_resends_then_a_case_step_parks_and_a_late_reply_goes_on(engine):
     _, db = engine
     pid = _apply(engine, lambda e, c, fx: e.start(c, _event(Started(ref="K3")), Started(ref="K3"), fx))
-    for _ in range(3):
+    for _ in range(4):
         reply = _reply_to(db, Did)
         _apply(engine, lambda e, c, fx: e.handle(c, reply, Did(ref="x"), fx))
     first_note = _outbox(db)[-1][1]
@@ -135,7 +143,7 @@ def test_no_reply_resends_then_a_case_step_parks_and_a_late_reply_goes_on(engine
     assert _apply(engine, lambda e, c, fx: e.timeout(c, pid, time.time() + 1, fx)) == "not due"  # resent: due anew
     assert _apply(engine, lambda e, c, fx: e.timeout(c, pid, later + 10, fx)) == "timeout"
     inst = _instance(db, pid)
-    assert inst.state == "failed" and inst.steps[3]["status"] == "failed" and inst.due_at is None
+    assert inst.state == "failed" and inst.steps[4]["status"] == "failed" and inst.due_at is None
     assert _outbox(db)[-1][1]["data"]["case_type"] == "test_flow_note_failed"
     late = _event(Did(ref="x"), pid, first_note["idempotencykey"] + REPLY_SUFFIX)
     assert _apply(engine, lambda e, c, fx: e.handle(c, late, Did(ref="x"), fx)) == "done"
