@@ -288,7 +288,7 @@ def test_create_schema_and_seed_are_idempotent(tmp_path):
             seed_demo_data(conn)
         with engine.connect() as conn:
             assert dict(conn.execute(select(DOC_SEQ.c.SEQ_NAME, DOC_SEQ.c.NEXT_NO)).all()) == \
-                {"SLS": 42, "RTN": 42}
+                {"SLS": 42, "RTN": 42, "ORD": 42}
             assert conn.execute(select(func.count()).select_from(STK_LVL)).scalar() == 40
             assert conn.execute(select(func.count()).select_from(CUST_MST)).scalar() == 5
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
