@@ -262,7 +262,6 @@ class ServiceSettings(Strict):
         "processes `retailbus up` runs; process i (from 0) of N owns the partitions p with "
         "p % N == i of its partitioned handlers and serves its metrics on metrics_port + 100 * i"))
     http: str | None = Field(None, description="host:port of its HTTP API (handed to it as WEB_SERVER_ADDRESS)")
-    http: str | None = Field(None, description="host:port of its HTTP API (handed to it as WEB_SERVER_ADDRESS)")
 
 
 class RetailbusSettings(Strict):
@@ -290,8 +289,6 @@ class RetailbusSettings(Strict):
         "process engine settings by process name (bus/process)"))
     returns_rules: Path = Field(Path("config/returns.yaml"), description="the return authorisation policy and "
                                 "threshold promotions (services/returns/policy.py)")
-    orders_rules: Path = Field(Path("config/orders.yaml"), description="click and collect: the pickup deadline, "
-                               "the loyalty wait, the SLAs, the API's client keys (services/orders/config.py)")
     orders_rules: Path = Field(Path("config/orders.yaml"), description="click and collect: the pickup deadline, "
                                "the loyalty wait, the SLAs, the API's client keys (services/orders/config.py)")
     customers: CustomersSettings = CustomersSettings()
