@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -39,8 +40,8 @@ import amqp
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench.common import (bench_broker, emit_json, environment, median, percentile, process_hwm_kib,  # noqa: E402
-                          start_process, stop_process, wait_http)
+from bench.common import (bench_broker, cpu_seconds, emit_json, environment, median, percentile,  # noqa: E402
+                          process_hwm_kib, start_process, stop_process, wait_http)
 from bus import topology  # noqa: E402
 from bus.publisher import connection_params  # noqa: E402
 from demo.batch.jobs import write_customer_export  # noqa: E402
@@ -221,16 +222,19 @@ def at_of(run: int) -> str:
     return (datetime.now(timezone.utc) - timedelta(days=1, minutes=run)).isoformat(timespec="seconds")
 
 
-def hub_pass(estate: Estate, first: int, rows: int, members: int, run: int) -> tuple[float, dict[str, list[float]]]:
-    """(b) and (c)."""
+def hub_pass(estate: Estate, first: int, rows: int, members: int, run: int) -> tuple[float, dict, float]:
+    """(b) and (c), and the customers process's CPU seconds per row of (b)."""
     estate.enrol(first, members)
     wait(lambda: count(estate, "customers.db", "SELECT count(*) FROM CUS_RECORD WHERE SYSTEM = 'loyalty' AND "
                        "RECORD_ID >= ? AND RECORD_ID < ?", f"LC{first:010d}", f"LC{first + members:010d}") >= members,
          300, "enrolments mastered")
     ids = (f"C{first:08d}", f"C{first + rows:08d}")
+    hub_pid = estate.processes["customers"].pid
+    cpu = cpu_seconds(hub_pid)
     dropped = estate.drop(f"customers_hub_{run}.csv", rows_of(first, rows, at_of(run)))
     wait(lambda: count(estate, "customers.db", "SELECT count(*) FROM CUS_RECORD WHERE SYSTEM = 'crm' AND "
                        "RECORD_ID >= ? AND RECORD_ID < ?", *ids) >= rows, 900, "file mastered")
+    cpu_per_row = (cpu_seconds(hub_pid) - cpu) / rows
     with estate.db("customers.db") as db:
         mastered = dict(db.execute("SELECT r.RECORD_ID, g.UPDATED_AT FROM CUS_RECORD r JOIN CUS_GOLDEN g USING "
                                    "(GOLDEN_ID) WHERE r.SYSTEM = 'crm' AND r.RECORD_ID >= ? AND r.RECORD_ID < ?", ids))
@@ -249,7 +253,7 @@ def hub_pass(estate: Estate, first: int, rows: int, members: int, run: int) -> t
     lags = {"erp": [legacy_time(at) - hub_time(mastered[n]) for n, at in erp.items()],
             "crm": [platform_time(at) - hub_time(mastered[n]) for n, at in crm.items()],
             "loyalty": [platform_time(at) - hub_time(cards[card]) for card, at in loyalty.items()]}
-    return rate, lags
+    return rate, lags, cpu_per_row
 
 
 def count(estate: Estate, db: str, sql: str, *args) -> int:
@@ -288,7 +292,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--members", type=int, default=5000)
     args = parser.parse_args()
-    raw_rates, rates, lags = [], [], {"erp": [], "crm": [], "loyalty": []}
+    raw_rates, rates, cpus, lags = [], [], [], {"erp": [], "crm": [], "loyalty": []}
     with bench_broker(args.amqp_uri) as (uri, _), tempfile.TemporaryDirectory(prefix="bench-customers-") as home:
         estate = Estate(Path(home), uri)
         try:
@@ -297,18 +301,20 @@ def main() -> int:
                 estate.stop("customers")
                 raw_rates.append(raw_pass(estate, first, args.rows, run))
                 estate.start("customers")
-                rate, run_lags = hub_pass(estate, first + args.rows, args.rows, args.members, run)
+                rate, run_lags, cpu = hub_pass(estate, first + args.rows, args.rows, args.members, run)
                 rates.append(rate)
+                cpus.append(cpu)
                 for system, values in run_lags.items():
                     lags[system].append(percentile(values, 99))
                 print(f"run {run + 1}: raw {raw_rates[-1]:,.0f} rows/s, ours {rate:,.0f} updates/s "
-                      f"({rate / raw_rates[-1]:.2f}), lag p99 " + ", ".join(
+                      f"({rate / raw_rates[-1]:.2f}; the hub's CPU {cpu * 1e6:.0f} us a row), lag p99 " + ", ".join(
                           f"{s} {percentile(v, 99):.2f} s (p50 {percentile(v, 50):.2f})" for s, v in run_lags.items()),
                       flush=True)
             rss = process_hwm_kib(estate.processes["customers"].pid)
         finally:
             estate.close()
         figures = {"updates_per_s": median(rates), "raw_rows_per_s": median(raw_rates),
+                   "hub_cpu_us_per_row": round(median(cpus) * 1e6), "load_average": os.getloadavg()[0],
                    "ratio": median(rates) / median(raw_rates),
                    **{f"lag_p99_s_{s}": median(v) for s, v in lags.items()},
                    "customers_rss_mib": round(rss / 1024, 1) if rss else None, "runs": args.runs, "rows": args.rows}

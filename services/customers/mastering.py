@@ -93,6 +93,7 @@ class Master:
         self._cause: dict[str, str] = {}  # golden id -> origin of its latest change (for its writes)
         self._created: set[str] = set()   # refs of the records this batch creates in their systems
         self._fresh: dict[str, dict] = {}  # golden records this batch created -> their history entry
+        self._keys: matching.Keys = {}     # the keys of the record `_link` matched last
 
     # ------------------------------------------------------------------ statements
     def take(self, statement: Statement) -> None:
@@ -117,12 +118,14 @@ class Master:
                 self._merge_check(golden, statement.origin)
             elif entry is None or entry.get("cases"):
                 self._merge_check(golden, statement.origin)
+            else:  # a new golden record of this one record: its keys are the record's, matched on already
+                self.ws.keys_are(golden, self._keys)
         self.out.traced.append({"key": statement.key, "refs": [statement.record_id, self._active(golden).golden_id]})
 
     def _link(self, record: Record, statement: Statement) -> tuple[Golden, dict | None]:
         """The golden record a new record belongs to; and, if it is a new one, its history entry
         (the rest of the batch adds to it: its values, the records made for it)."""
-        keys = matching.record_keys(self.config, record)
+        keys = self._keys = matching.record_keys(self.config, record)
         agreeing = {g.golden_id: (g, v) for g in self.ws.goldens_with(keys)
                     for v in [matching.evaluate(self.config, keys, self.ws.golden_keys(g))] if v.kind != "none"}
         if agreeing and all(v.kind == "match" for _, v in agreeing.values()):

@@ -44,14 +44,20 @@ class AttrState:
     filled: Said | None = None
 
     def to_json(self) -> list:
+        """[held, latest, filled], each [value, at, origin] or None; 0 for the one before it
+        (a record's own statement is usually all three)."""
         held, latest, filled = self.held, self.latest, self.filled
-        return [None if held is None else [held.value, held.at, held.origin],
-                None if latest is None else [latest.value, latest.at, latest.origin],
-                None if filled is None else [filled.value, filled.at, filled.origin]]
+        out = [None if held is None else [held.value, held.at, held.origin]]
+        out.append(0 if latest is held else None if latest is None else [latest.value, latest.at, latest.origin])
+        out.append(0 if filled is latest else None if filled is None else [filled.value, filled.at, filled.origin])
+        return out
 
     @classmethod
     def from_json(cls, data: list) -> AttrState:
-        return cls(*(None if s is None else Said(*s) for s in data))
+        saids = []
+        for said in data:
+            saids.append(saids[-1] if said == 0 else None if said is None else Said(*said))
+        return cls(*saids)
 
 
 

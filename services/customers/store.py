@@ -165,6 +165,16 @@ class Workspace:
         self._touched_goldens[golden.golden_id] = golden
         self._stale.add(golden.golden_id)
 
+    def keys_are(self, golden: Golden, keys: matching.Keys) -> None:
+        """`golden`'s keys are `keys` (a new golden record of one record has its record's): taken
+        as they are, not computed again."""
+        self._stale.discard(golden.golden_id)
+        for pair in _pairs(self._keys_now.get(golden.golden_id, {})):
+            self._overlay[pair].discard(golden.golden_id)
+        self._keys_now[golden.golden_id] = keys
+        for pair in _pairs(keys):
+            self._overlay[pair].add(golden.golden_id)
+
     def _refresh(self) -> None:
         """The keys of the golden records changed since they were last taken, in the index overlay."""
         if not self._stale:

@@ -109,6 +109,19 @@ def test_a_systems_own_change_coming_back_is_no_change(customers):
     assert customers.golden("crm:C1")["tax_id"] == "DE1"
 
 
+def test_the_hubs_own_write_coming_back_in_the_owners_file_does_not_become_the_owners_word(customers):
+    """The CRM (owner of phone) holds none; the ERP's phone wins and is written to the CRM. The
+    next nightly file repeats it as the CRM's: still the ERP's value, so when the ERP changes it
+    the new one wins everywhere (an echo taken as the owner's word would pin the old one)."""
+    customers.master(said("crm_file", "C1", 1, name="Ada", phone=None))
+    out = customers.master(said("erp", "C1", 2, name="Ada", phone="+44 1"))
+    assert writes(out, "crm") == {"C1": {"phone": "+44 1"}}
+    assert customers.master(said("crm_file", "C1", 3, name="Ada", phone="+44 1")).writes == []
+    out = customers.master(said("erp", "C1", 4, name="Ada", phone="+44 2"))
+    assert writes(out, "crm") == {"C1": {"phone": "+44 2"}} and writes(out, "erp") == {}
+    assert customers.golden("crm:C1")["phone"] == "+44 2"
+
+
 def test_a_change_goes_to_each_system_only_for_what_it_consumes(customers):
     customers.master(said("crm_file", "C1", 1, name="Ada", email="ada@x.org", loyalty_card="L1"),
                      said("loyalty", "L1", 1, loyalty_card="L1", email="ada@x.org"))
