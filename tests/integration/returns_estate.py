@@ -185,7 +185,9 @@ class ReturnsEstate:
             engine.dispose()
 
     def history(self, pos_txn_id: str) -> list[tuple[str | None, str]]:
-        """(step, what) of the return's process instance, in order."""
+        """(step, what) of the return's process instance, in order ([] before the service created its tables)."""
+        if not self.instances():
+            return []
         return [tuple(r) for r in self.returns(
             'SELECT h."STEP", h."WHAT" FROM "RB_PROCESS_HISTORY" h JOIN "RB_PROCESS" p USING ("PROCESS_ID") '
             'WHERE p."CORR_KEY" LIKE :k ORDER BY h."ID"', k=f"%:{pos_txn_id}")]
