@@ -60,7 +60,8 @@ else
                 tests/integration/test_dashboards.py tests/integration/test_trace.py
                 tests/integration/test_readme.py tests/integration/test_loyalty.py
                 tests/integration/test_loyalty_reconcile.py tests/integration/test_till_redemption.py
-                tests/integration/test_crm.py tests/integration/test_cases.py tests/integration/test_orders.py)
+                tests/integration/test_crm.py tests/integration/test_cases.py tests/integration/test_orders.py
+                tests/integration/test_returns.py)
   ignores=(--ignore tests/chaos); for suite in "${agent_suites[@]}"; do ignores+=(--ignore "$suite"); done
   status=0
   # The layers (setup.cfg [importlinter]): a violation names the offending import.
