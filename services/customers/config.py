@@ -9,12 +9,13 @@ start on a file it refuses.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from nameko.extensions import DependencyProvider
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from bus.settings import retailbus_settings
 from contracts.customer import ATTRIBUTES
@@ -110,19 +111,20 @@ class CustomersConfig(Strict):
             raise ValueError("; ".join(problems))
         return self
 
-    _owners: dict = PrivateAttr(default_factory=dict)
-    _ranks: dict = PrivateAttr(default_factory=dict)
+    @cached_property
+    def owners(self) -> dict[str, Group]:
+        """attribute -> its group: looked up for every attribute of every record, so computed once."""
+        return {a: g for g in self.groups.values() for a in g.attributes}
 
-    def model_post_init(self, _context) -> None:
-        """Look-ups the rules make for every attribute of every record, computed once."""
-        self._owners = {a: g for g in self.groups.values() for a in g.attributes}
-        self._ranks = {system: n for n, system in enumerate(self.priority)}
+    @cached_property
+    def ranks(self) -> dict[str, int]:
+        return {system: n for n, system in enumerate(self.priority)}
 
     def owner_of(self, attribute: str) -> Group:
-        return self._owners[attribute]
+        return self.owners[attribute]
 
     def rank(self, system: str) -> int:
-        return self._ranks[system]
+        return self.ranks[system]
 
 
 def parse(text: str, source: str = "customers.yaml") -> CustomersConfig:

@@ -68,7 +68,7 @@ def describe(kind: str, detail: dict) -> str:
         return (f"steward case {detail['case_id']}: agree on {', '.join(detail['agree'])}, differ on "
                 f"{', '.join(detail['conflict'])}")
     if kind == "created":
-        parts = [f"{a}: {c['to']!r} ({c['rule']})" for a, c in detail.get("values", {}).items()]
+        parts = [f"{a}: {value!r}" for a, value in detail.get("values", {}).items()]
         parts += [f"records made: {', '.join(detail['created_in'])}"] if detail.get("created_in") else []
         parts += [f"steward cases with {', '.join(detail['cases'])}"] if detail.get("cases") else []
         return "; ".join(parts)

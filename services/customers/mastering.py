@@ -164,8 +164,8 @@ class Master:
                                               "source_record": after.record, "at": after.at})
         if changes or golden.new:
             golden.version += 1
-        if changes and entry is not None:
-            entry["values"] = changes
+        if changes and entry is not None:  # a new golden record: what its record gave it, in short
+            entry["values"] = {a: c["to"] for a, c in changes.items()}
         elif changes:
             self._history(golden, "changed", origin, ref, changes)
         self._cause[golden.golden_id] = origin
