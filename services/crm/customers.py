@@ -15,6 +15,7 @@ from prometheus_client import Counter
 
 from bus.consumer import reliable_handler
 from bus.extensions import EventPublisher
+from bus.journal import JournalHops
 from contracts.customer import CustomerUpdatedV2, CustomerValues
 from contracts.envelope import CloudEvent
 from contracts.mastering import CustomerMasteredV1, CustomerWrite
@@ -46,9 +47,10 @@ def statement(change: dict) -> CloudEvent:
                           idempotencykey=f"{CustomerUpdatedV2.TYPE}:crm:{change['seq']}")
 
 
-def publish_statements(publisher, changes: list[dict], mapper, system: str) -> int:
+def publish_statements(publisher, hops, changes: list[dict], mapper, system: str) -> int:
     """The changes not made by the bus, as statements, confirmed to the hub's queue (a change
-    the hub has no queue for yet is retried: it must not be lost); returns how many went."""
+    the hub has no queue for yet is retried: it must not be lost); returns how many went.
+    Each is a `reported` hop under its key, as the hub's `mastered` hop is (`retailbus trace`)."""
     events = []
     for change in changes:
         if change["by"] == CLIENT:
@@ -61,7 +63,17 @@ def publish_statements(publisher, changes: list[dict], mapper, system: str) -> i
     errors = [e for e in publisher.publish_many(events) if e is not None]
     if errors:
         raise errors[0]
+    if events:
+        hops.add("reported", items=[{"key": e.idempotencykey, "refs": [e.subject]} for e in events],
+                 detail={"system": system})
     return len(events)
+
+
+def applied_hop(hops, system: str, event: CloudEvent, writes: list[CustomerWrite]) -> None:
+    """The writes a system API made, a `applied` hop item each: found by record and golden id."""
+    hops.add("applied", items=[{"key": f"{system}:{w.record_id}", "refs": [w.record_id, w.golden_id]}
+                               for w in writes], detail={"system": system}, id=event.id,
+             correlationid=event.correlationid)
 
 
 def profile(write: CustomerWrite) -> dict:
@@ -78,10 +90,11 @@ def profile(write: CustomerWrite) -> dict:
 
 class CustomerSync:
     customer_changes = EventPublisher()
+    customer_hops = JournalHops()
 
     @feed_changes("crm", config_key="CRM_DB_URI")
     def on_crm_changes(self, changes: list[dict]):
-        return publish_statements(self.customer_changes, changes, statement, SYSTEM)
+        return publish_statements(self.customer_changes, self.customer_hops, changes, statement, SYSTEM)
 
     @reliable_handler("customers", binding(SYSTEM), ordered=True)
     def on_customer_mastered(self, mastered: CustomerMasteredV1, event: CloudEvent):
@@ -92,4 +105,6 @@ class CustomerSync:
                           {"customers": [profile(w) for w in writes[start:start + BULK]]},
                           key=f"crm:mastered:{event.idempotencykey}:{start}")
         applied(SYSTEM, mastered, len(writes))
+        if writes:
+            applied_hop(self.customer_hops, SYSTEM, event, writes)
         return len(writes)

@@ -88,14 +88,21 @@ def customer_account(conn: Connection, cust: Table, customer_id: str) -> dict | 
     return None if row is None else customer(row).model_dump(mode="json")
 
 
+def _values(row: dict) -> CustomerValues:
+    return CustomerValues(**{a: _from_column(c, row.get(c)) for a, c in COLUMNS.items() if c in row})
+
+
+def row_key(row: dict) -> str:
+    """The idempotency key of a row version: its account, timestamp and a digest of its values."""
+    digest = hashlib.sha256(json.dumps(_values(row).model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return f"{CustomerUpdatedV2.TYPE}:{row['CUST_NO']}:{row['UPD_TS']}:{digest[:16]}"
+
+
 def customer_updated(row: dict) -> CloudEvent:
     """A captured row version as `customer.updated.v2`; a row the contract refuses raises ValueError."""
-    values = CustomerValues(**{a: _from_column(c, row.get(c)) for a, c in COLUMNS.items() if c in row})
     data = CustomerUpdatedV2(origin=ORIGIN, record_id=row["CUST_NO"], changed_at=legacy_time(row["UPD_TS"]),
-                             values=values)
-    digest = hashlib.sha256(json.dumps(values.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    return CloudEvent.new(CustomerUpdatedV2.TYPE, SOURCE, data, subject=row["CUST_NO"],
-                          idempotencykey=f"{CustomerUpdatedV2.TYPE}:{row['CUST_NO']}:{row['UPD_TS']}:{digest[:16]}")
+                             values=_values(row))
+    return CloudEvent.new(CustomerUpdatedV2.TYPE, SOURCE, data, subject=row["CUST_NO"], idempotencykey=row_key(row))
 
 
 def not_ours(conn: Connection, rows: list[dict]) -> list[dict]:

@@ -28,8 +28,9 @@ class CustomerSync:
             rows = customer_master.not_ours(conn, [c.row for c in changes])
             conn.rollback()
         ours = {id(r) for r in rows}
-        events.publish_changes(self.events, [c for c in changes if id(c.row) in ours],
-                               customer_master.customer_updated, customer_master.TABLE, unroutable_ok=False)
+        if events.publish_changes(self.events, [c for c in changes if id(c.row) in ours],
+                                  customer_master.customer_updated, customer_master.TABLE, unroutable_ok=False):
+            self.hops.add("reported", items=_traced(rows), detail={"system": customer_master.SYSTEM})
 
     @reliable_handler("customers", binding(customer_master.SYSTEM), ordered=True)
     def on_customer_mastered(self, mastered: CustomerMasteredV1, event: CloudEvent):
@@ -48,5 +49,16 @@ class CustomerSync:
         applied(customer_master.SYSTEM, mastered, written)
         self.hops.add("applied", items=[{"key": f"erp:{w.record_id}", "refs": [w.record_id, w.golden_id]}
                                         for w in writes],
-                      detail={"table": customer_master.TABLE, "written": written})
+                      detail={"system": customer_master.SYSTEM, "table": customer_master.TABLE, "written": written})
         return written
+
+
+def _traced(rows: list[dict]) -> list[dict]:
+    """The reported row versions for the journal (a row the contract refused was not reported)."""
+    items = []
+    for row in rows:
+        try:
+            items.append({"key": customer_master.row_key(row), "refs": [row["CUST_NO"]]})
+        except ValueError:
+            continue
+    return items

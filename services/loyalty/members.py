@@ -14,11 +14,12 @@ import logging
 
 from bus.consumer import reliable_handler
 from bus.extensions import EventPublisher
+from bus.journal import JournalHops
 from contracts.customer import CustomerUpdatedV2, CustomerValues
 from contracts.envelope import CloudEvent
 from contracts.mastering import CustomerMasteredV1, CustomerWrite
 from legacy_wrappers.feed_changes import feed_changes
-from services.crm.customers import publish_statements
+from services.crm.customers import applied_hop, publish_statements
 from services.customers.propagation import applied, binding, writes_for
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,11 @@ def member(write: CustomerWrite) -> dict:
 
 class MemberSync:
     customer_changes = EventPublisher()
+    customer_hops = JournalHops()
 
     @feed_changes("loyalty_platform", config_key="LOYALTY_DB_URI")
     def on_member_changes(self, changes: list[dict]):
-        return publish_statements(self.customer_changes, changes, statement, SYSTEM)
+        return publish_statements(self.customer_changes, self.customer_hops, changes, statement, SYSTEM)
 
     @reliable_handler("customers", binding(SYSTEM), ordered=True)
     def on_customer_mastered(self, mastered: CustomerMasteredV1, event: CloudEvent):
@@ -71,4 +73,6 @@ class MemberSync:
                     log.warning("member %s not written: %s (no such member at the platform)", result["card"],
                                 result["error"])
         applied(SYSTEM, mastered, len(writes))
+        if writes:
+            applied_hop(self.customer_hops, SYSTEM, event, writes)
         return len(writes)

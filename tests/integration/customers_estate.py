@@ -1,5 +1,5 @@
 """The estate for customer mastering tests: the demo CRM and loyalty platform, the legacy ERP's
-database, and the customers, erp, crm, loyalty and files services as real `nameko run`
+database, and the customers, erp, crm, loyalty, files and journal services as real `nameko run`
 processes on a real broker, in a temporary root. Plus what a test needs to drive it as the
 estate's users would (a CRM user's edits, enrolments at the till, a legacy program's UPDATE,
 the CRM's nightly file) and to look at every system."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import amqp
 
-from bus import topology
+from bus import journal, topology
 from bus.publisher import connection_params
 from demo.batch.jobs import write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for
@@ -24,12 +24,13 @@ from tests.integration.filedrop_support import write_drops
 from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
 
 MODULES = {"customers": "services.customers", "erp": "services.erp", "crm": "services.crm",
-           "loyalty": "services.loyalty", "files": "services.files"}
+           "loyalty": "services.loyalty", "files": "services.files", "journal": "services.journal"}
 READY = {  # a queue each service consumes once it runs
     "customers": topology.handler_queue("crm", "customer.updated.v2", "customers", "on_crm_change"),
     **{system: topology.handler_queue("customers", binding(system), system, "on_customer_mastered")
        for system in ("erp", "crm", "loyalty")},
     "files": topology.handler_queue("erp", "batch", "files", "on_posted"),
+    "journal": journal.QUEUE,
 }
 TAPPED = ("customer.merged.v1", "case.opened.v1", "consent.changed.v1")
 
@@ -58,8 +59,7 @@ class CustomersEstate:
             services={name: {"module": module, "metrics_port": self.metrics_ports[name]}
                       for name, module in MODULES.items()},
             handlers={f"{s}.on_customer_mastered": fast for s in ("erp", "crm", "loyalty")}
-            | {f"customers.{m}": fast for m in ("on_crm_change", "on_erp_change", "on_loyalty_change", "on_file_rows")},
-            journal={"enabled": False})
+            | {f"customers.{m}": fast for m in ("on_crm_change", "on_erp_change", "on_loyalty_change", "on_file_rows")})
         self._delete_queues()
         self.tap = Tap(amqp_uri, f"test.customers.{root.name}")
         self.processes: dict[str, subprocess.Popen] = {}
@@ -70,7 +70,7 @@ class CustomersEstate:
         conn = amqp.Connection(**connection_params(self.uri, 5))
         conn.connect()
         try:
-            for queue in READY.values():
+            for queue in READY.values():  # (the journal's: hops other tests' processes sent)
                 for name in (queue, f"{queue}.dlq"):
                     with suppress(amqp.exceptions.NotFound):
                         conn.channel().queue_purge(name)

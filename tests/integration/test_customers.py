@@ -81,6 +81,13 @@ def test_a_day_of_changes_from_every_system_converges_and_then_stays_quiet(estat
                  and c["granted"] is False]
     assert len(withdrawn) == CUSTOMERS // 15 and {c["origin"] for c in withdrawn} == {"crm"}
 
+    # a customer across the estate: the CRM user's change, the hub, and each system's write
+    def traced() -> set:
+        done = cli(estate.config, "trace", cid(6))
+        return {tuple(line.split()[2:4]) for line in done.stdout.splitlines()[1:]} if done.returncode == 0 else set()
+    assert wait_for(lambda: {("crm", "reported"), ("files", "read"), ("customers", "mastered"), ("erp", "applied"),
+                             ("loyalty", "applied"), ("crm", "applied")} <= traced(), 60), traced()
+
     shown = cli(estate.config, "customers", "show", "c1@example.com")
     assert shown.returncode == 0, shown.stderr
     assert survivor in shown.stdout and f"merged {retired}" in shown.stdout

@@ -172,7 +172,7 @@ def test_a_customer_row_is_traced_from_the_crm_export_file_through_the_hub_to_th
     assert line == 551
     assert hops[("files", "read", chunk)].startswith(f"{export.name} line {line}, chunk 1, rows 502-601")
     assert hops[("customers", "mastered", chunk)].startswith(f"{export.name} line {line}, writes ")
-    assert hops[("erp", "applied", mastered)].startswith(f"key erp:{customer}, table CUST_MST")
+    assert hops[("erp", "applied", mastered)].startswith(f"key erp:{customer}, system erp, table CUST_MST")
     assert queue_state(estate.uri, f"{FILE_ROWS_QUEUE}.dlq")[0] == 0
 
 
