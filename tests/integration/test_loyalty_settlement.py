@@ -17,6 +17,7 @@ from bus import topology
 from bus.publisher import connection_params
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpReturnPostedV1
+from contracts.returns import LoyaltyReturnPointsV1
 from tests.integration.loyalty_estate import LoyaltyEstate, sale
 from tests.integration.support import wait_for
 
@@ -118,18 +119,24 @@ def test_each_closed_day_is_settled_once_posted_to_the_liability_account_and_a_r
         txn = f"S001-01-D2-{n:02d}"
         day_of[txn] = D2
         events.append(sale("S001", txn, "B1", [("100002", 1, 2500 + n)], D2))
-    day_of["S001-01-D2-R1"] = D2
-    events.append(sale("S001", "S001-01-D2-R1", "G1", [("100001", -1, -1000)], D2, kind=ErpReturnPostedV1,
-                       original_pos_txn_id="S001-01-D1-00"))
     events += [sale("S001", f"S001-01-T-{n}", "B1", [("100003", 1, 900)], TODAY) for n in range(5)]
     for n in range(5):
         day_of[f"S001-01-T-{n}"] = TODAY
     e.publish(events)
 
-    def platform_done() -> bool:  # every earning sale booked, the hold captured, the return reversed
-        kinds = Counter(k for k, in e.platform.rows("SELECT type FROM ledger WHERE store IS NOT NULL"))
-        return kinds["EARN"] == 14 + 10 + 5 and kinds["REDEEM"] == 1 and kinds["ADJUST"] == 1 and kinds["REFUND"] == 1
-    assert wait_for(platform_done, 180, interval=0.3), e.log("loyalty")
+    def booked() -> Counter:
+        return Counter(k for k, in e.platform.rows("SELECT type FROM ledger WHERE store IS NOT NULL"))
+    assert wait_for(lambda: booked()["EARN"] == 14 + 10 + 5 and booked()["REDEEM"] == 1, 180, interval=0.3), \
+        e.log("loyalty")
+    # a return of D2: the return-to-refund process asks loyalty to refund and to reverse (issue 19)
+    day_of["S001-01-D2-R1"] = D2
+    ret = sale("S001", "S001-01-D2-R1", "G1", [("100001", -1, -1000)], D2, kind=ErpReturnPostedV1,
+               original_pos_txn_id="S001-01-D1-00").payload()
+    e.publish([CloudEvent.new(LoyaltyReturnPointsV1.TYPE, "retailbus/returns",
+                              LoyaltyReturnPointsV1(action=action, posted=ret), subject="S001:S001-01-D2-R1",
+                              idempotencykey=f"return_to_refund:R1:{action}:0") for action in ("refund", "reverse")],
+              topology.commands_exchange("loyalty"))
+    assert wait_for(lambda: booked()["ADJUST"] == 1 and booked()["REFUND"] == 1, 120, interval=0.3), e.log("loyalty")
     expected = expected_from_platform(e, day_of)
     today = TODAY.strftime("%Y%m%d")
     closed = {d: v for d, v in expected.items() if d != today}
