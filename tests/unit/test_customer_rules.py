@@ -125,3 +125,15 @@ def test_an_invalid_file_is_refused_naming_its_line(change, message):
 def test_a_file_that_is_not_yaml_is_refused_with_its_line():
     with pytest.raises(CustomersConfigError, match=r"customers.yaml:3: .*indentation"):
         parse("systems:\n  crm: {consumes: [name]}\n   erp: x\n")
+
+
+def test_the_customers_service_does_not_start_on_a_file_it_refuses(tmp_path, container_factory):
+    from services.customers.service import CustomersService
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "customers.yaml").write_text(SHIPPED.read_text().replace("owner: erp", "owner: ledger"))
+    container = container_factory(CustomersService, {"AMQP_URI": "amqp://127.0.0.1:9",
+                                                     "CUSTOMERS_DB_URI": f"sqlite:///{tmp_path / 'c.db'}",
+                                                     "RETAILBUS": {"root": str(tmp_path)}})
+    with pytest.raises(CustomersConfigError, match=r"customers.yaml:24: groups.billing.owner: unknown system"):
+        container.start()
