@@ -13,6 +13,7 @@ from __future__ import annotations
 from bus.consumer import DUPLICATE, PermanentError, reliable_handler
 from bus.journal import JournalHops
 from bus.metrics_http import MetricsHttp
+from bus.retention import retention_timer
 from contracts.batch import EventBatchV1
 from contracts.customer import CrmCustomerExportedV1, CustomerUpdatedV2
 from contracts.envelope import CloudEvent
@@ -24,6 +25,7 @@ from services.customers import hub, tables
 from services.customers.config import CustomerRules
 from services.erp.outbox import Outbox
 from services.erp.outbox import metadata as outbox_tables
+from services.erp.retention import LegacyRetention
 
 BATCH = 64  # customer.updated.v2 per worker: one transaction, one workspace
 
@@ -36,6 +38,13 @@ class CustomersService:
     rules = CustomerRules()
     hops = JournalHops()
     metrics = MetricsHttp()
+    retention = LegacyRetention(config_key="CUSTOMERS_DB_URI")
+
+    @retention_timer()
+    def prune(self) -> dict[str, int]:
+        """Inbox keys past the redelivery horizon and outbox rows long sent (RETAILBUS.retention);
+        golden records, their links and history are the hub's record and stay."""
+        return self.retention.prune()
 
     @reliable_handler("files", EventBatchV1.TYPE)
     def on_file_rows(self, batch: EventBatchV1, event: CloudEvent):

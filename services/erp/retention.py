@@ -1,5 +1,6 @@
 """The erp's share of retention: inbox keys past the redelivery horizon and relay rows
-long sent, from the legacy database, a few small batches per pass (bus/retention.py)."""
+long sent, from the legacy database, a few small batches per pass (bus/retention.py).
+The customer hub prunes its own database's the same way (`config_key`)."""
 from __future__ import annotations
 
 from nameko.extensions import DependencyProvider
@@ -14,9 +15,12 @@ from services.erp.outbox import prune_sent
 class LegacyRetention(DependencyProvider):
     engines = LegacyEngines()
 
+    def __init__(self, config_key: str = "LEGACY_DB_URI"):
+        self.config_key = config_key
+
     def setup(self):
         self.settings = container_settings(self.container.config)[1].retention
-        self.engine = self.engines.engine("LEGACY_DB_URI")
+        self.engine = self.engines.engine(self.config_key)
 
     def get_dependency(self, worker_ctx):
         return self
