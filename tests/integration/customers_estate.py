@@ -51,7 +51,7 @@ class CustomersEstate:
         self.drop = root / "drops" / "customers"
         self.drop.mkdir(parents=True, exist_ok=True)
         self.metrics_ports = dict(zip(MODULES, ports))
-        fast = {"attempts": 20, "delays": [0.5, 1, 2]}
+        fast = {"attempts": 40, "delays": [0.5, 1, 2, 5]}  # ~3 min of retries: a loaded machine's slow platform
         self.config = write_config(
             root, amqp_uri, legacy_db=self.legacy_dsn,
             loyalty_platform={"http": self.loyalty.url.removeprefix("http://"), "db": "var/unused_l.db"},
@@ -93,6 +93,13 @@ class CustomersEstate:
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text()[-4000:] if path.exists() else ""
+
+    def diagnosis(self) -> str:
+        """What a test that did not converge prints: parked messages and each service's last errors."""
+        parked = {q: queue_state(self.uri, f"{q}.dlq")[0] for q in READY.values()}
+        errors = {name: [line[:300] for line in self.log(name).splitlines() if '"level": "ERROR"' in line
+                         or '"level": "WARNING"' in line][-3:] for name in MODULES}
+        return json.dumps({"parked": {q: n for q, n in parked.items() if n}, "errors": errors}, indent=1)
 
     def close(self) -> None:
         for name in list(self.processes):
@@ -206,6 +213,13 @@ class Tap:
 
     def of(self, type_name: str) -> list[dict]:
         return [e["data"] for e in self.drain() if e["type"] == type_name]
+
+    def diagnosis(self) -> str:
+        """What a test that did not converge prints: parked messages and each service's last errors."""
+        parked = {q: queue_state(self.uri, f"{q}.dlq")[0] for q in READY.values()}
+        errors = {name: [line[:300] for line in self.log(name).splitlines() if '"level": "ERROR"' in line
+                         or '"level": "WARNING"' in line][-3:] for name in MODULES}
+        return json.dumps({"parked": {q: n for q, n in parked.items() if n}, "errors": errors}, indent=1)
 
     def close(self) -> None:
         conn = amqp.Connection(**connection_params(self.uri, 5))
