@@ -48,29 +48,36 @@ elif [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 else
   # The chaos suites first, alone: they time fault recovery and accept latency.
-  # Then the store-agent and estate suites and the rest side by side in two sessions
-  # (most tests wait on brokers and processes, not the CPU). The split is for speed only:
-  # test_store_agent's stock test used to time out after other modules in one
-  # session (an erp run earlier left its durable rpc-erp queue on the session
-  # broker, and the agent's stock RPC timeout was a BaseException that left the
-  # POS request unanswered; fixed in routing/stock_cache.py).
+  # Then three sessions side by side (most tests wait on brokers and processes, not
+  # the CPU): the store-agent and estate suites, the process suites with the unit
+  # tests, and the rest. The split is for speed only: test_store_agent's stock test
+  # used to time out after other modules in one session (an erp run earlier left its
+  # durable rpc-erp queue on the session broker, and the agent's stock RPC timeout was
+  # a BaseException that left the POS request unanswered; fixed in routing/stock_cache.py).
   pytest=(.venv/bin/python -m pytest --durations=10)
   agent_suites=(tests/integration/test_routing.py tests/integration/test_up.py
                 tests/integration/test_store_agent.py tests/integration/test_reconcile.py
                 tests/integration/test_dashboards.py tests/integration/test_trace.py
                 tests/integration/test_readme.py tests/integration/test_loyalty.py
                 tests/integration/test_loyalty_reconcile.py tests/integration/test_till_redemption.py
-                tests/integration/test_crm.py tests/integration/test_cases.py tests/integration/test_orders.py
-                tests/integration/test_returns.py)
-  ignores=(--ignore tests/chaos); for suite in "${agent_suites[@]}"; do ignores+=(--ignore "$suite"); done
+                tests/integration/test_crm.py tests/integration/test_loyalty_settlement.py
+                tests/integration/test_customers.py tests/integration/test_customers_postgres.py)
+  process_suites=(tests/unit tests/integration/test_cases.py tests/integration/test_orders.py
+                  tests/integration/test_returns.py tests/integration/test_process_store.py
+                  tests/integration/test_erp_reservations.py)
+  ignores=(--ignore tests/chaos)
+  for suite in "${agent_suites[@]}" "${process_suites[@]}"; do ignores+=(--ignore "$suite"); done
   status=0
   # The layers (setup.cfg [importlinter]): a violation names the offending import.
   .venv/bin/lint-imports || status=$?
   "${pytest[@]}" tests/chaos || status=$?
-  agents_log=$(mktemp)
+  agents_log=$(mktemp); process_log=$(mktemp)
   "${pytest[@]}" "${agent_suites[@]}" >"$agents_log" 2>&1 & agents=$!
+  "${pytest[@]}" "${process_suites[@]}" >"$process_log" 2>&1 & processes=$!
   "${pytest[@]}" "${ignores[@]}" || status=$?
   wait "$agents" || status=$?
-  echo "=== the store-agent suites ==="; cat "$agents_log"; rm -f "$agents_log"
+  wait "$processes" || status=$?
+  echo "=== the store-agent and estate suites ==="; cat "$agents_log"; rm -f "$agents_log"
+  echo "=== the process suites and the unit tests ==="; cat "$process_log"; rm -f "$process_log"
   exit $status
 fi
