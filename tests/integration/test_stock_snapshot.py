@@ -68,6 +68,8 @@ def test_the_stock_snapshot_reaches_stk_lvl_and_the_stores_feed(amqp_uri, tmp_pa
     folder = tmp_path / "drops" / "stock"
     folder.mkdir(parents=True)
     channel_do(amqp_uri, bind_feed)
+    # what another test of the session left for the erp's file rows (a customer file's chunks) is not ours
+    channel_do(amqp_uri, lambda ch: [ch.queue_delete(q) for q in (QUEUE, f"{QUEUE}.dlq")])
     request.addfinalizer(lambda: channel_do(amqp_uri, lambda ch: [ch.queue_delete(q) for q in (FEED, QUEUE,
                                                                                               f"{QUEUE}.dlq")]))
 
