@@ -60,8 +60,7 @@ else
                 tests/integration/test_dashboards.py tests/integration/test_trace.py
                 tests/integration/test_readme.py tests/integration/test_loyalty.py
                 tests/integration/test_loyalty_reconcile.py tests/integration/test_till_redemption.py
-                tests/integration/test_crm.py tests/integration/test_loyalty_settlement.py
-                tests/integration/test_customers.py tests/integration/test_customers_postgres.py)
+                tests/integration/test_crm.py tests/integration/test_loyalty_settlement.py)
   process_suites=(tests/unit tests/integration/test_cases.py tests/integration/test_orders.py
                   tests/integration/test_returns.py tests/integration/test_process_store.py
                   tests/integration/test_erp_reservations.py)
