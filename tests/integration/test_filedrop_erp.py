@@ -47,7 +47,9 @@ def test_crm_export_reaches_cust_mst_exactly_once(amqp_uri, tmp_path, request):
     config = write_config(tmp_path, amqp_uri, legacy_db=dsn)
     write_drops(tmp_path)
     # what another test of the session left for the hub or the erp (a mastered write of its customers) is not ours
-    delete_queues(amqp_uri, QUEUE, f"{QUEUE}.dlq", MASTERED, f"{MASTERED}.dlq")
+    delete_queues(amqp_uri, QUEUE, f"{QUEUE}.dlq", MASTERED, f"{MASTERED}.dlq",
+                  *(topology.handler_queue(source, "customer.updated.v2", "customers", f"on_{source}_change")
+                    for source in ("crm", "erp", "loyalty")))  # the hub's other inputs: test_customers' changes
     request.addfinalizer(lambda: delete_queues(amqp_uri, QUEUE, f"{QUEUE}.dlq", MASTERED, f"{MASTERED}.dlq"))
     folder = tmp_path / "drops" / "customers"
     folder.mkdir(parents=True)  # the CRM's folder exists whether or not the files service started yet
