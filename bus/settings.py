@@ -216,6 +216,11 @@ class RetentionSettings(Strict):
                                                        "record and an outbound file's row keys; at least "
                                                        "the redelivery horizon, like inbox_days")
     reconcile_days: float = Field(90.0, gt=0, description="business days of control totals reconcile keeps")
+    process_days: float = Field(30.0, gt=0, description="days a completed process instance (and its history) "
+                                                        "is kept after its last change; running, compensating "
+                                                        "and failed ones (a case is open) are never pruned")
+    cases_days: float = Field(90.0, gt=0, description="days a resolved case (and its history) is kept after "
+                                                      "its resolution; open and assigned ones are never pruned")
     outbound_files_days: float = Field(30.0, gt=0, description="days a handed-over outbound batch file "
                                                                "(and its done marker) stays in its folder")
     archive_days: float = Field(30.0, gt=0, description="days an inbound file stays in archive/YYYY-MM-DD/")

@@ -11,14 +11,14 @@ retried alone. Trace hops and metrics follow the commit; the outbox relay is wok
 
 A thread of the manager looks for instances whose awaited reply is late every
 `RETAILBUS.processes.<name>.poll_seconds` (the timeouts are rows), samples
-`retailbus_process_instances` and prunes old inbox keys and sent outbox rows.
+`retailbus_process_instances` and prunes old inbox keys, sent outbox rows and completed
+instances (`prune`).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from nameko.extensions import DependencyProvider
@@ -32,7 +32,8 @@ from bus.process import metrics, store
 from bus.process.definition import ProcessDefinition
 from bus.process.engine import Effects, Engine
 from bus.process.outbox import ProcessDatabase
-from bus.settings import ConfigError, ProcessSettings, retailbus_settings
+from bus.retention import before, in_batches
+from bus.settings import ConfigError, ProcessSettings, RetentionSettings, retailbus_settings
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,20 @@ class ProcessManager(DependencyProvider):
                         metrics.INSTANCES.labels(self.definition.name, state).set(counts.get(state, 0))
                 if now - pruned >= self.retention.interval:
                     pruned = now
-                    cut = datetime.now(timezone.utc) - timedelta(days=self.retention.inbox_days)
-                    store.prune(self.database.engine, cut, self.retention.batch)
+                    prune(self.database.engine, self.retention)
             except Exception as exc:  # the database away: the next round tries again
                 log.warning("%s: timeouts round failed: %s", self.definition.name, exc)
+
+
+def prune(engine, r: RetentionSettings) -> dict[str, int]:
+    """Inbox keys and sent outbox rows past `inbox_days`, completed instances (with their history)
+    past `process_days`, a few batches each (bus/retention.py: counted, the rest next pass)."""
+    return {
+        "process_inbox_outbox": in_batches("process_inbox_outbox", lambda n: store.prune(
+            engine, before(r.inbox_days), n), r.batch, r.max_batches),
+        "process_instances": in_batches("process_instances", lambda n: store.prune_completed(
+            engine, before(r.process_days), n), r.batch, r.max_batches),
+    }
 
 
 class _Due:

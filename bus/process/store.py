@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 
 from eventlet import tpool
 from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
-                        create_engine, delete, event, func, select, update)
+                        create_engine, delete, event, func, inspect, select, update)
 from sqlalchemy.dialects import postgresql, sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -54,6 +54,7 @@ INSTANCES = Table(
     UniqueConstraint("PROCESS", "CORR_KEY", name="UQ_RB_PROCESS_KEY"),
     Index("IX_RB_PROCESS_DUE", "DUE_AT"),
     Index("IX_RB_PROCESS_STATE", "PROCESS", "STATE"),
+    Index("IX_RB_PROCESS_DONE", "STATE", "UPDATED_AT"),  # retention: the oldest completed first
 )
 HISTORY = Table(
     "RB_PROCESS_HISTORY", metadata,
@@ -132,8 +133,9 @@ def open_engine(dsn: str) -> Engine:
 
 
 def create(engine: Engine, *more: MetaData) -> None:
-    """The engine's tables (and the process service's own, `more`); another process
-    creating them at the same moment is no error (it looks again)."""
+    """The engine's tables (and the process service's own, `more`), and the indexes a database
+    made by an older version lacks (create_all adds none to a table that exists); another
+    process creating them at the same moment is no error (it looks again)."""
     for md in (metadata, *more):
         for attempt in range(3):
             try:
@@ -142,6 +144,12 @@ def create(engine: Engine, *more: MetaData) -> None:
             except DBAPIError:
                 if attempt == 2:
                     raise
+    for index in INSTANCES.indexes:
+        try:
+            index.create(engine, checkfirst=True)
+        except DBAPIError:
+            if not inspect(engine).has_index(INSTANCES.name, index.name):
+                raise
 
 
 @contextmanager
@@ -307,6 +315,26 @@ def counts(engine: Engine, process: str) -> dict[str, int]:
     c = INSTANCES.c
     with engine.connect() as conn:
         return dict(conn.execute(select(c.STATE, func.count()).where(c.PROCESS == process).group_by(c.STATE)).all())
+
+
+def prune_completed(engine: Engine, older_than: datetime, limit: int) -> int:
+    """Up to `limit` completed instances last changed before `older_than`, oldest first, with
+    their history; returns how many. Running, compensating and failed instances (a failed one
+    has an open case, which `cases retry` runs on) are never taken. A start message redelivered
+    later is still known by its inbox key (kept `inbox_days`, past any redelivery); a late
+    reply finds no instance ("orphan"), as a completed one would have ignored it."""
+    c = INSTANCES.c
+    with transaction(engine) as conn:
+        ids = list(conn.execute(select(c.PROCESS_ID).where(c.STATE == "completed",
+                                                           c.UPDATED_AT < older_than.isoformat())
+                                .order_by(c.UPDATED_AT).limit(limit)).scalars())
+        if ids:
+            # the instances first: a transition racing on PostgreSQL then finds its row gone (ConcurrentUpdate)
+            gone = list(conn.execute(delete(INSTANCES).where(c.PROCESS_ID.in_(ids), c.STATE == "completed")
+                                     .returning(c.PROCESS_ID)).scalars())
+            if gone:
+                conn.execute(delete(HISTORY).where(HISTORY.c.PROCESS_ID.in_(gone)))
+    return len(ids)
 
 
 def prune(engine: Engine, older_than: datetime, limit: int) -> int:
