@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bus import yaml_config
 from contracts.errors import RetailbusError
 from contracts import registry
 from contracts.pos import StoreId
-from routing import route_messages as messages
 
 Mode = Literal["legacy", "shadow", "bus"]
 MODES: tuple[str, ...] = ("legacy", "shadow", "bus")
@@ -168,47 +168,18 @@ def _duplicate_routes(data: dict, node: yaml.Node | None, source: str) -> list[s
             if not isinstance(value, str):
                 continue
             if value in first:
-                line = messages.line_of(node, ("routes", i, attr))
+                line = yaml_config.line_of(node, ("routes", i, attr))
                 problems.append(f"{source}:{line}: route {attr} '{value}' is already used by the route "
                                 f"on line {first[value]}; each route needs its own {attr}")
             else:
-                first[value] = messages.line_of(node, ("routes", i))
+                first[value] = yaml_config.line_of(node, ("routes", i))
     return problems
-
-
-def _problem(err: dict, data: dict, node: yaml.Node | None, source: str) -> str:
-    loc = tuple(err["loc"])
-    line = messages.line_of(node, loc)
-    where = messages.readable_path(data, loc)
-    if err["type"] == "extra_forbidden":
-        return f"{source}:{line}: " + messages.unknown_key(RouteTable, loc, messages.readable_path(data, loc[:-1]))
-    if err["type"] == "missing":
-        return f"{source}:{line}: {where}: required, missing"
-    return f"{source}:{line}: {where}: {err['msg']}"
 
 
 def parse_route_table(text: str, source: str = "routes.yaml") -> RouteTable:
     """The validated table, or RouteTableError naming each problem's line in words."""
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise RouteTableError(messages.yaml_problem(exc, text, source)) from None
-    if not isinstance(data, dict):
-        raise RouteTableError(f"{source}:1: expected a mapping with version, legacy and routes")
-    problems = messages.duplicate_keys(node, source) + _duplicate_routes(data, node, source)
-    if problems:
-        raise RouteTableError("\n".join(problems))
-    try:
-        return RouteTable.model_validate(data)
-    except ValidationError as exc:
-        raise RouteTableError("\n".join(_problem(e, data, node, source) for e in exc.errors())) from None
+    return yaml_config.parse_model(text, RouteTable, source, RouteTableError, (_duplicate_routes,), loader=_Loader)
 
 
 def load_route_table(path: Path | str) -> RouteTable:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RouteTableError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_route_table(text, str(path))
+    return yaml_config.load_model(path, RouteTable, RouteTableError, (_duplicate_routes,), loader=_Loader)

@@ -20,15 +20,15 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from eventlet.queue import Empty, LightQueue
 from nameko.extensions import Extension
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError
 
 from bus import journal
+from bus import yaml_config
 from bus.settings import ConfigError, RetailbusSettings
-from contracts.errors import error_paths, format_validation_error
+from contracts.errors import error_paths
 from contracts.pos import HoldId, PosSaleV1, PosTxnId, StoreId, TerminalId
 from contracts.redemption import Redemption
 from routing.loyalty_rpc import LoyaltyFailedError, LoyaltyRefusedError, LoyaltyRpc, LoyaltyUnreachableError
@@ -105,13 +105,7 @@ class RedemptionRules:
         if self._stamp is None:
             log.warning("%s not found: redemption rules are the defaults", self.path)
             return Redemption()
-        try:
-            raw = yaml.safe_load(self.path.read_text()) or {}
-            return Redemption.model_validate((raw if isinstance(raw, dict) else {}).get("redemption") or {})
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{self.path}: cannot read: {exc}") from None
-        except ValidationError as exc:
-            raise ConfigError(f"{self.path}: {format_validation_error(exc, prefix='redemption')}") from None
+        return yaml_config.load_model(self.path, Redemption, ConfigError, section="redemption")
 
     def current(self) -> Redemption:
         stamp = self._mtime()

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contracts.errors import format_validation_error
+from bus import yaml_config
 from bus.settings import ConfigError
 
 DEFAULT_PATH = Path("config/filedrops.yaml")
@@ -142,16 +141,7 @@ class FileDropConfigError(ConfigError):
 def load(path: Path | str, root: Path | None = None) -> FileDrops:
     """Read and validate; relative folders are taken from `root` (the project root)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise FileDropConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise FileDropConfigError(f"{path}: invalid YAML: {exc}") from None
-    try:
-        drops = FileDrops.model_validate(raw)
-    except ValidationError as exc:
-        raise FileDropConfigError(f"{path}: {format_validation_error(exc)}") from None
+    drops = yaml_config.load_model(path, FileDrops, FileDropConfigError)
     return absolute(drops, root or path.resolve().parent.parent)
 
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from bus import yaml_config
 from contracts.cases import CaseType
 from contracts.errors import RetailbusError
-from routing import route_messages as messages
 
 DURATION = r"^[1-9][0-9]*(s|m|h|d)$"
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -94,46 +92,10 @@ def tally(rows: list[tuple[str, str, str]], now: datetime, types: set[str]
 
 
 # ---------------------------------------------------------------------- the file
-def _model_at(loc: tuple) -> type[BaseModel]:
-    """The model holding the last key of `loc`: a type's rule under `types.<name>`, else the top."""
-    return CaseTypeRule if len(loc) >= 3 and loc[0] == "types" else CasesConfig
-
-
-def _problem(err: dict, data: Any, node: yaml.Node | None, source: str) -> str:
-    loc = tuple(err["loc"])
-    line = messages.line_of(node, loc)
-    where = messages.readable_path(data, loc[:-1] if err["type"] == "extra_forbidden" else loc)
-    if err["type"] == "extra_forbidden":
-        known = ", ".join(_model_at(loc).model_fields)
-        return f"{source}:{line}: {where}: unknown key '{loc[-1]}' (known keys: {known})"
-    if err["type"] == "missing":
-        return f"{source}:{line}: {where}: required, missing"
-    return f"{source}:{line}: {where}: {err['msg']}"
-
-
 def parse(text: str, source: str = "cases.yaml") -> CasesConfig:
     """The validated rules, or CasesConfigError naming each problem's line and field path."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CasesConfigError(messages.yaml_problem(exc, text, source)) from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise CasesConfigError(f"{source}:1: expected a mapping with default_sla and types")
-    problems = messages.duplicate_keys(node, source)
-    if problems:
-        raise CasesConfigError("\n".join(problems))
-    try:
-        return CasesConfig.model_validate(data)
-    except ValidationError as exc:
-        raise CasesConfigError("\n".join(_problem(e, data, node, source) for e in exc.errors())) from None
+    return yaml_config.parse_model(text, CasesConfig, source, CasesConfigError)
 
 
 def load(path: Path | str) -> CasesConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CasesConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    return parse(text, str(path))
+    return yaml_config.load_model(path, CasesConfig, CasesConfigError)

@@ -13,14 +13,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from nameko.extensions import DependencyProvider
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from bus import yaml_config
 from bus.settings import retailbus_settings
 from contracts.customer import ATTRIBUTES
 from contracts.errors import RetailbusError
-from routing import route_messages as messages
 
 DEFAULT_PATH = Path("config/customers.yaml")
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
@@ -129,50 +128,11 @@ class CustomersConfig(Strict):
 
 def parse(text: str, source: str = "customers.yaml") -> CustomersConfig:
     """The validated config, or CustomersConfigError naming each problem's line."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CustomersConfigError(messages.yaml_problem(exc, text, source)) from None
-    if not isinstance(data, dict):
-        raise CustomersConfigError(f"{source}:1: expected a mapping with systems, origins, groups, priority, "
-                                   "matching")
-    problems = messages.duplicate_keys(node, source)
-    if problems:
-        raise CustomersConfigError("\n".join(problems))
-    try:
-        return CustomersConfig.model_validate(data)
-    except ValidationError as exc:
-        raise CustomersConfigError("\n".join(_problem(e, data, node, source) for e in exc.errors())) from None
-
-
-def _problem(err: dict, data: dict, node: yaml.Node, source: str) -> str:
-    loc = tuple(err["loc"])
-    line = messages.line_of(node, loc)
-    where = messages.readable_path(data, loc)
-    if err["type"] == "extra_forbidden":
-        return f"{source}:{line}: " + messages.unknown_key(CustomersConfig, loc, messages.readable_path(data, loc[:-1]))
-    if err["type"] == "missing":
-        return f"{source}:{line}: {where}: required, missing"
-    if err["type"] == "value_error" and not loc:  # the cross-field rules: one line each, at the key they name
-        return "\n".join(f"{source}:{_line_of_words(node, said)}: {said}"
-                         for said in err["msg"].removeprefix("Value error, ").split("; "))
-    return f"{source}:{line}: {where}: {err['msg']}"
-
-
-def _line_of_words(node: yaml.Node, said: str) -> int | None:
-    """The line of the key a cross-field problem names (`groups.consent.owner: ...`)."""
-    path = said.split(":", 1)[0].replace("[", ".").replace("]", "").split(".")
-    return messages.line_of(node, tuple(p for p in path if p))
+    return yaml_config.parse_model(text, CustomersConfig, source, CustomersConfigError)
 
 
 def load(path: Path | str) -> CustomersConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CustomersConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse(text, str(path))
+    return yaml_config.load_model(path, CustomersConfig, CustomersConfigError)
 
 
 class CustomerRules(DependencyProvider):

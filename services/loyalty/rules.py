@@ -24,10 +24,10 @@ from math import floor
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from contracts.errors import RetailbusError, format_validation_error
+from bus import yaml_config
+from contracts.errors import RetailbusError
 from contracts.redemption import Redemption, offline_allowed  # noqa: F401  (shared with the store agent)
 
 
@@ -159,19 +159,7 @@ class LoyaltyConfig(Strict):
 
 
 def load(path: Path | str) -> LoyaltyConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise LoyaltyConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LoyaltyConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    try:
-        return LoyaltyConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise LoyaltyConfigError(f"{path}: {format_validation_error(exc)}") from None
+    return yaml_config.load_model(path, LoyaltyConfig, LoyaltyConfigError)
 
 
 def eligible(earning: Earning, sku: str, line_total_minor: int) -> bool:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bus import yaml_config
 from bus.settings import ConfigError
-from contracts.errors import format_validation_error
 
 MAX_HOLD_SECONDS = 7 * 24 * 3600  # the loyalty platform's longest hold
 
@@ -82,21 +81,5 @@ class OrdersConfig(Strict):
 
 
 def load(path: Path | str) -> OrdersConfig:
-    """The file's rules; the defaults when it does not exist. Raises ConfigError naming the field or line."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        return OrdersConfig()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top")
-    try:
-        return OrdersConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
+    """The file's rules; the defaults when it does not exist. Raises ConfigError naming the line and field."""
+    return yaml_config.load_model(path, OrdersConfig, ConfigError, missing_ok=True)

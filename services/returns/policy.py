@@ -24,13 +24,13 @@ from fractions import Fraction
 from math import ceil
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.engine import Connection
 
+from bus import yaml_config
 from contracts.erp import ErpReturnPostedV1
-from contracts.errors import RetailbusError, format_validation_error
+from contracts.errors import RetailbusError
 from contracts.pos import PosReturnV1
 from services.loyalty.rules import Earning, eligible, threshold_promotion
 
@@ -59,19 +59,7 @@ class ReturnsConfig(Strict):
 
 
 def load(path: Path | str) -> ReturnsConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ReturnsConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ReturnsConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    try:
-        return ReturnsConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ReturnsConfigError(f"{path}: {format_validation_error(exc)}") from None
+    return yaml_config.load_model(path, ReturnsConfig, ReturnsConfigError)
 
 
 metadata = MetaData()

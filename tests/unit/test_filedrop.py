@@ -35,7 +35,7 @@ def test_config_errors_name_the_field_path(tmp_path):
     bad.parent.mkdir()
     bad.write_text("inbound:\n  x:\n    folder: a\n    format: fixed\n    completion: {rule: marker}\n"
                    "    fields: [{name: a, start: 5, end: 2}]\n")
-    with pytest.raises(fd_config.FileDropConfigError, match=r"inbound\.x\.fields\.0"):
+    with pytest.raises(fd_config.FileDropConfigError, match=r"filedrops.yaml:6: inbound\.x\.fields\[a\]: Value error, end must not be before start"):
         fd_config.load(bad)
 
 

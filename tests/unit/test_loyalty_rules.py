@@ -61,7 +61,7 @@ def test_the_offline_floor_is_per_card_and_day():
 def test_a_rules_file_is_refused_naming_the_field_or_the_line(tmp_path):
     path = tmp_path / "loyalty.yaml"
     path.write_text("earning:\n  points_per_unit: -1\n")
-    with pytest.raises(LoyaltyConfigError, match=r"earning\.points_per_unit"):
+    with pytest.raises(LoyaltyConfigError, match=r"loyalty\.yaml:2: earning\.points_per_unit"):
         load(path)
     path.write_text("accrual: {mode: apii}\n")
     with pytest.raises(LoyaltyConfigError, match=r"accrual\.mode"):
@@ -70,10 +70,10 @@ def test_a_rules_file_is_refused_naming_the_field_or_the_line(tmp_path):
     with pytest.raises(LoyaltyConfigError, match="valid_to 2026-12-01 is before valid_from"):
         load(path)
     path.write_text("earning:\n  points_per_unit: 1\n   bad: indent\n")
-    with pytest.raises(LoyaltyConfigError, match="line 3"):
+    with pytest.raises(LoyaltyConfigError, match="loyalty.yaml:3: a ':' where none may be"):
         load(path)
     path.write_text("earning:\n  point_per_unit: 1\n")
-    with pytest.raises(LoyaltyConfigError, match="point_per_unit"):
+    with pytest.raises(LoyaltyConfigError, match="loyalty.yaml:2: earning: unknown key 'point_per_unit' \\(did you mean 'points_per_unit'\\?\\)"):
         load(path)
 
 
