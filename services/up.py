@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.broker import users as broker_users
+from services.broker import credentials, users as broker_users
 from services.broker.node import ManagedBroker
 from services.broker.cluster import BrokerCluster
 from bus import partitions
@@ -133,7 +133,7 @@ class Supervisor:
                 health_url=f"http://{store.http}/healthz"))
         own_users = False
         for child in children:  # its own broker user once `retailbus broker users` made one
-            own = broker_users.own_uri(s, uri, child.component or child.name)
+            own = credentials.own_uri(s, uri, child.component or child.name)
             if own:
                 child.env = {**child.env, "RETAILBUS_AMQP_URI": own}
                 own_users = True

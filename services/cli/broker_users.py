@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from services.broker import users as broker_users
+from services.broker import credentials, users as broker_users
 from services.broker.node import AMQP_URI_ENV, BrokerError, ManagedBroker, resolve_amqp_uri
 from bus.settings import DEFAULT_CONFIG, ConfigError, load_config, retailbus_settings
 
@@ -59,7 +59,7 @@ def users(ctx: click.Context, config_path: Path | None, show: bool, dry_run: boo
     try:
         if not broker.is_running():
             raise BrokerError(f"broker {broker.node} is not running: `retailbus broker start` first")
-        broker_users.provision(broker, found)
+        credentials.provision(broker, found)
         bus_uri = resolve_amqp_uri(config, settings)
         declared = broker_users.declare_topology(bus_uri, found, settings.queue_type)
     except BrokerError as exc:
@@ -68,4 +68,4 @@ def users(ctx: click.Context, config_path: Path | None, show: bool, dry_run: boo
                f"{declared} exchanges and queues declared for them")
     if show:
         for c in found:
-            click.echo(f"{c.name}: {broker_users.component_uri(bus_uri, c)}")
+            click.echo(f"{c.name}: {credentials.component_uri(bus_uri, c)}")

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from demo.legacy_erp.schema import DEMO_ON_HAND, create_schema, engine_for, seed_demo_data
 from routing import broker_user, stock_cache
-from services.broker import users as broker_users
+from services.broker import credentials, users as broker_users
 from bus import topology
 from bus.extensions import event_message
 from bus.publisher import ConfirmingPublisher, connection_params
@@ -72,7 +72,7 @@ def delete_queues_since(broker, before: set[str]) -> None:
 
 
 def uri_of(broker, component) -> str:
-    return broker_users.component_uri(broker.uri(), component)
+    return credentials.component_uri(broker.uri(), component)
 
 
 def refused(uri: str, action) -> str:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from nameko.rpc import rpc
 
 from routing import broker_user
-from services.broker import users as broker_users
+from services.broker import credentials, users as broker_users
 from services.broker.setup import render_config
 from bus.consumer import reliable_handler
 from bus.extensions import EventPublisher
@@ -101,7 +101,7 @@ def test_overrides_add_to_what_is_derived_and_store_users_only_publish_pos():
 
 def test_definitions_carry_salted_hashes_and_no_tags():
     c = broker_users.Component("erp", "svc-erp", Path("/nonexistent"), broker_users.Access(read={"q"}))
-    defs = broker_users.definitions([c], "retailbus", {"svc-erp": "s3cret"})
+    defs = credentials.definitions([c], "retailbus", {"svc-erp": "s3cret"})
     user = defs["users"][0]
     assert user["tags"] == [] and "s3cret" not in json.dumps(defs)
     raw = base64.b64decode(user["password_hash"])
@@ -113,11 +113,11 @@ def test_definitions_carry_salted_hashes_and_no_tags():
 def test_up_uses_a_components_own_user_only_once_provisioned(tmp_path):
     settings = retailbus_settings({"RETAILBUS": {"root": str(tmp_path)}})
     bus = "amqp://retailbus:pw@127.0.0.1:5682/retailbus;amqp://retailbus:pw@127.0.0.1:5683/retailbus"
-    assert broker_users.own_uri(settings, bus, "erp") is None
+    assert credentials.own_uri(settings, bus, "erp") is None
     user, path = broker_users.identity(settings, "erp")
-    broker_users.save_password(path, user, "p/w")
+    credentials.save_password(path, user, "p/w")
     assert oct(path.stat().st_mode & 0o777) == "0o600"
-    assert broker_users.own_uri(settings, bus, "erp") == (
+    assert credentials.own_uri(settings, bus, "erp") == (
         "amqp://svc-erp:p%2Fw@127.0.0.1:5682/retailbus;amqp://svc-erp:p%2Fw@127.0.0.1:5683/retailbus")
 
 
