@@ -116,7 +116,7 @@ class ProcessManager(DependencyProvider):
             for n, (payload, event) in enumerate(items):
                 fx = Effects()
                 try:
-                    with conn.begin_nested():
+                    with store.savepoint(conn):
                         results[n] = apply(conn, event, payload, fx)
                     done.append(fx)
                 except Exception as exc:  # noqa: BLE001  (this message alone is retried)
