@@ -7,6 +7,7 @@ the workers in flight, so nothing accepted is dropped) and waits for them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from services.broker import credentials, users as broker_users
 from services.broker.node import ManagedBroker
+from services.broker.setup import write_private
 from services.broker.cluster import BrokerCluster
 from bus import partitions
 from bus.metrics_http import ENV_PORT
@@ -27,6 +29,24 @@ from bus.settings import RetailbusSettings, load_config, retailbus_settings
 log = logging.getLogger("retailbus.up")
 
 STOP_GRACE_SECONDS = 30
+TARGETS_FILE = Path("var/prometheus_targets.json")  # config/prometheus.yml's file_sd_configs read it
+
+
+def scrape_targets(settings: RetailbusSettings) -> list[dict]:
+    """What Prometheus scrapes (its file_sd format): every service process `up` runs that
+    serves metrics (each of a service's K processes on its own port: `_instances`) and every
+    store agent, labelled `service` as dashboards and alerts (config/alerts.yml) group them."""
+    targets = []
+    for name, service in settings.services.items():
+        if service.metrics_port is None:
+            continue
+        for i in range(service.processes):
+            port = service.metrics_port + 100 * i if service.processes > 1 else service.metrics_port
+            labels = {"service": name, **({"process": f"{name}-{i}"} if service.processes > 1 else {})}
+            targets.append({"targets": [f"127.0.0.1:{port}"], "labels": labels})
+    if settings.stores:
+        targets.append({"targets": [store.http for store in settings.stores], "labels": {"service": "store_agent"}})
+    return targets
 
 
 @dataclass
@@ -63,6 +83,7 @@ class Supervisor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s retailbus up: %(message)s")
         broker, uri = self._broker()
         self.children = self._children(uri)
+        write_private(self.settings.path(TARGETS_FILE), json.dumps(scrape_targets(self.settings), indent=1), 0o644)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:

@@ -77,6 +77,8 @@ def test_up_brings_the_bus_up_and_a_sale_reaches_the_legacy_erp(tmp_path):
         assert wait_for(lambda: healthy(f"{agent}/healthz") or up.poll() is not None, timeout=180)
         assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
         assert "guest" not in broker.users()
+        assert json.loads((tmp_path / "var" / "prometheus_targets.json").read_text()) == [
+            {"targets": [f"127.0.0.1:{agent_port}"], "labels": {"service": "store_agent"}}]  # erp: no metrics port here
 
         sale = legacy_sale("UP-0001")
         sent = time.monotonic()

@@ -15,7 +15,8 @@ import yaml
 
 from bus import metrics as _bus_metrics  # noqa: F401  (its series are in the registry)
 from bus.metrics_http import ENV_PORT, MetricsHttp, metrics_port
-from bus.settings import load_config
+from bus.settings import load_config, retailbus_settings
+from services.up import scrape_targets
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.unit
@@ -134,8 +135,22 @@ def test_shipped_config_gives_every_service_a_distinct_metrics_port():
     stores = [int(s["http"].rsplit(":", 1)[1]) for s in config["RETAILBUS"]["stores"]]
     assert len(set(ports + stores)) == len(ports) + len(stores)
     scraped = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
-    targets = {t for sc in scraped["scrape_configs"] for st in sc["static_configs"] for t in st["targets"]}
-    assert {f"127.0.0.1:{p}" for p in ports + stores} <= targets
+    assert scraped["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["../var/prometheus_targets.json"]
+    targets = {t for group in scrape_targets(retailbus_settings(config, ROOT / "config" / "bus.yaml"))
+               for t in group["targets"]}
+    assert targets == {f"127.0.0.1:{p}" for p in ports + stores}
+
+
+def test_each_of_a_services_processes_is_scraped_on_its_own_port():
+    config = load_config(ROOT / "config" / "bus.yaml")
+    config["RETAILBUS"]["services"]["erp"]["processes"] = 3
+    groups = scrape_targets(retailbus_settings(config, ROOT / "config" / "bus.yaml"))
+    erp = [g for g in groups if g["labels"]["service"] == "erp"]
+    port = config["RETAILBUS"]["services"]["erp"]["metrics_port"]
+    assert erp == [{"targets": [f"127.0.0.1:{port + 100 * i}"], "labels": {"service": "erp", "process": f"erp-{i}"}}
+                   for i in range(3)]
+    every = [t for g in groups for t in g["targets"]]
+    assert len(every) == len(set(every)), "two processes on one port"
 
 
 def test_metrics_port_comes_from_bus_yaml_or_the_environment(monkeypatch):
