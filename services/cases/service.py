@@ -198,8 +198,13 @@ class CasesService:
         return overdue
 
     @retention_timer()
-    def prune(self) -> int:
-        """The inbox's keys past RETAILBUS.retention.inbox_days; cases and their history stay."""
+    def prune(self) -> dict[str, int]:
+        """The inbox's keys past RETAILBUS.retention.inbox_days; resolved cases (with their history)
+        past cases_days. Open and assigned cases stay whatever their age."""
         r = self.book.retention
-        return in_batches("cases_inbox", lambda n: inbox.prune(self.book.engine, before(r.inbox_days), n),
-                          r.batch, r.max_batches)
+        return {
+            "cases_inbox": in_batches("cases_inbox", lambda n: inbox.prune(self.book.engine, before(r.inbox_days), n),
+                                      r.batch, r.max_batches),
+            "cases": in_batches("cases", lambda n: store.prune(self.book.engine, before(r.cases_days), n),
+                                r.batch, r.max_batches),
+        }

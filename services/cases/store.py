@@ -5,8 +5,10 @@ delivered twice, or sent by two services, is one case), with its state (open ->
 assigned -> resolved; assigned again to another owner), its owner and its SLA
 deadline. `case_history` holds one row per thing done to a case: who (the OS
 user of the CLI, or the service that opened it), when, what. The database
-refuses an UPDATE or DELETE of a history row (a trigger), so the audit cannot
-be rewritten by a later bug.
+refuses an UPDATE of a history row, a DELETE of one while its case exists, and a
+DELETE of a case not resolved (triggers), so a later bug can neither rewrite an
+audit nor drop one still in use. Retention (`prune`) deletes resolved cases past
+`RETAILBUS.retention.cases_days`, then their history.
 
 State changes are one conditional UPDATE each (`... WHERE state != 'resolved'`)
 with their history row in the caller's transaction: two people resolving the
@@ -20,13 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import DDL, Column, Index, Integer, MetaData, String, Table, event, insert, select, update
+from sqlalchemy import DDL, Column, Index, Integer, MetaData, String, Table, delete, event, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.cases import CaseOpenedV1
 from contracts.errors import RetailbusError
-from legacy_wrappers.legacy_db import create_tables, engine_for
+from legacy_wrappers.legacy_db import create_indexes, create_tables, engine_for
 
 STATES = ("open", "assigned", "resolved")
 UNRESOLVED = ("open", "assigned")
@@ -54,6 +56,7 @@ CASES = Table(
     Index("ix_cases_state_type", "state", "case_type"),
     Index("ix_cases_store", "store_id"),
     Index("ix_cases_transaction", "transaction_id"),
+    Index("ix_cases_resolved", "state", "resolved_at"),  # retention: the oldest resolved first
 )
 HISTORY = Table(
     "case_history", metadata,
@@ -66,18 +69,59 @@ HISTORY = Table(
     Index("ix_case_history_case", "case_id", "seq"),
 )
 
-# The history is append-only in the database itself, created with the table.
+# The history is append-only in the database itself, created with each table; a database made
+# before retention has its guards brought up to these by `_upgrade_guards`.
 _REFUSE = "case_history is append-only"
-for _op in ("UPDATE", "DELETE"):
-    event.listen(HISTORY, "after_create", DDL(
-        f"CREATE TRIGGER case_history_no_{_op.lower()} BEFORE {_op} ON case_history "
-        f"BEGIN SELECT RAISE(ABORT, '{_REFUSE}'); END").execute_if(dialect="sqlite"))
-event.listen(HISTORY, "after_create", DDL(
-    "CREATE FUNCTION case_history_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-    f"$$ BEGIN RAISE EXCEPTION '{_REFUSE}'; END $$").execute_if(dialect="postgresql"))
-event.listen(HISTORY, "after_create", DDL(
-    "CREATE TRIGGER case_history_append_only BEFORE UPDATE OR DELETE ON case_history "
-    "FOR EACH ROW EXECUTE FUNCTION case_history_append_only()").execute_if(dialect="postgresql"))
+_KEEP = "only a resolved case is deleted"
+_GUARDS = {
+    (HISTORY, "sqlite"): (
+        f"CREATE TRIGGER case_history_no_update BEFORE UPDATE ON case_history "
+        f"BEGIN SELECT RAISE(ABORT, '{_REFUSE}'); END",
+        f"CREATE TRIGGER case_history_no_delete BEFORE DELETE ON case_history "
+        f"WHEN EXISTS (SELECT 1 FROM cases WHERE case_id = OLD.case_id) BEGIN SELECT RAISE(ABORT, '{_REFUSE}'); END"),
+    (CASES, "sqlite"): (
+        f"CREATE TRIGGER cases_keep_unresolved BEFORE DELETE ON cases "
+        f"WHEN OLD.state != 'resolved' BEGIN SELECT RAISE(ABORT, '{_KEEP}'); END",),
+    (HISTORY, "postgresql"): (
+        "CREATE OR REPLACE FUNCTION case_history_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF TG_OP = 'DELETE' AND NOT EXISTS (SELECT 1 FROM cases WHERE case_id = OLD.case_id) THEN RETURN OLD; "
+        f"END IF; RAISE EXCEPTION '{_REFUSE}'; END $$",
+        "CREATE OR REPLACE TRIGGER case_history_append_only BEFORE UPDATE OR DELETE ON case_history "
+        "FOR EACH ROW EXECUTE FUNCTION case_history_append_only()"),
+    (CASES, "postgresql"): (
+        "CREATE OR REPLACE FUNCTION cases_keep_unresolved() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF OLD.state <> 'resolved' THEN RAISE EXCEPTION '{_KEEP}'; END IF; RETURN OLD; END $$",
+        "CREATE OR REPLACE TRIGGER cases_keep_unresolved BEFORE DELETE ON cases "
+        "FOR EACH ROW EXECUTE FUNCTION cases_keep_unresolved()"),
+}
+for (_table, _dialect), _statements in _GUARDS.items():
+    for _statement in _statements:
+        event.listen(_table, "after_create", DDL(_statement).execute_if(dialect=_dialect))
+
+
+def _upgrade_guards(engine: Engine) -> None:
+    """A database made before retention refused every DELETE of history and guarded no case:
+    its guards are replaced by today's (in one transaction; looked at first, so a database
+    that has them is not written to)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            triggers = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").all())
+            current = "WHEN" in triggers.get("case_history_no_delete", "") and "cases_keep_unresolved" in triggers
+        else:
+            current = conn.exec_driver_sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'cases_keep_unresolved'"
+                                           ).scalar() == 1
+    if current:
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS case_history_no_delete")
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS cases_keep_unresolved")
+            statements = _GUARDS[(HISTORY, "sqlite")][1:] + _GUARDS[(CASES, "sqlite")]
+        else:
+            statements = _GUARDS[(HISTORY, "postgresql")] + _GUARDS[(CASES, "postgresql")]
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
 
 _INSERT_CASE = {"sqlite": sqlite.insert(CASES).on_conflict_do_nothing(),
                 "postgresql": postgresql.insert(CASES).on_conflict_do_nothing()}
@@ -117,6 +161,8 @@ def open_engine(dsn: str) -> Engine:
         Path(dsn.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = engine_for(dsn)
     create_tables(engine, metadata)
+    create_indexes(engine, CASES)  # a database made before an index was added
+    _upgrade_guards(engine)
     return engine
 
 
@@ -214,3 +260,17 @@ def unresolved(conn: Connection) -> list[tuple[str, str, str]]:
     c = CASES.c
     return [tuple(r) for r in conn.execute(select(c.case_type, c.opened_at, c.due_at)
                                            .where(c.state.in_(UNRESOLVED)))]
+
+
+def prune(engine: Engine, older_than: datetime, limit: int) -> int:
+    """Up to `limit` cases resolved before `older_than`, the oldest resolution first, and then
+    their history (the database refuses it the other way round); returns how many cases. Open
+    and assigned cases are never taken (nor would the database let them go)."""
+    c = CASES.c
+    with engine.begin() as conn:
+        ids = list(conn.execute(select(c.case_id).where(c.state == "resolved", c.resolved_at < stamp(older_than))
+                                .order_by(c.resolved_at).limit(limit)).scalars())
+        if ids:
+            conn.execute(delete(CASES).where(c.case_id.in_(ids), c.state == "resolved"))
+            conn.execute(delete(HISTORY).where(HISTORY.c.case_id.in_(ids)))
+    return len(ids)
