@@ -35,6 +35,7 @@ from pathlib import Path
 import eventlet
 from eventlet import tpool
 from eventlet.event import Event
+from eventlet.semaphore import Semaphore
 
 from contracts.errors import RetailbusError
 from contracts.envelope import CloudEvent
@@ -135,6 +136,9 @@ class Outbox:
                 self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
         self._db.execute("CREATE INDEX IF NOT EXISTS outbox_stream ON outbox (type, stream_seq)")
         self._reader = _connect(path)  # readers never block the writer in WAL
+        # The forwarder's reads (hundreds of rows) run in an OS thread, on a connection of their own.
+        self._scanner = _connect(path)
+        self._scanning = Semaphore(1)  # one OS thread at a time on it
         # Checkpoints (copying the WAL into the database, with their own fsyncs) run
         # beside the writer, from `checkpoint()`, never inside a POS call's commit.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
@@ -284,7 +288,8 @@ class Outbox:
     def unsent(self, limit: int, after: int = 0) -> list[Entry]:
         """The oldest unsent rows in store order (those with seq > `after`)."""
         rows = self._read("SELECT seq, event_id, type, body, stream_seq FROM outbox "
-                          "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?", (after, limit))
+                          "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?", (after, limit),
+                          self._scanner)
         return [Entry(*row) for row in rows]
 
     def stats(self) -> dict:
@@ -295,8 +300,13 @@ class Outbox:
             "oldest_unsent_seconds": round(time.time() - oldest, 3) if oldest else 0.0,
         }
 
-    def _read(self, sql: str, params: tuple) -> list:
+    def _read(self, sql: str, params: tuple, in_thread: sqlite3.Connection | None = None) -> list:
+        """On the hub with the reader, or with `in_thread` in an OS thread (a read long
+        enough to hold up a till's sale)."""
         try:
+            if in_thread is not None:
+                with self._scanning:
+                    return tpool.execute(lambda: in_thread.execute(sql, params).fetchall())
             return self._reader.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise OutboxUnavailable(f"outbox {self.path} cannot be read: {exc}") from exc
@@ -312,4 +322,5 @@ class Outbox:
             self._committer.wait()
         self._db.close()
         self._reader.close()
+        self._scanner.close()
         self._checkpointer.close()
