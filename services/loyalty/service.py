@@ -34,6 +34,7 @@ from sqlalchemy import select
 from bus.consumer import DUPLICATE, reliable_handler
 from bus.extensions import EventPublisher
 from bus.metrics_http import MetricsHttp
+from bus.retention import retention_timer
 from bus.publisher import UnroutableError
 from contracts.cases import CaseOpenedV1
 from contracts.envelope import CloudEvent
@@ -47,6 +48,7 @@ from legacy_wrappers.legacy_db import LegacyDatabase
 from services.erp.outbox import Outbox
 from services.erp.outbox import insert as outbox_insert
 from services.erp.outbox import metadata as outbox_tables
+from services.erp.retention import LegacyRetention
 from services.loyalty import accrual, returns, settlement, shadow
 from services.loyalty import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.loyalty import members  # the module, as order_commands
@@ -100,6 +102,7 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
     rules = LoyaltyRules()
     events = EventPublisher()
     metrics = MetricsHttp()
+    retention = LegacyRetention(config_key="LOYALTY_DB_URI")
 
     # ---------------------------------------------------------------- RPC (tills wait)
     @rpc
@@ -283,6 +286,13 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
             self._publish(LoyaltyRedemptionReleasedV1, f"released:{hold['HOLD_ID']}", hold["POS_TXN_ID"],
                           hold_id=hold["HOLD_ID"], card=hold["CARD"], store_id=hold["STORE_ID"],
                           pos_txn_id=hold["POS_TXN_ID"], points=hold["POINTS"], reason="expired")
+
+    @retention_timer()
+    def prune(self) -> dict[str, int]:
+        """Inbox keys past the redelivery horizon and outbox rows long sent (RETAILBUS.retention).
+        The LOY_ tables stay: a return, however late, takes back what its sale earned and
+        refunds what it redeemed from them, and settlements and reconciliation sum them."""
+        return self.retention.prune()
 
     @SettlementSchedule.decorator()
     def settle(self) -> int:
