@@ -21,7 +21,7 @@ from demo.legacy_erp.schema import create_schema, engine_for
 from services.customers.propagation import binding
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
-from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
+from tests.integration.support import Platform, ServiceProcesses, queue_state, write_config
 
 MODULES = {"customers": "services.customers", "erp": "services.erp", "crm": "services.crm",
            "loyalty": "services.loyalty", "files": "services.files", "journal": "services.journal"}
@@ -35,7 +35,9 @@ READY = {  # a queue each service consumes once it runs
 TAPPED = ("customer.merged.v1", "case.opened.v1", "consent.changed.v1")
 
 
-class CustomersEstate:
+class CustomersEstate(ServiceProcesses):
+    modules, ready = MODULES, READY
+
     def __init__(self, root: Path, amqp_uri: str, legacy_dsn: str | None = None):
         self.root, self.uri = root, amqp_uri
         (root / "var").mkdir(parents=True, exist_ok=True)
@@ -77,23 +79,6 @@ class CustomersEstate:
         finally:
             conn.collect()
 
-    # ------------------------------------------------------------------ processes
-    def start(self, *names: str) -> None:
-        for name in names or MODULES:
-            self.processes[name] = nameko_run(self.config, MODULES[name], self.root / f"{name}.log")
-        for name in names or MODULES:
-            assert wait_for(lambda: queue_state(self.uri, READY[name])[1] >= 1, 120), self.log(name)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL, by the pid we started."""
-        process = self.processes.pop(name)
-        process.kill()
-        process.wait()
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text()[-4000:] if path.exists() else ""
-
     def diagnosis(self) -> str:
         """What a test that did not converge prints: parked messages and each service's last errors."""
         parked = {q: queue_state(self.uri, f"{q}.dlq")[0] for q in READY.values()}
@@ -102,9 +87,7 @@ class CustomersEstate:
         return json.dumps({"parked": {q: n for q, n in parked.items() if n}, "errors": errors}, indent=1)
 
     def close(self) -> None:
-        for name in list(self.processes):
-            with suppress(Exception):
-                stop(self.processes.pop(name))
+        self.stop_all()
         for platform in (self.crm, self.loyalty):
             with suppress(Exception):
                 platform.stop()

@@ -5,27 +5,24 @@ in a temporary root."""
 from __future__ import annotations
 
 import random
-import re
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 from contextlib import suppress
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-import amqp
 import yaml
 
 from bus import topology
 from bus.extensions import event_message
-from bus.publisher import ConfirmingPublisher, connection_params
+from bus.publisher import ConfirmingPublisher
 from contracts.envelope import CloudEvent
 from contracts.erp import ErpSalePostedV1
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
-from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
+from tests.integration.support import Platform, ServiceProcesses, metric, write_config
 
 MODULES = {"loyalty": "services.loyalty", "files": "services.files", "erp": "services.erp"}
 QUEUES = {  # the queue each service must be consuming before a test publishes
@@ -52,7 +49,9 @@ def random_lines(rng: random.Random, skus=("100001", "100002", "100003")) -> lis
     return [(rng.choice(skus), rng.randint(1, 3), rng.randint(30, 15_000)) for _ in range(rng.randint(1, 3))]
 
 
-class LoyaltyEstate:
+class LoyaltyEstate(ServiceProcesses):
+    modules, ready = MODULES, QUEUES
+
     def __init__(self, root: Path, amqp_uri: str, rules: dict, handlers: dict | None = None, **retailbus):
         self.root, self.uri = root, amqp_uri
         (root / "var").mkdir(parents=True, exist_ok=True)
@@ -79,49 +78,15 @@ class LoyaltyEstate:
                       for name, module in MODULES.items()},
             handlers={"loyalty.on_sale_posted": fast, "loyalty.on_return_points": fast,
                       "erp.on_loyalty_settlement": fast, **(handlers or {})}, **retailbus)
-        self._purge([*QUEUES.values(), *OTHER_QUEUES])
+        self.purge([*QUEUES.values(), *OTHER_QUEUES])
         self.processes: dict[str, subprocess.Popen] = {}
         self.publisher = ConfirmingPublisher(amqp_uri, window=500)
-
-    def _purge(self, queues) -> None:
-        """Messages another test of the session left on the shared broker are not ours."""
-        for queue in queues:
-            conn = amqp.Connection(**connection_params(self.uri, 5))
-            conn.connect()
-            try:
-                conn.channel().queue_purge(queue)
-            except amqp.exceptions.NotFound:
-                pass
-            finally:
-                conn.collect()
-
-    def start(self, *names: str) -> None:
-        for name in names:
-            self.processes[name] = nameko_run(self.config, MODULES[name], self.root / f"{name}.log")
-        for name in names:
-            assert wait_for(lambda: queue_state(self.uri, QUEUES[name])[1] >= 1, 120), self.log(name)
-
-    def stop(self, name: str) -> None:
-        stop(self.processes.pop(name))
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text()[-4000:] if path.exists() else ""
 
     def publish(self, events: list[CloudEvent], exchange: str = "erp.events") -> None:
         assert self.publisher.publish_many([event_message(e, exchange) for e in events]) == [None] * len(events)
 
     def metric(self, service: str, name: str, **labels) -> float | None:
-        """A sample of a service's /metrics; None when not (yet) exported."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[service]}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        pattern = rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$"
-        found = re.search(pattern, text, re.M)
-        return float(found.group(1)) if found else None
+        return metric(self.metrics_ports[service], name, **labels)
 
     def points_file(self) -> list[tuple[str, str, int]]:
         """(kind, POS id, points) of every record in the complete points files."""
@@ -156,8 +121,6 @@ class LoyaltyEstate:
     def close(self) -> None:
         with suppress(Exception):
             self.publisher.close()
-        for name in list(self.processes):
-            with suppress(Exception):
-                self.stop(name)
+        self.stop_all()
         self.platform.stop()
 

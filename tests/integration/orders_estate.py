@@ -12,16 +12,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import amqp
 import yaml
 
 from bus import journal, topology
-from bus.publisher import connection_params
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from routing.edge_auth import TerminalKeys, signed_headers
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
-from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
+from tests.integration.support import Platform, ServiceProcesses, nameko_run, queue_state, wait_for, write_config
 
 STORES = ("S001", "S002")
 SERVICES = {"erp": "services.erp", "loyalty": "services.loyalty", "crm": "services.crm",
@@ -38,7 +36,7 @@ RULES = {"pickup": {"collect_days": 90 / 86400, "reservation_grace_hours": 1},
          "loyalty": {"wait_seconds": 15}, "sla": {"accepted": 60, "reserved": 120, "ready_for_pickup": 300}}
 
 
-class OrdersEstate:
+class OrdersEstate(ServiceProcesses):
     def __init__(self, root: Path, amqp_uri: str, rules: dict | None = None, loyalty_rules: dict | None = None):
         self.root, self.uri = root, amqp_uri
         (root / "var").mkdir(parents=True, exist_ok=True)
@@ -79,21 +77,7 @@ class OrdersEstate:
         self.associate_keys = {s: bytes.fromhex(TerminalKeys(root / "var" / "stores" / s / "terminal_keys.json")
                                                 .add("A1")) for s in STORES}
         self.processes: dict[str, subprocess.Popen] = {}
-        self._purge()
-
-    def _purge(self) -> None:
-        """Messages another test of the session left on the shared broker are not ours."""
-        conn = amqp.Connection(**connection_params(self.uri, 5))
-        conn.connect()
-        try:
-            for queue in [*READY.values(), *(f"fulfilment.{s}" for s in STORES)]:
-                channel = conn.channel()
-                try:
-                    channel.queue_purge(queue)
-                except amqp.exceptions.NotFound:
-                    pass
-        finally:
-            conn.collect()
+        self.purge([*READY.values(), *(f"fulfilment.{s}" for s in STORES)])
 
     # ------------------------------------------------------------------ processes
     def start(self, *names: str) -> None:
@@ -129,15 +113,6 @@ class OrdersEstate:
         queue = f"fulfilment.{name}" if name in STORES else READY[name]
         assert wait_for(lambda: queue_state(self.uri, queue)[1] >= 1, timeout), self.log(name)
 
-    def stop(self, name: str) -> None:
-        stop(self.processes.pop(name))
-
-    def kill(self, name: str) -> None:
-        """SIGKILL, by the pid we started."""
-        process = self.processes.pop(name)
-        process.kill()
-        process.wait()
-
     def queue(self, name: str) -> tuple[int, int]:
         return queue_state(self.uri, name)
 
@@ -150,11 +125,7 @@ class OrdersEstate:
         return path.read_text()[-5000:] if path.exists() else ""
 
     def close(self) -> None:
-        for name in list(self.processes):
-            try:
-                self.stop(name)
-            except Exception:
-                pass
+        self.stop_all()
         self.platform.stop()
         self.crm.stop()
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import sqlite3
 import subprocess
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -30,7 +28,7 @@ from demo.legacy_erp.schema import create_schema, seed_demo_data
 from demo.legacy_erp.schema import engine_for as legacy_engine
 from services.loyalty.rules import Earning, sale_points
 from tests.conftest import free_ports
-from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
+from tests.integration.support import Platform, ServiceProcesses, metric, wait_for, write_config
 
 MODULES = {"erp": "services.erp", "loyalty": "services.loyalty", "crm": "services.crm", "returns": "services.returns",
            "journal": "services.journal"}
@@ -55,7 +53,9 @@ RULES = {"accrual": {"mode": "api"}, "earning": {"points_per_unit": 1, "excluded
 SALE_DAY = date.today() - timedelta(days=5)
 
 
-class ReturnsEstate:
+class ReturnsEstate(ServiceProcesses):
+    modules, ready = MODULES, QUEUES
+
     def __init__(self, root: Path, amqp_uri: str, processes: dict | None = None, handlers: dict | None = None,
                  returns_db: str | None = None, policy: dict | None = None):
         self.root, self.uri = root, amqp_uri
@@ -88,50 +88,18 @@ class ReturnsEstate:
         config["RETURNS_DB_URI"] = self.returns_db
         config.setdefault("CRM_DB_URI", f"sqlite:///{root / 'var' / 'crm_service.db'}")
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
-        self._purge(PURGED)
+        self.purge(PURGED)
         self.processes: dict[str, subprocess.Popen] = {}
         self.publisher = ConfirmingPublisher(amqp_uri, window=1000)
         self.earning = Earning.model_validate(RULES["earning"])
 
     # ---------------------------------------------------------------- processes
-    def _purge(self, queues) -> None:
-        """Messages another test of the session left on the shared broker are not ours."""
-        for queue in queues:
-            conn = amqp.Connection(**connection_params(self.uri, 5))
-            conn.connect()
-            try:
-                conn.channel().queue_purge(queue)
-            except amqp.exceptions.NotFound:
-                pass
-            finally:
-                conn.collect()
-
-    def start(self, *names: str) -> None:
-        for name in names:
-            self.processes[name] = nameko_run(self.config, MODULES[name], self.root / f"{name}.log")
-        for name in names:
-            assert wait_for(lambda: queue_state(self.uri, QUEUES[name])[1] >= 1, 120), self.log(name)
-
-    def stop(self, name: str) -> None:
-        stop(self.processes.pop(name))
-
-    def kill(self, name: str) -> None:
-        """SIGKILL, by the pid we started."""
-        process = self.processes.pop(name)
-        process.kill()
-        process.wait()
-
     def close(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
+        self.stop_all()
         self.publisher.close()
         self.platform.stop()
         if self.crm.proc.poll() is None:
             self.crm.stop()
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text()[-4000:] if path.exists() else ""
 
     # ---------------------------------------------------------------- traffic
     def enrol(self, card: str, points: int = 0) -> None:
@@ -194,14 +162,7 @@ class ReturnsEstate:
 
     def metric(self, name: str, **labels) -> float | None:
         """A sample of the returns service's /metrics; None when not (yet) exported."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
-                body = answer.read().decode()
-        except OSError:
-            return None
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        found = re.search(rf"^{re.escape(name)}\{{{re.escape(want)}\}} (\S+)$", body, re.M)
-        return float(found.group(1)) if found else None
+        return metric(self.metrics_port, name, **labels)
 
     def settled(self, count: int, timeout: float, prefix: str = "") -> bool:
         """`count` instances (of POS ids starting with `prefix`) completed or failed, none running."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -155,3 +156,67 @@ class Platform:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=15)
+
+
+class ServiceProcesses:
+    """What an estate of real service processes does with them: each started by name as
+    `nameko run` of its module and awaited until it consumes its queue, stopped (SIGTERM) or
+    killed (SIGKILL), always by the pid it started. An estate sets `root`, `uri`, `config`,
+    `processes` and the two maps below; its own `start` covers what is not a plain service."""
+
+    modules: dict[str, str]   # name -> the service's module
+    ready: dict[str, str]     # name -> the queue it consumes once it runs
+
+    def purge(self, queues) -> None:
+        """Messages another test of the session left on the shared broker are not ours."""
+        conn = amqp.Connection(**connection_params(self.uri, 5))
+        conn.connect()
+        try:
+            for queue in queues:
+                try:
+                    conn.channel().queue_purge(queue)
+                except amqp.exceptions.NotFound:
+                    pass
+        finally:
+            conn.collect()
+
+    def start(self, *names: str) -> None:
+        """The named services (all, when none is named), each consuming its queue."""
+        names = names or tuple(self.modules)
+        for name in names:
+            self.processes[name] = nameko_run(self.config, self.modules[name], self.root / f"{name}.log")
+        for name in names:
+            assert wait_for(lambda: queue_state(self.uri, self.ready[name])[1] >= 1, 120), self.log(name)
+
+    def stop(self, name: str) -> None:
+        stop(self.processes.pop(name))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, by the pid we started."""
+        process = self.processes.pop(name)
+        process.kill()
+        process.wait()
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text()[-5000:] if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            try:
+                self.stop(name)
+            except Exception:  # a process that will not stop must not keep the others running
+                pass
+
+
+def metric(port: int, name: str, **labels) -> float | None:
+    """A sample of a service's /metrics; None when not (yet) exported."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$"
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else None
