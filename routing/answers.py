@@ -4,45 +4,50 @@ A till that loses the answer to a sale (the WAN dropped it, its socket timed
 out) sends the very same request again: same body, same timestamp, nonce and
 signature. The nonce check alone would refuse that as a replay (401), and the
 till would not know whether its sale was taken. So the agent keeps each
-answer under the request's (terminal, signature) until the signature's window
-has passed, and answers a byte-identical retry with it: the retry changes
+answer under a digest of the request until the signature's window has passed, and answers a byte-identical retry with it: the retry changes
 nothing and learns what the first one did. A retry that arrives while the
 first is still being handled waits for that answer. A 5xx (the outbox could
 not commit, the ERP could not be reached) is not kept as final: the retry is
 handled again, authenticated by the identical signature.
 
-Identical means identical: the cache holds a digest of timestamp, nonce,
-method, path and body, compared in full; a signature is only looked up here
-after the first request carrying it passed verification. Anything else goes
-through the Verifier as before (routing/edge_auth.py), where a reused nonce is
-a replay. Bounded: the oldest entries go first.
+Identical means identical: the digest covers terminal, signature, timestamp,
+nonce, method, path and body; an entry exists only once the first request
+carrying it passed verification. Anything else goes through the Verifier as
+before (routing/edge_auth.py), where a reused nonce is a replay.
+
+Tens of thousands of answers are kept at a time (75 sales/s for the window),
+so a final answer is kept as its digest, status, content type and body bytes,
+not as the response and event that carried it (routing/expiring.py); bounded:
+the oldest entries go first.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from eventlet.event import Event
 from werkzeug.wrappers import Response
 
 from routing.edge_auth import H_NONCE, H_SIGNATURE, H_TERMINAL, H_TIMESTAMP
+from routing.expiring import ExpiringMap
 
 MAX_ANSWERS = 100_000
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _SIGNATURE = re.compile(r"[0-9A-Fa-f]{64}")
 
 
-def _digest(ts: str, nonce: str, method: str, path: str, body: bytes) -> bytes:
-    head = f"{ts}\n{nonce}\n{method.upper()}\n{path}\n".encode("utf-8", "surrogatepass")
+def _digest(terminal: str, sig: str, ts: str, nonce: str, method: str, path: str, body: bytes) -> bytes:
+    """What identifies a request: its signer, its signature and everything the signature covers."""
+    head = f"{terminal}\n{sig}\n{ts}\n{nonce}\n{method.upper()}\n{path}\n".encode("utf-8", "surrogatepass")
     return hashlib.sha256(head + body).digest()
 
 
-@dataclass
+@dataclass(slots=True)
 class Kept:
-    """One signed request's answer: pending until `done` is sent."""
+    """One signed request's answer: pending until `done` is sent. Once final it is kept
+    as one bytes, `<status> <content type>\\n<body>`: this object goes with the request."""
 
     terminal: str
     digest: bytes
@@ -63,8 +68,12 @@ class Kept:
 class AnswerCache:
     def __init__(self, window: float, max_entries: int = MAX_ANSWERS):
         self.window = window
-        self.max_entries = max_entries
-        self._kept: OrderedDict[tuple[str, str], Kept] = OrderedDict()
+        # by request digest: a Kept while pending (or answered 5xx), else its final answer's bytes
+        self._kept = ExpiringMap(max(1.0, window / 10), max_entries)
+
+    @property
+    def max_entries(self) -> int:
+        return self._kept.max_entries
 
     @staticmethod
     def _signed(headers) -> tuple[str, str, str, str] | None:
@@ -79,11 +88,18 @@ class AnswerCache:
         if signed is None:
             return None
         terminal, ts, nonce, sig = signed
-        kept = self._kept.get((terminal, sig))
         now = time.time() if now is None else now
-        if kept is None or kept.expires <= now or abs(now - int(ts)) > self.window:
+        if abs(now - int(ts)) > self.window or int(ts) + self.window <= now:
             return None
-        return kept if kept.digest == _digest(ts, nonce, method, path, body) else None
+        digest = _digest(terminal, sig, ts, nonce, method, path, body)
+        kept = self._kept.get(digest)
+        if isinstance(kept, bytes):  # final: answered again as it was
+            head, _, answer = kept.partition(b"\n")
+            status, _, content_type = head.decode().partition(" ")
+            kept = Kept(terminal, digest, int(ts) + self.window, status=int(status), body=answer,
+                        content_type=content_type)
+            kept.done.send(True)
+        return kept
 
     def begin(self, headers, method: str, path: str, body: bytes, now: float | None = None) -> Kept | None:
         """A pending entry for a request the Verifier just accepted (None if it is not signed)."""
@@ -92,13 +108,8 @@ class AnswerCache:
             return None
         terminal, ts, nonce, sig = signed
         now = time.time() if now is None else now
-        while self._kept:
-            oldest = next(iter(self._kept.values()))
-            if oldest.expires > now and len(self._kept) < self.max_entries:
-                break
-            self._kept.popitem(last=False)
-        kept = Kept(terminal, _digest(ts, nonce, method, path, body), int(ts) + self.window)
-        self._kept[(terminal, sig)] = kept
+        kept = Kept(terminal, _digest(terminal, sig, ts, nonce, method, path, body), int(ts) + self.window)
+        self._kept.put(kept.digest, kept, kept.expires, now)
         return kept
 
     @staticmethod
@@ -108,8 +119,7 @@ class AnswerCache:
             kept.done = Event()
         return kept
 
-    @staticmethod
-    def finish(kept: Kept | None, response: Response | None) -> None:
+    def finish(self, kept: Kept | None, response: Response | None) -> None:
         """Keep `response` (None: the handler raised, which is answered 500) and wake waiting retries."""
         if kept is None:
             return
@@ -120,6 +130,8 @@ class AnswerCache:
             kept.content_type = response.content_type or kept.content_type
         if not kept.done.ready():
             kept.done.send(True)
+        if kept.final:  # the few bytes of the answer, not the objects that carried it
+            self._kept.replace(kept.digest, f"{kept.status} {kept.content_type}\n".encode() + kept.body)
 
     def once(self, request, body: bytes, authenticate, handle) -> Response:
         """`handle(terminal)` once per signed request: `authenticate(request, body)` gives

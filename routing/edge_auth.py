@@ -28,9 +28,10 @@ import os
 import re
 import secrets
 import time
-from collections import OrderedDict
 from pathlib import Path
+
 from contracts.errors import RetailbusError
+from routing.expiring import ExpiringMap
 
 H_TERMINAL = "X-Retailbus-Terminal"
 H_TIMESTAMP = "X-Retailbus-Timestamp"
@@ -103,23 +104,20 @@ class TerminalKeys:
 
 
 class NonceCache:
-    """Nonces seen within the window, oldest first; expired ones are dropped on insert."""
+    """Nonces seen within the window: a short string each, dropped a slice at a time once
+    expired (routing/expiring.py), the oldest first beyond `max_entries`."""
 
     def __init__(self, window: float, max_entries: int = MAX_NONCES):
         self.window = window
-        self.max_entries = max_entries
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._seen = ExpiringMap(max(1.0, window / 10), max_entries)
 
     def claim(self, terminal: str, nonce: str, now: float) -> bool:
         """True the first time (terminal, nonce) is seen within the window."""
-        while self._seen:
-            key, expires = next(iter(self._seen.items()))
-            if expires > now and len(self._seen) < self.max_entries:
-                break
-            self._seen.popitem(last=False)
-        if (terminal, nonce) in self._seen:
+        key = f"{terminal}\n{nonce}"  # unambiguous: a NONCE has no newline
+        self._seen.expire(now)
+        if key in self._seen:
             return False
-        self._seen[(terminal, nonce)] = now + 2 * self.window
+        self._seen.put(key, True, now + 2 * self.window, now)
         return True
 
     def __len__(self):
