@@ -75,6 +75,10 @@ def test_the_dashboard_covers_what_issue_7_asks_for():
         assert metric in exprs, metric
 
 
+def test_the_dashboard_shows_what_retention_pruned_by_kind_as_issue_25_asks():
+    assert any("retailbus_pruned_total" in e and "by (what)" in e for e in dashboard_exprs())
+
+
 def test_the_dashboard_and_the_alerts_cover_loyalty_and_crm_as_issue_18_asks():
     exprs = " ".join(dashboard_exprs())
     alerts = " ".join(r["expr"] for r in alert_rules())

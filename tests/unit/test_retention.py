@@ -64,6 +64,12 @@ def test_in_batches_stops_at_a_short_batch_or_the_pass_limit_and_counts():
     assert in_batches("test_rows", lambda n: next(left), batch=10, max_batches=9) == 14
 
 
+def test_a_kind_is_exported_at_zero_from_its_first_pass_so_a_dashboard_shows_it():
+    assert REGISTRY.get_sample_value("retailbus_pruned_total", {"what": "test_nothing_yet"}) is None
+    assert in_batches("test_nothing_yet", lambda n: 0, batch=10, max_batches=3) == 0
+    assert REGISTRY.get_sample_value("retailbus_pruned_total", {"what": "test_nothing_yet"}) == 0.0
+
+
 # -- inbox keys -----------------------------------------------------------------------------
 
 def claim_at(engine, key: str, received: datetime):
