@@ -25,6 +25,7 @@ from pathlib import Path
 from sqlalchemy import DDL, Column, Index, Integer, MetaData, String, Table, delete, event, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from contracts.cases import CaseOpenedV1
 from contracts.errors import RetailbusError
@@ -99,28 +100,34 @@ for (_table, _dialect), _statements in _GUARDS.items():
         event.listen(_table, "after_create", DDL(_statement).execute_if(dialect=_dialect))
 
 
-def _upgrade_guards(engine: Engine) -> None:
-    """A database made before retention refused every DELETE of history and guarded no case:
-    its guards are replaced by today's (in one transaction; looked at first, so a database
-    that has them is not written to)."""
+def _guards_current(engine: Engine) -> bool:
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             triggers = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").all())
-            current = "WHEN" in triggers.get("case_history_no_delete", "") and "cases_keep_unresolved" in triggers
-        else:
-            current = conn.exec_driver_sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'cases_keep_unresolved'"
-                                           ).scalar() == 1
-    if current:
+            return "WHEN" in triggers.get("case_history_no_delete", "") and "cases_keep_unresolved" in triggers
+        return conn.exec_driver_sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'cases_keep_unresolved'"
+                                    ).scalar() == 1
+
+
+def _upgrade_guards(engine: Engine) -> None:
+    """A database made before retention refused every DELETE of history and guarded no case:
+    its guards are replaced by today's, in one transaction (looked at first, so a database that
+    has them is not written to; another process upgrading it at the same moment is no error)."""
+    if _guards_current(engine):
         return
-    with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS case_history_no_delete")
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS cases_keep_unresolved")
-            statements = _GUARDS[(HISTORY, "sqlite")][1:] + _GUARDS[(CASES, "sqlite")]
-        else:
-            statements = _GUARDS[(HISTORY, "postgresql")] + _GUARDS[(CASES, "postgresql")]
-        for statement in statements:
-            conn.exec_driver_sql(statement)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("DROP TRIGGER IF EXISTS case_history_no_delete")
+                conn.exec_driver_sql("DROP TRIGGER IF EXISTS cases_keep_unresolved")
+                statements = _GUARDS[(HISTORY, "sqlite")][1:] + _GUARDS[(CASES, "sqlite")]
+            else:
+                statements = _GUARDS[(HISTORY, "postgresql")] + _GUARDS[(CASES, "postgresql")]
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    except DBAPIError:
+        if not _guards_current(engine):
+            raise
 
 
 _INSERT_CASE = {"sqlite": sqlite.insert(CASES).on_conflict_do_nothing(),
