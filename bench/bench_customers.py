@@ -15,6 +15,8 @@ services on a throw-away broker, journal off. Each run takes ROWS customers of t
     feed -> the hub: a golden record each), then the customers service takes another
     ROWS-row file: every row matched, decided, its history written and its writes queued
     in one transaction per chunk. Rate = rows / (the last golden record's commit - drop).
+    Each process's CPU per row (/proc, the broker's too), drop -> the file mastered and drop ->
+    the last write in every system: where the 2 cores went.
 (c) propagation lag of (b)'s writes, per system: from the golden record's commit
     (CUS_GOLDEN.UPDATED_AT) to the write in the system: a new ERP account (CUST_MST.UPD_TS),
     the CRM profile told its golden id (the CRM's change feed: `at` of the bus's change),
@@ -88,8 +90,8 @@ def write_config(home: Path, uri: str, crm_port: int, loyalty_port: int) -> Path
 
 
 class Estate:
-    def __init__(self, home: Path, uri: str):
-        self.home, self.uri = home, uri
+    def __init__(self, home: Path, uri: str, broker=None):
+        self.home, self.uri, self.broker = home, uri, broker
         for folder in ("var", "config", "drops/customers"):
             (home / folder).mkdir(parents=True, exist_ok=True)
         engine = engine_for(f"sqlite:///{home / 'var' / 'legacy_erp.db'}")
@@ -222,19 +224,27 @@ def at_of(run: int) -> str:
     return (datetime.now(timezone.utc) - timedelta(days=1, minutes=run)).isoformat(timespec="seconds")
 
 
-def hub_pass(estate: Estate, first: int, rows: int, members: int, run: int) -> tuple[float, dict, float]:
-    """(b) and (c), and the customers process's CPU seconds per row of (b)."""
+def cpu_of(estate: Estate) -> dict[str, float]:
+    """CPU seconds so far of every process of the estate (and the broker's, when it is ours)."""
+    pids = {name: p.pid for name, p in estate.processes.items()}
+    if estate.broker is not None:
+        pids["broker"] = estate.broker.pid()
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def hub_pass(estate: Estate, first: int, rows: int, members: int, run: int) -> tuple[float, dict, dict, dict]:
+    """(b) and (c), and each process's CPU seconds per row: drop -> the file mastered (b), and
+    drop -> the last write in every system (b and c)."""
     estate.enrol(first, members)
     wait(lambda: count(estate, "customers.db", "SELECT count(*) FROM CUS_RECORD WHERE SYSTEM = 'loyalty' AND "
                        "RECORD_ID >= ? AND RECORD_ID < ?", f"LC{first:010d}", f"LC{first + members:010d}") >= members,
          300, "enrolments mastered")
     ids = (f"C{first:08d}", f"C{first + rows:08d}")
-    hub_pid = estate.processes["customers"].pid
-    cpu = cpu_seconds(hub_pid)
+    cpu = cpu_of(estate)
     dropped = estate.drop(f"customers_hub_{run}.csv", rows_of(first, rows, at_of(run)))
     wait(lambda: count(estate, "customers.db", "SELECT count(*) FROM CUS_RECORD WHERE SYSTEM = 'crm' AND "
                        "RECORD_ID >= ? AND RECORD_ID < ?", *ids) >= rows, 900, "file mastered")
-    cpu_per_row = (cpu_seconds(hub_pid) - cpu) / rows
+    cpu_mastered = {name: (spent - cpu[name]) / rows for name, spent in cpu_of(estate).items()}
     with estate.db("customers.db") as db:
         mastered = dict(db.execute("SELECT r.RECORD_ID, g.UPDATED_AT FROM CUS_RECORD r JOIN CUS_GOLDEN g USING "
                                    "(GOLDEN_ID) WHERE r.SYSTEM = 'crm' AND r.RECORD_ID >= ? AND r.RECORD_ID < ?", ids))
@@ -250,10 +260,11 @@ def hub_pass(estate: Estate, first: int, rows: int, members: int, run: int) -> t
     loyalty = wait(lambda: dict_if_all(estate, "loyalty_platform.db", "SELECT record_id, max(at) FROM changes WHERE "
                                        "actor = 'retailbus' AND record_id >= ? AND record_id < ? GROUP BY record_id",
                                        members_of, members), 900, "members")
+    cpu_all = {name: (spent - cpu[name]) / rows for name, spent in cpu_of(estate).items()}
     lags = {"erp": [legacy_time(at) - hub_time(mastered[n]) for n, at in erp.items()],
             "crm": [platform_time(at) - hub_time(mastered[n]) for n, at in crm.items()],
             "loyalty": [platform_time(at) - hub_time(cards[card]) for card, at in loyalty.items()]}
-    return rate, lags, cpu_per_row
+    return rate, lags, cpu_mastered, cpu_all
 
 
 def count(estate: Estate, db: str, sql: str, *args) -> int:
@@ -293,28 +304,38 @@ def main() -> int:
     parser.add_argument("--members", type=int, default=5000)
     args = parser.parse_args()
     raw_rates, rates, cpus, lags = [], [], [], {"erp": [], "crm": [], "loyalty": []}
-    with bench_broker(args.amqp_uri) as (uri, _), tempfile.TemporaryDirectory(prefix="bench-customers-") as home:
-        estate = Estate(Path(home), uri)
+    spent: dict[str, list[float]] = {}
+    with bench_broker(args.amqp_uri) as (uri, broker), tempfile.TemporaryDirectory(prefix="bench-customers-") as home:
+        estate = Estate(Path(home), uri, broker)
         try:
             for run in range(args.runs):
                 first = 1 + run * 2 * args.rows
                 estate.stop("customers")
                 raw_rates.append(raw_pass(estate, first, args.rows, run))
                 estate.start("customers")
-                rate, run_lags, cpu = hub_pass(estate, first + args.rows, args.rows, args.members, run)
+                rate, run_lags, cpu_mastered, cpu_all = hub_pass(estate, first + args.rows, args.rows, args.members,
+                                                                 run)
+                cpu = cpu_mastered["customers"]
                 rates.append(rate)
                 cpus.append(cpu)
+                for name, seconds in cpu_mastered.items():
+                    spent.setdefault(name, []).append(seconds)
                 for system, values in run_lags.items():
                     lags[system].append(percentile(values, 99))
                 print(f"run {run + 1}: raw {raw_rates[-1]:,.0f} rows/s, ours {rate:,.0f} updates/s "
                       f"({rate / raw_rates[-1]:.2f}; the hub's CPU {cpu * 1e6:.0f} us a row), lag p99 " + ", ".join(
                           f"{s} {percentile(v, 99):.2f} s (p50 {percentile(v, 50):.2f})" for s, v in run_lags.items()),
                       flush=True)
+                print(f"run {run + 1}: CPU us a row, drop -> mastered (-> last write): " + ", ".join(
+                    f"{name} {seconds * 1e6:.0f} ({cpu_all[name] * 1e6:.0f})" for name, seconds in
+                    sorted(cpu_mastered.items(), key=lambda item: -item[1])), flush=True)
             rss = process_hwm_kib(estate.processes["customers"].pid)
         finally:
             estate.close()
         figures = {"updates_per_s": median(rates), "raw_rows_per_s": median(raw_rates),
-                   "hub_cpu_us_per_row": round(median(cpus) * 1e6), "load_average": os.getloadavg()[0],
+                   "hub_cpu_us_per_row": round(median(cpus) * 1e6),
+                   "cpu_us_per_row_mastered": {name: round(median(v) * 1e6) for name, v in spent.items()},
+                   "load_average": os.getloadavg()[0],
                    "ratio": median(rates) / median(raw_rates),
                    **{f"lag_p99_s_{s}": median(v) for s, v in lags.items()},
                    "customers_rss_mib": round(rss / 1024, 1) if rss else None, "runs": args.runs, "rows": args.rows}

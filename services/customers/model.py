@@ -26,8 +26,9 @@ HUB = "hub"  # `held.by` of a value the hub wrote
 
 
 def stamp(when: datetime) -> str:
-    """A time as the hub stores and compares it: UTC, microseconds, `Z`."""
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """A time as the hub stores and compares it: UTC, microseconds, `Z` (isoformat: strftime took
+    twice as long, once a file row)."""
+    return when.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 @dataclass(slots=True)
@@ -72,12 +73,6 @@ class Record:
     @property
     def ref(self) -> str:
         return f"{self.system}:{self.record_id}"
-
-    def state(self, attribute: str) -> AttrState:
-        found = self.attrs.get(attribute)
-        if found is None:
-            found = self.attrs[attribute] = AttrState()
-        return found
 
     def filled(self, attribute: str):
         state = self.attrs.get(attribute)

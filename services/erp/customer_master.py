@@ -21,7 +21,7 @@ import json
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from sqlalchemy import Column, MetaData, String, Table, select
+from sqlalchemy import Column, MetaData, String, Table, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -123,6 +123,13 @@ def _insert(cust: Table) -> Prepared:
     return Prepared(cust.insert())
 
 
+@lru_cache(maxsize=256)
+def _update(cust: Table, columns: tuple[str, ...]) -> Prepared:
+    """UPDATE of `columns` of one account (`k_CUST_NO`), compiled once per set of columns."""
+    return Prepared(cust.update().where(cust.c.CUST_NO == bindparam("k_CUST_NO")).values(
+        {c: bindparam(c) for c in columns}))
+
+
 def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> tuple[int, list[dict]]:
     """The hub's writes to CUST_MST in the caller's transaction: (rows written, the earlier versions
     of rows a legacy program changed since the bus last wrote them, to report before they go)."""
@@ -133,7 +140,7 @@ def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> 
     current = {r["CUST_NO"]: dict(r) for r in conn.execute(
         select(cust).where(cust.c.CUST_NO.in_(numbers))).mappings()}
     unseen = {r["CUST_NO"] for r in not_ours(conn, list(current.values()))}
-    overwritten, written, inserted = [], {}, []
+    overwritten, written, inserted, updated = [], {}, [], {}
     for write in writes:
         columns = {COLUMNS[a]: _to_column(COLUMNS[a], v) for a, v in write.values.given().items() if a in COLUMNS}
         if write.write_golden_id:
@@ -153,11 +160,16 @@ def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> 
         if write.record_id in unseen:
             overwritten.append(dict(row))
             unseen.discard(write.record_id)
-        conn.execute(cust.update().where(cust.c.CUST_NO == write.record_id).values(**changed, UPD_TS=now))
         row.update(changed, UPD_TS=now)
+        updated.setdefault(write.record_id, {}).update(changed, UPD_TS=now)
         written[write.record_id] = now
     if inserted:  # new accounts in one statement (a new customer's row is written once above)
         _insert(cust)(conn, [dict(row) for row in inserted])
+    by_columns: dict[tuple, list[dict]] = {}  # changed accounts: one statement per set of columns, not per row
+    for number, changed in updated.items():   # (a Core UPDATE each: ~a fifth of the erp's CPU in a nightly file)
+        by_columns.setdefault(tuple(sorted(changed)), []).append({**changed, "k_CUST_NO": number})
+    for columns, rows in by_columns.items():
+        _update(cust, columns)(conn, rows)
     if written:
         rows = [{"CUST_NO": n, "UPD_TS": ts} for n, ts in written.items()]
         statement = _NOTE[conn.dialect.name]

@@ -12,9 +12,10 @@ from sqlalchemy import create_engine, text
 
 from contracts.envelope import CloudEvent
 from legacy_wrappers import inbox
-from services.customers import hub, tables
+from services.customers import hub, matching, tables
 from services.customers.config import load
 from services.customers.mastering import Statement
+from services.customers.store import Workspace
 from services.erp.outbox import metadata as outbox_tables
 
 pytestmark = pytest.mark.unit
@@ -199,3 +200,33 @@ def test_any_order_of_the_same_changes_gives_the_same_golden_records(tmp_path):
         assert customers.rows('SELECT count(*) FROM "CUS_GOLDEN" WHERE "STATUS" = \'active\'') == [(60,)]
     assert results[0] == results[1] == results[2]
     assert results[0]["C0007"]["consent_sms"] is False and results[0]["C0007"]["tax_id"] == "T7"
+
+
+def test_the_matching_index_holds_each_golden_records_keys_as_its_records_give_them(customers):
+    """CUS_KEY, kept up as batches go (a new customer's keys taken from its record, an account
+    the hub makes adding only its number), equals the keys taken afresh from what is stored,
+    after each batch: members (their ERP accounts keyed by golden id), the file, ERP changes
+    (one before its customer's row: a golden record of its own until the row merges it)."""
+    rng = random.Random(7)
+    batches = [[said("loyalty", f"L{n}", 1, loyalty_card=f"L{n}", email=f"c{n}@x.org") for n in range(0, 40, 3)]]
+    rows = [said("crm_file", f"C{n}", 2, name=f"N{n}", email=f"c{n}@x.org", phone=f"+1 {n}" if n % 4 else None,
+                 loyalty_card=f"L{n}" if n % 2 else None, consent_sms=True) for n in range(40)]
+    rows += [said("erp", f"C{n}", 3, tax_id=f"T{n}", phone=f"+1 {n}") for n in range(0, 40, 5)]
+    rows += [said("loyalty", "L90", 4, loyalty_card="L90", email="c7@x.org")]
+    rng.shuffle(rows)
+    batches += [rows[start:start + 25] for start in range(0, len(rows), 25)]
+    for batch in batches:
+        customers.master(*batch)
+        stored: dict[str, set] = {}
+        for name, value, golden_id in customers.rows('SELECT "KEY_NAME", "KEY_VALUE", "GOLDEN_ID" FROM "CUS_KEY"'):
+            stored.setdefault(golden_id, set()).add((name, value))
+        with customers.engine.connect() as conn:
+            workspace = Workspace(conn, CONFIG)
+            goldens = [workspace.golden(g) for (g,) in customers.rows(
+                'SELECT "GOLDEN_ID" FROM "CUS_GOLDEN" WHERE "STATUS" = \'active\'')]
+            expected = {g.golden_id: {(name, value) for name, values in matching.golden_keys(
+                CONFIG, g, workspace.records_of(g)).items() for value in values} for g in goldens}
+        assert stored == expected
+        assert any(name == "customer_number" and value.startswith("G") for keys in stored.values()
+                   for name, value in keys)  # an account keyed by its golden id
+    assert customers.rows('SELECT count(*) FROM "CUS_GOLDEN" WHERE "STATUS" = \'retired\'') == [(1,)]
