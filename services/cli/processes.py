@@ -115,7 +115,8 @@ def show(process_id, config_path):
 
     found = _read(config_path, read)
     if not found:
-        click.echo(f"Error: no process instance {process_id!r}", err=True)
+        click.echo(f"Error: no process instance {process_id!r} (a completed one is pruned "
+                   "RETAILBUS.retention.process_days after its last change)", err=True)
         raise SystemExit(1)
     definition, row, history = found[0]
     click.echo(f"{row.PROCESS} {row.PROCESS_ID}  key {row.CORR_KEY}  state {row.STATE}  round {row.ROUND}  "
