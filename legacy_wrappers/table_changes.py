@@ -30,6 +30,11 @@ after a backoff that doubles from `interval` up to `max_backoff` (a broker or
 database that is down is not hammered). The change of state is logged once,
 when the failing starts (with the first failure's traceback) and when it ends;
 the failures in between are counted, not logged again.
+
+A service run as N processes (`RETAILBUS_INSTANCE=i/N`, bus/partitions.py) captures
+in process 0 only: pollers in every process would share one watermark and hand
+every change on N times. `retailbus up` restarts process 0 when it dies, and the
+watermark makes it resume where it stopped.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import Column, MetaData, String, Table, Text, and_, or_, select, update
 from sqlalchemy.engine import Engine
 
+from bus import partitions
 from bus.constants import EFFECT_ERRORS
 from legacy_wrappers.legacy_db import LegacyEngines, create_tables
 
@@ -121,17 +127,24 @@ class TableChanges(Entrypoint):
         _NAMEKO_WORKER_LOG.addFilter(_repeated_failures)  # once per process: a filter is added once
 
     def start(self):
+        me = partitions.instance()
+        if me is not None and me[0] != 0:
+            log.info("change capture on %s runs in process 0 of %d, not in this one (%d)", self.table_name, me[1], me[0])
+            self._thread = None
+            return
         self._running = True
         self._thread = self.container.spawn_managed_thread(self._run, identifier=f"table_changes:{self.name}")
 
     def stop(self):
         self._running = False
         self._wake.set()
-        self._thread.wait()
+        if self._thread is not None:
+            self._thread.wait()
 
     def kill(self):
         self._running = False
-        self._thread.kill()
+        if self._thread is not None:
+            self._thread.kill()
 
     # -- the loop -------------------------------------------------------------
 

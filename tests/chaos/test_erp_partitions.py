@@ -1,7 +1,8 @@
 """Posting scale-out (bus/partitions.py) with real erp processes on a real broker:
 sales split by store into two partition queues, each posted by its own erp
 process; one process is killed with SIGKILL mid-stream and the other takes its
-partition over. Every sale is posted once and each store's sales in order."""
+partition over. Every sale is posted once and each store's sales in order; the
+stock the postings change is captured by process 0 alone."""
 from __future__ import annotations
 
 import signal
@@ -56,12 +57,21 @@ def delete(uri: str, queues: list[str], exchanges: list[str]) -> None:
         conn.collect()
 
 
-def posted_by(port: int) -> float:
-    """Sales an erp process posted, from its own /metrics."""
+def counted(port: int, *wanted: str) -> float:
+    """The sum of an erp process's samples (its own /metrics) whose line holds every `wanted`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         lines = r.read().decode().splitlines()
-    wanted = ("retailbus_messages_consumed_total{", 'outcome="ok"', f'queue="{QUEUE}"')
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if all(w in line for w in wanted))
+
+
+def posted_by(port: int) -> float:
+    """Sales an erp process posted."""
+    return counted(port, "retailbus_messages_consumed_total{", 'outcome="ok"', f'queue="{QUEUE}"')
+
+
+def captured_by(port: int) -> float:
+    """Stock rows an erp process's change capture handed on (its postings change STK_LVL)."""
+    return counted(port, "retailbus_cdc_rows_total{", 'table="STK_LVL"')
 
 
 @pytest.mark.timeout(400)
@@ -106,6 +116,9 @@ def test_two_erp_processes_post_two_partitions_and_the_survivor_takes_over(amqp_
         assert wait_for(lambda: len(posted()) >= total // 4, timeout=60)
         # both processes posted: the stores spread over both partitions, posted in parallel
         assert posted_by(ports[0]) > 0 and posted_by(ports[1]) > 0, "both partitions posted"
+        # the stock both changed is captured once, by process 0 (two pollers would hand each change on twice)
+        assert wait_for(lambda: captured_by(ports[0]) > 0, timeout=30), "process 0 captures the stock changes"
+        assert captured_by(ports[1]) == 0, "change capture runs in process 0 only"
         erps[1].send_signal(signal.SIGKILL)  # mid-stream: its partition still holds sales
         erps[1].wait(30)
         assert len(posted()) < total, "the kill came too late to test a takeover"
