@@ -31,6 +31,7 @@ from werkzeug.wrappers import Response
 from bus import journal
 from bus.consumer import DUPLICATE, reliable_handler
 from bus.metrics_http import MetricsHttp
+from bus.retention import retention_timer
 from bus.process import command_handler
 from bus.settings import retailbus_settings
 from contracts.envelope import CloudEvent
@@ -43,6 +44,7 @@ from legacy_wrappers.legacy_db import LegacyDatabase
 from routing.answers import AnswerCache
 from routing.edge_auth import AuthError, TerminalKeys, Verifier
 from services.erp.outbox import Outbox, insert as outbox_insert, metadata as outbox_tables
+from services.erp.retention import LegacyRetention
 from services.loyalty.config import LoyaltyRules
 from legacy_wrappers.prepared import run_together
 from services.orders import book, placing
@@ -94,6 +96,7 @@ class OrdersApi:
     loyalty_rules = LoyaltyRules(optional=True)
     api = ApiSetup()
     metrics = MetricsHttp()
+    retention = LegacyRetention(config_key=DB)
 
     def _authenticate(self, request, body: bytes):
         path = request.path + (f"?{request.query_string.decode()}" if request.query_string else "")
@@ -205,3 +208,9 @@ class OrdersApi:
             ORDERS.labels(state).set(counts.get(state, 0))
         for state, n in book.stuck(self.db.conn, self.api.rules.sla.model_dump(), datetime.now(timezone.utc)).items():
             STUCK.labels(state).set(n)
+
+    @retention_timer()
+    def prune(self) -> dict[str, int]:
+        """Inbox keys past the redelivery horizon and outbox rows long sent (RETAILBUS.retention);
+        the orders stay: they are what the customer and reconciliation read."""
+        return self.retention.prune()

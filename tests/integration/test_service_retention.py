@@ -1,7 +1,8 @@
-"""The loyalty service's retention pass on its own database (LOYALTY_DB_URI), SQLite and
+"""The retention pass of the services that keep an inbox and an outbox in a database of their
+own (the loyalty service: LOYALTY_DB_URI; the orders API: ORDERS_API_DB_URI), SQLite and
 PostgreSQL: inbox keys past `inbox_days` and outbox rows sent past `relay_sent_days` go;
-younger keys, unsent and recently sent rows stay, and so do the LOY_ records a late return
-and the settlements need, whatever their age."""
+younger keys, unsent and recently sent rows stay, and so do their records whatever their
+age (the LOY_ rows a late return and the settlements need; the orders)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -18,15 +19,18 @@ from services.erp import outbox as erp_outbox
 from services.erp.retention import LegacyRetention
 from services.loyalty import returns, tables
 from services.loyalty.service import LoyaltyService
+from services.orders import book
+from services.orders.api import OrdersApi
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime.now(timezone.utc)
 
 
-def test_the_loyalty_services_pass_prunes_its_keys_and_sent_rows_and_keeps_its_records(legacy_dsn):
+@pytest.mark.parametrize("service_class", [LoyaltyService, OrdersApi])
+def test_the_services_pass_prunes_its_keys_and_sent_rows_and_keeps_its_records(legacy_dsn, service_class):
     engine = engine_for(legacy_dsn)
-    for metadata in (tables.metadata, inbox.metadata, erp_outbox.metadata, returns.metadata):
+    for metadata in (tables.metadata, inbox.metadata, erp_outbox.metadata, returns.metadata, book.metadata):
         create_tables(engine, metadata)
     old = (NOW - timedelta(days=400)).isoformat()
     with engine.begin() as conn:
@@ -44,15 +48,19 @@ def test_the_loyalty_services_pass_prunes_its_keys_and_sent_rows_and_keeps_its_r
         conn.execute(insert(tables.HOLDS).values(HOLD_ID="H1", CARD="LC1", STORE_ID="S001", POS_TXN_ID="T1",
                                                  POINTS=50, STATUS="captured", OFFLINE=0, EXPIRES_AT=old,
                                                  UPDATED_AT=old))
-    retention = LegacyRetention(config_key="LOYALTY_DB_URI")
+        conn.execute(insert(book.ORDERS).values(
+            ORDER_ID="W1", CLIENT="WEB", CUSTOMER_ID="C1", STORE_ID="S001", CURRENCY="EUR", TOTAL_MINOR=1000, POINTS=0,
+            POINTS_MINOR=0, PAID_MINOR=1000, PAYMENT_REF="p", REQUEST_HASH="h", BUSINESS_DAY="2025-11-01",
+            STATUS="collected", ACCEPTED_AT=old, CLOSED_AT=old, BODY="{}", UPDATED_AT=old))
+    retention = LegacyRetention(config_key="the service's own")
     retention.settings = RetentionSettings()  # the defaults: inbox_days 45, relay_sent_days 7
     retention.engine = engine
-    service = worker_factory(LoyaltyService, retention=retention, db=SimpleNamespace(engine=engine))
+    service = worker_factory(service_class, retention=retention, db=SimpleNamespace(engine=engine))
     assert service.prune() == {"inbox": 1, "relay_sent": 1}
     with engine.connect() as conn:
         assert set(conn.execute(select(inbox.INBOX.c.IDEM_KEY)).scalars()) == {"young"}
         assert set(conn.execute(select(erp_outbox.OUTBOX.c.EVENT_ID)).scalars()) == {"young_sent", "unsent"}
-        for table in (tables.ACCRUALS, tables.HOLDS):
+        for table in (tables.ACCRUALS, tables.HOLDS, book.ORDERS):
             assert conn.execute(select(func.count()).select_from(table)).scalar() == 1
     assert service.prune() == {"inbox": 0, "relay_sent": 0}
     engine.dispose()
