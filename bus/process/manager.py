@@ -28,7 +28,7 @@ from contracts.cases import ProcessStepRetryV1
 from contracts.process import ProcessStepFailedV1
 from bus import journal, topology
 from bus.consumer import DUPLICATE, reliable_handler
-from bus.process import metrics, store
+from bus.process import metrics, sql, store
 from bus.process.definition import ProcessDefinition
 from bus.process.engine import Effects, Engine
 from bus.process.outbox import ProcessDatabase
@@ -51,6 +51,7 @@ class ProcessManager(DependencyProvider):
         self.database = ProcessDatabase(config_key)
         self._halt = threading.Event()
         self._thread = None
+        self._children: dict[tuple, object] = {}  # (metric, labels) -> its child: `labels()` locks and looks up each time
 
     def setup(self):
         d, service = self.definition, self.container.service_name
@@ -116,7 +117,7 @@ class ProcessManager(DependencyProvider):
             for n, (payload, event) in enumerate(items):
                 fx = Effects()
                 try:
-                    with store.savepoint(conn):
+                    with sql.savepoint(conn):
                         results[n] = apply(conn, event, payload, fx)
                     done.append(fx)
                 except Exception as exc:  # noqa: BLE001  (this message alone is retried)
@@ -128,14 +129,20 @@ class ProcessManager(DependencyProvider):
         return results
 
     def _after_commit(self, done: list[Effects]) -> None:
-        name = self.definition.name
+        children = self._children
         for fx in done:
             for hop, outcome, fields in fx.hops:
                 journal.record(hop, outcome, **fields)
             for metric, labels in fx.counts:
-                metrics.BY_NAME[metric].labels(*labels).inc()
+                child = children.get((metric, labels))
+                if child is None:
+                    child = children[(metric, labels)] = metrics.BY_NAME[metric].labels(*labels)
+                child.inc()
             for step, seconds in fx.timings:
-                metrics.STEP_SECONDS.labels(name, step).observe(seconds)
+                child = children.get(("step_seconds", step))
+                if child is None:
+                    child = children[("step_seconds", step)] = metrics.STEP_SECONDS.labels(self.definition.name, step)
+                child.observe(seconds)
         if any(fx.outbox for fx in done):
             self.database.wake()
 

@@ -3,8 +3,9 @@
 Shared by every process manager of a container using the same database (one SQLite
 connection per process, one relay). The relay publishes the rows a committed
 transition queued (RB_PROCESS_OUTBOX) with the container's confirming publisher and
-marks them sent once confirmed: a crash in between sends them again, which the
-receivers absorb by the idempotency key. It is woken when a transition committed and
+marks them sent once confirmed, without waiting for the disk: a crash in between, or a
+power cut losing the marks, sends them again, which the receivers absorb by the
+idempotency key. It is woken when a transition committed and
 polls every `interval` seconds besides. A row the broker returns as unroutable (the
 receiving service has never bound its queue, or no workbench yet for cases) waits
 and is tried again with growing delay (up to 30 s) without holding back the rows
@@ -24,6 +25,7 @@ from sqlalchemy import MetaData, bindparam, select, update
 
 from bus.extensions import BusConnection
 from bus.process import store
+from bus.process.sql import Compiled
 from bus.publisher import OutgoingMessage, UnroutableError
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,8 @@ UNROUTABLE = Gauge("retailbus_process_outbox_unroutable", "Process outbox messag
                    "round: kept and retried (alert when > 0 for long)")
 MAX_DELAY = 30.0
 O = store.OUTBOX.c
-_UNSENT = (select(O.ID, O.EVENT_ID, O.EXCHANGE, O.ROUTING_KEY, O.CORRELATION_ID, O.BODY, O.ATTEMPTS)
-           .where(O.SENT_TS.is_(None), O.NEXT_AT <= bindparam("now")).order_by(O.ID).limit(bindparam("batch")))
+_UNSENT = Compiled(select(O.ID, O.EVENT_ID, O.EXCHANGE, O.ROUTING_KEY, O.CORRELATION_ID, O.BODY, O.ATTEMPTS)
+                   .where(O.SENT_TS.is_(None), O.NEXT_AT <= bindparam("now")).order_by(O.ID).limit(bindparam("batch")))
 _MARK_SENT = update(store.OUTBOX).where(O.ID.in_(bindparam("ids", expanding=True))).values(SENT_TS=bindparam("at"))
 _DEFER = update(store.OUTBOX).where(O.ID == bindparam("id")).values(NEXT_AT=bindparam("next_at"),
                                                                      ATTEMPTS=bindparam("attempts"))
@@ -114,32 +116,31 @@ class ProcessDatabase(SharedExtension):
     def relay_once(self) -> int:
         """Publish up to `batch` rows due; returns how many were read."""
         now = time.time()
-        with self.ready().connect() as conn:
-            rows = conn.execute(_UNSENT, {"now": now, "batch": self.batch}).all()
-            conn.rollback()
+        with self.ready().connect() as conn:  # a read on the driver's cursor: no transaction, no write lock
+            rows = _UNSENT.cursor(conn, {"now": now, "batch": self.batch}).fetchall()
         if not rows:
             return 0
         results = self.bus.publisher.publish_many([
-            OutgoingMessage(exchange=r.EXCHANGE, routing_key=r.ROUTING_KEY, body=r.BODY.encode(),
-                            message_id=r.EVENT_ID, correlation_id=r.CORRELATION_ID, type=r.ROUTING_KEY)
-            for r in rows])
+            OutgoingMessage(exchange=exchange, routing_key=routing_key, body=body.encode(), message_id=event_id,
+                            correlation_id=correlation_id, type=routing_key)
+            for _, event_id, exchange, routing_key, correlation_id, body, _ in rows])
         done, deferred, failed = [], [], 0
-        for row, error in zip(rows, results):
+        for (row_id, event_id, exchange, routing_key, correlation_id, _, attempts), error in zip(rows, results):
             if error is None:
-                done.append(row.ID)
+                done.append(row_id)
             elif isinstance(error, UnroutableError):
-                deferred.append({"id": row.ID, "attempts": row.ATTEMPTS + 1,
-                                 "next_at": now + min(MAX_DELAY, 2 ** row.ATTEMPTS)})
-                log.error("%s to %s was not routed to any queue; kept and retried", row.ROUTING_KEY, row.EXCHANGE,
-                          extra={"id": row.EVENT_ID, "correlationid": row.CORRELATION_ID})
+                deferred.append({"id": row_id, "attempts": attempts + 1,
+                                 "next_at": now + min(MAX_DELAY, 2 ** attempts)})
+                log.error("%s to %s was not routed to any queue; kept and retried", routing_key, exchange,
+                          extra={"id": event_id, "correlationid": correlation_id})
             else:
                 failed += 1
         RELAYED.labels("confirmed").inc(len(done))
         RELAYED.labels("unroutable").inc(len(deferred))
         RELAYED.labels("failed").inc(failed)
         UNROUTABLE.set(len(deferred))
-        if done or deferred:
-            with store.transaction(self.engine) as conn:
+        if done or deferred:  # a mark lost in a power cut sends its row again: no need to wait for the disk
+            with store.transaction(self.engine, durable=False) as conn:
                 if done:
                     conn.execute(_MARK_SENT, {"ids": done, "at": store.now_iso()})
                 if deferred:

@@ -31,9 +31,10 @@ import orjson
 from eventlet import tpool
 from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
                         create_engine, delete, event, func, inspect, select, update)
-from sqlalchemy.dialects import postgresql, sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+
+from bus.process.sql import Compiled, upsert
 
 metadata = MetaData()
 INSTANCES = Table(
@@ -163,102 +164,54 @@ def create(engine: Engine, *more: MetaData) -> None:
 
 
 @contextmanager
-def transaction(engine: Engine):
-    """One transaction; SQLite's commit (its fsync) in an OS thread so the hub goes on."""
+def transaction(engine: Engine, durable: bool = True):
+    """One transaction; SQLite's commit (its fsync) in an OS thread so the hub goes on.
+    `durable=False`: a change a power cut may lose without harm (the relay's marks of rows sent:
+    such rows are sent again, as after a crash, and receivers absorb them by their keys) commits
+    without waiting for the disk, in this thread (SQLite: synchronous NORMAL for it, whose WAL
+    frames the next durable commit syncs with its own; PostgreSQL: synchronous_commit off)."""
     with engine.connect() as conn:
-        tx = conn.begin()
+        sqlite = conn.dialect.name == "sqlite"
+        if not durable and sqlite:  # before BEGIN: SQLite refuses it inside a transaction
+            conn.connection.cursor().execute("PRAGMA synchronous=NORMAL")
         try:
-            yield conn
-        except BaseException:
-            tx.rollback()
-            raise
-        if conn.dialect.name == "sqlite":
-            tpool.execute(tx.commit)
-        else:
-            tx.commit()
-
-
-class _Compiled:
-    """A statement compiled once per dialect and run on the driver's cursor. SQLAlchemy's own
-    execute costs ~40 us of Python a statement even for a cached one, more than SQLite spends
-    on these rows, and a transition runs a handful (legacy_wrappers/prepared.py does the same
-    for the legacy tables; the messaging core sits below it). Only for statements whose values
-    need no type processing (strings, integers, floats): the values still travel as bound
-    parameters, never in the text."""
-
-    def __init__(self, statement, keys: tuple[str, ...] = ()):
-        self.statement, self.keys = statement, keys
-        self._forms: dict[str, tuple] = {}
-
-    def _form(self, dialect) -> tuple:
-        compiled = self.statement.compile(dialect=dialect, column_keys=list(self.keys) or None)
-        return compiled.string, compiled.positiontup if compiled.positional else None
-
-    def cursor(self, conn: Connection, params: dict):
-        form = self._forms.get(conn.dialect.name)
-        if form is None:
-            form = self._forms[conn.dialect.name] = self._form(conn.dialect)
-        sql, order = form
-        cursor = conn.connection.cursor()
-        cursor.execute(sql, [params[k] for k in order] if order is not None else params)
-        return cursor
-
-    def many(self, conn: Connection, rows: list[dict]) -> None:
-        """The statement for each of `rows`: SQLite's executemany on the driver's cursor (no
-        round trips to save there); elsewhere SQLAlchemy's, which sends a batch's rows in one
-        statement (a row a round trip would cost more than the Python saved)."""
-        if conn.dialect.name != "sqlite":
-            conn.execute(self.statement, rows)
-            return
-        form = self._forms.get("sqlite")
-        if form is None:
-            form = self._forms["sqlite"] = self._form(conn.dialect)
-        sql, order = form
-        conn.connection.cursor().executemany(sql, [[row[k] for k in order] for row in rows])
-
-
-@contextmanager
-def savepoint(conn: Connection):
-    """One message's savepoint in a batch's transaction, on the driver's cursor: SQLAlchemy's
-    `begin_nested` compiles its SAVEPOINT and RELEASE statements anew each time, which cost a
-    fifth of a transition's CPU. A failure rolls back to it (and drops it) and is raised on."""
-    cursor = conn.connection.cursor()
-    cursor.execute("SAVEPOINT rb_message")
-    try:
-        yield
-    except BaseException:
-        cursor.execute("ROLLBACK TO SAVEPOINT rb_message")
-        cursor.execute("RELEASE SAVEPOINT rb_message")
-        raise
-    cursor.execute("RELEASE SAVEPOINT rb_message")
-
-
-def _upsert(table, **conflict):
-    """INSERT .. ON CONFLICT DO NOTHING per dialect, built once: building a Core statement costs
-    more than running it, and a transition runs a handful."""
-    return {name: insert(table).on_conflict_do_nothing(**conflict)
-            for name, insert in (("sqlite", sqlite_dialect.insert), ("postgresql", postgresql.insert))}
+            tx = conn.begin()
+            if not durable and not sqlite:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            try:
+                yield conn
+            except BaseException:
+                tx.rollback()
+                raise
+            if sqlite and durable:
+                tpool.execute(tx.commit)
+            else:
+                tx.commit()
+        finally:
+            if not durable and sqlite:
+                conn.connection.cursor().execute("PRAGMA synchronous=FULL")
 
 
 I = INSTANCES.c
 _INBOX_KEYS = ("CONSUMER", "IDEM_KEY", "MESSAGE_ID", "RECEIVED_TS")
-_CLAIM = {name: _Compiled(statement, _INBOX_KEYS) for name, statement in _upsert(INBOX).items()}
+_CLAIM = {name: Compiled(statement, _INBOX_KEYS) for name, statement in upsert(INBOX).items()}
 _INSTANCE_KEYS = ("PROCESS_ID", "PROCESS", "CORR_KEY", "STATE", "STEP", "ROUND", "VERSION", "DATA", "STEPS", "DUE_AT",
                   "TRACE_ID", "CREATED_AT", "UPDATED_AT")
-_INSERT_NEW = {name: _Compiled(statement, _INSTANCE_KEYS)
-               for name, statement in _upsert(INSTANCES, index_elements=["PROCESS", "CORR_KEY"]).items()}
-_LOAD = _Compiled(select(INSTANCES).where(I.PROCESS_ID == bindparam("pid"), I.PROCESS == bindparam("process")))
-_SAVE = _Compiled(update(INSTANCES).where(I.PROCESS_ID == bindparam("pid"), I.VERSION == bindparam("read")).values(
+_INSERT_NEW = {name: Compiled(statement, _INSTANCE_KEYS)
+               for name, statement in upsert(INSTANCES, index_elements=["PROCESS", "CORR_KEY"]).items()}
+_LOAD = Compiled(select(INSTANCES).where(I.PROCESS_ID == bindparam("pid"), I.PROCESS == bindparam("process")))
+_SAVE = Compiled(update(INSTANCES).where(I.PROCESS_ID == bindparam("pid"), I.VERSION == bindparam("read")).values(
     STATE=bindparam("state"), STEP=bindparam("step"), ROUND=bindparam("round"), VERSION=bindparam("version"),
     DATA=bindparam("data"), STEPS=bindparam("steps"), DUE_AT=bindparam("due_at"), UPDATED_AT=bindparam("at")))
-_HISTORY = _Compiled(HISTORY.insert(), ("PROCESS_ID", "AT", "STEP", "WHAT", "DETAIL"))
+_HISTORY = Compiled(HISTORY.insert(), ("PROCESS_ID", "AT", "STEP", "WHAT", "DETAIL"))
 _OUTBOX_KEYS = ("EVENT_ID", "EXCHANGE", "ROUTING_KEY", "CORRELATION_ID", "BODY", "CREATED_TS", "NEXT_AT", "ATTEMPTS")
-_OUTBOX = _Compiled(OUTBOX.insert(), _OUTBOX_KEYS)
+_OUTBOX = Compiled(OUTBOX.insert(), _OUTBOX_KEYS)
 
 
-def claim(conn: Connection, consumer: str, key: str, message_id: str) -> bool:
-    """Record the message's key in the caller's transaction; False: applied before."""
-    row = dict(CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id, RECEIVED_TS=now_iso())
+def claim(conn: Connection, consumer: str, key: str, message_id: str, at: str | None = None) -> bool:
+    """Record the message's key in the caller's transaction (`at`: its time, default now); False:
+    applied before."""
+    row = dict(CONSUMER=consumer, IDEM_KEY=key, MESSAGE_ID=message_id, RECEIVED_TS=at or now_iso())
     return _CLAIM[conn.dialect.name].cursor(conn, row).rowcount == 1
 
 
@@ -308,10 +261,10 @@ def load(conn: Connection, process: str, process_id: str) -> Instance | None:
     return Instance.of(dict(zip((d[0] for d in cursor.description), found)))
 
 
-def save(conn: Connection, inst: Instance) -> list[dict]:
-    """Write the instance over the version it was read at; returns its new history rows, for
-    `write` (the rows of a batch of transitions go in one statement)."""
-    inst.updated_at = now_iso()
+def save(conn: Connection, inst: Instance, at: str | None = None) -> list[dict]:
+    """Write the instance over the version it was read at (`at`: the change's time, default now);
+    returns its new history rows, for `write` (a batch's rows go in one statement)."""
+    inst.updated_at = at or now_iso()
     done = _SAVE.cursor(conn, dict(
         pid=inst.process_id, read=inst.version, state=inst.state, step=inst.step, round=inst.round,
         version=inst.version + 1, data=_json(inst.data), steps=_json(inst.steps), due_at=inst.due_at,
@@ -325,10 +278,11 @@ def save(conn: Connection, inst: Instance) -> list[dict]:
     return rows
 
 
-def message_row(event_id: str, exchange: str, routing_key: str, correlation_id: str, body: bytes) -> dict:
-    """An outbox row, for `write`."""
+def message_row(event_id: str, exchange: str, routing_key: str, correlation_id: str, body: bytes,
+                at: str | None = None) -> dict:
+    """An outbox row, for `write` (`at`: when it was queued, default now)."""
     return dict(EVENT_ID=event_id, EXCHANGE=exchange, ROUTING_KEY=routing_key, CORRELATION_ID=correlation_id,
-                BODY=body.decode(), CREATED_TS=now_iso(), NEXT_AT=0.0, ATTEMPTS=0)
+                BODY=body.decode(), CREATED_TS=at or now_iso(), NEXT_AT=0.0, ATTEMPTS=0)
 
 
 def queue_message(conn: Connection, event_id: str, exchange: str, routing_key: str, correlation_id: str,
