@@ -27,7 +27,7 @@ module decides, and never touches the database itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter
 
@@ -52,8 +52,7 @@ WRITES = Counter("retailbus_customer_writes_total", "Record writes sent to a sys
                  ["system"])
 
 
-@dataclass(frozen=True)
-class Statement:
+class Statement(NamedTuple):  # a tuple: made once a row of the nightly file (a frozen dataclass costs 3x)
     system: str
     origin: str
     record_id: str

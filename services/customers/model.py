@@ -44,21 +44,26 @@ class AttrState:
     latest: Said | None = None
     filled: Said | None = None
 
-    def to_json(self) -> list:
-        """[held, latest, filled], each [value, at, origin] or None; 0 for the one before it
-        (a record's own statement is usually all three)."""
-        held, latest, filled = self.held, self.latest, self.filled
-        out = [None if held is None else [held.value, held.at, held.origin]]
-        out.append(0 if latest is held else None if latest is None else [latest.value, latest.at, latest.origin])
-        out.append(0 if filled is latest else None if filled is None else [filled.value, filled.at, filled.origin])
-        return out
-
     @classmethod
     def from_json(cls, data: list) -> AttrState:
         saids = []
         for said in data:
             saids.append(saids[-1] if said == 0 else None if said is None else Said(*said))
         return cls(*saids)
+
+
+def states_json(attrs: dict[str, AttrState]) -> dict:
+    """{attribute: [held, latest, filled]}, each [value, at, origin] or None; 0 for the one before
+    it (a record's own statement is usually all three). One function for a record's attributes,
+    not a method per attribute: two records a new customer, a dozen attributes each."""
+    out = {}
+    for attribute, state in attrs.items():
+        held, latest, filled = state.held, state.latest, state.filled
+        out[attribute] = [
+            None if held is None else [held.value, held.at, held.origin],
+            0 if latest is held else None if latest is None else [latest.value, latest.at, latest.origin],
+            0 if filled is latest else None if filled is None else [filled.value, filled.at, filled.origin]]
+    return out
 
 
 
@@ -69,10 +74,10 @@ class Record:
     golden_id: str
     attrs: dict[str, AttrState] = field(default_factory=dict)
     new: bool = False
+    ref: str = field(init=False, repr=False, compare=False)  # `<system>:<record id>`, asked ~13 times a row
 
-    @property
-    def ref(self) -> str:
-        return f"{self.system}:{self.record_id}"
+    def __post_init__(self):
+        self.ref = f"{self.system}:{self.record_id}"
 
     def filled(self, attribute: str):
         state = self.attrs.get(attribute)

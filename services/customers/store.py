@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from legacy_wrappers.prepared import Prepared, run_together
 from services.customers import matching
 from services.customers.config import CustomersConfig
-from services.customers.model import AttrState, Decided, Golden, Record
+from services.customers.model import AttrState, Decided, Golden, Record, states_json
 from services.customers.tables import CASES, GOLDEN, HISTORY, KEYS, RECORDS, SEQUENCE
 
 CHUNK = 400          # values per IN list
@@ -79,16 +79,15 @@ class Workspace:
             self._records.setdefault(pair, None)
         for system, ids in _by_first(pairs).items():  # `SYSTEM = ? AND RECORD_ID IN (..)`: the primary key's order
             for chunk in _chunks(ids):
-                for row in self.conn.execute(select(RECORDS).where(RECORDS.c.SYSTEM == system,
-                                                                   RECORDS.c.RECORD_ID.in_(chunk))):
+                for row in self.conn.execute(_RECORDS_BY_ID, {"system": system, "ids": chunk}):
                     self._records[(row.SYSTEM, row.RECORD_ID)] = _record(row)
 
     def _load_goldens(self, ids: list[str]) -> None:
         for chunk in _chunks(ids):
-            for row in self.conn.execute(select(GOLDEN).where(GOLDEN.c.GOLDEN_ID.in_(chunk))):
+            for row in self.conn.execute(_GOLDENS, {"ids": chunk}):
                 self._goldens[row.GOLDEN_ID] = _golden(row)
                 self._by_golden.setdefault(row.GOLDEN_ID, [])
-            for row in self.conn.execute(select(RECORDS).where(RECORDS.c.GOLDEN_ID.in_(chunk))):
+            for row in self.conn.execute(_RECORDS_OF_GOLDENS, {"ids": chunk}):
                 pair = (row.SYSTEM, row.RECORD_ID)
                 record = self._records.get(pair) or _record(row)
                 self._records[pair] = record
@@ -104,8 +103,7 @@ class Workspace:
             self._key_hits[pair] = set()
         for name, values in _by_first(fresh).items():
             for chunk in _chunks(values):
-                for row in self.conn.execute(select(KEYS.c.KEY_VALUE, KEYS.c.GOLDEN_ID).where(
-                        KEYS.c.KEY_NAME == name, KEYS.c.KEY_VALUE.in_(chunk))):
+                for row in self.conn.execute(_HOLDERS, {"name": name, "values": chunk}):
                     self._key_hits[(name, row.KEY_VALUE)].add(row.GOLDEN_ID)
 
     # ------------------------------------------------------------------ what Master asks
@@ -192,12 +190,15 @@ class Workspace:
     def keys_are(self, golden: Golden, keys: matching.Keys) -> None:
         """`golden`'s keys are `keys` (a new golden record of one record has its record's): taken
         as they are, not computed again."""
-        self._stale.discard(golden.golden_id)
-        for pair in _pairs(self._keys_now.get(golden.golden_id, {})):
-            self._overlay[pair].discard(golden.golden_id)
-        self._keys_now[golden.golden_id] = keys
-        for pair in _pairs(keys):
-            self._overlay[pair].add(golden.golden_id)
+        golden_id, overlay = golden.golden_id, self._overlay
+        self._stale.discard(golden_id)
+        for name, values in self._keys_now.get(golden_id, {}).items():
+            for value in values:
+                overlay[(name, value)].discard(golden_id)
+        self._keys_now[golden_id] = keys
+        for name, values in keys.items():
+            for value in values:
+                overlay[(name, value)].add(golden_id)
 
     def _refresh(self) -> None:
         """The keys of the golden records changed since they were last taken, in the index overlay."""
@@ -240,7 +241,7 @@ class Workspace:
         dumps = orjson.dumps
         records = list(self._touched_records.values())
         rows = [{"SYSTEM": r.system, "RECORD_ID": r.record_id, "GOLDEN_ID": r.golden_id, "UPDATED_AT": now,
-                 "STATE_JSON": dumps({a: s.to_json() for a, s in r.attrs.items()}).decode()} for r in records]
+                 "STATE_JSON": dumps(states_json(r.attrs)).decode()} for r in records]
         goldens = list(self._touched_goldens.values())
         golden_rows = [{"GOLDEN_ID": g.golden_id, "VERSION": g.version, "STATUS": g.status, "SURVIVOR": g.survivor,
                         "VALUES_JSON": dumps({a: d.to_json() for a, d in g.values.items()}).decode(),
@@ -284,6 +285,14 @@ def _keyed(rows: list[dict], key: tuple[str, ...]) -> list[dict]:
 
 
 _INSERT = {table: Prepared(insert(table)) for table in (RECORDS, GOLDEN, KEYS, HISTORY, CASES)}
+# the look-ups, built once: an IN list of literal values is coerced value by value each time (a
+# few us a value, thousands of values a chunk of the nightly file); an expanding parameter is not
+_RECORDS_BY_ID = select(RECORDS).where(RECORDS.c.SYSTEM == bindparam("system"),
+                                       RECORDS.c.RECORD_ID.in_(bindparam("ids", expanding=True)))
+_GOLDENS = select(GOLDEN).where(GOLDEN.c.GOLDEN_ID.in_(bindparam("ids", expanding=True)))
+_RECORDS_OF_GOLDENS = select(RECORDS).where(RECORDS.c.GOLDEN_ID.in_(bindparam("ids", expanding=True)))
+_HOLDERS = select(KEYS.c.KEY_VALUE, KEYS.c.GOLDEN_ID).where(KEYS.c.KEY_NAME == bindparam("name"),
+                                                            KEYS.c.KEY_VALUE.in_(bindparam("values", expanding=True)))
 _UPDATE_RECORD = _update(RECORDS, ("SYSTEM", "RECORD_ID"))
 _UPDATE_GOLDEN = _update(GOLDEN, ("GOLDEN_ID",))
 _DELETE_KEYS = Prepared(delete(KEYS).where(KEYS.c.GOLDEN_ID == bindparam("g")))
