@@ -221,6 +221,11 @@ class RetentionSettings(Strict):
                                                         "and failed ones (a case is open) are never pruned")
     cases_days: float = Field(90.0, gt=0, description="days a resolved case (and its history) is kept after "
                                                       "its resolution; open and assigned ones are never pruned")
+    loyalty_cardless_days: float = Field(90.0, gt=0, description="business days the loyalty service keeps "
+                                                                 "the LOY_ACCRUAL lines of a sale without a "
+                                                                 "card (carded ones stay); at least "
+                                                                 "reconcile_days and the loyalty settlement's "
+                                                                 "lookback (config/loyalty.yaml), else refused")
     outbound_files_days: float = Field(30.0, gt=0, description="days a handed-over outbound batch file "
                                                                "(and its done marker) stays in its folder")
     archive_days: float = Field(30.0, gt=0, description="days an inbound file stays in archive/YYYY-MM-DD/")
@@ -342,6 +347,17 @@ class RetailbusSettings(Strict):
                     f"{floor:g} days (agent.retention_days {self.agent.retention_days:g} + retention.dlq_days "
                     f"{self.retention.dlq_days:g} + the longest retry schedule); a key pruned before its "
                     f"message stops coming back would let it apply twice")
+        return self
+
+    @model_validator(mode="after")
+    def _cardless_lines_outlive_reconciliation(self):
+        """The settlement's part of the floor is in config/loyalty.yaml: the loyalty service
+        checks it at start (services/loyalty/retention.py)."""
+        r = self.retention
+        if r.loyalty_cardless_days < r.reconcile_days:
+            raise ValueError(f"retention.loyalty_cardless_days: {r.loyalty_cardless_days:g} days is shorter than "
+                             f"retention.reconcile_days {r.reconcile_days:g}: reconciling a day it keeps would "
+                             "miss the card-less sales the loyalty service saw")
         return self
 
     @model_validator(mode="after")

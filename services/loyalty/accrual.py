@@ -150,7 +150,9 @@ def plan_reversal(engine: Engine, doc: ErpReturnPostedV1) -> Reversal | None:
             REVERSALS.c.STORE_ID == doc.store_id, REVERSALS.c.ORIGINAL_TXN_ID == doc.original_pos_txn_id,
             REVERSALS.c.RETURN_TXN_ID != doc.pos_txn_id)).one()
     if not sale:
-        if doc.loyalty_card:
+        # The ERP's record of a sale without a card says it earned and redeemed nothing here:
+        # its lines may be gone already (services/loyalty/retention.py), so none to wait for.
+        if doc.loyalty_card and not (doc.original is not None and not doc.original.loyalty_card):
             raise OriginalNotSeenError(f"{doc.store_id}/{doc.original_pos_txn_id}: sale not settled here yet")
         return None
     card = sale[0]["CARD"] or doc.loyalty_card or ""

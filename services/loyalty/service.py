@@ -52,6 +52,7 @@ from services.erp.retention import LegacyRetention
 from services.loyalty import accrual, returns, settlement, shadow
 from services.loyalty import order_commands  # the module, not its mixin: `nameko run` takes every class with entrypoints
 from services.loyalty import members  # the module, as order_commands
+from services.loyalty.retention import CardlessRetention
 from services.loyalty.config import LoyaltyRules, SettlementSchedule
 from services.loyalty.platform import LoyaltyPlatform, LoyaltyRefusedError
 from services.loyalty.rules import Earning
@@ -103,6 +104,7 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
     events = EventPublisher()
     metrics = MetricsHttp()
     retention = LegacyRetention(config_key="LOYALTY_DB_URI")
+    cardless = CardlessRetention(config_key="LOYALTY_DB_URI")
 
     # ---------------------------------------------------------------- RPC (tills wait)
     @rpc
@@ -289,10 +291,11 @@ class LoyaltyService(order_commands.OrderCommands, members.MemberSync):
 
     @retention_timer()
     def prune(self) -> dict[str, int]:
-        """Inbox keys past the redelivery horizon and outbox rows long sent (RETAILBUS.retention).
-        The LOY_ tables stay: a return, however late, takes back what its sale earned and
-        refunds what it redeemed from them, and settlements and reconciliation sum them."""
-        return self.retention.prune()
+        """Inbox keys past the redelivery horizon, outbox rows long sent and the lines of sales
+        without a card past `loyalty_cardless_days` (RETAILBUS.retention). The other LOY_ rows
+        stay: a return, however late, takes back what its sale earned and refunds what it
+        redeemed from them, and settlements and reconciliation sum them."""
+        return {**self.retention.prune(), "loyalty_cardless": self.cardless.prune(self.rules.config)}
 
     @SettlementSchedule.decorator()
     def settle(self) -> int:

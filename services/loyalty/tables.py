@@ -9,7 +9,7 @@ repeats one).
 """
 from __future__ import annotations
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, UniqueConstraint
 
 metadata = MetaData()
 
@@ -38,6 +38,9 @@ ACCRUALS = Table(
     Column("LINE_TOTAL_MINOR", Integer, nullable=False),
     Column("POINTS", Integer, nullable=False),
 )
+CARDLESS = ACCRUALS.c.CARD == ""  # a sale without a loyalty card: pruned (services/loyalty/retention.py)
+CARDLESS_INDEX = Index("IX_LOY_ACCRUAL_CARDLESS", ACCRUALS.c.BUSINESS_DAY, sqlite_where=CARDLESS,
+                       postgresql_where=CARDLESS)  # only those rows: retention never walks the carded ones
 
 REVERSALS = Table(
     "LOY_REVERSAL", metadata,
