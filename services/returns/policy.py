@@ -7,7 +7,8 @@ original sale (`erp.return_posted.v1`'s `original`): the return window counted f
 sale's business day; per SKU, units not above those sold minus those returned before
 (by the ERP's document order); the refund not above the price actually paid after
 discounts for the units returned; and, without a receipt, a customer's receipt-less
-returns per period (counted here, RET_RECEIPTLESS, in the transaction of the judgement).
+returns per period (counted here, RET_RECEIPTLESS, in the transaction of the judgement;
+pruned once older than any period still judged: `receiptless_days`).
 
 Campaign eligibility: a threshold promotion (spend X get Y bonus points, in
 config/loyalty.yaml, `earning.threshold_promotions`) the sale reached and that this
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from fractions import Fraction
 from math import ceil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, delete, func, select, tuple_
 from sqlalchemy.engine import Connection
 
 from bus import yaml_config
@@ -160,6 +161,24 @@ def receiptless_in_period(conn: Connection, ret: PosReturnV1, period_days: int) 
     count, amount = conn.execute(select(func.count(), func.coalesce(func.sum(r.AMOUNT_MINOR), 0)).where(
         r.CUSTOMER == customer, r.BUSINESS_DAY.between(since, ret.business_day.isoformat()))).one()
     return int(count), int(amount)
+
+
+def receiptless_days(policy: ReturnPolicy, late_days: float) -> float:
+    """Days (by business day) a receipt-less return is counted for: the period, and `late_days`
+    more, the longest a return can still arrive after its business day (a store's outbox
+    replayed, a parked message replayed, retries: RetailbusSettings.redelivery_days) and one
+    for the business day against the clock. An older row falls in no period still judged."""
+    return policy.receiptless.period_days + late_days + 1
+
+
+def prune_receiptless(conn: Connection, older_than: date, limit: int) -> int:
+    """Up to `limit` RET_RECEIPTLESS rows of business days before `older_than`; how many went."""
+    r = RECEIPTLESS.c
+    keys = conn.execute(select(r.STORE_ID, r.POS_TXN_ID).where(r.BUSINESS_DAY < older_than.isoformat())
+                        .limit(limit)).all()
+    if keys:
+        conn.execute(delete(RECEIPTLESS).where(tuple_(r.STORE_ID, r.POS_TXN_ID).in_(keys)))
+    return len(keys)
 
 
 def _sold(sale) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:

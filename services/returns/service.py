@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 
+from nameko.dependency_providers import Config
 from nameko.extensions import DependencyProvider
 
 from bus.consumer import reliable_handler
 from bus.metrics_http import MetricsHttp
 from bus.process import ProcessManager, process_messages
+from bus.retention import before, in_batches, retention_timer
 from bus.settings import retailbus_settings
 from contracts.pos import PosReturnV1
 from services.loyalty.config import LoyaltyRules
@@ -63,6 +65,7 @@ class ReturnsService:
     policy = ReturnRules()
     loyalty_rules = LoyaltyRules(optional=True)  # the threshold promotions a return may claw back
     metrics = MetricsHttp()
+    config = Config()
 
     @reliable_handler("store_agent", PosReturnV1.TYPE, batch=BATCH)
     def on_pos_return(self, items: list) -> list:
@@ -73,3 +76,16 @@ class ReturnsService:
     @process_messages(RETURN_TO_REFUND, batch=BATCH)
     def on_process_message(self, items: list) -> list:
         return self.returns.handle_many(items)
+
+    @retention_timer()
+    def prune(self) -> int:
+        """Receipt-less returns older than the policy's period in force and a margin
+        (policy.receiptless_days), a few batches a pass, counted as `returns_receiptless`."""
+        settings = retailbus_settings(self.config)
+        r = settings.retention
+        cut = before(policy.receiptless_days(self.policy.config.policy, settings.redelivery_days())).date()
+
+        def remove(n: int) -> int:
+            with self.returns.transaction() as conn:
+                return policy.prune_receiptless(conn, cut, n)
+        return in_batches("returns_receiptless", remove, r.batch, r.max_batches)
