@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
-from sqlalchemy import Column, MetaData, String, Table, select
+from sqlalchemy import Column, MetaData, String, Table, delete, select
 
-from bus.process import Context, ProcessDefinition, Step
+from bus.process import Context, ProcessDefinition, Step, store
 from contracts.fulfilment import FulfilmentCollectedV1, FulfilmentTaskCreatedV1, FulfilmentTaskWithdrawnV1
 from contracts.inventory import InventoryReleasedV1, InventoryReservedV1, InventoryUnavailableV1
 from contracts.loyalty import LoyaltyRedemptionAuthorizedV1, LoyaltyRedemptionCapturedV1, LoyaltyRedemptionReleasedV1
@@ -49,6 +49,22 @@ CANCELS = Table(  # customers' cancellations, noted by the orders service as the
     Column("REASON", String(200)),
     Column("REQUESTED_AT", String(40), nullable=False),
 )
+
+
+
+def prune_cancels(conn, limit: int) -> int:
+    """Up to `limit` ORDER_CANCEL rows whose order has no process instance any more (a completed
+    one pruned after `process_days`: bus/process/store.py `prune_completed`); how many went.
+    Only the steps of a live instance read them (`_going_on`); a failed one, which `cases
+    retry` runs again, is never pruned, so its cancellation stays. A request redelivered
+    later is known by its inbox key; one for an order not started yet is not noted."""
+    i = store.INSTANCES.c
+    live = select(i.PROCESS_ID).where(i.PROCESS == NAME, i.CORR_KEY == CANCELS.c.ORDER_ID).exists()
+    ids = list(conn.execute(select(CANCELS.c.ORDER_ID).where(~live).limit(limit)).scalars())
+    if ids:
+        conn.execute(delete(CANCELS).where(CANCELS.c.ORDER_ID.in_(ids), ~live))
+    return len(ids)
+
 
 # Replies a step may get besides its `reply` (the engine takes a command handler's answer by
 # its key, whatever its type; the service binds these types too).

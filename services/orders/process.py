@@ -7,13 +7,15 @@ in ORDER_CANCEL, which the steps up to the handover read, and is sent to the pic
 store (`fulfilment.task_cancelled.v1` on the store's own queue), which withdraws the
 task unless it handed the order over already: the store's answer is what the process
 waits for. Both are written in one transaction of the process database (its outbox
-sends the store's command), so neither is lost nor sent twice.
+sends the store's command), so neither is lost nor sent twice. A cancellation's row
+goes once its order's instance is gone (`prune`).
 """
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
 
+from nameko.dependency_providers import Config
 from nameko.extensions import DependencyProvider
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,6 +25,7 @@ from bus.consumer import DUPLICATE, reliable_handler
 from bus.metrics_http import MetricsHttp
 from bus.process import ProcessManager, process_messages
 from bus.process import store
+from bus.retention import in_batches, retention_timer
 from bus.settings import retailbus_settings
 from contracts.envelope import CloudEvent
 from contracts.fulfilment import FulfilmentTaskCancelledV1
@@ -57,6 +60,7 @@ class OrdersService:
     orders = ProcessManager(CLICK_COLLECT, config_key="ORDERS_DB_URI", tables=(definition.metadata,))
     rules = OrdersRules()
     metrics = MetricsHttp()
+    config = Config()
 
     @reliable_handler("orders_api", OrderPlacedV1.TYPE, batch=BATCH)
     def on_order_placed(self, items: list):
@@ -66,6 +70,17 @@ class OrdersService:
     @_with_other_replies
     def on_process_message(self, items: list):
         return self.orders.handle_many(items)
+
+    @retention_timer()
+    def prune(self) -> int:
+        """Customers' cancellations whose order's instance is gone (completed, then pruned after
+        `process_days`), counted as `order_cancels`: only the steps of a live instance read one."""
+        r = retailbus_settings(self.config).retention
+
+        def remove(n: int) -> int:
+            with self.orders.transaction() as conn:
+                return definition.prune_cancels(conn, n)
+        return in_batches("order_cancels", remove, r.batch, r.max_batches)
 
     @reliable_handler("orders_api", OrderCancelRequestedV1.TYPE)
     def on_cancel_requested(self, request: OrderCancelRequestedV1, event: CloudEvent):
