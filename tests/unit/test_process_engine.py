@@ -157,3 +157,23 @@ def test_a_reply_of_another_instance_or_process_changes_nothing(engine):
     other = ProcessStepRetryV1(process="another", process_id="x", case_id="c:1", requested_by="me")
     assert _apply(engine, lambda e, c, fx: e.handle(c, _event(other), other, fx)) == "not ours"
     assert _outbox(db) == []
+
+
+def test_new_id_is_a_ulid_as_python_ulid_reads_it():
+    """engine.new_id spells a ULID faster than python-ulid: the library must read back its time
+    and randomness, and ids sort by their millisecond."""
+    from ulid import ULID
+
+    from bus.process.engine import new_id
+
+    before = int(time.time() * 1000)
+    ids = [new_id() for _ in range(2000)]
+    after = int(time.time() * 1000)
+    for made in ids[:200]:
+        parsed = ULID.from_str(made)
+        assert str(parsed) == made and len(made) == 26
+        assert before <= parsed.milliseconds <= after
+    assert len(set(ids)) == len(ids)
+    stamps = [ULID.from_str(i).milliseconds for i in ids]
+    assert stamps == sorted(stamps) and [i[:10] for i in ids] == sorted(i[:10] for i in ids)
+    assert len({ULID.from_str(i).bytes[6:] for i in ids}) == len(ids)  # 80 random bits each
