@@ -24,9 +24,8 @@ from nameko.extensions import DependencyProvider
 from sqlalchemy import delete, inspect, select, tuple_
 from sqlalchemy.engine import Engine
 
-from bus.extensions import container_settings
 from bus.retention import before, in_batches
-from bus.settings import ConfigError, RetailbusSettings
+from bus.settings import ConfigError, RetailbusSettings, retailbus_settings
 from legacy_wrappers.legacy_db import LegacyEngines
 from services.loyalty.rules import LoyaltyConfig, LoyaltyConfigError, load
 from services.loyalty.tables import ACCRUALS, CARDLESS, CARDLESS_INDEX
@@ -82,7 +81,7 @@ class CardlessRetention(DependencyProvider):
         self.config_key = config_key
 
     def setup(self):
-        self.settings = container_settings(self.container.config)[1]
+        self.settings = retailbus_settings(self.container.config)
         self.engine = self.engines.engine(self.config_key)
         self._indexed = False
         path = self.settings.path(self.settings.loyalty_rules)

@@ -6,6 +6,7 @@ return naming a card against a pruned card-less sale is not left waiting for it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY
@@ -40,7 +41,10 @@ def left(engine) -> dict[str, int]:
         return dict(conn.execute(select(c.POS_TXN_ID, func.count()).group_by(c.POS_TXN_ID)).all())
 
 
-def a_pass(engine, config: LoyaltyConfig = LoyaltyConfig(), **retention_fields) -> int:
+DEFAULTS = LoyaltyConfig()
+
+
+def a_pass(engine, config: LoyaltyConfig = DEFAULTS, **retention_fields) -> int:
     """One pass of the service's dependency, by the settings given (else bus.yaml's defaults)."""
     provider = retention.CardlessRetention()
     provider.settings = retailbus_settings({"RETAILBUS": {"retention": retention_fields}})
@@ -124,3 +128,15 @@ def test_the_cut_off_days_own_lines_stay(engine):
         sale(conn, "yesterday", 1)
     assert retention.prune_cardless(engine, TODAY, 10) == 2
     assert set(left(engine)) == {"today"}
+
+
+def test_the_service_refuses_to_start_below_its_settlement_window(tmp_path):
+    (tmp_path / "loyalty.yaml").write_text("settlement:\n  lookback_days: 100\n")
+    provider = retention.CardlessRetention()
+    provider.engines = SimpleNamespace(engine=lambda key: None)
+    provider.container = SimpleNamespace(config={"RETAILBUS": {"root": str(tmp_path), "loyalty_rules": "loyalty.yaml",
+                                                               "retention": {"loyalty_cardless_days": 95}}})
+    with pytest.raises(ConfigError, match=r"retention.loyalty_cardless_days: 95 days is shorter than 100.083"):
+        provider.setup()
+    (tmp_path / "loyalty.yaml").write_text("settlement:\n  lookback_days: 90\n")
+    provider.setup()

@@ -53,8 +53,8 @@ def left(engine) -> set[str]:
         return set(conn.execute(select(policy.RECEIPTLESS.c.POS_TXN_ID)).scalars())
 
 
-def the_services_pass(engine, config: policy.ReturnsConfig = policy.ReturnsConfig()) -> int:
-    service = worker_factory(ReturnsService, config=SETTINGS, policy=SimpleNamespace(config=config),
+def the_services_pass(engine, config: policy.ReturnsConfig | None = None) -> int:
+    service = worker_factory(ReturnsService, config=SETTINGS, policy=SimpleNamespace(config=config or policy.ReturnsConfig()),
                              returns=SimpleNamespace(transaction=lambda: store.transaction(engine)))
     return service.prune()
 
