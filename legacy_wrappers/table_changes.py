@@ -235,7 +235,8 @@ class TableChanges(Entrypoint):
             LAG.labels(self.table_name).set(0)
         elif self.watermark is not None:
             LAG.labels(self.table_name).set(self._age(self.watermark[0]))
-        gap = self.overlap / 2 if rows else self.interval  # rows coming: the window moves on first
+        moving = self._settles_at - self.overlap > self._last_rescan  # rows came since the last rescan
+        gap = self.overlap / 2 if moving else self.interval  # then the window moves on first
         if self.watermark is None or time.monotonic() - self._last_rescan < gap:
             return len(rows)
         if self._rescanned > self._settles_at:  # a rescan after the watermark settled handed them all on

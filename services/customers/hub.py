@@ -67,13 +67,12 @@ def master(conn: Connection, config: CustomersConfig, items: list[tuple[Statemen
         return Outcome(), fresh
     numbers = [(system, s.record_id) for s in statements if s.system in config.matching.customer_number
                for system in config.matching.customer_number]  # the records a `create` may key by the number
+    keys = [matching.value_keys(config, s.system, s.record_id, s.values) for s in statements]
     workspace.preload([(s.system, s.record_id) for s in statements] + numbers,
-                      [(name, value) for s in statements
-                       for name, values in matching.value_keys(config, s.system, s.record_id, s.values).items()
-                       for value in values])
+                      [(name, value) for k in keys for name, values in k.items() for value in values])
     hub = Master(config, workspace, stamp(now))
-    for statement in statements:
-        hub.take(statement)
+    for statement, statement_keys in zip(statements, keys):
+        hub.take(statement, statement_keys)
     outcome = hub.finish()
     workspace.save(stamp(now))
     events = events_of(outcome, now)

@@ -97,7 +97,8 @@ class Master:
         self._writes: dict[str, int] = {}                   # system -> writes, likewise
 
     # ------------------------------------------------------------------ statements
-    def take(self, statement: Statement) -> None:
+    def take(self, statement: Statement, keys: matching.Keys) -> None:
+        """`keys`: the key values of the statement's values (matching.value_keys): a new record's."""
         record = self.ws.record(statement.system, statement.record_id)
         new = record is None
         if new:
@@ -107,7 +108,7 @@ class Master:
         self._statements[counted] = self._statements.get(counted, 0) + 1
         entry = None
         if new:
-            golden, entry = self._link(record, statement)
+            golden, entry = self._link(record, statement, keys)
             changed = list(record.attrs)
         else:
             golden = self.ws.golden(record.golden_id)
@@ -124,10 +125,10 @@ class Master:
                 self.ws.keys_are(golden, self._keys)
         self.out.traced.append({"key": statement.key, "refs": [statement.record_id, self._active(golden).golden_id]})
 
-    def _link(self, record: Record, statement: Statement) -> tuple[Golden, dict | None]:
+    def _link(self, record: Record, statement: Statement, keys: matching.Keys) -> tuple[Golden, dict | None]:
         """The golden record a new record belongs to; and, if it is a new one, its history entry
         (the rest of the batch adds to it: its values, the records made for it)."""
-        keys = self._keys = matching.record_keys(self.config, record)
+        self._keys = keys  # a new record holds the statement's values: its keys are theirs
         agreeing = {g.golden_id: (g, v) for g in self.ws.goldens_with(keys)
                     for v in [matching.evaluate(self.config, keys, self.ws.golden_keys(g))] if v.kind != "none"}
         if agreeing and all(v.kind == "match" for _, v in agreeing.values()):

@@ -57,12 +57,6 @@ def value_keys(config: CustomersConfig, system: str, record_id: str, values: dic
     return keys
 
 
-def record_keys(config: CustomersConfig, record: Record) -> Keys:
-    """A record's key values: its own non-empty values, and its number if it is a customer number."""
-    return value_keys(config, record.system, record.record_id,
-                      {key.attribute: record.filled(key.attribute) for key in config.matching.keys})
-
-
 def golden_keys(config: CustomersConfig, golden: Golden, records: list[Record]) -> Keys:
     """A golden record's key values: its own value of a single-valued key; of a key of many,
     every value its records hold (each card of each member) and its customer numbers."""

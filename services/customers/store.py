@@ -168,9 +168,9 @@ class Workspace:
         # a record the hub makes holds no values yet: the golden record's keys gain at most its
         # number (taking them all again, for every new customer's ERP account, was ~9 % of the hub)
         self._touched_goldens[golden.golden_id] = golden
-        if record.system in self.config.matching.customer_number:
-            self.keys_are(golden, {**known, matching.CUSTOMER_NUMBER:
-                                   known.get(matching.CUSTOMER_NUMBER, set()) | {record.record_id}})
+        numbers = known.get(matching.CUSTOMER_NUMBER, set())
+        if record.system in self.config.matching.customer_number and record.record_id not in numbers:
+            self.keys_are(golden, {**known, matching.CUSTOMER_NUMBER: numbers | {record.record_id}})
 
     def move_record(self, record: Record, survivor: Golden) -> None:
         self._by_golden[record.golden_id].remove(record)
