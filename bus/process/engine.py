@@ -14,7 +14,6 @@ commands carry new idempotency keys).
 """
 from __future__ import annotations
 
-import base64
 import os
 import time
 from dataclasses import dataclass, field
@@ -48,21 +47,21 @@ class Effects:
     at: str = field(default_factory=store.now_iso)                     # the transition's time, for its rows
 
 
-_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> 2 characters
 
 
 def new_id() -> str:
-    """A ULID (48 bits of milliseconds, 80 random bits, Crockford's base32), as str(ULID()) makes
-    in a third of its time (an instance's id, a command's): the base32 of 20 bytes whose first
-    30 bits are zero ends in the ULID's 26 characters."""
+    """A ULID (48 bits of milliseconds, 80 random bits, Crockford's base32: 26 characters, the
+    first 2 bits zero), as str(ULID()) makes, for less (an instance's id, a command's)."""
     value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10), "big")
-    return base64.b32encode(value.to_bytes(20, "big")).translate(_CROCKFORD)[6:].decode()
+    return "".join([_PAIRS[value >> shift & 1023] for shift in range(120, -1, -10)])
 
 
 def _envelope(command: BaseModel, source: str, subject: str, correlationid: str, key: str) -> tuple[str, bytes]:
     """(id, JSON) of the command's envelope around the model the definition built (validated as it
-    was built), written by orjson as AssembledEvent.to_json writes it: validating our own copy
-    again cost a quarter of a transition, constructing the model to write it a tenth of the rest."""
+    was built), written by orjson as AssembledEvent.to_json writes it: neither validated again
+    nor constructed as a model only to be written."""
     event_id, data = new_id(), command.model_dump(mode="json")
     envelope = {"specversion": "1.0", "id": event_id, "source": source, "type": command.TYPE,
                 "time": datetime.now(timezone.utc), "subject": subject, "datacontenttype": "application/json",

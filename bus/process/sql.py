@@ -1,6 +1,6 @@
 """SQL run on the driver's cursor, for the statements a transition runs every time.
 
-SQLAlchemy's own execute costs ~40 us of Python a statement even for a cached one, more than
+SQLAlchemy's own execute costs more Python a statement, even for a cached one, than
 SQLite spends on these rows, and a transition runs a handful; its `begin_nested` compiles its
 SAVEPOINT and RELEASE anew each time. Here a statement is compiled once per dialect and its
 values still travel as bound parameters, never in the text.
@@ -57,8 +57,8 @@ class Compiled:
 
 @contextmanager
 def savepoint(conn: Connection):
-    """One message's savepoint in a batch's transaction (`begin_nested`'s cost a fifth of a
-    transition's CPU). A failure rolls back to it (and drops it) and is raised on."""
+    """One message's savepoint in a batch's transaction (`begin_nested` was the costliest part
+    of a transition). A failure rolls back to it (and drops it) and is raised on."""
     cursor = conn.connection.cursor()
     cursor.execute("SAVEPOINT rb_message")
     try:

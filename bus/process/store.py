@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import orjson
-from eventlet import tpool
 from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
                         create_engine, delete, event, func, inspect, select, update)
 from sqlalchemy.engine import Connection, Engine
@@ -93,9 +92,9 @@ SQLITE_BUSY_SECONDS = 30.0
 
 
 def _json(value) -> str:
-    """An instance's JSON (its data, its steps, a history line's detail), by orjson: json.dumps
-    and json.loads of these were a tenth of a transition. What orjson refuses (an integer beyond
-    64 bits) json writes, as before; what neither knows is written as text."""
+    """An instance's JSON (its data, its steps, a history line's detail), by orjson, several
+    times faster than json. What orjson refuses (an integer beyond 64 bits) json writes, as
+    before; what neither knows is written as text."""
     try:
         return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     except orjson.JSONEncodeError:
@@ -138,7 +137,7 @@ def open_engine(dsn: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.connection.cursor().execute("BEGIN IMMEDIATE")  # the driver's: SQLAlchemy's costs more than it
 
     return engine
 
@@ -165,11 +164,16 @@ def create(engine: Engine, *more: MetaData) -> None:
 
 @contextmanager
 def transaction(engine: Engine, durable: bool = True):
-    """One transaction; SQLite's commit (its fsync) in an OS thread so the hub goes on.
+    """One transaction, committed in the greenthread. Not in an OS thread (eventlet tpool, as
+    legacy_wrappers/legacy_db.py commits): the process database has one connection, so no other
+    transaction could run during the fsync anyway, and through tpool the commit came back only
+    when the hub came round again (after the consumer's parsing, the relay's publishing) while
+    the connection stayed held, and each handoff cost CPU; messages that arrive during the fsync
+    join the next batch instead (bench/README.md, process rows).
     `durable=False`: a change a power cut may lose without harm (the relay's marks of rows sent:
     such rows are sent again, as after a crash, and receivers absorb them by their keys) commits
-    without waiting for the disk, in this thread (SQLite: synchronous NORMAL for it, whose WAL
-    frames the next durable commit syncs with its own; PostgreSQL: synchronous_commit off)."""
+    without waiting for the disk (SQLite: synchronous NORMAL for it, whose WAL frames the next
+    durable commit syncs with its own; PostgreSQL: synchronous_commit off)."""
     with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
         if not durable and sqlite:  # before BEGIN: SQLite refuses it inside a transaction
@@ -183,10 +187,7 @@ def transaction(engine: Engine, durable: bool = True):
             except BaseException:
                 tx.rollback()
                 raise
-            if sqlite and durable:
-                tpool.execute(tx.commit)
-            else:
-                tx.commit()
+            tx.commit()
         finally:
             if not durable and sqlite:
                 conn.connection.cursor().execute("PRAGMA synchronous=FULL")
