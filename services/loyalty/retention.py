@@ -58,12 +58,12 @@ def refusal(settings: RetailbusSettings, config: LoyaltyConfig) -> str | None:
 def prune_cardless(engine: Engine, older_than: date, limit: int) -> int:
     """Up to `limit` card-less LOY_ACCRUAL rows of business days before `older_than`; how many went."""
     c = ACCRUALS.c
+    key = tuple_(c.STORE_ID, c.POS_TXN_ID, c.LINE_NO)
+    # one statement, the keys a subquery: SQLite searches the primary key for each (with a list
+    # of row values it scans the table, or with CARD = '' repeated the whole partial index)
+    oldest = select(c.STORE_ID, c.POS_TXN_ID, c.LINE_NO).where(CARDLESS, c.BUSINESS_DAY < older_than.isoformat())
     with engine.begin() as conn:
-        keys = conn.execute(select(c.STORE_ID, c.POS_TXN_ID, c.LINE_NO)
-                            .where(CARDLESS, c.BUSINESS_DAY < older_than.isoformat()).limit(limit)).all()
-        if keys:
-            conn.execute(delete(ACCRUALS).where(CARDLESS, tuple_(c.STORE_ID, c.POS_TXN_ID, c.LINE_NO).in_(keys)))
-    return len(keys)
+        return conn.execute(delete(ACCRUALS).where(key.in_(oldest.limit(limit)))).rowcount
 
 
 def ensure_index(engine: Engine) -> None:

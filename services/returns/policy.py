@@ -174,11 +174,9 @@ def receiptless_days(policy: ReturnPolicy, late_days: float) -> float:
 def prune_receiptless(conn: Connection, older_than: date, limit: int) -> int:
     """Up to `limit` RET_RECEIPTLESS rows of business days before `older_than`; how many went."""
     r = RECEIPTLESS.c
-    keys = conn.execute(select(r.STORE_ID, r.POS_TXN_ID).where(r.BUSINESS_DAY < older_than.isoformat())
-                        .limit(limit)).all()
-    if keys:
-        conn.execute(delete(RECEIPTLESS).where(tuple_(r.STORE_ID, r.POS_TXN_ID).in_(keys)))
-    return len(keys)
+    oldest = select(r.STORE_ID, r.POS_TXN_ID).where(r.BUSINESS_DAY < older_than.isoformat()).limit(limit)
+    # the keys a subquery: SQLite searches the primary key (a list of row values scans the table)
+    return conn.execute(delete(RECEIPTLESS).where(tuple_(r.STORE_ID, r.POS_TXN_ID).in_(oldest))).rowcount
 
 
 def _sold(sale) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
