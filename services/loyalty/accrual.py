@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-from sqlalchemy import func, or_, select, tuple_, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -74,10 +74,12 @@ def holds_of(engine: Engine, keys: list[tuple[str, str]]) -> dict[tuple[str, str
     if not keys:
         return out
     c = HOLDS.c
-    with engine.connect() as conn:
-        rows = conn.execute(select(HOLDS).where(tuple_(c.STORE_ID, c.POS_TXN_ID).in_(sorted(set(keys))),
+    with engine.connect() as conn:  # by the POS id's index: SQLite scans the table for a (store, id) IN list
+        rows = conn.execute(select(HOLDS).where(c.POS_TXN_ID.in_(sorted({pos for _, pos in keys})),
                                                 or_(c.STATUS == "held", c.OFFLINE == 1))).mappings().all()
     for row in rows:
+        if (row["STORE_ID"], row["POS_TXN_ID"]) not in out:
+            continue  # another store's transaction of the same POS id
         held, offline = out[(row["STORE_ID"], row["POS_TXN_ID"])]
         if row["STATUS"] == "held":
             held.append(dict(row))
