@@ -105,12 +105,21 @@ def customer_updated(row: dict) -> CloudEvent:
     return CloudEvent.new(CustomerUpdatedV2.TYPE, SOURCE, data, subject=row["CUST_NO"], idempotencykey=row_key(row))
 
 
+# look-ups by many account numbers, built once: an IN list of literals is coerced value by value
+# each time (a thousand numbers a batch of change capture or of the hub's writes)
+_ECHOED = select(ECHO.c.CUST_NO, ECHO.c.UPD_TS).where(ECHO.c.CUST_NO.in_(bindparam("numbers", expanding=True)))
+
+
+@lru_cache(maxsize=8)
+def _accounts(cust: Table):
+    return select(cust).where(cust.c.CUST_NO.in_(bindparam("numbers", expanding=True)))
+
+
 def not_ours(conn: Connection, rows: list[dict]) -> list[dict]:
     """The captured rows whose version is not one the bus wrote."""
     if not rows:
         return []
-    ours = dict(conn.execute(select(ECHO.c.CUST_NO, ECHO.c.UPD_TS).where(
-        ECHO.c.CUST_NO.in_([r["CUST_NO"] for r in rows]))).all())
+    ours = dict(conn.execute(_ECHOED, {"numbers": [r["CUST_NO"] for r in rows]}).all())
     return [r for r in rows if ours.get(r["CUST_NO"]) != r["UPD_TS"]]
 
 
@@ -137,8 +146,7 @@ def apply_writes(conn: Connection, cust: Table, writes: list[CustomerWrite]) -> 
         return 0, []
     now = stamp(datetime.now(timezone.utc))
     numbers = list(dict.fromkeys(w.record_id for w in writes))
-    current = {r["CUST_NO"]: dict(r) for r in conn.execute(
-        select(cust).where(cust.c.CUST_NO.in_(numbers))).mappings()}
+    current = {r["CUST_NO"]: dict(r) for r in conn.execute(_accounts(cust), {"numbers": numbers}).mappings()}
     unseen = {r["CUST_NO"] for r in not_ours(conn, list(current.values()))}
     overwritten, written, inserted, updated = [], {}, [], {}
     for write in writes:
