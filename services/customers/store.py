@@ -285,8 +285,8 @@ def _keyed(rows: list[dict], key: tuple[str, ...]) -> list[dict]:
 
 
 _INSERT = {table: Prepared(insert(table)) for table in (RECORDS, GOLDEN, KEYS, HISTORY, CASES)}
-# the look-ups, built once: an IN list of literal values is coerced value by value each time (a
-# few us a value, thousands of values a chunk of the nightly file); an expanding parameter is not
+# the look-ups, built once: an IN list of literal values is coerced value by value each time (~1
+# us a value, thousands of values a chunk of the nightly file); an expanding parameter is not
 _RECORDS_BY_ID = select(RECORDS).where(RECORDS.c.SYSTEM == bindparam("system"),
                                        RECORDS.c.RECORD_ID.in_(bindparam("ids", expanding=True)))
 _GOLDENS = select(GOLDEN).where(GOLDEN.c.GOLDEN_ID.in_(bindparam("ids", expanding=True)))
