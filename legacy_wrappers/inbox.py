@@ -12,12 +12,12 @@ import weakref
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
-from sqlalchemy import Column, Index, MetaData, String, Table, delete, select, tuple_
+from sqlalchemy import Column, Index, MetaData, String, Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from contracts.envelope import CloudEvent
-from legacy_wrappers.legacy_db import commit_off_hub, create_indexes, create_tables
+from legacy_wrappers.legacy_db import commit_off_hub, create_indexes, create_tables, pairs_in
 from legacy_wrappers.prepared import Prepared
 from bus import metrics
 from bus.consumer import DUPLICATE
@@ -114,6 +114,6 @@ def prune(engine: Engine, older_than: datetime, limit: int) -> int:
         old = conn.execute(select(c.CONSUMER, c.IDEM_KEY).where(c.RECEIVED_TS < older_than.isoformat())
                            .order_by(c.RECEIVED_TS).limit(limit)).all()
         if old:
-            conn.execute(delete(INBOX).where(tuple_(c.CONSUMER, c.IDEM_KEY).in_([tuple(k) for k in old])))
+            conn.execute(delete(INBOX).where(pairs_in(c.CONSUMER, c.IDEM_KEY, old)))
         commit_off_hub(tx)  # SQLite's fsync in an OS thread: the consumers' loop goes on
     return len(old)

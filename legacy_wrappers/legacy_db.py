@@ -27,7 +27,8 @@ from functools import lru_cache
 from eventlet import tpool
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider, SharedExtension
-from sqlalchemy import MetaData, String, Table, create_engine, event, inspect
+from sqlalchemy import MetaData, String, Table, and_, create_engine, event, false, inspect, or_
+from sqlalchemy.sql import ColumnElement
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from bus.constants import EFFECT_ERRORS
@@ -157,6 +158,17 @@ def create_tables(engine: Engine, metadata: MetaData) -> None:
             if attempt == CREATE_ATTEMPTS:
                 raise
             log.info("creating tables raced another process (%s); looking again", type(exc.orig).__name__)
+
+
+def pairs_in(first: ColumnElement, second: ColumnElement, pairs) -> ColumnElement:
+    """`(first, second) IN pairs`, spelled so an index on (first, second) serves it: SQLite
+    scans the whole table for a list of row values (`IN (VALUES (?, ?), ..)`), once per
+    batch, a cost that grows with every row the table ever got. Grouped by the first value:
+    `first = ? AND second IN (..)` each, OR-ed."""
+    grouped: dict = {}
+    for a, b in pairs:
+        grouped.setdefault(a, set()).add(b)
+    return or_(false(), *(and_(first == a, second.in_(sorted(bs))) for a, bs in sorted(grouped.items())))
 
 
 class LegacyValueError(RetailbusError, ValueError):

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
 
-from sqlalchemy import Table, bindparam, select, tuple_, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from contracts.pos import PosReturnV1, PosSaleV1
-from legacy_wrappers.legacy_db import check_row
+from legacy_wrappers.legacy_db import check_row, pairs_in
 from legacy_wrappers.prepared import Prepared, Statements, run_together
 from services.erp import unknown_sku
 
@@ -102,7 +102,7 @@ def existing_documents(conn: Connection, t: LegacyTables,
     c = t.header.c
     pairs = sorted({(store, txn) for store, _, txn in keys})
     rows = conn.execute(select(c.STORE_NO, c.DOC_TYPE, c.POS_TXN_ID)
-                        .where(tuple_(c.STORE_NO, c.POS_TXN_ID).in_(pairs))).all()
+                        .where(pairs_in(c.STORE_NO, c.POS_TXN_ID, pairs))).all()
     return {tuple(row) for row in rows} & set(keys)
 
 
@@ -198,7 +198,7 @@ def known_stock(conn: Connection, t: LegacyTables, keys: list[tuple[str, str]]) 
         return set()
     c = t.stock.c
     return {tuple(row) for row in conn.execute(
-        select(c.STORE_NO, c.SKU).where(tuple_(c.STORE_NO, c.SKU).in_(sorted(keys)))).all()}
+        select(c.STORE_NO, c.SKU).where(pairs_in(c.STORE_NO, c.SKU, keys))).all()}
 
 
 def post_sale(conn: Connection, t: LegacyTables, sale: PosSaleV1) -> str:

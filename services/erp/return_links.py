@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Column, Index, MetaData, String, Table, bindparam, delete, select, tuple_, update
+from sqlalchemy import Column, Index, MetaData, String, Table, bindparam, delete, select, update
 from sqlalchemy.engine import Connection
+
+from legacy_wrappers.legacy_db import pairs_in
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def link(conn: Connection, header, sales: dict[tuple[str, str], str]) -> int:
         return 0
     c = TABLE.c
     waiting = conn.execute(select(c.RETURN_DOC_NO, c.ORIG_STORE, c.ORIG_TXN_ID)
-                           .where(tuple_(c.ORIG_STORE, c.ORIG_TXN_ID).in_(sorted(sales)))).all()
+                           .where(pairs_in(c.ORIG_STORE, c.ORIG_TXN_ID, sales))).all()
     if not waiting:
         return 0
     conn.execute(update(header).where(header.c.DOC_NO == bindparam("ret"), header.c.ORIG_DOC_NO.is_(None))
