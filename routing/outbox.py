@@ -56,7 +56,6 @@ CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
 # Columns added after the first release: existing outboxes are migrated on open.
 COLUMNS = {"payload_hash": "TEXT", "stream_seq": "INTEGER"}
 MAX_GROUP = 512
-MARK_CHUNK = 100
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +158,7 @@ class Outbox:
         self._wake = Event()
         self._committer = None
         self._closed = False
+        self.last_accept = float("-inf")  # monotonic: when a till last handed in a sale
         self.group_sizes: deque[int] = deque(maxlen=1000)  # recent transactions, for the benchmark
 
     # -- writes: queued, grouped, one transaction per fsync ----------------
@@ -172,6 +172,7 @@ class Outbox:
             if also is not None:
                 also(db)
             return self._insert(db, batch, event, payload_hash(event))
+        self.last_accept = time.monotonic()
         return self._submit(apply)
 
     def write(self, apply):
@@ -184,17 +185,13 @@ class Outbox:
         self._submit(lambda db, batch: control_totals.record(db, message_type, data, "legacy", None))
 
     def mark_sent(self, seqs: list[int]) -> None:
-        """In commits of up to MARK_CHUNK rows, one after the other, in order: a round's
-        500 rows in one commit write ~0.5 MB of pages, and a POS call arriving meanwhile
-        would wait for all of it; between chunks it joins the next one's commit. Each
-        run of consecutive seqs is one UPDATE (one statement: one GIL hand-over in the
-        committer's thread, not one per row)."""
-        now = time.time()
-        for first in range(0, len(seqs), MARK_CHUNK):
-            runs = _runs(seqs[first:first + MARK_CHUNK])
-            self._submit(lambda db, batch, runs=runs: db.executemany(
+        """One UPDATE per run of consecutive seqs (a forwarder round's are one run): one
+        statement, one GIL hand-over in the committer's thread, not one per row."""
+        if seqs:
+            now = time.time()
+            self._submit(lambda db, batch: db.executemany(
                 "UPDATE outbox SET sent_at = ? WHERE seq BETWEEN ? AND ? AND sent_at IS NULL",
-                [(now, low, high) for low, high in runs]))
+                [(now, low, high) for low, high in _runs(seqs)]))
 
     def compact(self, now: float | None = None, limit: int = 500) -> int:
         """Delete up to `limit` of the oldest rows sent (and control notes taken) more than
