@@ -88,7 +88,7 @@ def test_two_erp_processes_post_two_partitions_and_the_survivor_takes_over(amqp_
     delete(amqp_uri, [QUEUE, *PARTITIONS], [partitions.partition_exchange(QUEUE)])
     request.addfinalizer(lambda: delete(amqp_uri, PARTITIONS, [partitions.partition_exchange(QUEUE)]))
     config = write_config(tmp_path, amqp_uri, legacy_db=dsn, retry={"delays": [1, 2], "prefetch": 64},
-                          handlers={"erp.on_pos_sale": {"partitions": 2, "standby_after": 20}})
+                          handlers={"erp.on_pos_sale": {"partitions": 2, "standby_after": 60}})
     logs = [tmp_path / "erp-0.log", tmp_path / "erp-1.log"]
     ports = free_ports(2)
 
@@ -103,7 +103,8 @@ def test_two_erp_processes_post_two_partitions_and_the_survivor_takes_over(amqp_
                 for i, (log, port) in enumerate(zip(logs, ports))]
         for erp in erps:
             stack.callback(stop, erp)
-        # each process owns one partition at once and stands by for the other 20 s later
+        # each process owns one partition at once and stands by for the other 60 s later (a start
+        # slower than that on a loaded machine would find its partition taken by the other)
         assert wait_for(lambda: all(queue_state(amqp_uri, q)[1] == 2 for q in PARTITIONS), timeout=150), \
             "each partition: its owner and a standby"
 
