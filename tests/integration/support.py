@@ -158,6 +158,20 @@ class Platform:
         self.proc.wait(timeout=15)
 
 
+def purge_queues(uri: str, queues) -> None:
+    """Messages another test of the session left on the shared broker are not ours."""
+    conn = amqp.Connection(**connection_params(uri, 5))
+    conn.connect()
+    try:
+        for queue in queues:
+            try:
+                conn.channel().queue_purge(queue)
+            except amqp.exceptions.NotFound:
+                pass
+    finally:
+        conn.collect()
+
+
 class ServiceProcesses:
     """What an estate of real service processes does with them: each started by name as
     `nameko run` of its module and awaited until it consumes its queue, stopped (SIGTERM) or
@@ -168,17 +182,7 @@ class ServiceProcesses:
     ready: dict[str, str]     # name -> the queue it consumes once it runs
 
     def purge(self, queues) -> None:
-        """Messages another test of the session left on the shared broker are not ours."""
-        conn = amqp.Connection(**connection_params(self.uri, 5))
-        conn.connect()
-        try:
-            for queue in queues:
-                try:
-                    conn.channel().queue_purge(queue)
-                except amqp.exceptions.NotFound:
-                    pass
-        finally:
-            conn.collect()
+        purge_queues(self.uri, queues)
 
     def start(self, *names: str) -> None:
         """The named services (all, when none is named), each consuming its queue."""

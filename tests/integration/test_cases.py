@@ -32,7 +32,7 @@ from bus.publisher import ConfirmingPublisher, connection_params
 from contracts.cases import CaseOpenedV1, ProcessStepRetryV1
 from contracts.envelope import CloudEvent
 from tests.conftest import free_port
-from tests.integration.support import Platform, nameko_run, queue_state, stop, wait_for, write_config
+from tests.integration.support import Platform, nameko_run, purge_queues, queue_state, stop, wait_for, write_config
 from tests.integration.test_dashboards import http_json, start_prometheus
 
 pytestmark = pytest.mark.integration
@@ -116,14 +116,7 @@ class Workbench:
 
 
 def purge(uri: str, queue: str) -> None:
-    conn = amqp.Connection(**connection_params(uri, 5))
-    conn.connect()
-    try:
-        conn.channel().queue_purge(queue)
-    except amqp.exceptions.NotFound:
-        pass
-    finally:
-        conn.collect()
+    purge_queues(uri, [queue])
 
 
 def postgres_database(base: str) -> str:

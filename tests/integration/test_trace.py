@@ -12,7 +12,6 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-import amqp
 import pytest
 from nameko.containers import ServiceContainer
 
@@ -20,11 +19,10 @@ from demo.batch.jobs import customer_rows, write_customer_export
 from demo.legacy_erp.schema import create_schema, engine_for, seed_demo_data
 from bus import journal, topology
 from bus.journal import JournalHops
-from bus.publisher import connection_params
 from tests.conftest import free_ports
 from tests.integration.filedrop_support import write_drops
 from tests.integration.routing_estate import table_text
-from tests.integration.support import legacy_sale, nameko_run, queue_state, stop, wait_for, write_config
+from tests.integration.support import legacy_sale, nameko_run, purge_queues, queue_state, stop, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +38,7 @@ FILE_ROWS_QUEUE = topology.handler_queue("files", "event.batch.v1", "customers",
 
 def purge(uri: str, queue: str) -> None:
     """Hops other tests' processes sent to this shared broker are not this journal's."""
-    conn = amqp.Connection(**connection_params(uri, 5))
-    conn.connect()
-    try:
-        conn.channel().queue_purge(queue)
-    except amqp.exceptions.NotFound:
-        pass
-    finally:
-        conn.collect()
+    purge_queues(uri, [queue])
 
 
 def healthy(url: str) -> bool:
