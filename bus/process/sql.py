@@ -29,11 +29,14 @@ class Compiled:
         own = {k: v for k, v in compiled.params.items() if v is not None and k not in self.keys}
         return compiled.string, compiled.positiontup if compiled.positional else None, own
 
-    def cursor(self, conn: Connection, params: dict):
+    def _form_for(self, conn: Connection) -> tuple:
         form = self._forms.get(conn.dialect.name)
         if form is None:
             form = self._forms[conn.dialect.name] = self._form(conn.dialect)
-        sql, order, own = form
+        return form
+
+    def cursor(self, conn: Connection, params: dict):
+        sql, order, own = self._form_for(conn)
         if own:
             params = {**own, **params}
         cursor = conn.connection.cursor()
@@ -47,10 +50,7 @@ class Compiled:
         if conn.dialect.name != "sqlite":
             conn.execute(self.statement, rows)
             return
-        form = self._forms.get("sqlite")
-        if form is None:
-            form = self._forms["sqlite"] = self._form(conn.dialect)
-        sql, order, own = form
+        sql, order, own = self._form_for(conn)
         conn.connection.cursor().executemany(sql, [[row[k] for k in order] for row in rows] if not own else
                                              [[{**own, **row}[k] for k in order] for row in rows])
 
