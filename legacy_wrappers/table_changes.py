@@ -17,9 +17,9 @@ yet emitted (remembered per key: timestamp and values) are handed on as
 well. A commit later than `overlap` is missed: set it above the longest
 legacy transaction. While rows keep coming, a rescan waits until the window
 has moved on by half its length, so each row is read again about twice, not
-`overlap / interval` times (a bulk writer's rows, re-read ~10 times, made the
-rescans a quarter of the capturing process's CPU); a late row is then found
-within `overlap / 2`, and none is missed by waiting (see `_rescan`). Once
+`overlap / interval` times (a bulk writer's rows made rescanning the capturing
+process's main cost); a late row is then found within `overlap / 2`, and none
+is missed by waiting (see `_rescan`). Once
 the watermark has stood still for `overlap` seconds (of our clock: a row
 stamped before the watermark's row was stamped before we saw that row), one
 more rescan finds every late row there can be, and rescans pause until the
@@ -264,9 +264,8 @@ class TableChanges(Entrypoint):
             conn.rollback()
         self.seen = {k: v for k, v in self.seen.items() if v[0] >= low}
         # compared as the rows come (a tuple of the columns' values): the window holds every row
-        # written in the last `overlap` seconds and is read every `interval` while rows come,
-        # ~10 reads of each row; made into dicts first, that was a third of the erp's CPU while
-        # it wrote a nightly file's accounts. Only the late ones become dicts.
+        # of the last `overlap` seconds, and making each a dict cost more than the comparison.
+        # Only the late ones become dicts.
         ts, keys = names.index(self.timestamp), [names.index(k) for k in self.key]
         late = [dict(zip(names, r)) for r in rows if self.seen.get(tuple(r[i] for i in keys)) != (r[ts], *r)
                 and (r[ts], *(r[i] for i in keys)) <= self.watermark]
